@@ -1,0 +1,202 @@
+"""Every input check of the library and the wording of every error it raises.
+
+Checks run before any numerical work. Each message names the parameter, says what was found and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+
+#: Relative tolerance within which the totals of two target marginals must agree.
+TOTAL_RTOL = 1e-9
+
+
+def _first_index(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def working_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """float32 stays float32; every other real numeric dtype is computed in float64."""
+    if dtype.kind not in "biuf":
+        raise TypeError(
+            f"`{name}` has dtype {dtype}, which is not a real number type. "
+            "Pass a table of counts or nonnegative weights (integer or float)."
+        )
+    if dtype == np.float32 or dtype == np.float16:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def dense_array(table, name: str, *, min_ndim: int, max_ndim: int | None = None) -> np.ndarray:
+    """The input as an ndarray (not copied when already one), checked for dimensionality."""
+    if sp.issparse(table):
+        raise TypeError(f"`{name}` is a scipy.sparse matrix; this function needs a dense array.")
+    arr = np.asarray(table)
+    if arr.dtype == object:
+        raise TypeError(f"`{name}` could not be read as a numeric array (got dtype object).")
+    if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
+        want = f"{min_ndim}" if max_ndim == min_ndim else f"at least {min_ndim}"
+        raise ValueError(
+            f"`{name}` must have {want} dimensions (rows are X, columns are Y"
+            f"{', leading axes are a batch' if max_ndim is None else ''}); got shape {arr.shape}."
+        )
+    return arr
+
+
+def nonnegative_finite(values: np.ndarray, name: str) -> None:
+    """Raise naming the first NaN, infinite or negative entry. One pass when the input is clean."""
+    if values.size == 0:
+        return
+    lowest = values.min()
+    if np.isnan(lowest):
+        raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(values))}.")
+    if lowest < 0:
+        idx = _first_index(values < 0)
+        raise ValueError(
+            f"`{name}` must be nonnegative; found {values[idx]!r} at index {idx}. "
+            "Balancing rescales masses, so every entry must be a count or weight >= 0."
+        )
+    if np.isinf(values.max()):
+        raise ValueError(
+            f"`{name}` contains an infinite value, first at index {_first_index(np.isinf(values))}."
+        )
+
+
+def logits_entries(logits: np.ndarray, name: str) -> None:
+    """NaN and +inf are errors; -inf is a structural zero."""
+    if np.isnan(logits).any():
+        raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(logits))}.")
+    if np.isposinf(logits).any():
+        raise ValueError(
+            f"`{name}` contains +inf, first at index {_first_index(np.isposinf(logits))}. "
+            "Logits must be finite or -inf (a structural zero)."
+        )
+
+
+def marginal(p, name: str, length: int, batch: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A target marginal broadcast to ``batch + (length,)``, checked and converted to ``dtype``."""
+    arr = np.asarray(p)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}` must hold real numbers; got dtype {arr.dtype}.")
+    if arr.ndim == 0 or arr.shape[-1] != length:
+        raise ValueError(
+            f"`{name}` has shape {arr.shape} but the table has {length} "
+            f"{'rows' if name == 'p_x' else 'columns'}: give one target mass per category."
+        )
+    try:
+        arr = np.broadcast_to(arr, batch + (length,))
+    except ValueError:
+        raise ValueError(
+            f"`{name}` has shape {arr.shape}, which does not broadcast to the batch shape "
+            f"{batch + (length,)}."
+        ) from None
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(arr))}.")
+    if (arr < 0).any():
+        idx = _first_index(arr < 0)
+        raise ValueError(f"`{name}` must be nonnegative; found {arr[idx]!r} at index {idx}.")
+    return arr.astype(dtype, copy=False)
+
+
+def matching_totals(p_x: np.ndarray, p_y: np.ndarray) -> np.ndarray:
+    """The common total mass of the targets (one per problem in a batch)."""
+    tx = p_x.sum(axis=-1, dtype=np.float64)
+    ty = p_y.sum(axis=-1, dtype=np.float64)
+    if np.any(tx <= 0):
+        raise ValueError("`p_x` and `p_y` have total mass 0; give targets with positive mass.")
+    bad = np.abs(tx - ty) > TOTAL_RTOL * np.maximum(tx, ty)
+    if np.any(bad):
+        idx = _first_index(np.atleast_1d(bad))
+        where = f" (batch index {idx})" if np.ndim(bad) else ""
+        raise ValueError(
+            f"The totals of `p_x` ({np.atleast_1d(tx)[idx]!r}) and `p_y` ({np.atleast_1d(ty)[idx]!r})"
+            f"{where} differ; a table cannot have both. Normalise both to the same total, e.g. "
+            "p_x / p_x.sum() and p_y / p_y.sum()."
+        )
+    return tx
+
+
+def steps_option(steps) -> int | None:
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"`steps` must be an integer number of half-steps or None; got {steps!r}.")
+    if steps < 0:
+        raise ValueError(f"`steps` must be >= 0 (it counts half-steps); got {steps}.")
+    return int(steps)
+
+
+def start_option(start) -> str:
+    if start not in ("x", "y"):
+        raise ValueError(
+            f"`start` must be 'x' (the first step fixes the row marginal) or 'y' (the column "
+            f"marginal); got {start!r}."
+        )
+    return start
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+def tolerance(tol, dtype: np.dtype) -> float:
+    """``None`` means 1e-10 in float64 and 1e-5 in float32 (what float32 sums can resolve)."""
+    if tol is None:
+        return 1e-10 if dtype == np.float64 else 1e-5
+    if not isinstance(tol, numbers.Real) or not tol > 0 or not np.isfinite(tol):
+        raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
+    return float(tol)
+
+
+def missing_mass(sums: np.ndarray, target: np.ndarray, axis_name: str, target_name: str,
+                 *, reason: str = "") -> None:
+    """A row (column) with no mass cannot be scaled to a positive target."""
+    bad = (sums <= 0) & (target > 0)
+    if bad.any():
+        idx = _first_index(bad)
+        label = idx[-1] if len(idx) == 1 else idx
+        raise ValueError(
+            f"{axis_name} {label} of `table` {reason or 'is empty'} but `{target_name}[{label}]` = "
+            f"{target[idx]:.6g} > 0: no rescaling can reach `{target_name}`. Merge sparse categories, "
+            f"collect more samples, or set that target to 0."
+        )
+
+
+class InfeasibleError(ValueError):
+    """The zero pattern of the table cannot carry the target marginals; the balanced table does not exist."""
+
+
+def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: float) -> InfeasibleError:
+    def show(ix):
+        ix = list(map(int, ix))
+        return str(ix) if len(ix) <= 10 else f"{ix[:10]} ... ({len(ix)} in all)"
+
+    return InfeasibleError(
+        f"The zero pattern of `table` cannot carry the targets: rows {show(rows)} need total mass "
+        f"{mass_rows:.6g} (from `p_x`) but their nonzero entries lie only in columns {show(cols)}, "
+        f"whose targets in `p_y` total {mass_cols:.6g}. No balanced table exists, and iterating would "
+        "oscillate forever. Fix the targets or the zero pattern, or run a fixed number of half-steps "
+        "with `steps=k` (each step is well defined)."
+    )
+
+
+def sparse_entries(table) -> None:
+    """Like :func:`nonnegative_finite` for the stored entries of a CSR/CSC matrix, naming (row, col)."""
+    data = table.data
+    bad = ~np.isfinite(data) | (data < 0)
+    if data.size and bad.any():
+        k = int(np.argmax(bad))
+        outer = int(np.searchsorted(table.indptr, k, side="right") - 1)
+        inner = int(table.indices[k])
+        row, col = (outer, inner) if table.format == "csr" else (inner, outer)
+        what = "NaN" if np.isnan(data[k]) else "an infinite value" if np.isinf(data[k]) else repr(data[k])
+        raise ValueError(
+            f"`table` must be finite and nonnegative; found {what} at index ({row}, {col}). "
+            "Balancing rescales masses, so every entry must be a count or weight >= 0."
+        )
