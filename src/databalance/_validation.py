@@ -57,7 +57,7 @@ def nonnegative_finite(values: np.ndarray, name: str) -> None:
     if lowest < 0:
         idx = _first_index(values < 0)
         raise ValueError(
-            f"`{name}` must be nonnegative; found {values[idx]!r} at index {idx}. "
+            f"`{name}` must be nonnegative; found {float(values[idx])!r} at index {idx}. "
             "Balancing rescales masses, so every entry must be a count or weight >= 0."
         )
     if np.isinf(values.max()):
@@ -77,8 +77,8 @@ def logits_entries(logits: np.ndarray, name: str) -> None:
         )
 
 
-def marginal(p, name: str, length: int, batch: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A target marginal broadcast to ``batch + (length,)``, checked and converted to ``dtype``."""
+def marginal(p, name: str, length: int, batch: tuple[int, ...]) -> np.ndarray:
+    """A target marginal broadcast to ``batch + (length,)`` and checked (not yet converted)."""
     arr = np.asarray(p)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must hold real numbers; got dtype {arr.dtype}.")
@@ -98,26 +98,35 @@ def marginal(p, name: str, length: int, batch: tuple[int, ...], dtype: np.dtype)
         raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(arr))}.")
     if (arr < 0).any():
         idx = _first_index(arr < 0)
-        raise ValueError(f"`{name}` must be nonnegative; found {arr[idx]!r} at index {idx}.")
-    return arr.astype(dtype, copy=False)
+        raise ValueError(f"`{name}` must be nonnegative; found {float(arr[idx])!r} at index {idx}.")
+    return arr
 
 
 def matching_totals(p_x: np.ndarray, p_y: np.ndarray) -> np.ndarray:
-    """The common total mass of the targets (one per problem in a batch)."""
+    """The common total mass of the targets (one per problem in a batch).
+
+    They must agree to ``TOTAL_RTOL``, or to the rounding of their own dtype if that is coarser.
+    """
     tx = p_x.sum(axis=-1, dtype=np.float64)
     ty = p_y.sum(axis=-1, dtype=np.float64)
     if np.any(tx <= 0):
         raise ValueError("`p_x` and `p_y` have total mass 0; give targets with positive mass.")
-    bad = np.abs(tx - ty) > TOTAL_RTOL * np.maximum(tx, ty)
+    eps = max(_eps(p_x) * np.sqrt(p_x.shape[-1]), _eps(p_y) * np.sqrt(p_y.shape[-1]))
+    bad = np.abs(tx - ty) > max(TOTAL_RTOL, 10 * eps) * np.maximum(tx, ty)
     if np.any(bad):
         idx = _first_index(np.atleast_1d(bad))
         where = f" (batch index {idx})" if np.ndim(bad) else ""
         raise ValueError(
-            f"The totals of `p_x` ({np.atleast_1d(tx)[idx]!r}) and `p_y` ({np.atleast_1d(ty)[idx]!r})"
+            f"The totals of `p_x` ({float(np.atleast_1d(tx)[idx])!r}) and `p_y` "
+            f"({float(np.atleast_1d(ty)[idx])!r})"
             f"{where} differ; a table cannot have both. Normalise both to the same total, e.g. "
             "p_x / p_x.sum() and p_y / p_y.sum()."
         )
     return tx
+
+
+def _eps(a: np.ndarray) -> float:
+    return float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else 0.0
 
 
 def steps_option(steps) -> int | None:
@@ -195,7 +204,7 @@ def sparse_entries(table) -> None:
         outer = int(np.searchsorted(table.indptr, k, side="right") - 1)
         inner = int(table.indices[k])
         row, col = (outer, inner) if table.format == "csr" else (inner, outer)
-        what = "NaN" if np.isnan(data[k]) else "an infinite value" if np.isinf(data[k]) else repr(data[k])
+        what = "NaN" if np.isnan(data[k]) else "an infinite value" if np.isinf(data[k]) else repr(float(data[k]))
         raise ValueError(
             f"`table` must be finite and nonnegative; found {what} at index ({row}, {col}). "
             "Balancing rescales masses, so every entry must be a count or weight >= 0."

@@ -1,0 +1,438 @@
+"""Tests of databalance.balance: properties, independent references, errors, scale."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from databalance import (
+    ConvergenceWarning,
+    InfeasibleError,
+    balance_logits,
+    balance_table,
+    iterate_balance,
+)
+
+from .strategies import patterned_tables, positive_tables
+
+
+def paper_loop(table, p_x, p_y, k):
+    """The paper's loop: normalise the whole table, then alternately rescale rows and columns."""
+    P = table / table.sum()
+    for i in range(k):
+        if i % 2 == 0:
+            P = P * (p_x / P.sum(axis=1))[:, None]
+        else:
+            P = P * (p_y / P.sum(axis=0))[None, :]
+    return P
+
+
+def rng_problem(seed, m=5, l=4):
+    rng = np.random.default_rng(seed)
+    T = rng.gamma(1.0, size=(m, l))
+    p_x, p_y = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(l))
+    return T, p_x, p_y
+
+
+# -- exact k steps ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_k_steps_match_the_papers_loop(seed, k):
+    T, p_x, p_y = rng_problem(seed)
+    res = balance_table(T, p_x, p_y, steps=k)
+    assert res.status == "completed" and res.steps == k and not res.converged
+    # The paper normalises first; balancing is invariant to that for k >= 1.
+    np.testing.assert_allclose(res.table, paper_loop(T, p_x, p_y, k), rtol=1e-12, atol=1e-15)
+
+
+@given(positive_tables())
+def test_fixed_marginal_exact_after_each_step(problem):
+    T, p_x, p_y = problem
+    for it in itertools.islice(iterate_balance(T, p_x, p_y), 1, 7):
+        out = it.table
+        if it.steps % 2:
+            np.testing.assert_allclose(out.sum(axis=1), p_x, rtol=1e-12, atol=1e-15)
+        else:
+            np.testing.assert_allclose(out.sum(axis=0), p_y, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(it.marginal_error[-1], [
+            np.abs(out.sum(axis=1) - p_x).sum(), np.abs(out.sum(axis=0) - p_y).sum()], atol=1e-13)
+
+
+def test_steps_zero_returns_the_input_and_its_errors():
+    T, p_x, p_y = rng_problem(0)
+    res = balance_table(T, p_x, p_y, steps=0)
+    np.testing.assert_array_equal(res.table, T)
+    assert res.marginal_error.shape == (1, 2)
+    np.testing.assert_allclose(res.marginal_error[0, 0], np.abs(T.sum(1) - p_x).sum() / p_x.sum())
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+
+@given(positive_tables(), st.floats(1e-3, 1e3))
+def test_invariant_to_scaling_the_input(problem, c):
+    T, p_x, p_y = problem
+    a = balance_table(T, p_x, p_y, steps=5).table
+    b = balance_table(c * T, p_x, p_y, steps=5).table
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-15)
+
+
+@given(positive_tables())
+def test_idempotent_on_balanced_tables(problem):
+    T, p_x, p_y = problem
+    once = balance_table(T, p_x, p_y)
+    twice = balance_table(once.table, p_x, p_y)
+    assert twice.converged and twice.steps <= 1
+    np.testing.assert_allclose(twice.table, once.table, rtol=1e-9, atol=1e-14)
+
+
+@given(positive_tables(), st.integers(0, 6))
+def test_transpose_symmetry(problem, k):
+    T, p_x, p_y = problem
+    a = balance_table(T, p_x, p_y, steps=k, start="x")
+    b = balance_table(T.T, p_y, p_x, steps=k, start="y")
+    np.testing.assert_allclose(a.table, b.table.T, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(a.marginal_error, b.marginal_error[:, ::-1], atol=1e-13)
+
+
+@given(patterned_tables(), st.sampled_from(["x", "y"]))
+def test_dense_sparse_log_agree(problem, start):
+    T, p_x, p_y = problem
+    for k in (1, 2, 5, None):
+        dense = balance_table(T, p_x, p_y, steps=k, start=start)
+        sparse = balance_table(sp.csr_array(T), p_x, p_y, steps=k, start=start)
+        with np.errstate(divide="ignore"):
+            log = balance_logits(np.log(T), p_x, p_y, steps=k, start=start)
+        assert sp.issparse(sparse.table)
+        np.testing.assert_allclose(sparse.table.toarray(), dense.table, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(log.table, dense.table, rtol=1e-9, atol=1e-13)
+        assert dense.steps == sparse.steps
+
+
+@given(patterned_tables())
+def test_limit_is_the_kl_projection(problem):
+    T, p_x, p_y = problem
+    res = balance_table(T, p_x, p_y, tol=1e-12, max_steps=100_000)
+    out = res.table
+    assert res.converged and res.feasible
+    np.testing.assert_allclose(out, res.row_scaling[:, None] * T * res.col_scaling[None, :])
+    np.testing.assert_allclose(out.sum(1), p_x, atol=1e-11)
+    np.testing.assert_allclose(out.sum(0), p_y, atol=1e-11)
+    assert np.all(out[T == 0] == 0)
+    # log(out / T) on the support is additive: f(x) + g(y), so a least-squares fit is exact.
+    i, j = np.nonzero(T)
+    design = np.zeros((len(i), T.shape[0] + T.shape[1]))
+    design[np.arange(len(i)), i] = 1
+    design[np.arange(len(i)), T.shape[0] + j] = 1
+    resid = np.log(out[i, j] / T[i, j])
+    coef, *_ = np.linalg.lstsq(design, resid, rcond=None)
+    np.testing.assert_allclose(design @ coef, resid, atol=1e-8)
+
+
+@given(positive_tables(max_batch=2), st.sampled_from([2, 3, None]))
+def test_batch_equals_loop(problem, k):
+    T, p_x, p_y = problem
+    res = balance_table(T, p_x, p_y, steps=k, tol=1e-12)
+    lres = balance_logits(np.log(T), p_x, p_y, steps=k, tol=1e-12)
+    for b in np.ndindex(*T.shape[:-2]):
+        one = balance_table(T[b], p_x[b], p_y[b], steps=res.steps)
+        np.testing.assert_allclose(res.table[b], one.table, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(res.marginal_error[b], one.marginal_error, atol=1e-14)
+        np.testing.assert_allclose(lres.table[b], one.table, rtol=1e-9, atol=1e-14)
+
+
+def test_batch_with_shared_marginals():
+    T = np.random.default_rng(1).gamma(1.0, size=(4, 3, 5))
+    res = balance_table(T, np.full(3, 1 / 3), np.full(5, 0.2), tol=1e-12)
+    np.testing.assert_allclose(res.table.sum(-1), 1 / 3, atol=1e-11)
+    np.testing.assert_allclose(res.table.sum(-2), 0.2, atol=1e-11)
+
+
+# -- against POT -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_converged_matches_pot_sinkhorn(seed):
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(seed)
+    m, l = 30, 20
+    M = rng.random((m, l))
+    reg = 0.5
+    a, b = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(l))
+    plan = ot.sinkhorn(a, b, M, reg, stopThr=1e-14, numItermax=100_000)
+    ours = balance_table(np.exp(-M / reg), a, b, tol=1e-13)
+    np.testing.assert_allclose(ours.table, plan, rtol=1e-8, atol=1e-15)
+    log = balance_logits(-M / reg, a, b, tol=1e-13)
+    np.testing.assert_allclose(log.table, plan, rtol=1e-8, atol=1e-15)
+
+
+# -- sparse ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+@pytest.mark.parametrize("kind", [sp.csr_array, sp.csr_matrix])
+def test_sparse_formats_keep_pattern_and_type(fmt, kind):
+    T, p_x, p_y = rng_problem(3, 6, 6)
+    T[T < 0.5] = 0
+    T += np.eye(6)
+    S = kind(T).asformat(fmt)
+    res = balance_table(S, T.sum(1) / T.sum(), T.sum(0) / T.sum(), steps=4)
+    out = res.table
+    assert sp.issparse(out) and out.format in ("csr", "csc")
+    assert sp.isspmatrix(out) == sp.isspmatrix(S)
+    np.testing.assert_array_equal(out.toarray() != 0, T != 0)
+    np.testing.assert_allclose(out.toarray(), balance_table(T, T.sum(1) / T.sum(), T.sum(0) / T.sum(),
+                                                             steps=4).table, rtol=1e-12)
+
+
+def test_huge_sparse_table_is_never_densified():
+    # 10^6 x 10^6 (8 TB dense) with 3 * 10^6 nonzeros on the first 500 000 rows and columns.
+    n, live, nnz = 10**6, 500_000, 3 * 10**6
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.integers(0, live, nnz - live), np.arange(live)])
+    cols = np.concatenate([rng.integers(0, live, nnz - live), np.arange(live)])
+    T = sp.csr_array((rng.random(nnz) + 0.1, (rows, cols)), shape=(n, n))
+    p = np.zeros(n)
+    p[:live] = 1 / live
+    res = balance_table(T, p, p, steps=6)
+    out = res.table
+    assert sp.issparse(out) and out.nnz == T.nnz
+    np.testing.assert_allclose(out.sum(axis=0), p, atol=1e-15)
+    assert res.marginal_error[-1, 0] < res.marginal_error[1, 1]
+
+
+# -- log domain ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_logits_spanning_1e4_converge_exactly(dtype):
+    # Row and column effects of size 1e4 plus an interaction: the balanced table is moderate but
+    # exp(logits) spans e^{+-2e4}, far beyond float64.
+    rng = np.random.default_rng(0)
+    m, l = 40, 30
+    noise = rng.normal(0, 3, (m, l))
+    L = (rng.uniform(-1e4, 1e4, (m, 1)) + rng.uniform(-1e4, 1e4, (1, l)) + noise).astype(dtype)
+    p_x, p_y = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(l))
+    res = balance_logits(L, p_x, p_y)
+    assert res.converged and res.log_table.dtype == dtype
+    assert np.isfinite(res.log_table).all()
+    out = np.exp(res.log_table.astype(np.float64))
+    tol = 1e-9 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(out.sum(1), p_x, atol=tol)
+    np.testing.assert_allclose(out.sum(0), p_y, atol=tol)
+    # The same limit as balancing the interaction alone (the KL projection ignores additive terms).
+    # float32 rounds the logits themselves at ~1e4 * 6e-8 = 6e-4, which the limit inherits.
+    ref = balance_table(np.exp(noise), p_x, p_y)
+    np.testing.assert_allclose(out, ref.table, rtol=1e-6 if dtype == np.float64 else 5e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_logits_spanning_1e4_k_steps_and_honest_status(dtype):
+    rng = np.random.default_rng(0)
+    L = rng.uniform(-1e4, 1e4, size=(40, 30)).astype(dtype)
+    p_x, p_y = np.full(40, 1 / 40), np.full(30, 1 / 30)
+    # Effectively zero temperature: convergence takes far more than 500 half-steps (an exact
+    # log-sum-exp loop still has marginal error 0.08 after 4000). The run must say so.
+    with pytest.warns(ConvergenceWarning):
+        res = balance_logits(L, p_x, p_y, max_steps=500)
+    assert not res.converged and not np.isnan(res.log_table).any()
+    assert np.isfinite(res.marginal_error[1:]).all()
+    for k in (1, 2, 3):
+        direct = L.astype(np.float64)
+        for i in range(k):
+            axis = 1 if i % 2 == 0 else 0
+            target = np.log(p_x)[:, None] if axis == 1 else np.log(p_y)[None, :]
+            direct = direct - _lse(direct, axis) + target
+        got = balance_logits(L, p_x, p_y, steps=k).log_table
+        assert not np.isnan(got).any()
+        big = direct > np.log(1e-30)  # entries carrying mass; tinier ones may differ in float32
+        rtol = 1e-9 if dtype == np.float64 else 1e-4
+        np.testing.assert_allclose(np.exp(got[big]), np.exp(direct[big]), rtol=rtol)
+
+
+def _lse(a, axis):
+    peak = a.max(axis=axis, keepdims=True)
+    return np.log(np.exp(a - peak).sum(axis=axis, keepdims=True)) + peak
+
+
+def test_neg_inf_logits_are_structural_zeros():
+    L = np.array([[0.0, -np.inf, 1.0], [2.0, 0.5, -np.inf], [-np.inf, 1.0, 0.0]])
+    res = balance_logits(L, [0.2, 0.3, 0.5], [0.4, 0.4, 0.2])
+    assert res.converged
+    assert np.isneginf(res.log_table[np.isneginf(L)]).all()
+    np.testing.assert_allclose(res.table.sum(1), [0.2, 0.3, 0.5], atol=1e-10)
+
+
+def test_batched_clip_logits_float32():
+    rng = np.random.default_rng(0)
+    L = (rng.standard_normal((3, 8, 16)) @ rng.standard_normal((3, 16, 8)) / 0.07).astype(np.float32)
+    u = np.full(8, 1 / 8, dtype=np.float32)
+    for k in (1, 2):
+        res = balance_logits(L, u, u, steps=k)
+        assert res.log_table.dtype == np.float32 and res.log_table.shape == L.shape
+        for b in range(3):
+            one = balance_logits(L[b], u, u, steps=k)
+            np.testing.assert_allclose(res.log_table[b], one.log_table, rtol=1e-5, atol=1e-4)
+
+
+# -- dtypes, mutation ------------------------------------------------------------------------------
+
+
+def test_float32_in_float32_out_and_no_mutation():
+    T, p_x, p_y = rng_problem(0)
+    T32 = T.astype(np.float32)
+    keep = T32.copy()
+    res = balance_table(T32, p_x, p_y)
+    assert res.table.dtype == np.float32 and res.row_scaling.dtype == np.float32
+    assert res.converged
+    np.testing.assert_array_equal(T32, keep)
+    S = sp.csr_array(T)
+    data = S.data.copy()
+    balance_table(S, p_x, p_y)
+    np.testing.assert_array_equal(S.data, data)
+
+
+def test_integer_counts_are_accepted():
+    res = balance_table(np.array([[3, 1], [2, 4]]), [1, 1], [1, 1])
+    assert res.table.dtype == np.float64 and res.converged
+
+
+# -- honest status ---------------------------------------------------------------------------------
+
+
+def test_max_steps_warns_and_is_not_converged():
+    T, p_x, p_y = rng_problem(0)
+    with pytest.warns(ConvergenceWarning, match="max_steps"):
+        res = balance_table(T, p_x, p_y, max_steps=3)
+    assert res.status == "max_steps" and not res.converged and res.steps == 3
+
+
+def test_unreachable_tolerance_stalls_with_a_warning():
+    T, p_x, p_y = rng_problem(0, 50, 40)
+    with pytest.warns(ConvergenceWarning, match="stalled"):
+        res = balance_table(T, p_x, p_y, tol=1e-300)
+    assert res.status == "stalled" and not res.converged
+
+
+def test_steps_k_emits_no_warning():
+    T, p_x, p_y = rng_problem(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balance_table(T, p_x, p_y, steps=50)
+
+
+def test_infeasible_pattern_raises_for_convergence_and_runs_for_k():
+    T = np.diag([0.5, 0.5])
+    with pytest.raises(InfeasibleError, match=r"rows \[0\] need total mass 0.7 .* columns \[0\]"):
+        balance_table(T, [0.7, 0.3], [0.3, 0.7])
+    res = balance_table(T, [0.7, 0.3], [0.3, 0.7], steps=5)
+    assert res.status == "completed" and not res.feasible and not np.isnan(res.table).any()
+    np.testing.assert_allclose(res.table.sum(), 1.0)  # no mass lost
+
+
+def test_infeasible_block_pattern_found_in_larger_table():
+    T = np.ones((4, 4))
+    T[:2, 2:] = 0  # rows 0, 1 reach only columns 0, 1
+    with pytest.raises(InfeasibleError, match=r"rows \[0, 1\] .* columns \[0, 1\]"):
+        balance_table(T, [0.3, 0.3, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25])
+    assert balance_table(T, [0.2, 0.2, 0.3, 0.3], [0.25] * 4).converged  # slack: interior solution
+
+
+def test_boundary_feasible_pattern_is_never_called_converged():
+    # Rows 0, 1 exactly fill columns 0, 1, so rows 2, 3 must be driven to zero there: the limit
+    # exists but is not diag(u) T diag(v) with finite scalings, and IPF creeps (error ~ 1/k).
+    T = np.ones((4, 4))
+    T[:2, 2:] = 0
+    with pytest.warns(ConvergenceWarning):
+        res = balance_table(T, [0.25] * 4, [0.25] * 4, max_steps=2000)
+    assert not res.converged and res.feasible
+    assert 1e-6 < res.marginal_error[-1].max() < 1e-2
+
+
+def test_zero_rows_with_zero_targets_stay_zero():
+    T = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 1.0, 0.0]])
+    res = balance_table(T, [0.5, 0.0, 0.5], [0.6, 0.4, 0.0])
+    assert res.converged
+    assert np.all(res.table[1] == 0) and np.all(res.table[:, 2] == 0)
+
+
+def test_positive_entries_with_zero_target_are_emptied():
+    T = np.ones((3, 3))
+    res = balance_table(T, [0.5, 0.5, 0.0], [1 / 3] * 3)
+    assert res.converged and np.all(res.table[2] == 0)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+P = [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "table, p_x, p_y, kwargs, exc, match",
+    [
+        ([[1.0, np.nan], [1.0, 1.0]], P, P, {}, ValueError, r"`table` contains NaN, first at index \(0, 1\)"),
+        ([[1.0, 1.0], [np.inf, 1.0]], P, P, {}, ValueError, r"infinite value, first at index \(1, 0\)"),
+        ([[1.0, 1.0], [1.0, -2.0]], P, P, {}, ValueError, r"nonnegative; found .*-2.0.* at index \(1, 1\)"),
+        ([["a", "b"], ["c", "d"]], P, P, {}, TypeError, r"`table` has dtype .* not a real number"),
+        ([[1 + 1j, 1], [1, 1]], P, P, {}, TypeError, r"`table` has dtype complex128"),
+        ([1.0, 2.0], P, P, {}, ValueError, r"`table` must have at least 2 dimensions"),
+        ([[1.0, 1.0], [1.0, 1.0]], [0.3, 0.3, 0.4], P, {}, ValueError, r"`p_x` has shape \(3,\) but the table has 2 rows"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, [1.0], {}, ValueError, r"`p_y` has shape \(1,\) but the table has 2 columns"),
+        ([[1.0, 1.0], [1.0, 1.0]], [-0.5, 1.5], P, {}, ValueError, r"`p_x` must be nonnegative; found .*-0.5"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, [0.5, 0.6], {}, ValueError, r"totals of `p_x` \(1.0\) and `p_y` \(1.1\) differ"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, P, {"steps": -1}, ValueError, r"`steps` must be >= 0"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, P, {"steps": 1.5}, TypeError, r"`steps` must be an integer"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, P, {"start": "z"}, ValueError, r"`start` must be 'x' .* got 'z'"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, P, {"tol": -1.0}, ValueError, r"`tol` must be a positive"),
+        ([[1.0, 1.0], [1.0, 1.0]], P, P, {"max_steps": 0}, ValueError, r"`max_steps` must be a positive"),
+        ([[1.0, 1.0], [0.0, 0.0]], [0.9, 0.1], P, {}, ValueError,
+         r"Row 1 of `table` is empty but `p_x\[1\]` = 0.1 > 0: no rescaling can reach `p_x`. Merge"),
+        ([[1.0, 0.0], [1.0, 0.0]], P, [0.9, 0.1], {}, ValueError, r"Column 1 of `table` is empty but `p_y\[1\]`"),
+        ([[1.0, 1.0], [0.0, 1.0]], P, [1.0, 0.0], {}, ValueError,
+         r"Row 1 of `table` has mass only where `p_y` is 0 but `p_x\[1\]` = 0.5"),
+    ],
+)
+def test_errors(table, p_x, p_y, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        balance_table(np.array(table), p_x, p_y, **kwargs)
+
+
+def test_missing_mass_is_checked_only_for_steps_that_need_it():
+    T = np.array([[1.0, 1.0], [0.0, 1.0]])
+    res = balance_table(T, P, [1.0, 0.0], steps=1)  # one row step is well defined
+    assert res.steps == 1
+    with pytest.raises(ValueError, match="has mass only where"):
+        balance_table(T, P, [1.0, 0.0], steps=3)
+
+
+def test_sparse_errors_name_row_and_column():
+    S = sp.csr_array(np.array([[1.0, 0.0], [0.0, -1.0]]))
+    with pytest.raises(ValueError, match=r"found -1.0 at index \(1, 1\)"):
+        balance_table(S, P, P)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        balance_table(sp.coo_array(np.ones(3)), P, P)
+
+
+@pytest.mark.parametrize(
+    "logits, match",
+    [
+        ([[0.0, np.nan], [0.0, 0.0]], r"`logits` contains NaN, first at index \(0, 1\)"),
+        ([[0.0, np.inf], [0.0, 0.0]], r"`logits` contains \+inf, first at index \(0, 1\)"),
+        ([[0.0, 0.0], [-np.inf, -np.inf]], r"Row 1 of `table` is empty but `p_x\[1\]`"),
+    ],
+)
+def test_logit_errors(logits, match):
+    with pytest.raises(ValueError, match=match):
+        balance_logits(np.array(logits), P, P)
+
+
+def test_batch_totals_mismatch_names_the_problem():
+    T = np.ones((2, 2, 2))
+    with pytest.raises(ValueError, match=r"batch index \(1,\)"):
+        balance_table(T, [[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.9]])
