@@ -47,10 +47,10 @@ def dense_array(table, name: str, *, min_ndim: int, max_ndim: int | None = None)
     return arr
 
 
-def nonnegative_finite(values: np.ndarray, name: str) -> None:
-    """Raise naming the first NaN, infinite or negative entry. One pass when the input is clean."""
+def nonnegative(values: np.ndarray, name: str) -> float:
+    """Raise naming the first NaN or negative entry; return the smallest entry (one pass)."""
     if values.size == 0:
-        return
+        return np.inf
     lowest = values.min()
     if np.isnan(lowest):
         raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(values))}.")
@@ -60,10 +60,19 @@ def nonnegative_finite(values: np.ndarray, name: str) -> None:
             f"`{name}` must be nonnegative; found {float(values[idx])!r} at index {idx}. "
             "Balancing rescales masses, so every entry must be a count or weight >= 0."
         )
-    if np.isinf(values.max()):
+    return float(lowest)
+
+
+def finite_sums(sums: np.ndarray, values, name: str) -> None:
+    """Infinite entries show up as infinite row sums, which balancing computes anyway."""
+    if np.isfinite(sums).all():
+        return
+    # Sparse entries were checked one by one (sparse_entries); a dense table is searched here.
+    if not sp.issparse(values) and np.isinf(values).any():
         raise ValueError(
             f"`{name}` contains an infinite value, first at index {_first_index(np.isinf(values))}."
         )
+    raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
 def logits_entries(logits: np.ndarray, name: str) -> None:
@@ -196,7 +205,7 @@ def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: 
 
 
 def sparse_entries(table) -> None:
-    """Like :func:`nonnegative_finite` for the stored entries of a CSR/CSC matrix, naming (row, col)."""
+    """Raise on the first NaN, infinite or negative stored entry of a CSR/CSC matrix, naming (row, col)."""
     data = table.data
     bad = ~np.isfinite(data) | (data < 0)
     if data.size and bad.any():

@@ -146,8 +146,9 @@ def _ratio(p: np.ndarray, s: np.ndarray, positive: np.ndarray | None) -> np.ndar
 class _Scaling:
     """A nonnegative table used as is: dense (``..., m, l``) or 2-D scipy.sparse."""
 
-    def __init__(self, table):
+    def __init__(self, table, lowest: float = 0.0):
         self.table = table
+        self.lowest = lowest
         self.dtype = table.dtype
         self.shape = table.shape[-2:]
         self.batch = table.shape[:-2]
@@ -164,8 +165,7 @@ class _Scaling:
             return cls(kernel)
         arr = check.dense_array(table, "table", min_ndim=2)
         arr = arr.astype(check.working_dtype(arr.dtype, "table"), copy=False)
-        check.nonnegative_finite(arr, "table")
-        return cls(arr)
+        return cls(arr, check.nonnegative(arr, "table"))
 
     def row_sums(self, v):
         if sp.issparse(self.table) or self.table.ndim == 2:
@@ -204,7 +204,7 @@ class _Scaling:
     def full_support(self) -> bool:
         if sp.issparse(self.table):
             return self.table.count_nonzero() == self.shape[0] * self.shape[1]
-        return self.table.size == 0 or self.table.min() > 0
+        return self.lowest > 0
 
     def edges(self, b: tuple):
         return _support.support_edges(self.table if sp.issparse(self.table) else self.table[b])
@@ -393,6 +393,7 @@ def _setup(kernel, p_x, p_y, *, start, steps, may_stop_early):
     p_y = check.marginal(p_y, "p_y", kernel.shape[1], batch)
     total = check.matching_totals(p_x, p_y)
     p_x, p_y = p_x.astype(kernel.dtype, copy=False), p_y.astype(kernel.dtype, copy=False)
+    check.finite_sums(kernel.frame_sums[0], kernel.table, "table")
     sides = {"x": (-1, "Row", "p_x", p_x, "p_y", p_y), "y": (-2, "Column", "p_y", p_y, "p_x", p_x)}
     first, second = (sides["x"], sides["y"]) if start == "x" else (sides["y"], sides["x"])
     n_steps = np.inf if steps is None else steps
