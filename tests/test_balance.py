@@ -436,3 +436,13 @@ def test_batch_totals_mismatch_names_the_problem():
     T = np.ones((2, 2, 2))
     with pytest.raises(ValueError, match=r"batch index \(1,\)"):
         balance_table(T, [[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.9]])
+
+
+def test_large_supports_check_feasibility_after_deferral(monkeypatch):
+    import databalance.balance as balance_module
+
+    monkeypatch.setattr(balance_module, "FEASIBILITY_EAGER_SIZE", 1)
+    T = sp.csr_array(np.diag([0.5, 0.5]))
+    with pytest.raises(InfeasibleError, match=r"rows \[0\]"):
+        balance_table(T, [0.7, 0.3], [0.3, 0.7])
+    assert balance_table(T, [0.5, 0.5], [0.5, 0.5]).feasible

@@ -31,34 +31,39 @@ class Deficit:
     col_mass: float
 
 
-def support_edges(table) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the strictly positive entries of a 2-D dense or sparse table."""
+def support_pattern(table) -> sp.csr_array:
+    """The strictly positive entries of a 2-D dense or sparse table as a CSR pattern."""
     if sp.issparse(table):
-        coo = sp.coo_array(table)
-        keep = coo.data > 0
-        return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64)
-    return tuple(ix.astype(np.int64) for ix in np.nonzero(table > 0))
+        pattern = sp.csr_array(table)
+        if pattern.data.size and pattern.data.min() <= 0:
+            pattern = sp.csr_array(pattern > 0)
+    else:
+        pattern = sp.csr_array(table > 0)
+    pattern.sort_indices()
+    return pattern
 
 
-def deficit(rows: np.ndarray, cols: np.ndarray, p_x: np.ndarray, p_y: np.ndarray) -> Deficit | None:
-    """``None`` if the edges (rows[e], cols[e]) can carry p_x and p_y; else a violating row set."""
-    m, l = len(p_x), len(p_y)
+def deficit(pattern: sp.csr_array, p_x: np.ndarray, p_y: np.ndarray) -> Deficit | None:
+    """``None`` if the entries of ``pattern`` can carry p_x and p_y; else a violating row set.
+
+    The flow network is laid out directly as int32 CSR from the pattern: rows 0..m-1, columns
+    m..m+l-1, then the source and the sink; lines with a zero target get zero capacity.
+    """
+    m, l = pattern.shape
     p_x = np.asarray(p_x, dtype=np.float64)
     p_y = np.asarray(p_y, dtype=np.float64)
     scale = (_GRID - m - l - 2) / p_x.sum()
-    cap_rows = np.floor(p_x * scale).astype(np.int64)
-    cap_cols = np.ceil(p_y * scale).astype(np.int64)
-    keep = (p_x[rows] > 0) & (p_y[cols] > 0)
-    rows, cols = rows[keep], cols[keep]
+    cap_rows = np.floor(p_x * scale).astype(np.int32)
+    cap_cols = np.ceil(p_y * scale).astype(np.int32)
     source, sink = m + l, m + l + 1
-    unbounded = _GRID
-    tail = np.concatenate([np.full(m, source), rows, m + np.arange(l)])
-    head = np.concatenate([np.arange(m), m + cols, np.full(l, sink)])
-    cap = np.concatenate([cap_rows, np.full(len(rows), unbounded), cap_cols])
-    graph = sp.csr_array((cap.astype(np.int32), (tail, head)), shape=(m + l + 2,) * 2)
-    graph.sum_duplicates()
+    nnz = pattern.indptr[-1]
+    indptr = np.concatenate([pattern.indptr, nnz + 1 + np.arange(l), [nnz + l + m] * 2]).astype(np.int32)
+    indices = np.concatenate([pattern.indices + m, np.full(l, sink), np.arange(m)]).astype(np.int32)
+    middle = np.where(pattern.data > 0, _GRID, 0).astype(np.int32)
+    graph = sp.csr_array((np.concatenate([middle, cap_cols, cap_rows]), indices, indptr),
+                         shape=(m + l + 2,) * 2)
     flow = maximum_flow(graph, source, sink)
-    if flow.flow_value >= cap_rows.sum():
+    if flow.flow_value >= int(cap_rows.sum(dtype=np.int64)):
         return None
     # Rows reachable from the source in the residual graph form the source side of a minimum cut.
     residual = (graph - flow.flow).tocsr()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Iterator
+from functools import cache, cached_property
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,8 +47,21 @@ class ConvergenceWarning(RuntimeWarning):
     """A balancing run stopped before reaching its tolerance (status "max_steps" or "stalled")."""
 
 
+class _Outcome:
+    """What both result classes derive from their status and their feasibility check."""
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+    @cached_property
+    def feasible(self) -> bool:
+        """Whether the fully balanced table exists (a max-flow on the support, run once if needed)."""
+        return self._deficit() is None
+
+
 @dataclass(frozen=True, eq=False)
-class BalanceResult:
+class BalanceResult(_Outcome):
     """The outcome of :func:`balance_table` (also yielded by :func:`iterate_balance`).
 
     Attributes
@@ -65,7 +78,9 @@ class BalanceResult:
         L1 distance of the row (``[..., k, 0]``) and column (``[..., k, 1]``) sums of iterate k from
         the targets, divided by the target total; ``k = 0`` is the input.
     feasible : bool
-        Whether the fully balanced table exists (the zero pattern can carry the targets).
+        Whether the fully balanced table exists (the zero pattern can carry the targets). Known
+        without extra work after ``steps=None``; after ``steps=k`` it is computed (a max-flow on
+        the support) when first read.
     """
 
     row_scaling: np.ndarray
@@ -73,12 +88,8 @@ class BalanceResult:
     steps: int
     status: str
     marginal_error: np.ndarray = field(repr=False)
-    feasible: bool = True
-    _input: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def converged(self) -> bool:
-        return self.status == "converged"
+    _input: Any = field(default=None, repr=False)
+    _deficit: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @cached_property
     def table(self):
@@ -87,7 +98,7 @@ class BalanceResult:
 
 
 @dataclass(frozen=True, eq=False)
-class LogBalanceResult:
+class LogBalanceResult(_Outcome):
     """The outcome of :func:`balance_logits`.
 
     Attributes
@@ -103,12 +114,8 @@ class LogBalanceResult:
     steps: int
     status: str
     marginal_error: np.ndarray = field(repr=False)
-    feasible: bool = True
-    _input: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def converged(self) -> bool:
-        return self.status == "converged"
+    _input: Any = field(default=None, repr=False)
+    _deficit: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @cached_property
     def log_table(self) -> np.ndarray:
@@ -206,8 +213,11 @@ class _Scaling:
             return self.table.count_nonzero() == self.shape[0] * self.shape[1]
         return self.lowest > 0
 
-    def edges(self, b: tuple):
-        return _support.support_edges(self.table if sp.issparse(self.table) else self.table[b])
+    def pattern(self, b: tuple):
+        return _support.support_pattern(self.table if sp.issparse(self.table) else self.table[b])
+
+    def support_size(self) -> int:
+        return self.table.nnz if sp.issparse(self.table) else self.table.size
 
     def step(self, axis, p, s, mine, other, positive):
         """Scale rows (axis=-1: ``mine`` is u) or columns to the target ``p`` given their sums ``s``."""
@@ -269,8 +279,11 @@ class _LogScaling(_Scaling):
     def full_support(self) -> bool:
         return not np.isneginf(self.logits).any()
 
-    def edges(self, b):
-        return _support.support_edges(self.logits[b] > -np.inf)
+    def pattern(self, b):
+        return _support.support_pattern(self.logits[b] > -np.inf)
+
+    def support_size(self) -> int:
+        return self.logits.size
 
     def step(self, axis, p, s, mine, other, positive):
         with np.errstate(divide="ignore"):
@@ -386,8 +399,11 @@ def _half_steps(kernel, p_x, p_y, total, start) -> Iterator[tuple[int, tuple, np
         x_turn = not x_turn
 
 
-def _setup(kernel, p_x, p_y, *, start, steps, may_stop_early):
-    """Validate the targets against the table; return (p_x, p_y, total, feasible)."""
+def _setup(kernel, p_x, p_y, *, start, steps):
+    """Validate the targets against the table; return (p_x, p_y, total, deficit).
+
+    ``deficit()`` runs the (cached) max-flow feasibility check of :mod:`._support`.
+    """
     batch = kernel.batch
     p_x = check.marginal(p_x, "p_x", kernel.shape[0], batch)
     p_y = check.marginal(p_y, "p_y", kernel.shape[1], batch)
@@ -406,20 +422,37 @@ def _setup(kernel, p_x, p_y, *, start, steps, may_stop_early):
         if n_steps >= restricted_from and not (other > 0).all():
             check.missing_mass(kernel.nonempty(axis, other > 0), p, name, target,
                                reason=f"has mass only where `{other_name}` is 0")
-    feasible = True
-    if not kernel.full_support():
+
+    @cache
+    def deficit():
+        """The first problem in the batch whose zero pattern cannot carry its targets, or None."""
+        if kernel.full_support():
+            return None
         for b in np.ndindex(*batch):
-            rows, cols = kernel.edges(b)
-            deficit = _support.deficit(rows, cols, p_x[b], p_y[b])
-            if deficit is not None:
-                if may_stop_early:
-                    raise check.infeasible(deficit.rows, deficit.cols, deficit.row_mass, deficit.col_mass)
-                feasible = False
-    return p_x, p_y, total, feasible
+            found = _support.deficit(kernel.pattern(b), p_x[b], p_y[b])
+            if found is not None:
+                return found
+        return None
+
+    return p_x, p_y, total, deficit
 
 
-def _run(kernel, p_x, p_y, total, *, start, steps, tol, max_steps):
+def _raise_if_infeasible(deficit):
+    found = deficit()
+    if found is not None:
+        raise check.infeasible(found.rows, found.cols, found.row_mass, found.col_mass)
+
+
+#: Supports with more entries than this are checked for feasibility only if the run has not
+#: converged after FEASIBILITY_DEFERRED_TO half-steps (convergence itself proves feasibility to
+#: within tol, and the max-flow costs ~1 s per 10^6 entries); smaller ones before iterating.
+FEASIBILITY_EAGER_SIZE = 10**6
+FEASIBILITY_DEFERRED_TO = 100
+
+
+def _run(kernel, p_x, p_y, total, deficit, *, start, steps, tol, max_steps):
     """Consume the half-steps until the requested count, convergence, a stall or the budget."""
+    check_at = 0 if kernel.support_size() <= FEASIBILITY_EAGER_SIZE else FEASIBILITY_DEFERRED_TO
     history = []
     best, best_k = np.inf, 0
     scalings = None
@@ -433,6 +466,8 @@ def _run(kernel, p_x, p_y, total, *, start, steps, tol, max_steps):
         worst = max(ex.max(initial=0), ey.max(initial=0))
         if worst <= tol:
             return k, scalings, history, "converged"
+        if k == check_at:
+            _raise_if_infeasible(deficit)
         if worst < best:
             best, best_k = worst, k
         elif k - best_k >= max(STALL_PATIENCE, best_k):
@@ -500,7 +535,10 @@ def balance_table(table, p_x, p_y, *, steps: int | None = None, start: str = "x"
         target.
     InfeasibleError
         With ``steps=None``, when the zero pattern cannot carry the targets (a subclass of
-        ValueError, naming a set of rows that needs more mass than its columns can take). With
+        ValueError, naming a set of rows that needs more mass than its columns can take). The
+        max-flow check runs before iterating when the support has at most 10^6 entries; on larger
+        ones only if the run has not converged after 100 half-steps (convergence proves
+        feasibility to within ``tol``, and the check costs about a second per 10^6 entries). With
         ``steps=k`` the steps are run and ``feasible`` is False instead.
 
     Warns
@@ -537,12 +575,11 @@ def balance_table(table, p_x, p_y, *, steps: int | None = None, start: str = "x"
 
 
 def _solve(kernel, source, p_x, p_y, *, start, steps, tol, max_steps, result):
-    p_x, p_y, total, feasible = _setup(kernel, p_x, p_y, start=start, steps=steps,
-                                       may_stop_early=steps is None)
-    k, scalings, history, status = _run(kernel, p_x, p_y, total, start=start, steps=steps, tol=tol,
-                                        max_steps=max_steps)
+    p_x, p_y, total, deficit = _setup(kernel, p_x, p_y, start=start, steps=steps)
+    k, scalings, history, status = _run(kernel, p_x, p_y, total, deficit, start=start, steps=steps,
+                                        tol=tol, max_steps=max_steps)
     scalings, errors = _finish(kernel, k, scalings, history, status, tol)
-    return result(scalings[0], scalings[1], k, status, errors, feasible, source)
+    return result(scalings[0], scalings[1], k, status, errors, source, deficit)
 
 
 def balance_logits(logits, p_x, p_y, *, steps: int | None = None, start: str = "x",
@@ -625,9 +662,9 @@ def iterate_balance(table, p_x, p_y, *, start: str = "x") -> Iterator[BalanceRes
     """
     start = check.start_option(start)
     kernel = _Scaling.from_input(table)
-    p_x, p_y, total, feasible = _setup(kernel, p_x, p_y, start=start, steps=None, may_stop_early=False)
+    p_x, p_y, total, deficit = _setup(kernel, p_x, p_y, start=start, steps=None)
     history = []
     for k, scal, ex, ey in _half_steps(kernel, p_x, p_y, total, start):
         history.append(np.stack([ex, ey], axis=-1))
         u, v = scal if scal is not None else kernel.initial()
-        yield BalanceResult(u, v, k, "completed", np.stack(history, axis=-2), feasible, kernel.table)
+        yield BalanceResult(u, v, k, "completed", np.stack(history, axis=-2), kernel.table, deficit)
