@@ -13,6 +13,17 @@ from .balance import (
     balance_table,
     iterate_balance,
 )
+from .spectral import (
+    MisspecifiedProfile,
+    SpectrumResult,
+    VarianceDecomposition,
+    VarianceProfile,
+    conditional_mean,
+    misspecified_profile,
+    spectrum,
+    variance_decomposition,
+    variance_profile,
+)
 
 __version__ = "0.1.0"
 
@@ -21,7 +32,16 @@ __all__ = [
     "ConvergenceWarning",
     "InfeasibleError",
     "LogBalanceResult",
+    "MisspecifiedProfile",
+    "SpectrumResult",
+    "VarianceDecomposition",
+    "VarianceProfile",
     "balance_logits",
     "balance_table",
+    "conditional_mean",
     "iterate_balance",
+    "misspecified_profile",
+    "spectrum",
+    "variance_decomposition",
+    "variance_profile",
 ]

@@ -218,3 +218,79 @@ def sparse_entries(table) -> None:
             f"`table` must be finite and nonnegative; found {what} at index ({row}, {col}). "
             "Balancing rescales masses, so every entry must be a count or weight >= 0."
         )
+
+
+def joint_table(table, name: str = "table"):
+    """A 2-D table normalised to a joint distribution with no empty row or column.
+
+    Returns (P, p, q): float64 ndarray or canonical CSR array, and its marginals.
+    """
+    if sp.issparse(table):
+        if table.ndim != 2:
+            raise ValueError(f"`{name}` must be 2-D; got shape {table.shape}.")
+        working_dtype(table.dtype, name)
+        P = sp.csr_array(table, dtype=np.float64, copy=True)
+        P.sum_duplicates()
+        P.sort_indices()
+        sparse_entries(P)
+    else:
+        P = dense_array(table, name, min_ndim=2, max_ndim=2)
+        working_dtype(P.dtype, name)
+        P = P.astype(np.float64)
+        nonnegative(P, name)
+        if not np.isfinite(P).all():
+            raise ValueError(f"`{name}` contains an infinite value, first at index {_first_index(np.isinf(P))}.")
+    total = P.sum()
+    if not total > 0:
+        raise ValueError(f"`{name}` has total mass 0; it must describe a joint distribution.")
+    P = P / total
+    p = np.asarray(P.sum(axis=1)).ravel()
+    q = np.asarray(P.sum(axis=0)).ravel()
+    for sums, axis_name in ((p, "Row"), (q, "Column")):
+        if (sums <= 0).any():
+            idx = int(np.argmax(sums <= 0))
+            raise ValueError(
+                f"{axis_name} {idx} of `{name}` is empty, so the conditional mean given that "
+                f"category is undefined. Drop or merge empty categories first."
+            )
+    return P, p, q
+
+
+def function_values(h, P, name: str = "h") -> np.ndarray:
+    """h on the support of P: shape (m, l[, d]) for dense P, (nnz[, d]) for CSR P; finite floats."""
+    m, l = P.shape
+    if sp.issparse(P):
+        if sp.issparse(h):
+            if h.shape != P.shape:
+                raise ValueError(f"`{name}` has shape {h.shape} but `table` has shape {P.shape}.")
+            rows = np.repeat(np.arange(m), np.diff(P.indptr))
+            values = np.asarray(sp.csr_array(h)[rows, P.indices]).astype(np.float64).ravel()
+        else:
+            values = np.asarray(h, dtype=np.float64)
+            if values.ndim not in (1, 2) or values.shape[0] != P.nnz:
+                raise ValueError(
+                    f"`{name}` has shape {values.shape}; for a sparse table give a sparse matrix of the "
+                    f"table's shape, or the values on its {P.nnz} nonzeros in CSR order, shape "
+                    f"({P.nnz},) or ({P.nnz}, d)."
+                )
+    else:
+        if sp.issparse(h):
+            raise TypeError(f"`{name}` is sparse but `table` is dense; pass a dense array.")
+        values = np.asarray(h)
+        if values.dtype.kind not in "biuf":
+            raise TypeError(f"`{name}` must hold real numbers; got dtype {values.dtype}.")
+        values = values.astype(np.float64)
+        if values.shape[:2] != (m, l) or values.ndim not in (2, 3):
+            raise ValueError(
+                f"`{name}` has shape {values.shape} but `table` has shape {(m, l)}: give h(x, y) as an "
+                f"array of shape {(m, l)}, or {(m, l)} + (d,) for d functions at once."
+            )
+    if not np.isfinite(values).all():
+        raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(values))}.")
+    return values
+
+
+def side_option(value, name: str) -> str:
+    if value not in ("x", "y"):
+        raise ValueError(f"`{name}` must be 'x' or 'y'; got {value!r}.")
+    return value

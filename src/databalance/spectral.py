@@ -1,0 +1,571 @@
+"""The spectrum of a table's conditional-mean operators and the variance of balanced estimators.
+
+Notation (THEORY.md §3-§5): P is the table normalised to a joint distribution with marginals
+p = P_X, q = P_Y; mu_X g = E[g | X], C_X = I - mu_X (likewise Y). The k-step balanced estimator of
+P(h) has influence function IF_k = C_1 C_2 ... C_k h (the last step's projection acts first) and
+first-order variance sigma_k^2 = Var_P(IF_k).
+
+Every IF_k is h - P(h) - a(x) - b(y), so the recursion tracks two vectors (a, b) instead of an
+m x l array: a projection costs one product with P. Odd k come from the chain whose first
+projection is C_X, even k from the chain that starts with C_Y; run one step apart, the two chains
+need the same product at every step and share one pass over P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import LinearOperator, minres, svds
+
+from . import _support
+from . import _validation as check
+from .balance import iterate_balance
+
+__all__ = [
+    "MisspecifiedProfile",
+    "SpectrumResult",
+    "VarianceDecomposition",
+    "VarianceProfile",
+    "conditional_mean",
+    "misspecified_profile",
+    "spectrum",
+    "variance_decomposition",
+    "variance_profile",
+]
+
+
+# -- the spectrum ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumResult:
+    """Singular triplets of the conditional-mean operators of a table.
+
+    Attributes
+    ----------
+    singular_values : ndarray, shape (r,)
+        Descending; the first is 1. ``s_j`` is the correlation of ``alpha_j(X)`` and ``beta_j(Y)``.
+    x_functions : ndarray, shape (m, r)
+        ``alpha_j``, orthonormal in L2(P_X); the first column is the constant 1.
+        ``E[beta_j(Y) | X] = s_j alpha_j(X)``.
+    y_functions : ndarray, shape (l, r)
+        ``beta_j``, orthonormal in L2(P_Y); the first column is the constant 1.
+    n_components : int
+        Connected components of the bipartite support graph; more than one means ``s_2 = 1``.
+    """
+
+    singular_values: np.ndarray
+    x_functions: np.ndarray = field(repr=False)
+    y_functions: np.ndarray = field(repr=False)
+    n_components: int = 1
+
+    @property
+    def max_correlation(self) -> float:
+        """``s_2``: the maximal correlation between functions of X and of Y (0 if there is none)."""
+        return float(self.singular_values[1]) if len(self.singular_values) > 1 else 0.0
+
+    @property
+    def spectral_gap(self) -> float:
+        """``1 - s_2``."""
+        return 1.0 - self.max_correlation
+
+    @property
+    def ipf_rate(self) -> float:
+        """``s_2^2``: the factor by which IPF's marginal error shrinks per *sweep* (two half-steps)
+        near this table, i.e. ``s_2`` per half-step on average.
+
+        Measured: consecutive half-step ratios alternate around ``s_2`` (the row and column errors
+        are measured in different norms) and multiply to ``s_2^2`` over a sweep. For a run towards
+        targets ``p_x, p_y`` use the spectrum of the *balanced* table, near which IPF linearises.
+        """
+        return self.max_correlation**2
+
+    def predicted_steps(self, tol: float, initial_error: float = 1.0) -> int:
+        """Half-steps for the marginal error to fall from ``initial_error`` to ``tol`` (rate ``s_2``
+        per half-step); exact up to a step when ``initial_error`` is taken near the limit."""
+        s2 = self.max_correlation
+        if initial_error <= tol:
+            return 0
+        if s2 == 0:
+            return 1
+        if s2 >= 1:
+            return np.iinfo(np.int64).max
+        return int(np.ceil(np.log(tol / initial_error) / np.log(s2)))
+
+
+def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
+    """Singular value decomposition of ``D_p^-1/2 P D_q^-1/2`` for the joint table ``P``.
+
+    Parameters
+    ----------
+    table : array_like (m, l) or scipy.sparse matrix
+        Nonnegative; normalised internally. Every row and column needs mass.
+    rank : int, optional
+        Number of leading triplets. Dense tables default to all ``min(m, l)`` (a full SVD); sparse
+        tables require ``rank < min(m, l)`` and use ``scipy.sparse.linalg.svds`` on a
+        LinearOperator, never densifying.
+
+    Returns
+    -------
+    SpectrumResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import spectrum
+    >>> P = [[.10, .05, .05], [.05, .20, .05], [.05, .05, .40]]
+    >>> spectrum(P).singular_values.round(6)
+    array([1.      , 0.613504, 0.353163])
+    """
+    P, p, q = check.joint_table(table)
+    m, l = P.shape
+    sp_, sq = np.sqrt(p), np.sqrt(q)
+    if sp.issparse(P):
+        if rank is None:
+            raise ValueError(
+                "`rank` is required for a sparse table: give the number of leading singular triplets "
+                f"to compute (at most {min(m, l) - 1}); a full SVD would densify the table."
+            )
+        rank = check.positive_int(rank, "rank")
+        if rank >= min(m, l):
+            raise ValueError(f"`rank` must be < min(m, l) = {min(m, l)} for a sparse table; got {rank}.")
+        op = LinearOperator((m, l), dtype=np.float64,
+                            matvec=lambda x: (P @ (x.ravel() / sq)) / sp_,
+                            rmatvec=lambda y: (P.T @ (y.ravel() / sp_)) / sq)
+        U, s, Vt = svds(op, k=rank, v0=sq.copy(), tol=1e-12)
+        order = np.argsort(s)[::-1]
+        U, s, V = U[:, order], s[order], Vt[order].T
+    else:
+        U, s, Vt = np.linalg.svd(P / sp_[:, None] / sq[None, :], full_matrices=False)
+        V = Vt.T
+        if rank is not None:
+            rank = check.positive_int(rank, "rank")
+            U, s, V = U[:, :rank], s[:rank], V[:, :rank]
+    n_components, _ = _support.components(*_support_indices(P), m, l)
+    U, V = _canonical(U, V, s, sp_, sq)
+    return SpectrumResult(s, U / sp_[:, None], V / sq[:, None], int(n_components))
+
+
+def _support_indices(P):
+    pattern = _support.support_pattern(P)
+    return np.repeat(np.arange(P.shape[0]), np.diff(pattern.indptr)), pattern.indices
+
+
+def _canonical(U, V, s, sp_, sq):
+    """First pair = (sqrt p, sqrt q) even when s = 1 is repeated; each other pair signed so that
+    its largest entry in U is positive (the SVD fixes pairs only up to a joint sign)."""
+    top = int(np.sum(s > 1 - 1e-10))
+    if top >= 1:
+        basis, _ = np.linalg.qr(np.column_stack([sp_, U[:, :top]]))
+        U = U.copy()
+        V = V.copy()
+        U[:, :top] = basis[:, :top] * np.sign(basis[:, :1].sum())
+        U[:, 0] = sp_
+        # Within the s = 1 block, V = M^T U / s with s = 1.
+        V[:, :top] = _mt(U[:, :top], V, U, s, top)
+        V[:, 0] = sq
+    for j in range(top, U.shape[1]):
+        if U[np.argmax(np.abs(U[:, j])), j] < 0:
+            U[:, j] *= -1
+            V[:, j] *= -1
+    return U, V
+
+
+def _mt(Ublock, V, U, s, top):
+    # For the s = 1 block the right vectors span the same space; project the new left basis onto it.
+    return V[:, :top] @ (U[:, :top].T @ Ublock)
+
+
+def conditional_mean(table, *, given: str = "x") -> LinearOperator:
+    """The operator ``g -> E[g(Y) | X = x]`` (``given="x"``) or ``f -> E[f(X) | Y = y]``.
+
+    Returns a scipy ``LinearOperator`` of shape (m, l) (or (l, m)) that never densifies a sparse
+    table; it accepts several functions at once as the columns of a matrix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import conditional_mean
+    >>> mu = conditional_mean([[1., 3.], [2., 2.]], given="x")
+    >>> mu @ np.array([0., 1.])
+    array([0.75, 0.5 ])
+    """
+    given = check.side_option(given, "given")
+    P, p, q = check.joint_table(table)
+    A, w = (P, p) if given == "x" else (P.T, q)
+    return LinearOperator(A.shape, dtype=np.float64,
+                          matvec=lambda g: (A @ g.ravel()) / w,
+                          matmat=lambda G: (A @ G) / w[:, None],
+                          rmatvec=lambda f: A.T @ (f.ravel() / w))
+
+
+# -- the variance profile --------------------------------------------------------------------------
+
+
+class _Joint:
+    """P with the products and weighted sums the variance computations need (dense or CSR)."""
+
+    def __init__(self, P, p, q, h):
+        self.P, self.p, self.q = P, p, q
+        self.sparse = sp.issparse(P)
+        self.h = h if h.ndim == (2 if self.sparse else 3) else h[..., None]
+        if self.sparse:
+            self.rows = np.repeat(np.arange(P.shape[0]), np.diff(P.indptr))
+
+    def weighted(self) -> np.ndarray:
+        """P * h on the support."""
+        return (self.P.data[:, None] if self.sparse else self.P[..., None]) * self.h
+
+    def line_sums(self, w):
+        """Row and column sums of the weighted values ``w`` (shape (m, d), (l, d))."""
+        if not self.sparse:
+            return w.sum(axis=1), w.sum(axis=0)
+        m, l = self.P.shape
+        rows = np.column_stack([np.bincount(self.rows, w[:, j], minlength=m) for j in range(w.shape[1])])
+        cols = np.column_stack([np.bincount(self.P.indices, w[:, j], minlength=l) for j in range(w.shape[1])])
+        return rows, cols
+
+    @cached_property
+    def moments(self):
+        """(P(h), E[h~^2], p * E[h~ | X], q * E[h~ | Y]) with h~ = h - P(h)."""
+        w = self.weighted()
+        d = w.shape[-1]
+        mean = w.reshape(-1, d).sum(axis=0)
+        rows, cols = self.line_sums(w)
+        second = (w * self.h).reshape(-1, d).sum(axis=0) - mean**2
+        return mean, second, rows - self.p[:, None] * mean, cols - self.q[:, None] * mean
+
+
+@dataclass(frozen=True, eq=False)
+class VarianceProfile:
+    """First-order variances of the k-step balanced estimator, k = 0..max_steps.
+
+    Attributes
+    ----------
+    sigma2 : ndarray, shape (max_steps + 1,) or (max_steps + 1, d)
+        ``sigma_k^2 = Var_P(C_1 ... C_k h)``: ``n * MSE`` of the k-step estimator as n grows.
+    start : str
+        Which marginal step 1 fixed.
+    """
+
+    sigma2: np.ndarray
+    start: str
+    _joint: _Joint = field(repr=False)
+
+    @property
+    def reduction(self) -> np.ndarray:
+        """``sigma_0^2 - sigma_k^2``: the variance removed by k steps of balancing."""
+        return self.sigma2[0] - self.sigma2
+
+    def predicted_mse(self, n: int) -> np.ndarray:
+        """``sigma_k^2 / n``: the first-order mean squared error with n samples."""
+        return self.sigma2 / check.positive_int(n, "n")
+
+    @cached_property
+    def sigma2_limit(self):
+        """``sigma_inf^2``: the residual variance of h after weighted least squares on additive
+        functions u(x) + v(y), the efficiency bound with both marginals known. Computed on first
+        access with MINRES on the (m + l) normal equations."""
+        out = _additive_residual(self._joint)
+        return out if self.sigma2.ndim == 2 else out[0]
+
+
+def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceProfile:
+    """The exact first-order variance of the k-step balanced estimator for k = 0..max_steps.
+
+    Parameters
+    ----------
+    table : array_like (m, l) or scipy.sparse matrix
+        The true joint distribution P (normalised internally); no empty rows or columns.
+    h : array_like
+        The function: (m, l) or (m, l, d) for a dense table; for a sparse table a sparse matrix of
+        the same shape (read on the table's nonzeros) or its values on the nonzeros in CSR order,
+        (nnz,) or (nnz, d).
+    max_steps : int
+        Largest k.
+    start : {"x", "y"}
+        Which marginal the first balancing step fixes.
+
+    Returns
+    -------
+    VarianceProfile
+
+    Notes
+    -----
+    Costs about max_steps + 1 products with P (O(max_steps * nnz)), shared by all k.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import variance_profile
+    >>> P = [[.10, .05, .05], [.05, .20, .05], [.05, .05, .40]]
+    >>> h = [[1, 0, 2], [0, 3, 1], [2, 1, 0]]
+    >>> prof = variance_profile(P, h, max_steps=3)
+    >>> prof.sigma2.round(6), round(prof.sigma2_limit, 6)
+    (array([1.4     , 0.746667, 0.63433 , 0.597818]), 0.577099)
+    """
+    start = check.side_option(start, "start")
+    max_steps = _max_steps(max_steps)
+    P, p, q = check.joint_table(table)
+    h = check.function_values(h, P)
+    if start == "y":
+        P, p, q, h = _transpose(P, p, q, h)
+    joint = _Joint(P, p, q, h)
+    sigma2 = _chains(joint, max_steps)
+    return VarianceProfile(sigma2 if h.ndim == joint.h.ndim else sigma2[:, 0], start, joint)
+
+
+def _max_steps(value) -> int:
+    steps = check.steps_option(value)
+    if steps is None:
+        raise TypeError("`max_steps` must be an integer >= 0 (the largest k).")
+    return steps
+
+
+def _transpose(P, p, q, h):
+    if not sp.issparse(P):
+        return P.T, q, p, np.swapaxes(h, 0, 1)
+    order = sp.csr_array((np.arange(P.nnz, dtype=np.float64), P.indices, P.indptr), shape=P.shape)
+    order = order.T.tocsr()
+    PT = P.T.tocsr()
+    PT.sort_indices()
+    order.sort_indices()
+    return PT, q, p, h[order.data.astype(np.int64)]
+
+
+def _chains(joint: _Joint, K: int) -> np.ndarray:
+    """sigma_k^2, k = 0..K, from the two chains of (a, b) vectors (see the module docstring)."""
+    P, p, q = joint.P, joint.p, joint.q
+    _, second, pr, qc = joint.moments
+    d = second.shape[0]
+    r, c = pr / p[:, None], qc / q[:, None]
+    sigma2 = np.empty((K + 1, d))
+    sigma2[0] = second
+    if K == 0:
+        return sigma2
+    # Chain "odd" (columns :d) starts with C_X; chain "even" (columns d:) with C_Y, one step behind.
+    a = np.zeros((P.shape[0], 2 * d))
+    b = np.zeros((P.shape[1], 2 * d))
+    a[:, :d] = r
+    sigma2[1] = second - (p[:, None] * r**2).sum(axis=0)
+    r2, c2 = np.hstack([r, r]), np.hstack([c, c])
+    pr2, qc2 = np.hstack([pr, pr]), np.hstack([qc, qc])
+    last = K + 1 if K % 2 == 0 else K
+    base = np.tile(second, 2)
+    for t in range(2, last + 1):
+        # After an X-projection E[g | X] = 0, so Var(g) = E[(h~ - b)^2] - E[a^2] (a = E[h~ - b | X]).
+        if t % 2:
+            a = r2 - (P @ b) / p[:, None]
+            value = base - 2 * (qc2 * b).sum(0) + (q[:, None] * b**2).sum(0) - (p[:, None] * a**2).sum(0)
+        else:
+            b = c2 - (P.T @ a) / q[:, None]
+            value = base - 2 * (pr2 * a).sum(0) + (p[:, None] * a**2).sum(0) - (q[:, None] * b**2).sum(0)
+        if t % 2 and t <= K:
+            sigma2[t] = value[:d]  # the odd chain after t projections
+        if t % 2 and t - 1 <= K:
+            sigma2[t - 1] = value[d:]  # the even chain after t - 1 projections
+    return sigma2
+
+
+def _additive_residual(joint: _Joint) -> np.ndarray:
+    """min over a, b of E[(h~ - a(x) - b(y))^2], from the normal equations in symmetric form
+    [[I, M], [M^T, I]] [sqrt(p) a; sqrt(q) b] = [sqrt(p) E[h~|X]; sqrt(q) E[h~|Y]]."""
+    P, p, q = joint.P, joint.p, joint.q
+    m, l = P.shape
+    sp_, sq = np.sqrt(p), np.sqrt(q)
+    _, second, pr, qc = joint.moments
+
+    def matvec(z):
+        x, y = z[:m], z[m:]
+        return np.concatenate([x + (P @ (y / sq)) / sp_, y + (P.T @ (x / sp_)) / sq])
+
+    op = LinearOperator((m + l, m + l), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+    out = np.empty(second.shape[0])
+    for j in range(second.shape[0]):
+        rhs = np.concatenate([pr[:, j] / sp_, qc[:, j] / sq])
+        z, _ = minres(op, rhs, rtol=1e-14, maxiter=50 * (m + l))
+        out[j] = second[j] - z @ rhs
+    return out
+
+
+# -- the closed form -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VarianceDecomposition:
+    """sigma_k^2 split over the singular directions of the table (THEORY.md §4).
+
+    Attributes
+    ----------
+    singular_values : ndarray, shape (n,)
+        ``s_j`` for j = 0..n-1, n = max(m, l), padded with zeros for unpaired directions.
+    x_coordinates, y_coordinates : ndarray, shape (n,) or (n, d)
+        ``f_j = E[h alpha_j(X)]`` and ``g_j = E[h beta_j(Y)]`` (0 where a direction does not exist).
+    sigma2_limit : float or ndarray
+        ``sigma_inf^2 = Var(h) - sum_j (f_j^2 + g_j^2 - 2 s_j f_j g_j) / (1 - s_j^2)``, j >= 1.
+    terms : ndarray, shape (max_steps + 1, n) or (max_steps + 1, n, d)
+        ``sigma_k^2 - sigma_inf^2`` carried by direction j: ``s_j^(2(k-1)) c_jk^2 / (1 - s_j^2)`` for
+        k >= 1, with ``c = g - s f`` after an X-step and ``f - s g`` after a Y-step; row 0 is the
+        direction's share of ``Var(h) - sigma_inf^2``. Column 0 (the constants) is 0.
+    """
+
+    singular_values: np.ndarray
+    x_coordinates: np.ndarray
+    y_coordinates: np.ndarray
+    sigma2_limit: np.ndarray
+    terms: np.ndarray = field(repr=False)
+
+    @property
+    def sigma2(self) -> np.ndarray:
+        """``sigma_k^2`` for k = 0..max_steps (equal to :func:`variance_profile`'s)."""
+        return self.sigma2_limit + self.terms.sum(axis=1)
+
+
+def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> VarianceDecomposition:
+    """The closed form of sigma_k^2 through the spectrum: which directions carry the variance.
+
+    Dense tables with a connected support only (the closed form divides by ``1 - s_j^2``). Same
+    parameters as :func:`variance_profile`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import variance_decomposition
+    >>> s = 0.5
+    >>> P = np.array([[1 + s, 1 - s], [1 - s, 1 + s]]) / 4
+    >>> dec = variance_decomposition(P, [[1, 0], [0, 0]], max_steps=2)
+    >>> dec.sigma2.round(6), float(dec.sigma2_limit) * 16  # (1 - s^2)(1 + s^(2(k-1)))/16, (1 - s^2)
+    (array([0.164062, 0.09375 , 0.058594]), 0.75)
+    """
+    start = check.side_option(start, "start")
+    max_steps = _max_steps(max_steps)
+    P, p, q = check.joint_table(table)
+    if sp.issparse(P):
+        raise TypeError("variance_decomposition needs a dense table (it uses the full SVD); "
+                        "use variance_profile for sparse tables.")
+    h = check.function_values(h, P)
+    joint = _Joint(P, p, q, h)
+    m, l = P.shape
+    n = max(m, l)
+    U, s, Vt = np.linalg.svd(P / np.sqrt(p)[:, None] / np.sqrt(q)[None, :])
+    if _support.components(*_support_indices(P), m, l)[0] > 1:
+        raise ValueError("The support graph of `table` is disconnected (s_2 = 1), so the closed form "
+                         "divides by zero; use variance_profile, which handles it.")
+    _, second, pr, qc = joint.moments
+    # f_j = E[h alpha_j(X)] = sum_x alpha_j(x) p(x) E[h|X=x] = (U^T (pr / sqrt p))_j
+    f = np.zeros((n, pr.shape[1]))
+    g = np.zeros((n, pr.shape[1]))
+    f[:m] = U.T @ (pr / np.sqrt(p)[:, None])
+    g[:l] = Vt @ (qc / np.sqrt(q)[:, None])
+    s_full = np.zeros(n)
+    s_full[: len(s)] = s
+    s_full[0] = 0.0  # the constant direction carries nothing (h is centred)
+    if start == "y":
+        f, g = g, f
+    S = s_full[:, None]
+    denom = 1 - S**2
+    total = (f**2 + g**2 - 2 * S * f * g) / denom
+    terms = np.zeros((max_steps + 1, n, f.shape[1]))
+    terms[0] = total
+    for k in range(1, max_steps + 1):
+        coef = g - S * f if k % 2 else f - S * g
+        terms[k] = S ** (2 * (k - 1)) * coef**2 / denom
+    terms[:, 0] = 0.0
+    limit = second - total[1:].sum(axis=0)
+    s_out = s_full.copy()
+    s_out[0] = 1.0
+    squeeze = (lambda a: a[..., 0]) if h.ndim == 2 else (lambda a: a)
+    if start == "y":
+        f, g = g, f
+    return VarianceDecomposition(s_out, squeeze(f), squeeze(g), squeeze(limit) if h.ndim == 3 else float(limit[0]),
+                                 squeeze(terms))
+
+
+# -- misspecified marginals ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MisspecifiedProfile:
+    """Bias and first-order variance of k-step balancing towards wrong marginals (THEORY.md §5).
+
+    Attributes
+    ----------
+    bias : ndarray, shape (max_steps + 1,) or (max_steps + 1, d)
+        ``Pbar^(k)(h) - P(h)``, where ``Pbar^(k)`` balances the true P itself towards the targets.
+        It does not shrink with n.
+    variance : ndarray
+        ``Var_P(L_1 ... L_k h)``: ``n`` times the variance of the k-step estimator as n grows.
+    """
+
+    bias: np.ndarray
+    variance: np.ndarray
+
+    def mse(self, n: int) -> np.ndarray:
+        """``bias^2 + variance / n``: the first-order mean squared error with n samples."""
+        return self.bias**2 + self.variance / check.positive_int(n, "n")
+
+
+def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x") -> MisspecifiedProfile:
+    """Predicted bias and variance of balancing a sample of ``table`` towards ``p_x, p_y``.
+
+    Parameters
+    ----------
+    table : array_like (m, l)
+        The true joint distribution (dense; normalised internally).
+    h : array_like (m, l) or (m, l, d)
+        The function whose mean is estimated.
+    p_x, p_y : array_like
+        The targets used for balancing (possibly wrong); normalised to total 1.
+    max_steps, start
+        As in :func:`variance_profile`.
+
+    Notes
+    -----
+    ``L_j g = w_j (g - E_{Pbar^(j-1)}[g | X])`` with ``w_j = p_x / Pbar^(j-1)_X`` for an X-step (Y and
+    ``p_y`` for a Y-step). Costs O(max_steps^2 m l).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import misspecified_profile
+    >>> P = np.array([[.3, .2], [.1, .4]])
+    >>> prof = misspecified_profile(P, [[1, 0], [0, 0]], [.5, .5], [.4, .6], max_steps=2)
+    >>> prof.bias.round(4)
+    array([0.    , 0.    , 0.0009])
+    """
+    start = check.side_option(start, "start")
+    max_steps = _max_steps(max_steps)
+    P, _, _ = check.joint_table(table)
+    if sp.issparse(P):
+        raise TypeError("misspecified_profile needs a dense table.")
+    h = check.function_values(h, P)
+    h3 = h if h.ndim == 3 else h[..., None]
+    p_x = check.marginal(p_x, "p_x", P.shape[0], ())
+    p_y = check.marginal(p_y, "p_y", P.shape[1], ())
+    total = check.matching_totals(p_x, p_y)
+    p_x, p_y = p_x / total, p_y / total
+    iterates = [it.table for _, it in zip(range(max_steps + 1), iterate_balance(P, p_x, p_y, start=start))]
+    truth = np.einsum("xy,xyd->d", P, h3)
+    bias = np.array([np.einsum("xy,xyd->d", Pk, h3) - truth for Pk in iterates])
+    variance = np.empty_like(bias)
+    for k in range(max_steps + 1):
+        g = h3
+        for j in range(k, 0, -1):
+            g = _misspecified_step(g, iterates[j - 1], p_x, p_y, x_step=(j % 2 == 1) == (start == "x"))
+        mean = np.einsum("xy,xyd->d", P, g)
+        variance[k] = np.einsum("xy,xyd->d", P, g**2) - mean**2
+    squeeze = (lambda a: a) if h.ndim == 3 else (lambda a: a[:, 0])
+    return MisspecifiedProfile(squeeze(bias), squeeze(variance))
+
+
+def _misspecified_step(g, Pbar, p_x, p_y, *, x_step):
+    axis, target = (1, p_x) if x_step else (0, p_y)
+    margin = Pbar.sum(axis=axis)
+    cond = np.einsum("xy,xyd->xd" if x_step else "xy,xyd->yd", Pbar, g) / margin[:, None]
+    weight = target / margin
+    if x_step:
+        return weight[:, None, None] * (g - cond[:, None, :])
+    return weight[None, :, None] * (g - cond[None, :, :])
