@@ -270,7 +270,7 @@ class VarianceProfile:
         functions u(x) + v(y), the efficiency bound with both marginals known. Computed on first
         access with MINRES on the (m + l) normal equations."""
         out = _additive_residual(self._joint)
-        return out if self.sigma2.ndim == 2 else out[0]
+        return out if self.sigma2.ndim == 2 else float(out[0])
 
 
 def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceProfile:
@@ -437,8 +437,8 @@ def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> Var
     >>> s = 0.5
     >>> P = np.array([[1 + s, 1 - s], [1 - s, 1 + s]]) / 4
     >>> dec = variance_decomposition(P, [[1, 0], [0, 0]], max_steps=2)
-    >>> dec.sigma2.round(6), float(dec.sigma2_limit) * 16  # (1 - s^2)(1 + s^(2(k-1)))/16, (1 - s^2)
-    (array([0.164062, 0.09375 , 0.058594]), 0.75)
+    >>> dec.sigma2.round(6), round(dec.sigma2_limit * 16, 12)  # sigma_inf^2 = (1 - s^2) / 16
+    (array([0.234375, 0.09375 , 0.058594]), 0.75)
     """
     start = check.side_option(start, "start")
     max_steps = _max_steps(max_steps)
@@ -532,9 +532,10 @@ def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x"
     >>> import numpy as np
     >>> from databalance import misspecified_profile
     >>> P = np.array([[.3, .2], [.1, .4]])
-    >>> prof = misspecified_profile(P, [[1, 0], [0, 0]], [.5, .5], [.4, .6], max_steps=2)
-    >>> prof.bias.round(4)
-    array([0.    , 0.    , 0.0009])
+    >>> h = [[1, 0], [0, 0]]
+    >>> prof = misspecified_profile(P, h, [.6, .4], [.4, .6], max_steps=2)  # true P_X = (.5, .5)
+    >>> prof.bias.round(4), prof.variance.round(4)
+    (array([0.    , 0.06  , 0.0273]), array([0.21  , 0.1728, 0.033 ]))
     """
     start = check.side_option(start, "start")
     max_steps = _max_steps(max_steps)
