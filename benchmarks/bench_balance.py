@@ -4,9 +4,11 @@ Usage (prints Markdown; RESULTS.md records the output and this command):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_balance.py [--quick]
 
-Per-sweep times are slopes: the median time of a run of N2 sweeps minus that of N1 sweeps, over
-N2 - N1, so that setup (validation, feasibility, POT's exponentiation) is not counted in them; setup
-is reported separately and in the end-to-end rows.
+This machine is shared and its speed drifts, so every comparison is interleaved: each repeat runs
+all contenders in turn and the table reports medians over repeats. Per-sweep times exclude setup:
+ours is timed on `iterate_balance` after its first item (validation done), POT as the slope
+between runs of N + 10 and 10 iterations (its exponentiation of the cost matrix excluded). Setup
+is reported separately, and the end-to-end rows include everything.
 """
 
 from __future__ import annotations
@@ -28,20 +30,34 @@ except ImportError:  # pragma: no cover
     ot = None
 
 
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def median_time(fn, repeats):
-    times = []
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median time of each function, the functions run in turn within every repeat so that slow
+    drifts of this shared machine hit all of them alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def slope(run, n1, n2, repeats):
-    """(time per unit, intercept) from median times of run(n1) and run(n2)."""
-    t1, t2 = median_time(lambda: run(n1), repeats), median_time(lambda: run(n2), repeats)
-    per = (t2 - t1) / (n2 - n1)
-    return per, t1 - per * n1
+def iteration_time(make_iterator, half_steps):
+    """Seconds for ``half_steps`` half-steps of an iterator whose setup is already done."""
+    it = make_iterator()
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(half_steps):
+        next(it)
+    return time.perf_counter() - t0
 
 
 def peak_mb(fn):
@@ -70,8 +86,11 @@ def paper_loop(K, a, b, sweeps):
 
 
 def dense_problem(n, seed=0):
+    """Entropic transport between two random histograms on a line: cost (x_i - y_j)^2, reg 0.05.
+    Strong dependence (s_2 near 1), so a converged solve takes many sweeps."""
     rng = np.random.default_rng(seed)
-    M = rng.random((n, n))
+    grid = np.linspace(0, 1, n)
+    M = (grid[:, None] - grid[None, :]) ** 2
     reg = 0.05
     return M, reg, np.exp(-M / reg), rng.dirichlet(np.full(n, 5.0)), rng.dirichlet(np.full(n, 5.0))
 
@@ -80,17 +99,22 @@ def bench_dense(sizes, repeats):
     rows = []
     for n in sizes:
         M, reg, K, a, b = dense_problem(n)
-        n1, n2 = 5, 15
-        base, _ = slope(lambda s: two_matvec(K, a, b, s), n1, n2, repeats)
-        ours, ours0 = slope(lambda s: db.balance_table(K, a, b, steps=2 * s), n1, n2, repeats)
-        row = {"n": n, "two-matvec ms": 1e3 * base, "ours ms": 1e3 * ours, "ours/2mv": ours / base,
-               "setup ours s": ours0}
+        sweeps = 10
+        fns = {
+            "two-matvec": lambda: timed(lambda: two_matvec(K, a, b, sweeps)) / sweeps,
+            "ours": lambda: iteration_time(lambda: db.iterate_balance(K, a, b), 2 * sweeps) / sweeps,
+            "paper": lambda: timed(lambda: paper_loop(K, a, b, 2)) / 2,
+        }
+        if ot is not None:  # per iteration as a slope, so that POT's setup (exp of M) is excluded
+            fns["POT"] = lambda: (timed(lambda: ot.sinkhorn(a, b, M, reg, numItermax=sweeps + 10, stopThr=0.0))
+                                  - timed(lambda: ot.sinkhorn(a, b, M, reg, numItermax=10, stopThr=0.0))) / sweeps
+        t = interleaved(fns, repeats)
+        row = {"n": n, "two-matvec ms": 1e3 * t["two-matvec"], "ours ms": 1e3 * t["ours"],
+               "ours/2mv": t["ours"] / t["two-matvec"]}
         if ot is not None:
-            pot, pot0 = slope(lambda s: ot.sinkhorn(a, b, M, reg, numItermax=s, stopThr=0.0),
-                              n1, n2, max(3, repeats // 2))
-            row.update({"POT ms": 1e3 * pot, "POT/ours": pot / ours, "setup POT s": pot0})
-        paper, _ = slope(lambda s: paper_loop(K, a, b, s), 1, 3, 3)
-        row.update({"paper ms": 1e3 * paper, "paper/ours": paper / ours})
+            row.update({"POT ms": 1e3 * t["POT"], "POT/ours": t["POT"] / t["ours"]})
+        row.update({"paper ms": 1e3 * t["paper"], "paper/ours": t["paper"] / t["ours"],
+                    "setup ours ms": 1e3 * median_time(lambda: db.balance_table(K, a, b, steps=0), repeats)})
         rows.append(row)
     return rows
 
@@ -107,18 +131,20 @@ def bench_converged(n, repeats):
         res = db.balance_logits(-M / reg, a, b, tol=tol)
         return res, res.table
 
-    out = {"n": n}
-    t = median_time(ours, repeats)
-    res, table = ours()
-    out.update({"ours s": t, "ours sweeps": res.steps / 2, "ours L1": float(res.marginal_error[-1].max())})
-    out["ours (logits) s"] = median_time(ours_logits, repeats)
+    res, _ = ours()
+    sweeps = int(np.ceil(res.steps / 2))
+    fns = {"ours": lambda: timed(ours), "ours (logits)": lambda: timed(ours_logits),
+           "paper": lambda: timed(lambda: paper_loop(K, a, b, sweeps))}
     if ot is not None:
-        tp = median_time(lambda: ot.sinkhorn(a, b, M, reg, stopThr=tol, numItermax=10_000), repeats)
+        fns["POT"] = lambda: timed(lambda: ot.sinkhorn(a, b, M, reg, stopThr=tol, numItermax=10_000))
+    t = interleaved(fns, repeats)
+    out = {"n": n, "ours s": t["ours"], "sweeps": res.steps / 2,
+           "ours L1": float(res.marginal_error[-1].max()), "ours from logits s": t["ours (logits)"]}
+    if ot is not None:
         plan = ot.sinkhorn(a, b, M, reg, stopThr=tol, numItermax=10_000)
         l1 = max(np.abs(plan.sum(1) - a).sum(), np.abs(plan.sum(0) - b).sum())
-        out.update({"POT s": tp, "POT L1": l1, "POT/ours": tp / t})
-    tpaper = median_time(lambda: paper_loop(K, a, b, int(np.ceil(res.steps / 2))), 3)
-    out.update({"paper s": tpaper, "paper/ours": tpaper / t})
+        out.update({"POT s": t["POT"], "POT L1": l1, "POT/ours": t["POT"] / t["ours"]})
+    out.update({"paper s (same sweeps)": t["paper"], "paper/ours": t["paper"] / t["ours"]})
     out["peak MB ours / table MB"] = f"{peak_mb(ours):.0f} / {K.nbytes / 2**20:.0f}"
     if ot is not None:
         out["peak MB POT"] = f"{peak_mb(lambda: ot.sinkhorn(a, b, M, reg, stopThr=tol)):.0f}"
@@ -130,13 +156,16 @@ def bench_log(n, repeats):
     L = rng.uniform(-50, 50, (n, n))
     a = b = np.full(n, 1.0 / n)
     K = np.exp(L - L.max())
-    plain = median_time(lambda: two_matvec(K, a, b, 20), repeats)
-    ours = median_time(lambda: db.balance_logits(L, a, b, steps=40), repeats)
+    fns = {"plain": lambda: timed(lambda: two_matvec(K, a, b, 20)),
+           "ours": lambda: timed(lambda: db.balance_logits(L, a, b, steps=40))}
+    if ot is not None:
+        fns["POT"] = lambda: timed(lambda: ot.sinkhorn(a, b, -L, 1.0, method="sinkhorn_log", numItermax=20,
+                                                       stopThr=0.0))
+    t = interleaved(fns, repeats)
+    plain, ours = t["plain"], t["ours"]
     out = {"n": n, "20 plain sweeps s": plain, "ours 20 sweeps (with exp) s": ours, "ours/plain": ours / plain}
     if ot is not None:
-        pot = median_time(lambda: ot.sinkhorn(a, b, -L, 1.0, method="sinkhorn_log", numItermax=20,
-                                              stopThr=0.0), max(3, repeats // 2))
-        out.update({"POT sinkhorn_log s": pot, "POT/ours": pot / ours})
+        out.update({"POT sinkhorn_log s": t["POT"], "POT/ours": t["POT"] / ours})
     out["peak MB ours / table MB"] = f"{peak_mb(lambda: db.balance_logits(L, a, b, steps=40)):.0f} / {L.nbytes / 2**20:.0f}"
     return out
 
@@ -163,23 +192,17 @@ def bench_sparse(n, nnz, repeats):
         K, a, b = sparse_problem(n, nnz, kind)
         KT = K.T
 
-        def matvecs(s):
+        def matvecs():
             u, v = np.ones(n), np.ones(n)
-            for _ in range(s):
+            t0 = time.perf_counter()
+            for _ in range(4):
                 u = K @ v
                 v = KT @ u
+            return (time.perf_counter() - t0) / 4
 
-        def ours_sweeps(s):
-            # Time the iteration alone: setup is done when the generator yields iterate 0.
-            it = db.iterate_balance(K, a, b)
-            next(it)
-            t0 = time.perf_counter()
-            for _ in range(2 * s):
-                next(it)
-            return time.perf_counter() - t0
-
-        base, _ = slope(matvecs, 2, 6, repeats)
-        ours = statistics.median((ours_sweeps(6) - ours_sweeps(2)) / 4 for _ in range(repeats))
+        t = interleaved({"matvecs": matvecs,
+                         "ours": lambda: iteration_time(lambda: db.iterate_balance(K, a, b), 8) / 4}, repeats)
+        base, ours = t["matvecs"], t["ours"]
         setup = median_time(lambda: db.balance_table(K, a, b, steps=0), repeats)
         memory = K.data.nbytes + K.indices.nbytes + K.indptr.nbytes
         rows.append({"pattern": kind, "nnz": K.nnz, "K@v + K.T@u ms": 1e3 * base, "ours ms": 1e3 * ours,
