@@ -13,6 +13,7 @@ from .balance import (
     balance_table,
     iterate_balance,
 )
+from .estimators import BalancedEstimate, BalancedEstimator, balanced_mean
 from .spectral import (
     MisspecifiedProfile,
     SpectrumResult,
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BalanceResult",
+    "BalancedEstimate",
+    "BalancedEstimator",
     "ConvergenceWarning",
     "InfeasibleError",
     "LogBalanceResult",
@@ -38,6 +41,7 @@ __all__ = [
     "VarianceProfile",
     "balance_logits",
     "balance_table",
+    "balanced_mean",
     "conditional_mean",
     "iterate_balance",
     "misspecified_profile",

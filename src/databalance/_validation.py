@@ -294,3 +294,113 @@ def side_option(value, name: str) -> str:
     if value not in ("x", "y"):
         raise ValueError(f"`{name}` must be 'x' or 'y'; got {value!r}.")
     return value
+
+
+def _show(label) -> str:
+    return repr(label.item() if isinstance(label, np.generic) else label)
+
+
+def sample_array(a, name: str, n: int | None) -> np.ndarray:
+    """A per-sample array (pandas Series and Categoricals accepted) with the expected length."""
+    if hasattr(a, "to_numpy"):
+        a = a.to_numpy()
+    arr = np.asarray(a)
+    if arr.ndim == 0:
+        raise ValueError(f"`{name}` must have one entry per sample; got a scalar.")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(
+            f"`{name}` has {arr.shape[0]} entries but `values` has {n} samples; give one per sample."
+        )
+    return arr
+
+
+def sample_values(values) -> np.ndarray:
+    arr = sample_array(values, "values", None)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"`values` must hold real numbers; got dtype {arr.dtype}.")
+    if arr.ndim > 2:
+        raise ValueError(f"`values` must have shape (n,) or (n, d); got {arr.shape}.")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"`values` contains NaN or inf, first at sample {_first_index(~np.isfinite(arr))[0]}. "
+            "Remove or impute those samples first; nothing is dropped silently."
+        )
+    return arr
+
+
+def sample_weights(weights, n: int) -> np.ndarray:
+    arr = sample_array(weights, "sample_weight", n).astype(np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"`sample_weight` must have shape ({n},); got {arr.shape}.")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`sample_weight` contains NaN or inf, first at sample {_first_index(~np.isfinite(arr))[0]}.")
+    if (arr < 0).any():
+        i = _first_index(arr < 0)[0]
+        raise ValueError(f"`sample_weight` must be nonnegative; sample {i} has weight {float(arr[i])!r}.")
+    if not arr.sum() > 0:
+        raise ValueError("`sample_weight` sums to 0; at least one sample needs positive weight.")
+    return arr
+
+
+def encode(labels: np.ndarray, target, name: str, target_name: str):
+    """Integer codes of the samples' categories and the target masses aligned with them.
+
+    ``target`` is a mapping label -> mass (dict, pandas Series) or an array indexed by integer codes.
+    Returns (codes, masses, categories).
+    """
+    if hasattr(target, "items") and not isinstance(target, np.ndarray):
+        categories = list(target.keys())
+        masses = np.array([target[c] for c in categories], dtype=np.float64)
+        index = {c: i for i, c in enumerate(categories)}
+        if len(index) != len(categories):
+            raise ValueError(f"`{target_name}` lists a category twice.")
+        uniques, inverse = np.unique(labels, return_inverse=True)
+        lookup = np.empty(len(uniques), dtype=np.int64)
+        for j, u in enumerate(uniques):
+            key = u.item() if isinstance(u, np.generic) else u
+            if key not in index:
+                raise ValueError(
+                    f"`{name}` has the label {_show(u)}, which `{target_name}` does not list. Give it a "
+                    f"target mass (0 removes those samples' weight) or recode the samples."
+                )
+            lookup[j] = index[key]
+        return lookup[inverse.ravel()], masses, categories
+    masses = np.asarray(target, dtype=np.float64)
+    if masses.ndim != 1:
+        raise ValueError(f"`{target_name}` must be 1-D (or a mapping label -> mass); got shape {masses.shape}.")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(
+            f"`{name}` holds labels of dtype {labels.dtype}, but `{target_name}` is an array: give "
+            f"`{name}` as integer codes 0..{len(masses) - 1}, or `{target_name}` as a mapping label -> mass."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(masses)):
+        i = _first_index((labels < 0) | (labels >= len(masses)))[0]
+        raise ValueError(
+            f"`{name}` has code {int(labels[i])} at sample {i}, outside 0..{len(masses) - 1} "
+            f"(the length of `{target_name}`)."
+        )
+    return labels.astype(np.int64, copy=False), masses, list(range(len(masses)))
+
+
+def empty_policy(value) -> str:
+    if value not in ("error", "drop"):
+        raise ValueError(f"`empty` must be 'error' or 'drop'; got {value!r}.")
+    return value
+
+
+def unsampled(counts: np.ndarray, masses: np.ndarray, categories, name: str, target_name: str) -> None:
+    bad = (counts <= 0) & (masses > 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"No sample has `{name}` = {_show(categories[i])}, but `{target_name}` gives it mass "
+            f"{masses[i]:.6g}: no weighting of the samples can reach that target. Merge it with a "
+            f"neighbouring category, collect samples, or pass empty='drop' to remove it from the targets."
+        )
+
+
+def confidence_level(level) -> float:
+    if not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
+    return float(level)

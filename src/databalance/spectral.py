@@ -371,24 +371,41 @@ def _chains(joint: _Joint, K: int) -> np.ndarray:
 
 
 def _additive_residual(joint: _Joint) -> np.ndarray:
-    """min over a, b of E[(h~ - a(x) - b(y))^2], from the normal equations in symmetric form
-    [[I, M], [M^T, I]] [sqrt(p) a; sqrt(q) b] = [sqrt(p) E[h~|X]; sqrt(q) E[h~|Y]]."""
-    P, p, q = joint.P, joint.p, joint.q
-    m, l = P.shape
-    sp_, sq = np.sqrt(p), np.sqrt(q)
+    """min over a, b of E[(h~ - a(x) - b(y))^2] = E[h~^2] - E[h~ (a + b)] at the optimum."""
     _, second, pr, qc = joint.moments
+    a, b = additive_shift(joint.P, joint.p, joint.q, pr, qc, steps=None)
+    return second - (pr * a).sum(axis=0) - (qc * b).sum(axis=0)
+
+
+def additive_shift(P, p, q, pr, qc, *, steps, start="x"):
+    """(a, b) such that C_1 ... C_k g = g - a(x) - b(y) under the joint distribution P.
+
+    ``pr = p * E[g | X]`` and ``qc = q * E[g | Y]`` (shape (m, d), (l, d)) are all that is needed of
+    g. ``steps=None`` gives the limit: the weighted least-squares fit of g on additive functions,
+    from the normal equations in symmetric form
+    [[I, M], [M^T, I]] [sqrt(p) a; sqrt(q) b] = [pr / sqrt(p); qc / sqrt(q)], solved by MINRES.
+    """
+    m, l = P.shape
+    r, c = pr / p[:, None], qc / q[:, None]
+    a, b = np.zeros((m, r.shape[1])), np.zeros((l, r.shape[1]))
+    if steps is not None:
+        for j in range(steps, 0, -1):  # the last step's projection acts first
+            if (j % 2 == 1) == (start == "x"):
+                a = r - (P @ b) / p[:, None]
+            else:
+                b = c - (P.T @ a) / q[:, None]
+        return a, b
+    sp_, sq = np.sqrt(p), np.sqrt(q)
 
     def matvec(z):
         x, y = z[:m], z[m:]
         return np.concatenate([x + (P @ (y / sq)) / sp_, y + (P.T @ (x / sp_)) / sq])
 
     op = LinearOperator((m + l, m + l), matvec=matvec, rmatvec=matvec, dtype=np.float64)
-    out = np.empty(second.shape[0])
-    for j in range(second.shape[0]):
-        rhs = np.concatenate([pr[:, j] / sp_, qc[:, j] / sq])
-        z, _ = minres(op, rhs, rtol=1e-14, maxiter=50 * (m + l))
-        out[j] = second[j] - z @ rhs
-    return out
+    for j in range(r.shape[1]):
+        z, _ = minres(op, np.concatenate([pr[:, j] / sp_, qc[:, j] / sq]), rtol=1e-14, maxiter=50 * (m + l))
+        a[:, j], b[:, j] = z[:m] / sp_, z[m:] / sq
+    return a, b
 
 
 # -- the closed form -------------------------------------------------------------------------------
