@@ -57,7 +57,7 @@ class BalancedEstimate:
 
     def confidence_interval(self, level: float = 0.95) -> tuple:
         """Normal-approximation interval ``estimate -+ z * standard_error``, as (low, high)."""
-        z = ndtri(0.5 + check.confidence_level(level) / 2)
+        z = float(ndtri(0.5 + check.confidence_level(level) / 2))
         return self.estimate - z * self.standard_error, self.estimate + z * self.standard_error
 
     @property
