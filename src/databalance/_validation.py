@@ -75,15 +75,22 @@ def finite_sums(sums: np.ndarray, values, name: str) -> None:
     raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
-def logits_entries(logits: np.ndarray, name: str) -> None:
-    """NaN and +inf are errors; -inf is a structural zero."""
-    if np.isnan(logits).any():
+def logits_entries(logits: np.ndarray, name: str) -> bool:
+    """NaN and +inf are errors; -inf is a structural zero. Returns whether any -inf is present.
+
+    Two reductions over the table; the offending index is searched only on the error path.
+    """
+    if logits.size == 0:
+        return False
+    lowest, highest = logits.min(), logits.max()
+    if np.isnan(lowest) or np.isnan(highest):
         raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(logits))}.")
-    if np.isposinf(logits).any():
+    if np.isposinf(highest):
         raise ValueError(
             f"`{name}` contains +inf, first at index {_first_index(np.isposinf(logits))}. "
             "Logits must be finite or -inf (a structural zero)."
         )
+    return bool(np.isneginf(lowest))
 
 
 def marginal(p, name: str, length: int, batch: tuple[int, ...]) -> np.ndarray:

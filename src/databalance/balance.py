@@ -123,10 +123,11 @@ class LogBalanceResult(_Outcome):
         return _add_potentials(self._input, self.row_potential, self.col_potential,
                                out=np.empty_like(self._input))
 
-    @property
+    @cached_property
     def table(self) -> np.ndarray:
-        """``exp(log_table)``."""
-        return np.exp(self.log_table)
+        """``exp(log_table)``, exponentiated in one pass."""
+        return _add_potentials(self._input, self.row_potential, self.col_potential,
+                               out=np.empty_like(self._input), fn=np.exp)
 
 
 def _scale(table, u, v):
@@ -237,8 +238,9 @@ class _Scaling:
 class _LogScaling(_Scaling):
     """Logits ``L`` (-inf = structural zero), balanced through a stabilised scaling kernel."""
 
-    def __init__(self, logits: np.ndarray, start: str):
+    def __init__(self, logits: np.ndarray, start: str, has_zeros: bool = True):
         self.logits = logits
+        self.has_zeros = has_zeros
         self.dtype = logits.dtype
         self.shape = logits.shape[-2:]
         self.batch = logits.shape[:-2]
@@ -273,13 +275,17 @@ class _LogScaling(_Scaling):
         return r, c
 
     def nonempty(self, axis, within=None):
+        if not self.has_zeros:
+            lines = self.shape[0] if axis == -1 else self.shape[1]
+            full = np.ones(self.batch + (lines,), dtype=bool)
+            return full if within is None else full & within.any(axis=-1, keepdims=True)
         support = self.logits > -np.inf
         if within is not None:
             support = support & (within[..., None, :] if axis == -1 else within[..., :, None])
         return support.any(axis=axis)
 
     def full_support(self) -> bool:
-        return not np.isneginf(self.logits).any()
+        return not self.has_zeros
 
     def pattern(self, b):
         return _support.support_pattern(self.logits[b] > -np.inf)
@@ -375,9 +381,12 @@ def _logsumexp_rows(L, g) -> np.ndarray:
     return out
 
 
-def _l1(scaling, sums, p, total):
-    """L1 distance of the line sums ``scaling * sums`` from ``p``, relative to the total."""
-    d = scaling * sums
+def _l1(scaling, sums, p, total, scratch=None):
+    """L1 distance of the line sums ``scaling * sums`` from ``p``, relative to the total.
+
+    ``scratch`` (never handed out) avoids allocating, and page-faulting, a vector per step.
+    """
+    d = np.multiply(scaling, sums, out=scratch)
     d -= p
     np.abs(d, out=d)
     return d.sum(axis=-1, dtype=np.float64) / total
@@ -396,6 +405,7 @@ def _half_steps(kernel, p_x, p_y, total, start) -> Iterator[tuple[int, tuple, np
     u = np.ones(kernel.batch + kernel.shape[:1], kernel.dtype)
     v = np.ones(kernel.batch + kernel.shape[1:], kernel.dtype)
     exact = np.zeros(kernel.batch)
+    scratch_x, scratch_y = np.empty_like(u), np.empty_like(v)
     yield 0, None, _l1(1.0, r0, p_x, total), _l1(1.0, c0, p_y, total)
     x_turn = start == "x"
     k = 0
@@ -404,11 +414,11 @@ def _half_steps(kernel, p_x, p_y, total, start) -> Iterator[tuple[int, tuple, np
         if x_turn:
             u, v, r = kernel.step(-1, p_x, r, u, v, zero_x)
             c = kernel.col_sums(u)
-            yield k, kernel.export(u, v), exact, _l1(v, c, p_y, total)
+            yield k, kernel.export(u, v), exact, _l1(v, c, p_y, total, scratch_y)
         else:
             v, u, c = kernel.step(-2, p_y, c, v, u, zero_y)
             r = kernel.row_sums(v)
-            yield k, kernel.export(u, v), _l1(u, r, p_x, total), exact
+            yield k, kernel.export(u, v), _l1(u, r, p_x, total, scratch_x), exact
         x_turn = not x_turn
 
 
@@ -642,9 +652,9 @@ def balance_logits(logits, p_x, p_y, *, steps: int | None = None, start: str = "
     arr = check.dense_array(logits, "logits", min_ndim=2)
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)
-    check.logits_entries(arr, "logits")
+    has_zeros = check.logits_entries(arr, "logits")
     tol = check.tolerance(tol, dtype)
-    kernel = _LogScaling(arr, start)
+    kernel = _LogScaling(arr, start, has_zeros)
     return _solve(kernel, arr, p_x, p_y, start=start, steps=steps, tol=tol, max_steps=max_steps,
                   result=LogBalanceResult)
 
