@@ -228,39 +228,38 @@ def sparse_entries(table) -> None:
 
 
 def joint_table(table, name: str = "table"):
-    """A 2-D table normalised to a joint distribution with no empty row or column.
+    """A 2-D table describing a joint distribution with no empty row or column.
 
-    Returns (P, p, q): float64 ndarray or canonical CSR array, and its marginals.
+    Returns (T, row_sums, col_sums): the table in float64 (a dense float64 input is used as is,
+    not copied or normalised; sparse input becomes a canonical CSR copy) and its line sums. The
+    joint distribution is T / T.sum().
     """
     if sp.issparse(table):
         if table.ndim != 2:
             raise ValueError(f"`{name}` must be 2-D; got shape {table.shape}.")
         working_dtype(table.dtype, name)
-        P = sp.csr_array(table, dtype=np.float64, copy=True)
-        P.sum_duplicates()
-        P.sort_indices()
-        sparse_entries(P)
+        T = sp.csr_array(table, dtype=np.float64, copy=True)
+        T.sum_duplicates()
+        T.sort_indices()
+        sparse_entries(T)
     else:
-        P = dense_array(table, name, min_ndim=2, max_ndim=2)
-        working_dtype(P.dtype, name)
-        P = P.astype(np.float64)
-        nonnegative(P, name)
-        if not np.isfinite(P).all():
-            raise ValueError(f"`{name}` contains an infinite value, first at index {_first_index(np.isinf(P))}.")
-    total = P.sum()
-    if not total > 0:
+        T = dense_array(table, name, min_ndim=2, max_ndim=2)
+        working_dtype(T.dtype, name)
+        T = T.astype(np.float64, copy=False)
+        nonnegative(T, name)
+    rows = np.asarray(T.sum(axis=1)).ravel()
+    finite_sums(rows, T, name)
+    if not rows.sum() > 0:
         raise ValueError(f"`{name}` has total mass 0; it must describe a joint distribution.")
-    P = P / total
-    p = np.asarray(P.sum(axis=1)).ravel()
-    q = np.asarray(P.sum(axis=0)).ravel()
-    for sums, axis_name in ((p, "Row"), (q, "Column")):
+    cols = np.asarray(T.sum(axis=0)).ravel()
+    for sums, axis_name in ((rows, "Row"), (cols, "Column")):
         if (sums <= 0).any():
             idx = int(np.argmax(sums <= 0))
             raise ValueError(
                 f"{axis_name} {idx} of `{name}` is empty, so the conditional mean given that "
                 f"category is undefined. Drop or merge empty categories first."
             )
-    return P, p, q
+    return T, rows, cols
 
 
 def function_values(h, P, name: str = "h") -> np.ndarray:
@@ -286,7 +285,7 @@ def function_values(h, P, name: str = "h") -> np.ndarray:
         values = np.asarray(h)
         if values.dtype.kind not in "biuf":
             raise TypeError(f"`{name}` must hold real numbers; got dtype {values.dtype}.")
-        values = values.astype(np.float64)
+        values = values.astype(np.float64, copy=False)
         if values.shape[:2] != (m, l) or values.ndim not in (2, 3):
             raise ValueError(
                 f"`{name}` has shape {values.shape} but `table` has shape {(m, l)}: give h(x, y) as an "

@@ -22,7 +22,7 @@ from scipy.special import ndtri
 
 from . import _validation as check
 from .balance import BalanceResult, balance_table
-from .spectral import additive_shift
+from .spectral import _Joint, additive_shift
 
 __all__ = ["BalancedEstimate", "BalancedEstimator", "balanced_mean"]
 
@@ -179,18 +179,19 @@ def _influence(g, start_weights, codes, result):
     xc, yc = codes
     d = g.shape[1]
     table = result._input
-    P = table / table.sum()
-    p = np.asarray(P.sum(axis=1)).ravel()
-    q = np.asarray(P.sum(axis=0)).ravel()
+    tr = np.asarray(table.sum(axis=1)).ravel()
+    tc = np.asarray(table.sum(axis=0)).ravel()
+    total = tr.sum()
+    p, q = tr / total, tc / total
     wg = start_weights[:, None] * g
     pr = np.column_stack([np.bincount(xc, wg[:, j], minlength=len(p)) for j in range(d)])
     qc = np.column_stack([np.bincount(yc, wg[:, j], minlength=len(q)) for j in range(d)])
     # Categories without samples carry no weight: leave them out of the projections.
     rows, cols = np.flatnonzero(p > 0), np.flatnonzero(q > 0)
-    sub = P[rows][:, cols] if not sp.issparse(P) else sp.csr_array(P)[rows][:, cols]
+    sub = table[rows][:, cols] if not sp.issparse(table) else sp.csr_array(table)[rows][:, cols]
     steps = None if result.status in ("converged", "max_steps", "stalled") else result.steps
-    a_sub, b_sub = additive_shift(sub, p[rows], q[cols], pr[rows], qc[cols], steps=steps,
-                                  start=_start_of(result))
+    joint = _Joint(sub, tr[rows], tc[cols])
+    a_sub, b_sub = additive_shift(joint, pr[rows], qc[cols], steps=steps, start=_start_of(result))
     a, b = np.zeros((len(p), d)), np.zeros((len(q), d))
     a[rows], b[cols] = a_sub, b_sub
     out = g - a[xc]

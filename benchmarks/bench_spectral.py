@@ -1,0 +1,83 @@
+"""Speed of databalance.spectral: the variance profile against balancing, and a sparse spectrum.
+
+Usage (prints Markdown; RESULTS.md records the output and this command):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_spectral.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+import databalance as db
+from bench_balance import dense_problem, interleaved, timed
+
+
+def cases(n):
+    """(name, table, h): a weakly dependent table with noise h, and the strongly dependent
+    transport table of bench_balance with a smooth h (sigma_k^2 converges slowly)."""
+    rng = np.random.default_rng(0)
+    grid = np.arange(n) / (n - 1)
+    yield "gamma(2) table, h ~ N(0, 1)", rng.gamma(2.0, size=(n, n)), rng.standard_normal((n, n))
+    yield "transport table (s_2 near 1), h = x y", dense_problem(n)[2], np.outer(grid, grid)
+
+
+def profile_vs_balance(n, steps, repeats):
+    rows = []
+    for name, T, h in cases(n):
+        P = T / T.sum()
+        p, q = P.sum(1), P.sum(0)
+        prof = db.variance_profile(P, h, max_steps=steps)
+        t = interleaved({"variance_profile": lambda: timed(lambda: db.variance_profile(P, h, max_steps=steps)),
+                         "balance_table": lambda: timed(lambda: db.balance_table(P, p, q, steps=steps))}, repeats)
+        rows.append({"case": name, "n": n, "max_steps": steps, "variance_profile s": t["variance_profile"],
+                     "balance_table s": t["balance_table"], "ratio": t["variance_profile"] / t["balance_table"],
+                     "sigma2[100] / sigma2[0]": float(prof.sigma2[-1] / prof.sigma2[0])})
+    return rows
+
+
+def sparse_spectrum(n, nnz, rank):
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, n, nnz), rng.integers(0, n, nnz)
+    keep = np.concatenate([rows, np.arange(n)]), np.concatenate([cols, rng.permutation(n)])
+    T = sp.csr_array((rng.random(len(keep[0])) + 0.1, keep), shape=(n, n))
+    T.sum_duplicates()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    spec = db.spectrum(T, rank=rank)
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    table_mb = (T.data.nbytes + T.indices.nbytes + T.indptr.nbytes) / 2**20
+    return {"shape": f"{n} x {n}", "nnz": T.nnz, "rank": rank, "seconds": elapsed,
+            "peak extra MB": round(peak / 2**20), "table MB": round(table_mb),
+            "s_2": float(spec.singular_values[1])}
+
+
+def markdown(rows):
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            print(f"### variance_profile vs balance_table, {threads} thread(s)\n")
+            print(markdown(profile_vs_balance(2000, 100, args.repeats)) + "\n", flush=True)
+    print("### Top-10 spectrum of a sparse table\n")
+    print(markdown([sparse_spectrum(10**5, 10**6, 10), sparse_spectrum(10**6, 10**6, 10)]) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
