@@ -247,11 +247,12 @@ def joint_table(table, name: str = "table"):
         working_dtype(T.dtype, name)
         T = T.astype(np.float64, copy=False)
         nonnegative(T, name)
-    rows = np.asarray(T.sum(axis=1)).ravel()
+    # Line sums as matrix-vector products: BLAS threads them, numpy's sum does not.
+    rows = np.asarray(T @ np.ones(T.shape[1])).ravel()
     finite_sums(rows, T, name)
     if not rows.sum() > 0:
         raise ValueError(f"`{name}` has total mass 0; it must describe a joint distribution.")
-    cols = np.asarray(T.sum(axis=0)).ravel()
+    cols = np.asarray(T.T @ np.ones(T.shape[0])).ravel()
     for sums, axis_name in ((rows, "Row"), (cols, "Column")):
         if (sums <= 0).any():
             idx = int(np.argmax(sums <= 0))

@@ -260,6 +260,11 @@ class _Joint:
             rows = np.column_stack([np.bincount(rows_of, w[:, j], minlength=m) for j in range(h.shape[1])])
             cols = np.column_stack([np.bincount(T.indices, w[:, j], minlength=l) for j in range(h.shape[1])])
             raw_second = np.einsum("ed,ed->d", w, h)
+        elif h.shape[2] == 1:  # one function: 2-D reductions are about twice as fast
+            g = h[:, :, 0]
+            rows = np.einsum("xy,xy->x", T, g)[:, None]
+            cols = np.einsum("xy,xy->y", T, g)[:, None]
+            raw_second = np.einsum("xy,xy,xy->", T, g, g)[None]
         else:
             rows = np.einsum("xy,xyd->xd", T, h)
             cols = np.einsum("xy,xyd->yd", T, h)

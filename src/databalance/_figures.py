@@ -1,0 +1,129 @@
+"""Figures of `databalance reproduce` (needs matplotlib: pip install "databalance[plot]")."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def draw(results, out) -> list[str]:
+    names = []
+    for name, fn in (("variance_reduction.png", _variance), ("spectrum.png", _spectrum),
+                     ("misspecified.png", _misspecified), ("k_versus_n.png", _k_versus_n),
+                     ("coverage.png", _coverage)):
+        fig = fn(results)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _variance(results):
+    rows = results["variance_reduction"]["rows"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.4 * len(cases), 4.4), layout="constrained")
+    for ax, case in zip(np.atleast_1d(axes), cases):
+        mine = [r for r in rows if r["case"] == case]
+        sigma2 = np.array(mine[0]["sigma2"])
+        k = np.arange(len(sigma2))
+        exact_zeros = np.any(sigma2 <= 1e-12 * sigma2[0])
+        ax.plot(k, sigma2, "k-", lw=2, label=r"$\sigma_k^2$ (theory)")
+        for j, r in enumerate(mine):
+            ax.errorbar(k + 0.08 * (j - 1), r["nmse"], yerr=2 * np.array(r["nmse_se"]), fmt="o", ms=4,
+                        capsize=2, label=f"n = {r['n']:,} (Monte Carlo, ±2 SE)")
+        # Exact zeros (h depends on x only: odd k are exact) cannot be shown on a log axis.
+        ax.set_yscale("linear" if exact_zeros else "log")
+        ax.set_title(case + (r" ($\sigma_k^2 = 0$ at odd k)" if exact_zeros else ""), fontsize=10)
+        ax.set_xlabel("k (half-steps of balancing)")
+        ax.set_ylabel(r"$n \times$ MSE")
+        ax.legend(fontsize=8)
+    fig.suptitle("Variance of the k-step balanced estimator", fontsize=12)
+    return fig
+
+
+def _spectrum(results):
+    rows = results["spectrum"]["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
+    floor = 1e-16  # float64 resolution: predictions below it are not drawn
+    for r in rows:
+        sv = r["singular_values"]
+        axes[0].plot(range(1, len(sv) + 1), sv, "o-", label=f"s = {r['s']}")
+        ex = np.array(r["excess"])
+        k = np.arange(len(ex))
+        line, = axes[1].semilogy(k[ex > floor], ex[ex > floor], "o", ms=4, label=f"s = {r['s']}")
+        s2 = sv[1]
+        if ex[2] > floor:
+            pred = ex[2] * s2 ** (2 * (k[2:] - 2))
+            axes[1].semilogy(k[2:][pred > floor], pred[pred > floor], "-", color=line.get_color(), lw=1)
+        err = np.array(r["ipf_error"])
+        steps = np.arange(len(err))
+        line, = axes[2].semilogy(steps[err > floor], err[err > floor], "o", ms=3, label=f"s = {r['s']}")
+        anchor = 10 if err[10] > floor else 4  # past the first, pre-asymptotic steps
+        pred = err[anchor] * r["predicted_rate"] ** (steps[anchor:] - anchor)
+        axes[2].semilogy(steps[anchor:][pred > floor], pred[pred > floor], "-", color=line.get_color(), lw=1)
+    axes[0].set_xticks(range(1, len(rows[0]["singular_values"]) + 1))
+    axes[0].set(xlabel="j", ylabel=r"singular value $s_j$", title="Spectrum of the conditional-mean operator")
+    axes[1].set(xlabel="k", ylabel=r"$\sigma_k^2 - \sigma_\infty^2$",
+                title=r"Variance excess (dots) and $s_2^{2k}$ decay (lines)")
+    axes[2].set(xlabel="half-step", ylabel="largest L1 marginal error",
+                title=r"IPF error (dots) and predicted rate $s_2$ per half-step (lines)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _misspecified(results):
+    res = results["misspecified"]
+    rows = res["rows"]
+    levels = sorted({r["s"] for r in rows})
+    fig, axes = plt.subplots(1, len(levels), figsize=(5.4 * len(levels), 4.4), sharey=True, layout="constrained")
+    for ax, s in zip(np.atleast_1d(axes), levels):
+        mine = sorted((r for r in rows if r["s"] == s), key=lambda r: r["noise"])
+        noise = [r["noise"] for r in mine]
+        ax.loglog(noise, [r["mse"][0] for r in mine], "ko-", label="plain mean (k = 0)")
+        ax.loglog(noise, [r["mse_iw"] for r in mine], "s--", color="gray", label="importance-weighted")
+        for k, c in ((1, "C0"), (2, "C1"), (res["K"], "C3")):
+            ax.loglog(noise, [r["mse"][k] for r in mine], "o-", color=c, label=f"balanced, k = {k}")
+            ax.loglog(noise, [r["predicted_mse"][k] for r in mine], ":", color=c, lw=1.5)
+        ax.set(xlabel="L1 error of the targets", title=f"dependence s = {s} (dotted: predicted)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylabel("MSE")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Balancing towards wrong marginals, n = {res['n']}", fontsize=12)
+    return fig
+
+
+def _k_versus_n(results):
+    res = results["k_versus_n"]
+    mse = np.array(res["mse"])
+    relative = mse / mse.min(axis=1, keepdims=True)  # MSE is dominated by n; compare k within each n
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    im = ax.imshow(np.log10(relative.T), origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(res["n"])), [f"{n:,}" for n in res["n"]], rotation=30)
+    ax.set_yticks(range(res["K"] + 1))
+    ax.plot(range(len(res["n"])), res["best"], "wo", ms=9, label="best k, observed (within 2 MC SE)")
+    ax.plot(range(len(res["n"])), res["best_predicted"], "rx", ms=9, mew=2, label="best k, predicted")
+    ax.set(xlabel="n", ylabel="k (half-steps)", title="MSE relative to the best k at each n (wrong X target)")
+    fig.colorbar(im, ax=ax, label="log10(MSE / smallest MSE at this n)")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def _coverage(results):
+    res = results["coverage"]
+    cov = np.array(res["coverage"])
+    se = np.sqrt(0.95 * 0.05 / res["reps"])
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    labels = [str(k) for k in res["steps"]]
+    ax.errorbar(range(len(cov)), cov, yerr=2 * se, fmt="o", capsize=4, label="observed (±2 binomial SE)")
+    ax.axhline(0.95, color="k", ls="--", label="nominal 95%")
+    ax.set_xticks(range(len(cov)), labels)
+    ax.set_ylim(0.85, 1.0)
+    ax.set(xlabel="k", ylabel="coverage", title=f"95% intervals of balanced_mean (n = {res['n']})")
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,260 @@
+"""Reproduce the paper's claims on synthetic distributions: experiments, report and figures.
+
+Each experiment is a function of (quick, seed) returning a plain dict of numbers; it depends on
+nothing but its seed, so results do not depend on ``--jobs``. :func:`run` runs them (in
+parallel if asked), writes ``report.md`` and, with matplotlib, PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from scipy.stats import binom
+
+from .balance import balance_table, iterate_balance
+from .estimators import balanced_mean
+from .spectral import misspecified_profile, spectrum, variance_profile
+
+__all__ = ["EXPERIMENTS", "run"]
+
+# -- the tables of THEORY.md §6 --------------------------------------------------------------------
+
+P_A = np.array([[0.10, 0.05, 0.05], [0.05, 0.20, 0.05], [0.05, 0.05, 0.40]])
+H_A = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0]])
+
+
+def weak_dependence_table(size: int = 50) -> np.ndarray:
+    """The paper's illustration: T[i, j] proportional to (i + 1)(j + 1) + 25 within each column,
+    columns weighted by a binomial mixture (bias 0.5 in the paper's notebook, here 0.8 / 0.2)."""
+    i = np.arange(size)
+    T = (i[:, None] + 1) * (i[None, :] + 1) + size / 2
+    T = T / T.sum(axis=0, keepdims=True)
+    w = 0.8 * binom.pmf(i, size - 1, 0.7) + 0.2 / size
+    return T * w[None, :]
+
+
+def dependence_family(s: float) -> np.ndarray:
+    """(1 - s) p q^T + s P_A: the marginals of P_A at every s, dependence growing with s."""
+    p, q = P_A.sum(1), P_A.sum(0)
+    return (1 - s) * np.outer(p, q) + s * P_A
+
+
+# -- Monte Carlo of the k-step estimator -----------------------------------------------------------
+
+
+def sample_tables(P, n, reps, rng, p_x=None, p_y=None):
+    """Empirical tables of ``reps`` samples of size n, keeping those whose every line with a
+    positive target has a sample (the estimator is undefined otherwise); and the kept share."""
+    p_x = P.sum(1) if p_x is None else p_x
+    p_y = P.sum(0) if p_y is None else p_y
+    counts = rng.multinomial(n, P.ravel() / P.sum(), size=reps).reshape(reps, *P.shape).astype(float)
+    ok = ((counts.sum(2) > 0) | (p_x == 0)).all(1) & ((counts.sum(1) > 0) | (p_y == 0)).all(1)
+    return counts[ok] / n, float(ok.mean())
+
+
+def k_step_estimates(tables, h, p_x, p_y, max_steps):
+    """Estimates P_n^(k)(h) for k = 0..max_steps, shape (max_steps + 1, reps)."""
+    out = np.empty((max_steps + 1, len(tables)))
+    for k, it in zip(range(max_steps + 1), iterate_balance(tables, p_x, p_y)):
+        out[k] = np.einsum("rxy,xy->r", it.table, h)
+    return out
+
+
+def nmse(estimates, truth, n):
+    """n * MSE per row and its Monte Carlo standard error."""
+    sq = (estimates - truth) ** 2
+    return n * sq.mean(axis=1), n * sq.std(axis=1, ddof=1) / np.sqrt(sq.shape[1])
+
+
+# -- the experiments -------------------------------------------------------------------------------
+
+
+def variance_reduction(quick: bool, seed: int) -> dict:
+    """Experiment 1: Monte Carlo n * MSE of the k-step estimator against sigma_k^2."""
+    rng = np.random.default_rng(seed)
+    K = 8
+    big = weak_dependence_table()
+    grid = np.arange(50) / 49
+    cases = [("3x3 table A, h of THEORY §6", P_A, H_A),
+             ("3x3 table A, h = 1{x = 0}", P_A, np.repeat([[1.0], [0.0], [0.0]], 3, axis=1)),
+             ("50x50 weak dependence, h = x y", big, np.outer(grid, grid))]
+    ns = [10**3, 10**4] if quick else [10**3, 10**4, 10**5]
+    reps = {True: (2000, 1000), False: (20000, 5000)}[quick]  # (3 x 3, 50 x 50) replications
+    out = []
+    for name, P, h in cases:
+        p, q = P.sum(1), P.sum(0)
+        prof = variance_profile(P, h, max_steps=K)
+        truth = float((P * h).sum())
+        for n in ns:
+            R = reps[0] if P.size < 100 else reps[1]
+            tables, kept = sample_tables(P, n, R, rng)
+            est = k_step_estimates(tables, h, p, q, K)
+            value, se = nmse(est, truth, n)
+            out.append({"case": name, "n": n, "reps": len(tables), "kept": kept, "nmse": value.tolist(),
+                        "nmse_se": se.tolist(), "sigma2": prof.sigma2.tolist(),
+                        "sigma2_limit": prof.sigma2_limit})
+    return {"rows": out, "K": K}
+
+
+def spectrum_decay(quick: bool, seed: int) -> dict:
+    """Experiment 2: singular values across dependence, sigma_k^2 decay, IPF's rate."""
+    levels = [0.1, 0.3, 0.6, 0.9]
+    K = 12
+    rows = []
+    for s in levels:
+        P = dependence_family(s)
+        spec = spectrum(P)
+        prof = variance_profile(P, H_A, max_steps=K)
+        # IPF towards targets away from P's marginals, its error per half-step, and the rate
+        # predicted from the spectrum of the balanced table.
+        p_x, p_y = np.array([0.4, 0.35, 0.25]), np.array([0.3, 0.3, 0.4])
+        run = balance_table(P, p_x, p_y, steps=30)
+        limit = balance_table(P, p_x, p_y, tol=1e-14)
+        rows.append({"s": s, "singular_values": spec.singular_values.tolist(),
+                     "excess": (prof.sigma2 - prof.sigma2_limit).tolist(),
+                     "ipf_error": run.marginal_error.max(axis=1).tolist(),
+                     "predicted_rate": spectrum(limit.table).max_correlation})
+    return {"rows": rows, "K": K}
+
+
+def importance_weighted(tables, p_x, p_y, h):
+    """sum w h with w = p_x(x) p_y(y) / (P_n,X(x) P_n,Y(y)), normalised: reweighting each margin
+    separately, with no balancing."""
+    rows = tables.sum(axis=2)
+    cols = tables.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = tables * np.where(rows > 0, p_x / rows, 0)[:, :, None] * np.where(cols > 0, p_y / cols, 0)[:, None, :]
+    return np.einsum("rxy,xy->r", w, h) / w.sum(axis=(1, 2))
+
+
+def misspecified(quick: bool, seed: int) -> dict:
+    """Experiment 3: targets corrupted with Dirichlet noise; plain, importance-weighted, balanced."""
+    rng = np.random.default_rng(seed)
+    n = 5000
+    reps = 400 if quick else 3000
+    K = 8
+    rows = []
+    for s in ([0.3, 0.9] if quick else [0.1, 0.5, 0.9]):
+        P = dependence_family(s)
+        p, q = P.sum(1), P.sum(0)
+        truth = float((P * H_A).sum())
+        for conc in ([1e4, 300] if quick else [1e5, 1e4, 1e3, 300, 100]):
+            p_t = rng.dirichlet(conc * p)
+            q_t = rng.dirichlet(conc * q)
+            tables, _ = sample_tables(P, n, reps, rng)
+            est = k_step_estimates(tables, H_A, p_t, q_t, K)
+            iw = importance_weighted(tables, p_t, q_t, H_A)
+            pred = misspecified_profile(P, H_A, p_t, q_t, max_steps=K)
+            rows.append({"s": s, "concentration": conc,
+                         "noise": float(np.abs(p_t - p).sum() + np.abs(q_t - q).sum()),
+                         "mse": ((est - truth) ** 2).mean(axis=1).tolist(),
+                         "mse_iw": float(((iw - truth) ** 2).mean()),
+                         "predicted_mse": pred.mse(n).tolist(), "bias": pred.bias.tolist()})
+    return {"rows": rows, "n": n, "K": K}
+
+
+def k_versus_n(quick: bool, seed: int) -> dict:
+    """Experiment 4: MSE over (n, k) when the X target is off by 0.02 in two cells."""
+    rng = np.random.default_rng(seed)
+    P = dependence_family(0.6)
+    p_t, q_t = np.array([0.22, 0.30, 0.48]), P.sum(0)  # true P_X = (0.2, 0.3, 0.5)
+    truth = float((P * H_A).sum())
+    K = 6
+    ns = [100, 300, 1000, 3000, 10000, 30000, 100000]
+    reps = 1000 if quick else 5000
+    pred = misspecified_profile(P, H_A, p_t, q_t, max_steps=K)
+    mse, mse_se, best, best_pred = [], [], [], []
+    for n in ns:
+        tables, _ = sample_tables(P, n, reps, rng, p_t, q_t)
+        sq = (k_step_estimates(tables, H_A, p_t, q_t, K) - truth) ** 2
+        m, se = sq.mean(axis=1), sq.std(axis=1, ddof=1) / np.sqrt(sq.shape[1])
+        mse.append(m.tolist())
+        mse_se.append(se.tolist())
+        # Observed best: the smallest k whose MSE is within 2 Monte Carlo SE of the smallest.
+        best.append(int(np.flatnonzero(m - m.min() <= 2 * se)[0]))
+        best_pred.append(int(np.argmin(pred.mse(n))))
+    return {"n": ns, "K": K, "mse": mse, "mse_se": mse_se, "best": best, "best_predicted": best_pred,
+            "predicted_mse": [pred.mse(n).tolist() for n in ns]}
+
+
+def coverage(quick: bool, seed: int) -> dict:
+    """Experiment 5: coverage of balanced_mean's 95% intervals per k."""
+    rng = np.random.default_rng(seed)
+    P = np.array([[0.10, 0.06, 0.05, 0.04], [0.05, 0.12, 0.08, 0.05], [0.04, 0.06, 0.15, 0.20]])
+    H = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 3.0, 1.0, 2.0], [2.0, 1.0, 0.0, 4.0]])
+    p, q = P.sum(1), P.sum(0)
+    truth = float((P * H).sum())
+    n, reps = (500, 200) if quick else (2000, 1000)
+    steps = [0, 1, 2, 4, None]
+    hits = np.zeros(len(steps))
+    for _ in range(reps):
+        c = rng.choice(P.size, n, p=P.ravel())
+        x, y = c // P.shape[1], c % P.shape[1]
+        h = H[x, y] + rng.standard_normal(n)
+        for j, k in enumerate(steps):
+            lo, hi = balanced_mean(h, x, y, p, q, steps=k).confidence_interval(0.95)
+            hits[j] += lo <= truth <= hi
+    return {"steps": ["converged" if k is None else k for k in steps], "coverage": (hits / reps).tolist(),
+            "reps": reps, "n": n}
+
+
+EXPERIMENTS = {
+    "variance_reduction": variance_reduction,
+    "spectrum": spectrum_decay,
+    "misspecified": misspecified,
+    "k_versus_n": k_versus_n,
+    "coverage": coverage,
+}
+
+
+def _run_one(args):
+    name, quick, seed = args
+    t0 = time.perf_counter()
+    result = EXPERIMENTS[name](quick, seed)
+    return name, result, time.perf_counter() - t0
+
+
+def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1, log=print) -> dict:
+    """Run every experiment, write ``out/report.md``, ``out/results.json`` and the figures."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [(name, quick, seed + i) for i, name in enumerate(EXPERIMENTS)]
+    results, seconds = {}, {}
+    log(f"Running {len(tasks)} experiments ({'quick' if quick else 'full'}, seed {seed}, {jobs} job(s))")
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            done = pool.map(_run_one, tasks)
+            for i, (name, result, sec) in enumerate(done, start=1):
+                results[name], seconds[name] = result, sec
+                log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
+    else:
+        for i, task in enumerate(tasks, start=1):
+            log(f"  [{i}/{len(tasks)}] {task[0]} ...")
+            name, result, sec = _run_one(task)
+            results[name], seconds[name] = result, sec
+            log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    figures = _figures(results, out, log)
+    from . import _report
+
+    (out / "report.md").write_text(_report.markdown(results, figures, quick=quick, seed=seed, seconds=seconds))
+    log(_report.summary(results))
+    log(f"Report: {out / 'report.md'}")
+    return results
+
+
+def _figures(results, out, log) -> list[str]:
+    try:
+        from . import _figures
+    except ImportError as err:
+        if "matplotlib" not in str(err):
+            raise
+        print("matplotlib is not installed, so the report has tables but no figures. "
+              'Install it with: pip install "databalance[plot]"', file=sys.stderr)
+        return []
+    return _figures.draw(results, out)
