@@ -671,6 +671,16 @@ def iterate_balance(table, p_x, p_y, *, start: str = "x") -> Iterator[BalanceRes
     table, p_x, p_y, start
         As in :func:`balance_table`.
 
+    Yields
+    ------
+    BalanceResult
+        Iterate k, for k = 0, 1, 2, ...
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`balance_table` (the feasibility check runs only when ``feasible`` is read).
+
     Examples
     --------
     >>> import itertools

@@ -231,6 +231,14 @@ def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: st
     -------
     BalancedEstimate
 
+    Raises
+    ------
+    ValueError, TypeError
+        Lengths that differ; NaN or inf in ``values`` or ``sample_weight``; negative weights; a
+        sample label the targets do not list; a target category with mass but no sample (unless
+        ``empty="drop"``); targets whose totals differ; an infeasible pattern (as in
+        :func:`databalance.balance_table`).
+
     Notes
     -----
     At convergence the estimate is the raking estimator, and the standard error linearises it as

@@ -113,6 +113,12 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
     -------
     SpectrumResult
 
+    Raises
+    ------
+    ValueError
+        Negative, NaN or infinite entries; an empty row or column; a sparse table without ``rank``
+        or with ``rank >= min(m, l)``.
+
     Examples
     --------
     >>> import numpy as np
@@ -186,8 +192,23 @@ def _mt(Ublock, V, U, s, top):
 def conditional_mean(table, *, given: str = "x") -> LinearOperator:
     """The operator ``g -> E[g(Y) | X = x]`` (``given="x"``) or ``f -> E[f(X) | Y = y]``.
 
-    Returns a scipy ``LinearOperator`` of shape (m, l) (or (l, m)) that never densifies a sparse
-    table; it accepts several functions at once as the columns of a matrix.
+    Parameters
+    ----------
+    table : array_like (m, l) or scipy.sparse matrix
+        The joint distribution (normalised internally); no empty rows or columns.
+    given : {"x", "y"}
+        Condition on X (rows) or on Y (columns).
+
+    Returns
+    -------
+    scipy.sparse.linalg.LinearOperator
+        Shape (m, l) for ``given="x"`` (or (l, m)); never densifies a sparse table and accepts
+        several functions at once as the columns of a matrix.
+
+    Raises
+    ------
+    ValueError
+        Invalid ``table`` (see :func:`spectrum`) or ``given``.
 
     Examples
     --------
@@ -328,6 +349,12 @@ def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceP
     Returns
     -------
     VarianceProfile
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid ``table`` (see :func:`spectrum`); ``h`` of the wrong shape or with NaN or inf;
+        ``max_steps`` not a nonnegative integer; ``start`` not "x" or "y".
 
     Notes
     -----
@@ -486,8 +513,23 @@ class VarianceDecomposition:
 def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> VarianceDecomposition:
     """The closed form of sigma_k^2 through the spectrum: which directions carry the variance.
 
-    Dense tables with a connected support only (the closed form divides by ``1 - s_j^2``). Same
-    parameters as :func:`variance_profile`.
+    Dense tables with a connected support only (the closed form divides by ``1 - s_j^2``).
+
+    Parameters
+    ----------
+    table, h, max_steps, start
+        As in :func:`variance_profile` (``table`` dense).
+
+    Returns
+    -------
+    VarianceDecomposition
+
+    Raises
+    ------
+    TypeError
+        A sparse table.
+    ValueError
+        A disconnected support (``s_2 = 1``), or invalid input as in :func:`variance_profile`.
 
     Examples
     --------
@@ -581,6 +623,17 @@ def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x"
         The targets used for balancing (possibly wrong); normalised to total 1.
     max_steps, start
         As in :func:`variance_profile`.
+
+    Returns
+    -------
+    MisspecifiedProfile
+
+    Raises
+    ------
+    TypeError
+        A sparse table.
+    ValueError
+        Targets of the wrong length, negative, or with different totals; invalid ``table``/``h``.
 
     Notes
     -----
