@@ -12,7 +12,7 @@ from databalance.cli import main
 
 def test_quick_reproduction_writes_report_and_figures(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert main(["reproduce", "--out", str(tmp_path), "--quick", "--seed", "3"]) == 0
+    assert main(["reproduce", "--out", str(tmp_path), "--quick", "--seed", "3", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "Summary" in out and "[5/5] coverage done" in out
     report = (tmp_path / "report.md").read_text()
@@ -27,6 +27,8 @@ def test_quick_reproduction_writes_report_and_figures(tmp_path, capsys):
         assert abs(row["nmse"][k] - row["sigma2"][k]) < 3 * row["nmse_se"][k], k
     # ... and a setting where balancing increases the MSE.
     assert any(max(r["mse"][1:]) > r["mse"][0] for r in results["misspecified"]["rows"])
+    # Parallel runs give the numbers of a serial call with the same seed (experiment i gets seed + i).
+    assert json.dumps(results["spectrum"]) == json.dumps(reproduce.EXPERIMENTS["spectrum"](True, 3 + 1))
 
 
 @pytest.mark.parametrize("name", ["spectrum", "k_versus_n", "misspecified"])

@@ -47,8 +47,16 @@ class ConvergenceWarning(RuntimeWarning):
     """A balancing run stopped before reaching its tolerance (status "max_steps" or "stalled")."""
 
 
+@dataclass(frozen=True, eq=False, kw_only=True)
 class _Outcome:
-    """What both result classes derive from their status and their feasibility check."""
+    """What both result classes share: the run's length and status, the marginal errors of every
+    iterate, and what derives from them."""
+
+    steps: int
+    status: str
+    marginal_error: np.ndarray = field(repr=False)
+    _input: Any = field(default=None, repr=False)
+    _deficit: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @property
     def converged(self) -> bool:
@@ -85,11 +93,6 @@ class BalanceResult(_Outcome):
 
     row_scaling: np.ndarray
     col_scaling: np.ndarray
-    steps: int
-    status: str
-    marginal_error: np.ndarray = field(repr=False)
-    _input: Any = field(default=None, repr=False)
-    _deficit: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @cached_property
     def table(self):
@@ -111,11 +114,6 @@ class LogBalanceResult(_Outcome):
 
     row_potential: np.ndarray
     col_potential: np.ndarray
-    steps: int
-    status: str
-    marginal_error: np.ndarray = field(repr=False)
-    _input: Any = field(default=None, repr=False)
-    _deficit: Callable[[], Any] = field(default=lambda: None, repr=False)
 
     @cached_property
     def log_table(self) -> np.ndarray:
@@ -183,9 +181,7 @@ class _Scaling:
         return np.matmul(self.table, v[..., None])[..., 0]
 
     def col_sums(self, u):
-        if sp.issparse(self.table):
-            return self.table.T @ u
-        if self.table.ndim == 2:
+        if sp.issparse(self.table) or self.table.ndim == 2:
             return self.table.T @ u
         return np.matmul(self.table.swapaxes(-1, -2), u[..., None])[..., 0]
 
@@ -222,8 +218,11 @@ class _Scaling:
     def support_size(self) -> int:
         return self.table.nnz if sp.issparse(self.table) else self.table.size
 
-    def step(self, axis, p, s, mine, other, zero):
-        """Scale rows (axis=-1: ``mine`` is u) or columns to the target ``p`` given their sums ``s``."""
+    def step(self, axis, p, s, other, zero):
+        """Rescale the rows (axis=-1) or columns to the target ``p`` given their sums ``s``.
+
+        Returns the new scaling of that side, the other side's scaling and the line sums in the
+        kernel's frame (a kernel may move its frame, as the log kernel does)."""
         return _ratio(p, s, zero), other, s
 
     def export(self, u, v):
@@ -293,7 +292,7 @@ class _LogScaling(_Scaling):
     def support_size(self) -> int:
         return self.logits.size
 
-    def step(self, axis, p, s, mine, other, zero):
+    def step(self, axis, p, s, other, zero):
         with np.errstate(divide="ignore"):
             if np.min(s, where=p > 0, initial=np.inf) < self.tiny:
                 return self._exact_step(axis, p, other)
@@ -412,11 +411,11 @@ def _half_steps(kernel, p_x, p_y, total, start) -> Iterator[tuple[int, tuple, np
     while True:
         k += 1
         if x_turn:
-            u, v, r = kernel.step(-1, p_x, r, u, v, zero_x)
+            u, v, r = kernel.step(-1, p_x, r, v, zero_x)
             c = kernel.col_sums(u)
             yield k, kernel.export(u, v), exact, _l1(v, c, p_y, total, scratch_y)
         else:
-            v, u, c = kernel.step(-2, p_y, c, v, u, zero_y)
+            v, u, c = kernel.step(-2, p_y, c, u, zero_y)
             r = kernel.row_sums(v)
             yield k, kernel.export(u, v), _l1(u, r, p_x, total, scratch_x), exact
         x_turn = not x_turn
@@ -602,7 +601,8 @@ def _solve(kernel, source, p_x, p_y, *, start, steps, tol, max_steps, result):
     k, scalings, history, status = _run(kernel, p_x, p_y, total, deficit, start=start, steps=steps,
                                         tol=tol, max_steps=max_steps)
     scalings, errors = _finish(kernel, k, scalings, history, status, tol)
-    return result(scalings[0], scalings[1], k, status, errors, source, deficit)
+    return result(scalings[0], scalings[1], steps=k, status=status, marginal_error=errors, _input=source,
+                  _deficit=deficit)
 
 
 def balance_logits(logits, p_x, p_y, *, steps: int | None = None, start: str = "x",
@@ -700,4 +700,5 @@ def iterate_balance(table, p_x, p_y, *, start: str = "x") -> Iterator[BalanceRes
     for k, scal, ex, ey in _half_steps(kernel, p_x, p_y, total, start):
         history.append(np.stack([ex, ey], axis=-1))
         u, v = scal if scal is not None else kernel.initial()
-        yield BalanceResult(u, v, k, "completed", np.stack(history, axis=-2), kernel.table, deficit)
+        yield BalanceResult(u, v, steps=k, status="completed", marginal_error=np.stack(history, axis=-2),
+                            _input=kernel.table, _deficit=deficit)
