@@ -88,8 +88,10 @@ def _misspecified(results):
         ax.loglog(noise, [r["mse_iw"] for r in mine], "s--", color="gray", label="importance-weighted")
         for k, c in ((1, "C0"), (2, "C1"), (res["K"], "C3")):
             ax.loglog(noise, [r["mse"][k] for r in mine], "o-", color=c, label=f"balanced, k = {k}")
-            ax.loglog(noise, [r["predicted_mse"][k] for r in mine], ":", color=c, lw=1.5)
-        ax.set(xlabel="L1 error of the targets", title=f"dependence s = {s} (dotted: predicted)")
+            ax.loglog(noise, [r["predicted_mse"][k] for r in mine], ":", color=c, lw=3, alpha=0.6)
+        ax.plot([], [], "k:", lw=3, alpha=0.6, label=r"predicted: bias$^2$ + variance / n")
+        ax.set(xlabel=f"L1 error of the targets (mean of {mine[0]['draws']} draws)",
+               title=f"dependence s = {s}")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("MSE")
