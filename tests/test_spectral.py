@@ -208,6 +208,13 @@ def test_disconnected_support_is_reported():
     assert spec.n_components == 2
     np.testing.assert_allclose(spec.max_correlation, 1.0, atol=1e-12)
     np.testing.assert_allclose(spec.x_functions[:, 0], 1.0)
+    # The repeated s = 1 block is still an orthonormal, correctly paired basis.
+    p, q = P.sum(1) / P.sum(), P.sum(0) / P.sum()
+    A, B = spec.x_functions, spec.y_functions
+    np.testing.assert_allclose(A.T @ (p[:, None] * A), np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(B.T @ (q[:, None] * B), np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(conditional_mean(P, given="x") @ B, A * spec.singular_values, atol=1e-10)
+    np.testing.assert_allclose(conditional_mean(P, given="y") @ A, B * spec.singular_values, atol=1e-10)
     with pytest.raises(ValueError, match="disconnected"):
         variance_decomposition(P, np.ones((3, 3)), max_steps=2)
     h = np.arange(9.0).reshape(3, 3)

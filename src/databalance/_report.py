@@ -83,8 +83,33 @@ def coverage_section(res) -> str:
     return _table(["k", "coverage of 95% intervals", "binomial SE"], rows)
 
 
+SECTIONS = [
+    ("variance_reduction", "1. Variance reduction: n MSE of the k-step estimator against sigma_k^2", variance_section,
+     "sigma_k^2 is the exact first-order variance (variance_profile). Where the table has no tiny cells the "
+     "Monte Carlo values agree with it within their standard errors once n is large; with many "
+     "replications the O(1/n) higher-order term shows at n = 1000 and 10^4. On the 50 x 50 table with tiny "
+     "cells it dominates for k >= 2 at small n, and many samples have an empty row or column (the "
+     "estimator is undefined there; those samples are left out)."),
+    ("spectrum", "2. The spectrum sets the rate", spectrum_section,
+     "Tables (1 - s) p q^T + s P_A: singular values grow with s; sigma_k^2 - sigma_inf^2 shrinks by s_2^4 "
+     "every two steps; IPF's marginal error shrinks by s_2 per half-step (s_2^2 per sweep), s_2 taken from "
+     "the balanced table. The ratio reaches s_2 once the slowest direction dominates the error; where the "
+     "start has little error along it, the floating-point floor can come first and the observed ratio "
+     "stays between s_3 and s_2."),
+    ("misspecified", "3. Misspecified marginals: when balancing hurts", misspecified_section,
+     "Targets drawn from Dirichlet(c p), several draws per level with the MSE averaged over them. The bias "
+     "of balancing towards wrong targets does not shrink with n, so with noisy targets a k >= 1 can have a "
+     "larger MSE than the plain mean. Predicted MSE = bias^2 + variance / n (misspecified_profile)."),
+    ("k_versus_n", "4. k versus n", k_versus_n_section,
+     "Target for X off by 0.02 in two cells (p_x = (0.22, 0.30, 0.48), true (0.2, 0.3, 0.5)): more "
+     "balancing pays at small n, where variance dominates; at large n the bias dominates and the plain "
+     "mean (k = 0) wins."),
+    ("coverage", "5. Coverage of the confidence intervals", coverage_section,
+     "Share of balanced_mean's 95% intervals that cover the true mean, per k."),
+]
+
+
 def markdown(results, figures, *, quick, seed, seconds) -> str:
-    fig = {name: f"![{name}]({name})" for name in figures}
     text = [
         "# databalance: reproduction of *The Benefits of Balance*",
         "",
@@ -92,58 +117,11 @@ def markdown(results, figures, *, quick, seed, seconds) -> str:
         + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
         "",
         "All distributions are synthetic and built by the code (THEORY.md §6); numbers are in results.json.",
-        "",
-        "## 1. Variance reduction: n MSE of the k-step estimator against sigma_k^2",
-        "",
-        "sigma_k^2 is the exact first-order variance (variance_profile). Where the table has no tiny",
-        "cells the Monte Carlo values agree with it within their standard errors; on the 50 x 50 table",
-        "with tiny cells the higher-order term dominates for k >= 2 at small n, and many samples have an",
-        "empty row or column (the estimator is undefined there; those samples are left out).",
-        "",
-        fig.get("variance_reduction.png", ""),
-        "",
-        variance_section(results["variance_reduction"]),
-        "## 2. The spectrum sets the rate",
-        "",
-        "Tables (1 - s) p q^T + s P_A: singular values grow with s; sigma_k^2 - sigma_inf^2 shrinks by",
-        "s_2^4 every two steps; IPF's marginal error shrinks by s_2 per half-step (s_2^2 per sweep),",
-        "s_2 taken from the balanced table. The ratio reaches s_2 once the slowest direction dominates",
-        "the error; where the start has little error along it, the floating-point floor can come first",
-        "and the observed ratio stays between s_3 and s_2.",
-        "",
-        fig.get("spectrum.png", ""),
-        "",
-        spectrum_section(results["spectrum"]),
-        "",
-        "## 3. Misspecified marginals: when balancing hurts",
-        "",
-        f"Targets drawn from Dirichlet(c p), {results['misspecified']['rows'][0]['draws']} draws per level, "
-        f"MSE averaged over them; n = {results['misspecified']['n']}. The bias of balancing towards",
-        "wrong targets does not shrink with n, so with noisy targets a k >= 1 can have a larger MSE than",
-        "the plain mean. Predicted MSE = bias^2 + variance / n (misspecified_profile).",
-        "",
-        fig.get("misspecified.png", ""),
-        "",
-        misspecified_section(results["misspecified"]),
-        "",
-        "## 4. k versus n",
-        "",
-        "Target for X off by 0.02 in two cells (p_x = (0.22, 0.30, 0.48), true (0.2, 0.3, 0.5)): more",
-        "balancing pays at small n, where variance dominates; at large n the bias dominates and the plain",
-        "mean (k = 0) wins.",
-        "",
-        fig.get("k_versus_n.png", ""),
-        "",
-        k_versus_n_section(results["k_versus_n"]),
-        "",
-        "## 5. Coverage of the confidence intervals",
-        "",
-        fig.get("coverage.png", ""),
-        "",
-        coverage_section(results["coverage"]),
-        "",
     ]
-    return "\n".join(text)
+    for name, title, table, prose in SECTIONS:
+        figure = f"![{name}]({name}.png)" if f"{name}.png" in figures else ""
+        text += ["", f"## {title}", "", prose, "", figure, "", table(results[name])]
+    return "\n".join(text) + "\n"
 
 
 def summary(results) -> str:

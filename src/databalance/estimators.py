@@ -131,7 +131,7 @@ class BalancedEstimator:
             w *= design
         w /= w.sum()
         self.balance_, self.weights_ = result, w
-        self._codes = (xc, yc)
+        self._codes, self._start = (xc, yc), start
         self._start_weights = np.full(n, 1.0 / n) if design is None else design / design.sum()
         return self
 
@@ -146,7 +146,7 @@ class BalancedEstimator:
         w = self.weights_
         h2 = h.reshape(n, -1)
         estimate = w @ h2
-        psi = _influence(h2 - estimate, self._start_weights, self._codes, self.balance_)
+        psi = _influence(h2 - estimate, self._start_weights, self._codes, self.balance_, self._start)
         z = psi
         z *= w[:, None]
         z -= z.mean(axis=0)
@@ -173,7 +173,7 @@ def _drop_empty(target, mass):
     return kept * (target.sum() / kept.sum())
 
 
-def _influence(g, start_weights, codes, result):
+def _influence(g, start_weights, codes, result, start):
     """Plug-in IF_k at each sample: g - a(x) - b(y), the conditional means taken under the
     starting (design-weighted) empirical measure, as in linearisation variance estimators."""
     xc, yc = codes
@@ -191,19 +191,12 @@ def _influence(g, start_weights, codes, result):
     sub = table[rows][:, cols] if not sp.issparse(table) else sp.csr_array(table)[rows][:, cols]
     steps = None if result.status in ("converged", "max_steps", "stalled") else result.steps
     joint = _Joint(sub, tr[rows], tc[cols])
-    a_sub, b_sub = additive_shift(joint, pr[rows], qc[cols], steps=steps, start=_start_of(result))
+    a_sub, b_sub = additive_shift(joint, pr[rows], qc[cols], steps=steps, start=start)
     a, b = np.zeros((len(p), d)), np.zeros((len(q), d))
     a[rows], b[cols] = a_sub, b_sub
     out = g - a[xc]
     out -= b[yc]
     return out
-
-
-def _start_of(result) -> str:
-    """Which marginal the first step fixed: the row error of step 1 is 0 when it was the rows."""
-    if result.steps == 0:
-        return "x"
-    return "x" if result.marginal_error[1, 0] == 0 else "y"
 
 
 def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: str = "x",

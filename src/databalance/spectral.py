@@ -165,28 +165,25 @@ def _support_indices(P):
 
 
 def _canonical(U, V, s, sp_, sq):
-    """First pair = (sqrt p, sqrt q) even when s = 1 is repeated; each other pair signed so that
-    its largest entry in U is positive (the SVD fixes pairs only up to a joint sign)."""
-    top = int(np.sum(s > 1 - 1e-10))
-    if top >= 1:
-        basis, _ = np.linalg.qr(np.column_stack([sp_, U[:, :top]]))
-        U = U.copy()
-        V = V.copy()
-        U[:, :top] = basis[:, :top] * np.sign(basis[:, :1].sum())
-        U[:, 0] = sp_
-        # Within the s = 1 block, V = M^T U / s with s = 1.
-        V[:, :top] = _mt(U[:, :top], V, U, s, top)
-        V[:, 0] = sq
-    for j in range(top, U.shape[1]):
+    """First pair = (sqrt p, sqrt q) even when s = 1 is repeated (a disconnected support); each
+    other pair signed so that its largest entry in U is positive (an SVD fixes pairs only up to a
+    joint sign)."""
+    U, V = U.copy(), V.copy()
+    top = max(1, int(np.sum(s > 1 - 1e-10)))
+    old = U[:, :top]
+    # sqrt(p) lies in the s = 1 block: complete it to an orthonormal basis of that block, and move
+    # the right vectors by the same change of basis (M V_old = U_old there, so M V_old R = U_old R).
+    rest = old - np.outer(sp_, sp_ @ old)
+    others = np.linalg.svd(rest, full_matrices=False)[0][:, : top - 1]
+    new = np.column_stack([sp_, others])
+    V[:, :top] = V[:, :top] @ (old.T @ new)
+    U[:, :top] = new
+    V[:, 0] = sq
+    for j in range(1, U.shape[1]):
         if U[np.argmax(np.abs(U[:, j])), j] < 0:
             U[:, j] *= -1
             V[:, j] *= -1
     return U, V
-
-
-def _mt(Ublock, V, U, s, top):
-    # For the s = 1 block the right vectors span the same space; project the new left basis onto it.
-    return V[:, :top] @ (U[:, :top].T @ Ublock)
 
 
 def conditional_mean(table, *, given: str = "x") -> LinearOperator:
