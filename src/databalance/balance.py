@@ -696,9 +696,15 @@ def iterate_balance(table, p_x, p_y, *, start: str = "x") -> Iterator[BalanceRes
     start = check.start_option(start)
     kernel = _Scaling.from_input(table)
     p_x, p_y, total, deficit = _setup(kernel, p_x, p_y, start=start, steps=None)
-    history = []
+    # The errors of every iterate, in a buffer that doubles when full: each result gets a read-only
+    # view of its prefix (amortised O(1) per step; a view keeps its buffer alive after a doubling).
+    history = np.empty(kernel.batch + (16, 2))
     for k, scal, ex, ey in _half_steps(kernel, p_x, p_y, total, start):
-        history.append(np.stack([ex, ey], axis=-1))
+        if k == history.shape[-2]:
+            history = np.concatenate([history, np.empty_like(history)], axis=-2)
+        history[..., k, 0], history[..., k, 1] = ex, ey
+        errors = history[..., : k + 1, :]
+        errors.flags.writeable = False
         u, v = scal if scal is not None else kernel.initial()
-        yield BalanceResult(u, v, steps=k, status="completed", marginal_error=np.stack(history, axis=-2),
-                            _input=kernel.table, _deficit=deficit)
+        yield BalanceResult(u, v, steps=k, status="completed", marginal_error=errors, _input=kernel.table,
+                            _deficit=deficit)
