@@ -143,11 +143,15 @@ def _scale(table, u, v):
 
 
 def _ratio(p: np.ndarray, s: np.ndarray, zero) -> np.ndarray:
-    """p / s, with 0 on the lines whose target is 0 (``zero`` indexes them; they are emptied)."""
+    """p / s, with 0 on the lines whose target is 0 (``zero`` indexes them; they are emptied).
+
+    Lines with a positive target always have positive sums (checked before iterating), so only
+    the zero-target lines can divide 0 by 0."""
+    if zero is None:
+        return p / s
     with np.errstate(divide="ignore", invalid="ignore"):
         out = p / s
-    if zero is not None:
-        out[zero] = 0
+    out[zero] = 0
     return out
 
 
@@ -479,7 +483,7 @@ def _run(kernel, p_x, p_y, total, deficit, *, start, steps, tol, max_steps):
     best, best_k = np.inf, 0
     scalings = None
     for k, scal, ex, ey in _half_steps(kernel, p_x, p_y, total, start):
-        history.append(np.stack([ex, ey], axis=-1))
+        history.append((ex, ey))
         scalings = scal if scal is not None else scalings
         if steps is not None:
             if k == steps:
@@ -502,7 +506,7 @@ def _run(kernel, p_x, p_y, total, deficit, *, start, steps, tol, max_steps):
 def _finish(kernel, k, scalings, history, status, tol):
     if scalings is None:  # zero half-steps: the input itself
         scalings = kernel.initial()
-    errors = np.stack(history, axis=-2)
+    errors = np.stack([np.stack(pair, axis=-1) for pair in history], axis=-2)
     if status in ("max_steps", "stalled"):
         worst = float(errors[..., -1, :].max())
         warnings.warn(
