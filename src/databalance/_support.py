@@ -75,7 +75,14 @@ def deficit(pattern: sp.csr_array, p_x: np.ndarray, p_y: np.ndarray) -> Deficit 
     return Deficit(bad_rows, bad_cols, float(p_x[bad_rows].sum()), float(p_y[bad_cols].sum()))
 
 
-def components(rows: np.ndarray, cols: np.ndarray, m: int, l: int) -> tuple[int, np.ndarray]:
+def row_indices(csr) -> np.ndarray:
+    """The row of every stored entry of a CSR matrix, in storage order."""
+    return np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+
+
+def components(pattern: sp.csr_array) -> tuple[int, np.ndarray]:
     """Connected components of the bipartite support graph; labels of rows then columns."""
-    adj = sp.coo_array((np.ones(len(rows), dtype=np.int8), (rows, m + cols)), shape=(m + l, m + l))
+    m, l = pattern.shape
+    adj = sp.coo_array((np.ones(pattern.nnz, dtype=np.int8), (row_indices(pattern), m + pattern.indices)),
+                       shape=(m + l, m + l))
     return connected_components(adj, directed=False)

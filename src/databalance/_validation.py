@@ -11,6 +11,8 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
+from ._support import row_indices
+
 #: Relative tolerance within which the totals of two target marginals must agree.
 TOTAL_RTOL = 1e-9
 
@@ -270,8 +272,7 @@ def function_values(h, P, name: str = "h") -> np.ndarray:
         if sp.issparse(h):
             if h.shape != P.shape:
                 raise ValueError(f"`{name}` has shape {h.shape} but `table` has shape {P.shape}.")
-            rows = np.repeat(np.arange(m), np.diff(P.indptr))
-            values = np.asarray(sp.csr_array(h)[rows, P.indices]).astype(np.float64).ravel()
+            values = np.asarray(sp.csr_array(h)[row_indices(P), P.indices]).astype(np.float64).ravel()
         else:
             values = np.asarray(h, dtype=np.float64)
             if values.ndim not in (1, 2) or values.shape[0] != P.nnz:

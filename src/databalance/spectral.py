@@ -143,7 +143,7 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
             raise ValueError(f"`rank` must be < min(m, l) = {min(m, l)} for a sparse table; got {rank}.")
         # One scaled sparse copy of T (still O(nnz)): ARPACK on an explicit CSR runs about twice
         # as fast as on a LinearOperator that rescales at every product.
-        rows = np.repeat(np.arange(m), np.diff(T.indptr))
+        rows = _support.row_indices(T)
         M = sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
         U, s, Vt = svds(M, k=rank, v0=sq.copy(), tol=0)
         order = np.argsort(s)[::-1]
@@ -154,14 +154,9 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
         if rank is not None:
             rank = check.positive_int(rank, "rank")
             U, s, V = U[:, :rank], s[:rank], V[:, :rank]
-    n_components, _ = _support.components(*_support_indices(T), m, l)
+    n_components, _ = _support.components(_support.support_pattern(T))
     U, V = _canonical(U, V, s, sp_, sq)
     return SpectrumResult(s, U / sp_[:, None], V / sq[:, None], int(n_components))
-
-
-def _support_indices(P):
-    pattern = _support.support_pattern(P)
-    return np.repeat(np.arange(P.shape[0]), np.diff(pattern.indptr)), pattern.indices
 
 
 def _canonical(U, V, s, sp_, sq):
@@ -274,7 +269,7 @@ class _Joint:
         if self.sparse:
             m, l = T.shape
             w = T.data[:, None] * h
-            rows_of = np.repeat(np.arange(m), np.diff(T.indptr))
+            rows_of = _support.row_indices(T)
             rows = np.column_stack([np.bincount(rows_of, w[:, j], minlength=m) for j in range(h.shape[1])])
             cols = np.column_stack([np.bincount(T.indices, w[:, j], minlength=l) for j in range(h.shape[1])])
             raw_second = np.einsum("ed,ed->d", w, h)
@@ -550,7 +545,7 @@ def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> Var
     m, l = T.shape
     n = max(m, l)
     U, s, Vt = np.linalg.svd(T / np.sqrt(tr)[:, None] / np.sqrt(tc)[None, :])
-    if _support.components(*_support_indices(T), m, l)[0] > 1:
+    if _support.components(_support.support_pattern(T))[0] > 1:
         raise ValueError("The support graph of `table` is disconnected (s_2 = 1), so the closed form "
                          "divides by zero; use variance_profile, which handles it.")
     _, second, pr, qc = joint.moments
