@@ -44,7 +44,7 @@ def test_missing_matplotlib_gives_a_clear_message(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.delitem(sys.modules, "databalance._figures", raising=False)
     monkeypatch.delattr(databalance, "_figures", raising=False)
-    assert reproduce._figures({}, tmp_path, print) == []
+    assert reproduce._figures({}, tmp_path) == []
     assert 'pip install "databalance[plot]"' in capsys.readouterr().err
 
 

@@ -133,6 +133,9 @@ class BalancedEstimator:
         self.balance_, self.weights_ = result, w
         self._codes, self._start = (xc, yc), start
         self._start_weights = np.full(n, 1.0 / n) if design is None else design / design.sum()
+        self._projection = _projection_joint(result)
+        # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
+        self._if_steps = result.steps if result.status == "completed" else None
         return self
 
     def mean(self, values) -> BalancedEstimate:
@@ -146,7 +149,8 @@ class BalancedEstimator:
         w = self.weights_
         h2 = h.reshape(n, -1)
         estimate = w @ h2
-        psi = _influence(h2 - estimate, self._start_weights, self._codes, self.balance_, self._start)
+        psi = _influence(h2 - estimate, self._start_weights, self._codes, self._projection, self._if_steps,
+                         self._start)
         z = psi
         z *= w[:, None]
         z -= z.mean(axis=0)
@@ -173,26 +177,29 @@ def _drop_empty(target, mass):
     return kept * (target.sum() / kept.sum())
 
 
-def _influence(g, start_weights, codes, result, start):
-    """Plug-in IF_k at each sample: g - a(x) - b(y), the conditional means taken under the
-    starting (design-weighted) empirical measure, as in linearisation variance estimators."""
-    xc, yc = codes
-    d = g.shape[1]
+def _projection_joint(result):
+    """The starting sample's table restricted to categories with mass, as a _Joint, and the kept
+    row and column indices: what every influence-function computation of a fit shares."""
     table = result._input
     tr = np.asarray(table.sum(axis=1)).ravel()
     tc = np.asarray(table.sum(axis=0)).ravel()
-    total = tr.sum()
-    p, q = tr / total, tc / total
-    wg = start_weights[:, None] * g
-    pr = np.column_stack([np.bincount(xc, wg[:, j], minlength=len(p)) for j in range(d)])
-    qc = np.column_stack([np.bincount(yc, wg[:, j], minlength=len(q)) for j in range(d)])
-    # Categories without samples carry no weight: leave them out of the projections.
-    rows, cols = np.flatnonzero(p > 0), np.flatnonzero(q > 0)
+    rows, cols = np.flatnonzero(tr > 0), np.flatnonzero(tc > 0)
     sub = table[rows][:, cols] if not sp.issparse(table) else sp.csr_array(table)[rows][:, cols]
-    steps = None if result.status in ("converged", "max_steps", "stalled") else result.steps
-    joint = _Joint(sub, tr[rows], tc[cols])
+    return _Joint(sub, tr[rows], tc[cols]), rows, cols, (len(tr), len(tc))
+
+
+def _influence(g, start_weights, codes, projection, steps, start):
+    """Plug-in IF_k at each sample: g - a(x) - b(y), the conditional means taken under the
+    starting (design-weighted) empirical measure, as in linearisation variance estimators.
+    Categories without samples carry no weight and are left out of the projections."""
+    xc, yc = codes
+    joint, rows, cols, (m, l) = projection
+    d = g.shape[1]
+    wg = start_weights[:, None] * g
+    pr = np.column_stack([np.bincount(xc, wg[:, j], minlength=m) for j in range(d)])
+    qc = np.column_stack([np.bincount(yc, wg[:, j], minlength=l) for j in range(d)])
     a_sub, b_sub = additive_shift(joint, pr[rows], qc[cols], steps=steps, start=start)
-    a, b = np.zeros((len(p), d)), np.zeros((len(q), d))
+    a, b = np.zeros((m, d)), np.zeros((l, d))
     a[rows], b[cols] = a_sub, b_sub
     out = g - a[xc]
     out -= b[yc]

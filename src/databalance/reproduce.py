@@ -7,6 +7,7 @@ parallel if asked), writes ``report.md`` and, with matplotlib, PNG figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import sys
@@ -16,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from scipy.stats import binom
 
+from . import _report
 from .balance import balance_table, iterate_balance
 from .estimators import balanced_mean
 from .spectral import misspecified_profile, spectrum, variance_profile
@@ -233,29 +235,20 @@ def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1,
     tasks = [(name, quick, seed + i) for i, name in enumerate(EXPERIMENTS)]
     results, seconds = {}, {}
     log(f"Running {len(tasks)} experiments ({'quick' if quick else 'full'}, seed {seed}, {jobs} job(s))")
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            done = pool.map(_run_one, tasks)
-            for i, (name, result, sec) in enumerate(done, start=1):
-                results[name], seconds[name] = result, sec
-                log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
-    else:
-        for i, task in enumerate(tasks, start=1):
-            log(f"  [{i}/{len(tasks)}] {task[0]} ...")
-            name, result, sec = _run_one(task)
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        done = (pool.map if pool is not None else map)(_run_one, tasks)
+        for i, (name, result, sec) in enumerate(done, start=1):
             results[name], seconds[name] = result, sec
             log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    figures = _figures(results, out, log)
-    from . import _report
-
+    figures = _figures(results, out)
     (out / "report.md").write_text(_report.markdown(results, figures, quick=quick, seed=seed, seconds=seconds))
     log(_report.summary(results))
     log(f"Report: {out / 'report.md'}")
     return results
 
 
-def _figures(results, out, log) -> list[str]:
+def _figures(results, out) -> list[str]:
     try:
         from . import _figures
     except ImportError as err:
