@@ -4,24 +4,21 @@ Balancing rescales a joint table (or paired samples) so that its marginals match
 iterative proportional fitting, raking, Sinkhorn-Knopp.
 """
 
-from ._validation import InfeasibleError
+from ._errors import ConvergenceWarning, InfeasibleError
 from .balance import (
     BalanceResult,
-    ConvergenceWarning,
     LogBalanceResult,
     balance_logits,
     balance_table,
     iterate_balance,
 )
 from .estimators import BalancedEstimate, BalancedEstimator, balanced_mean
-from .spectral import (
+from .spectral import SpectrumResult, conditional_mean, spectrum
+from .variance import (
     MisspecifiedProfile,
-    SpectrumResult,
     VarianceDecomposition,
     VarianceProfile,
-    conditional_mean,
     misspecified_profile,
-    spectrum,
     variance_decomposition,
     variance_profile,
 )

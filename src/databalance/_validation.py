@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
+from ._errors import InfeasibleError
 from ._support import row_indices
 
 #: Relative tolerance within which the totals of two target marginals must agree.
@@ -193,10 +194,6 @@ def missing_mass(sums: np.ndarray, target: np.ndarray, axis_name: str, target_na
             f"{target[idx]:.6g} > 0: no rescaling can reach `{target_name}`. Merge sparse categories, "
             f"collect more samples, or set that target to 0."
         )
-
-
-class InfeasibleError(ValueError):
-    """The zero pattern of the table cannot carry the target marginals; the balanced table does not exist."""
 
 
 def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: float) -> InfeasibleError:

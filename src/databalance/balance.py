@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from . import _support
 from . import _validation as check
+from ._errors import ConvergenceWarning, InfeasibleError
 
 __all__ = [
     "BalanceResult",
@@ -41,10 +42,6 @@ __all__ = [
 #: A run is stalled when its smallest marginal error, last improved at half-step k_best, has not
 #: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs).
 STALL_PATIENCE = 200
-
-
-class ConvergenceWarning(RuntimeWarning):
-    """A balancing run stopped before reaching its tolerance (status "max_steps" or "stalled")."""
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -9,7 +9,7 @@ The standard error comes from the influence function IF_k = C_1 ... C_k h (THEOR
 by plug-in: conditional means of the (design-weighted) sample, applied in order (the last step's
 projection first), and the result weighted by the balanced weights. Every IF_k is
 h - est - a(x) - b(y), so the plug-in needs only the m x l table of sample counts
-(:func:`databalance.spectral.additive_shift`).
+(``databalance._joint.additive_shift``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scipy.special import ndtri
 
 from . import _validation as check
 from .balance import BalanceResult, balance_table
-from .spectral import _Joint, additive_shift
+from ._joint import Joint, additive_shift
 
 __all__ = ["BalancedEstimate", "BalancedEstimator", "balanced_mean"]
 
@@ -185,7 +185,7 @@ def _projection_joint(result):
     tc = np.asarray(table.sum(axis=0)).ravel()
     rows, cols = np.flatnonzero(tr > 0), np.flatnonzero(tc > 0)
     sub = table[rows][:, cols] if not sp.issparse(table) else sp.csr_array(table)[rows][:, cols]
-    return _Joint(sub, tr[rows], tc[cols]), rows, cols, (len(tr), len(tc))
+    return Joint(sub, tr[rows], tc[cols]), rows, cols, (len(tr), len(tc))
 
 
 def _influence(g, start_weights, codes, projection, steps, start):

@@ -20,7 +20,8 @@ from scipy.stats import binom
 from . import _report
 from .balance import balance_table, iterate_balance
 from .estimators import balanced_mean
-from .spectral import misspecified_profile, spectrum, variance_profile
+from .spectral import spectrum
+from .variance import misspecified_profile, variance_profile
 
 __all__ = ["EXPERIMENTS", "run"]
 
