@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, minres
 
-from . import _support
+from . import _feasibility
 
 __all__ = ["Joint", "additive_residual", "additive_shift"]
 
@@ -65,7 +65,7 @@ class Joint:
         if self.sparse:
             m, l = T.shape
             w = T.data[:, None] * h
-            rows_of = _support.row_indices(T)
+            rows_of = _feasibility.row_indices(T)
             rows = np.column_stack([np.bincount(rows_of, w[:, j], minlength=m) for j in range(h.shape[1])])
             cols = np.column_stack([np.bincount(T.indices, w[:, j], minlength=l) for j in range(h.shape[1])])
             raw_second = np.einsum("ed,ed->d", w, h)

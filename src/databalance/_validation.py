@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._errors import InfeasibleError
-from ._support import row_indices
+from ._feasibility import row_indices
 
 #: Relative tolerance within which the totals of two target marginals must agree.
 TOTAL_RTOL = 1e-9

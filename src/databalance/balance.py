@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from . import _support
+from . import _feasibility
 from . import _validation as check
 from ._errors import ConvergenceWarning, InfeasibleError
 
@@ -214,7 +214,7 @@ class _Scaling:
         return self.lowest > 0
 
     def pattern(self, b: tuple):
-        return _support.support_pattern(self.table if sp.issparse(self.table) else self.table[b])
+        return _feasibility.support_pattern(self.table if sp.issparse(self.table) else self.table[b])
 
     def support_size(self) -> int:
         return self.table.nnz if sp.issparse(self.table) else self.table.size
@@ -288,7 +288,7 @@ class _LogScaling(_Scaling):
         return not self.has_zeros
 
     def pattern(self, b):
-        return _support.support_pattern(self.logits[b] > -np.inf)
+        return _feasibility.support_pattern(self.logits[b] > -np.inf)
 
     def support_size(self) -> int:
         return self.logits.size
@@ -425,7 +425,7 @@ def _half_steps(kernel, p_x, p_y, total, start) -> Iterator[tuple[int, tuple, np
 def _setup(kernel, p_x, p_y, *, start, steps):
     """Validate the targets against the table; return (p_x, p_y, total, deficit).
 
-    ``deficit()`` runs the (cached) max-flow feasibility check of :mod:`._support`.
+    ``deficit()`` runs the (cached) max-flow feasibility check of :mod:`._feasibility`.
     """
     batch = kernel.batch
     p_x = check.marginal(p_x, "p_x", kernel.shape[0], batch)
@@ -452,7 +452,7 @@ def _setup(kernel, p_x, p_y, *, start, steps):
         if kernel.full_support():
             return None
         for b in np.ndindex(*batch):
-            found = _support.deficit(kernel.pattern(b), p_x[b], p_y[b])
+            found = _feasibility.deficit(kernel.pattern(b), p_x[b], p_y[b])
             if found is not None:
                 return found
         return None

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 
-from . import _support
+from . import _feasibility
 from . import _validation as check
 
 __all__ = ["SpectrumResult", "conditional_mean", "spectrum"]
@@ -125,7 +125,7 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
             raise ValueError(f"`rank` must be < min(m, l) = {min(m, l)} for a sparse table; got {rank}.")
         # One scaled sparse copy of T (still O(nnz)): ARPACK on an explicit CSR runs about twice
         # as fast as on a LinearOperator that rescales at every product.
-        rows = _support.row_indices(T)
+        rows = _feasibility.row_indices(T)
         M = sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
         U, s, Vt = svds(M, k=rank, v0=sq.copy(), tol=0)
         order = np.argsort(s)[::-1]
@@ -136,7 +136,7 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
         if rank is not None:
             rank = check.positive_int(rank, "rank")
             U, s, V = U[:, :rank], s[:rank], V[:, :rank]
-    n_components, _ = _support.components(_support.support_pattern(T))
+    n_components, _ = _feasibility.components(_feasibility.support_pattern(T))
     U, V = _canonical(U, V, s, sp_, sq)
     return SpectrumResult(s, U / sp_[:, None], V / sq[:, None], int(n_components))
 

@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from . import _support
+from . import _feasibility
 from . import _validation as check
 from ._joint import Joint, additive_residual
 from .balance import iterate_balance
@@ -253,7 +253,7 @@ def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> Var
     m, l = T.shape
     n = max(m, l)
     U, s, Vt = np.linalg.svd(T / np.sqrt(tr)[:, None] / np.sqrt(tc)[None, :])
-    if _support.components(_support.support_pattern(T))[0] > 1:
+    if _feasibility.components(_feasibility.support_pattern(T))[0] > 1:
         raise ValueError("The support graph of `table` is disconnected (s_2 = 1), so the closed form "
                          "divides by zero; use variance_profile, which handles it.")
     _, second, pr, qc = joint.moments

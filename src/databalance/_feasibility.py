@@ -1,4 +1,4 @@
-"""The bipartite support graph of a table: can its zero pattern carry given marginals?
+"""The bipartite support graph of a table: can its zero pattern carry given marginals? (feasibility)
 
 A table T with marginals p_x, p_y exists on the support of K iff the network
 source -> row i (capacity p_x[i]) -> column j (unbounded, where K[i, j] > 0) -> column j -> sink
