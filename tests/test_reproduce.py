@@ -48,14 +48,6 @@ def test_missing_matplotlib_gives_a_clear_message(tmp_path, monkeypatch, capsys)
     assert 'pip install "databalance[plot]"' in capsys.readouterr().err
 
 
-def test_cli_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        main(["reproduce", "--quick"])  # --out is required
-    with pytest.raises(SystemExit):
-        main(["reproduce", "--out", "x", "--jobs", "0"])
-    assert "--jobs must be at least 1" in capsys.readouterr().err
-
-
 def test_weak_dependence_table_matches_theory():
     P = reproduce.weak_dependence_table()
     assert P.shape == (50, 50)

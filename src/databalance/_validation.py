@@ -405,6 +405,43 @@ def unsampled(counts: np.ndarray, masses: np.ndarray, categories, name: str, tar
         )
 
 
+def cli_seed(seed: int) -> int:
+    """The command line's ``--seed``: NumPy's generators take only non-negative seeds."""
+    if seed < 0:
+        raise ValueError(f"`--seed` must be a non-negative integer; got {seed}. Use, e.g., --seed {-seed}.")
+    return seed
+
+
+def cli_jobs(jobs: int) -> int:
+    if jobs < 1:
+        raise ValueError(f"`--jobs` must be at least 1 (the number of parallel processes); got {jobs}.")
+    return jobs
+
+
+def output_folder(out: str):
+    """Create the command line's ``--out`` folder (parents too) and prove it is writable, so that a
+    bad path fails before minutes of simulation rather than when the report is written."""
+    import pathlib
+    import tempfile
+
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--out` must be a folder, but {str(path)!r} is an existing file. "
+                         f"Choose another name or remove the file.")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"`--out` {str(path)!r} cannot be created: {str(blocker)!r} is a file, not a folder. "
+                         f"Choose a path whose parents are folders.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"`--out` {str(path)!r} is not a folder this process can write to "
+                         f"({err.strerror or err}). Choose a writable folder.") from None
+    return path
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < level < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
