@@ -1,11 +1,15 @@
 """The `databalance reproduce` command: runs, is deterministic, and its report shows the claims."""
 
 import json
+import pathlib
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 
+import databalance
 from databalance import reproduce
 from databalance.cli import main
 
@@ -20,11 +24,20 @@ def test_quick_reproduction_writes_report_and_figures(tmp_path, capsys):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
         assert f"({name}.png)" in report
     results = json.loads((tmp_path / "results.json").read_text())
-    # The bar of the issue: table A at n = 10^4, n MSE for k = 0..4 within Monte Carlo error of sigma_k^2.
+    # Table A at n = 10^4: n MSE within Monte Carlo error of sigma_k^2 for every k reported, and the
+    # report counts every k.
     row = next(r for r in results["variance_reduction"]["rows"]
-               if r["case"].startswith("3x3 table A, h of") and r["n"] == 10**4)
-    for k in range(5):
+               if r["case"] == "3x3 table A, reference h" and r["n"] == 10**4)
+    assert len(row["sigma2"]) == len(row["nmse"]) == results["variance_reduction"]["K"] + 1 == 9
+    for k in range(9):
         assert abs(row["nmse"][k] - row["sigma2"][k]) < 3 * row["nmse_se"][k], k
+    assert "k = 0..8 within 3 Monte Carlo SE of sigma_k^2: 9/9" in report
+    # Coverage has both designs, each within 4 binomial SE of 95% at every k.
+    cov = results["coverage"]
+    assert [d["design"] for d in cov["designs"]] == ["simple random sample",
+                                                     "unequal selection probabilities, weights 1/pi"]
+    for d in cov["designs"]:
+        assert np.all(np.abs(np.array(d["coverage"]) - 0.95) < 4 * np.sqrt(0.95 * 0.05 / cov["reps"])), d
     # ... and a setting where balancing increases the MSE.
     assert any(max(r["mse"][1:]) > r["mse"][0] for r in results["misspecified"]["rows"])
     # Parallel runs give the numbers of a serial call with the same seed (experiment i gets seed + i).
@@ -39,20 +52,96 @@ def test_same_seed_same_numbers(name):
 
 
 def test_missing_matplotlib_gives_a_clear_message(tmp_path, monkeypatch, capsys):
-    import databalance
-
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.delitem(sys.modules, "databalance._figures", raising=False)
-    monkeypatch.delattr(databalance, "_figures", raising=False)
     assert reproduce._figures({}, tmp_path) == []
     assert 'pip install "databalance[plot]"' in capsys.readouterr().err
+
+
+def test_without_matplotlib_doctests_collect_and_reproduce_explains(tmp_path):
+    """In a fresh process where importing matplotlib fails: collecting the package's doctests works,
+    and a reproduction writes its report and says how to get the figures."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["matplotlib"] = None  # what an environment without matplotlib looks like
+        import pytest
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir", {str(tmp_path)!r},
+                            "--doctest-modules", {str(pathlib.Path(databalance.__file__).parent)!r}])
+        assert code == 0, code
+        from databalance import reproduce
+        reproduce.EXPERIMENTS = {{"spectrum": reproduce.EXPERIMENTS["spectrum"]}}
+        reproduce._report.SECTIONS = [s for s in reproduce._report.SECTIONS if s[0] == "spectrum"]
+        reproduce._report.summary = lambda results: "summary"
+        reproduce.run({str(tmp_path / "out")!r}, quick=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "error" not in proc.stdout.lower(), proc.stdout
+    assert 'matplotlib is not installed, so the report has tables but no figures. ' \
+           'Install it with: pip install "databalance[plot]"' in proc.stderr
+    assert (tmp_path / "out" / "report.md").exists() and not list((tmp_path / "out").glob("*.png"))
+
+
+def test_figures_leave_the_process_backend_alone(tmp_path):
+    """Drawing must not switch matplotlib's backend for the whole process (pyplot users keep theirs)."""
+    script = textwrap.dedent(f"""
+        import pathlib
+        import matplotlib
+        matplotlib.use("svg")
+        from databalance import _figures, reproduce
+        results = {{name: reproduce.EXPERIMENTS[name](True, 0) for name in ("spectrum", "k_versus_n")}}
+        out = pathlib.Path({str(tmp_path)!r})
+        _figures._spectrum(results).savefig(out / "s.png")
+        _figures._k_versus_n(results).savefig(out / "k.png")
+        print(matplotlib.get_backend())
+    """)
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "svg"
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_k_rule_is_the_same_for_both_curves():
+    # The fewest steps within the tolerance of the minimum: k = 1 here, not the argmin k = 2.
+    assert reproduce.best_k([3.0, 1.05, 1.0, 1.2], [0.5, 0.1, 0.0, 0.1]) == 1
+    assert reproduce.best_k([3.0, 1.2, 1.0, 1.2], [0.5, 0.1, 0.0, 0.1]) == 2
+    # A predicted curve whose minimum is elsewhere: the tolerance is per k, the minimum the curve's own.
+    assert reproduce.best_k([1.0, 2.0, 3.0], [0.0, 5.0, 5.0]) == 0
+    res = reproduce.EXPERIMENTS["k_versus_n"](True, 5)
+    for m, band, b, bp, pred in zip(res["mse"], res["band"], res["best"], res["best_predicted"],
+                                    res["predicted_mse"], strict=True):
+        assert b == reproduce.best_k(m, band) and bp == reproduce.best_k(pred, band)
+        assert band[int(np.argmin(m))] == 0
+
+
+def test_weighted_design_recovers_the_population():
+    """Weights 1/pi undo the unequal selection: the weighted cell shares estimate COVERAGE_P and the
+    weighted mean of h its population mean, within Monte Carlo error."""
+    rng = np.random.default_rng(2)
+    n = 200_000
+    x, y, h, w = reproduce.draw_sample(rng, n, weighted=True)
+    assert w.max() / w.min() == 24
+    shares = np.zeros_like(reproduce.COVERAGE_P)
+    np.add.at(shares, (x, y), w)
+    shares /= shares.sum()
+    # Ratio-estimator SE of a share: sqrt(sum d^2 (1{c} - share)^2) / sum d, per cell.
+    d = w / w.sum()
+    for (i, j), share in np.ndenumerate(shares):
+        se = np.sqrt((d**2 * (((x == i) & (y == j)) - share) ** 2).sum())
+        assert abs(share - reproduce.COVERAGE_P[i, j]) < 4 * se, (i, j)
+    mean = (d * h).sum()
+    se = np.sqrt((d**2 * (h - mean) ** 2).sum())
+    assert abs(mean - (reproduce.COVERAGE_P * reproduce.COVERAGE_H).sum()) < 4 * se
+    # Without the design, no weights and the population's own cell shares.
+    x, y, h, w = reproduce.draw_sample(rng, 1000, weighted=False)
+    assert w is None and h.shape == (1000,)
 
 
 def test_weak_dependence_table_matches_theory():
     P = reproduce.weak_dependence_table()
     assert P.shape == (50, 50)
     np.testing.assert_allclose(P.sum(), 1.0)
-    # THEORY.md: "row marginal between 0.0015 and 0.0385" (rounded), s_2 = 0.0408645
+    # Reference values of the theory page: row marginal between 0.0015 and 0.0385 (rounded), s_2 = 0.0408645
     assert 0.00145 < P.sum(1).min() < 0.0015 and 0.0385 < P.sum(1).max() < 0.0386
     from databalance import spectrum
 

@@ -1,23 +1,36 @@
-"""Figures of `databalance reproduce` (needs matplotlib: pip install "databalance[plot]")."""
+"""Figures of `databalance reproduce` (needs matplotlib: pip install "databalance[plot]").
+
+matplotlib is imported only when a figure is drawn, and only through its object-oriented API (a
+``Figure`` with its own Agg canvas): importing this module neither needs matplotlib nor changes the
+backend of a process that uses pyplot itself.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(**kwargs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def draw(results, out) -> list[str]:
+    """Write the five PNG figures into the folder ``out``; return their file names.
+
+    Raises ImportError (naming matplotlib) when matplotlib is not installed.
+    """
+    import matplotlib  # noqa: F401  (fail here, before any figure, when it is missing)
+
     names = []
     for name, fn in (("variance_reduction.png", _variance), ("spectrum.png", _spectrum),
                      ("misspecified.png", _misspecified), ("k_versus_n.png", _k_versus_n),
                      ("coverage.png", _coverage)):
-        fig = fn(results)
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        fn(results).savefig(out / name, dpi=110, bbox_inches="tight")
         names.append(name)
     return names
 
@@ -25,8 +38,9 @@ def draw(results, out) -> list[str]:
 def _variance(results):
     rows = results["variance_reduction"]["rows"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(1, len(cases), figsize=(5.4 * len(cases), 4.4), layout="constrained")
-    for ax, case in zip(np.atleast_1d(axes), cases):
+    fig = _figure(figsize=(5.4 * len(cases), 4.4))
+    axes = fig.subplots(1, len(cases))
+    for ax, case in zip(np.atleast_1d(axes), cases, strict=True):
         mine = [r for r in rows if r["case"] == case]
         sigma2 = np.array(mine[0]["sigma2"])
         k = np.arange(len(sigma2))
@@ -47,7 +61,8 @@ def _variance(results):
 
 def _spectrum(results):
     rows = results["spectrum"]["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
+    fig = _figure(figsize=(16, 4.4))
+    axes = fig.subplots(1, 3)
     floor = 1e-16  # float64 resolution: predictions below it are not drawn
     for r in rows:
         sv = r["singular_values"]
@@ -77,11 +92,14 @@ def _spectrum(results):
 
 
 def _misspecified(results):
+    from matplotlib import ticker
+
     res = results["misspecified"]
     rows = res["rows"]
     levels = sorted({r["s"] for r in rows})
-    fig, axes = plt.subplots(1, len(levels), figsize=(5.4 * len(levels), 4.4), sharey=True, layout="constrained")
-    for ax, s in zip(np.atleast_1d(axes), levels):
+    fig = _figure(figsize=(5.4 * len(levels), 4.4))
+    axes = fig.subplots(1, len(levels), sharey=True)
+    for ax, s in zip(np.atleast_1d(axes), levels, strict=True):
         mine = sorted((r for r in rows if r["s"] == s), key=lambda r: r["noise"])
         noise = [r["noise"] for r in mine]
         ax.loglog(noise, [r["mse"][0] for r in mine], "ko-", label="plain mean (k = 0)")
@@ -92,8 +110,8 @@ def _misspecified(results):
         ax.plot([], [], "k:", lw=3, alpha=0.6, label=r"predicted: bias$^2$ + variance / n")
         ax.set(xlabel=f"L1 error of the targets (mean of {mine[0]['draws']} draws)",
                title=f"dependence s = {s}")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_ylabel("MSE")
         ax.legend(fontsize=8)
     fig.suptitle(f"Balancing towards wrong marginals, n = {res['n']}", fontsize=12)
@@ -104,11 +122,13 @@ def _k_versus_n(results):
     res = results["k_versus_n"]
     mse = np.array(res["mse"])
     relative = mse / mse.min(axis=1, keepdims=True)  # MSE is dominated by n; compare k within each n
-    fig, ax = plt.subplots(figsize=(7.2, 4.6), layout="constrained")
+    fig = _figure(figsize=(7.2, 4.6))
+    ax = fig.subplots()
     im = ax.imshow(np.log10(relative.T), origin="lower", aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(res["n"])), [f"{n:,}" for n in res["n"]], rotation=30)
     ax.set_yticks(range(res["K"] + 1))
-    ax.plot(range(len(res["n"])), res["best"], "wo", ms=9, label="best k, observed (within 2 MC SE)")
+    # Both marks use the same rule: the fewest steps within 2 paired Monte Carlo SE of the curve's minimum.
+    ax.plot(range(len(res["n"])), res["best"], "wo", ms=9, label="best k, observed")
     ax.plot(range(len(res["n"])), res["best_predicted"], "rx", ms=9, mew=2, label="best k, predicted")
     ax.set(xlabel="n", ylabel="k (half-steps)", title="MSE relative to the best k at each n (wrong X target)")
     fig.colorbar(im, ax=ax, label="log10(MSE / smallest MSE at this n)")
@@ -118,13 +138,15 @@ def _k_versus_n(results):
 
 def _coverage(results):
     res = results["coverage"]
-    cov = np.array(res["coverage"])
     se = np.sqrt(0.95 * 0.05 / res["reps"])
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    labels = [str(k) for k in res["steps"]]
-    ax.errorbar(range(len(cov)), cov, yerr=2 * se, fmt="o", capsize=4, label="observed (±2 binomial SE)")
+    fig = _figure(figsize=(6.4, 4))
+    ax = fig.subplots()
+    x = np.arange(len(res["steps"]))
+    for j, d in enumerate(res["designs"]):
+        ax.errorbar(x + 0.12 * (2 * j - 1), d["coverage"], yerr=2 * se, fmt="os"[j % 2], capsize=4,
+                    label=f"{d['design']} (±2 binomial SE)")
     ax.axhline(0.95, color="k", ls="--", label="nominal 95%")
-    ax.set_xticks(range(len(cov)), labels)
+    ax.set_xticks(x, [str(k) for k in res["steps"]])
     ax.set_ylim(0.85, 1.0)
     ax.set(xlabel="k", ylabel="coverage", title=f"95% intervals of balanced_mean (n = {res['n']})")
     ax.legend(fontsize=8)

@@ -16,25 +16,26 @@ def within(value, se, target, z=3.0, exact=0.0):
     return abs(value - target) <= z * se + exact
 
 
-def agreement(row, upto=5) -> int:
-    """How many of k = 0..upto-1 have n MSE within 3 Monte Carlo SE of sigma_k^2."""
+def agreement(row) -> tuple[int, int]:
+    """How many of the k reported (k = 0..K) have n MSE within 3 Monte Carlo SE of sigma_k^2, and K + 1."""
     exact = 1e-12 * row["sigma2"][0]
-    return sum(within(v, s, t, exact=exact) for v, s, t in
-               zip(row["nmse"][:upto], row["nmse_se"][:upto], row["sigma2"][:upto]))
+    triples = zip(row["nmse"], row["nmse_se"], row["sigma2"], strict=True)
+    return sum(within(v, s, t, exact=exact) for v, s, t in triples), len(row["sigma2"])
 
 
 def variance_section(res) -> str:
     parts = []
     for row in res["rows"]:
         exact = 1e-12 * row["sigma2"][0]
-        ok = agreement(row)
+        ok, total = agreement(row)
         parts.append(f"**{row['case']}, n = {row['n']}** ({row['reps']} replications; "
                      f"{100 * row['kept']:.0f}% of samples had every row and column; "
-                     f"k = 0..4 within 3 Monte Carlo SE of sigma_k^2: {ok}/5)\n")
+                     f"k = 0..{total - 1} within 3 Monte Carlo SE of sigma_k^2: {ok}/{total})\n")
+        triples = zip(row["nmse"], row["nmse_se"], row["sigma2"], strict=True)
         parts.append(_table(["k", "n MSE (Monte Carlo)", "MC SE", "sigma_k^2", "z"],
                             [[str(k), f"{v:.5f}", f"{s:.5f}", f"{t:.5f}",
                               "exact" if max(v, t) <= exact else f"{(v - t) / s:+.1f}"]
-                             for k, (v, s, t) in enumerate(zip(row["nmse"], row["nmse_se"], row["sigma2"]))]))
+                             for k, (v, s, t) in enumerate(triples)]))
         parts.append("")
     return "\n".join(parts)
 
@@ -72,15 +73,16 @@ def misspecified_section(res) -> str:
 def k_versus_n_section(res) -> str:
     rows = [[str(n), ", ".join(f"{v:.2e}" for v in mse), ", ".join(f"{v:.2e}" for v in pred), str(b), str(bp)]
             for n, mse, pred, b, bp in zip(res["n"], res["mse"], res["predicted_mse"], res["best"],
-                                           res["best_predicted"])]
+                                           res["best_predicted"], strict=True)]
     return _table(["n", f"MSE for k = 0..{res['K']} (Monte Carlo)", "predicted (bias^2 + variance / n)",
-                   "best k observed (smallest within 2 MC SE of the minimum)", "best k predicted"], rows)
+                   "best k observed", "best k predicted"], rows)
 
 
 def coverage_section(res) -> str:
     se = np.sqrt(0.95 * 0.05 / res["reps"])
-    rows = [[str(k), f"{c:.3f}", f"{se:.3f}"] for k, c in zip(res["steps"], res["coverage"])]
-    return _table(["k", "coverage of 95% intervals", "binomial SE"], rows)
+    rows = [[str(k)] + [f"{d['coverage'][j]:.3f}" for d in res["designs"]] + [f"{se:.3f}"]
+            for j, k in enumerate(res["steps"])]
+    return _table(["k"] + [f"coverage, {d['design']}" for d in res["designs"]] + ["binomial SE"], rows)
 
 
 SECTIONS = [
@@ -103,9 +105,15 @@ SECTIONS = [
     ("k_versus_n", "4. k versus n", k_versus_n_section,
      "Target for X off by 0.02 in two cells (p_x = (0.22, 0.30, 0.48), true (0.2, 0.3, 0.5)): more "
      "balancing pays at small n, where variance dominates; at large n the bias dominates and the plain "
-     "mean (k = 0) wins."),
+     "mean (k = 0) wins. One rule gives the best k of both the Monte Carlo and the predicted curve: the "
+     "smallest k whose MSE exceeds that curve's minimum by at most two Monte Carlo SE of the paired "
+     "difference (every k is computed on the same samples), i.e. the fewest steps the simulation cannot "
+     "tell from the best."),
     ("coverage", "5. Coverage of the confidence intervals", coverage_section,
-     "Share of balanced_mean's 95% intervals that cover the true mean, per k."),
+     "Share of balanced_mean's 95% intervals that cover the true mean, per k, for a simple random sample "
+     "and for a design that selects units with unequal probabilities pi (ratio 24 between extremes, "
+     "varying within cells too) and passes the weights 1/pi as sample_weight; the targets are the "
+     "population's marginals."),
 ]
 
 
@@ -116,7 +124,8 @@ def markdown(results, figures, *, quick, seed, seconds) -> str:
         f"Mode: {'quick' if quick else 'full'}; seed {seed}. Run time per experiment: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
         "",
-        "All distributions are synthetic and built by the code (THEORY.md §6); numbers are in results.json.",
+        "All distributions are synthetic and built by the code (the documentation's theory page lists the "
+        "reference values); numbers are in results.json.",
     ]
     for name, title, table, prose in SECTIONS:
         figure = f"![{name}]({name}.png)" if f"{name}.png" in figures else ""
@@ -127,14 +136,17 @@ def markdown(results, figures, *, quick, seed, seconds) -> str:
 def summary(results) -> str:
     lines = ["", "Summary", "-------"]
     for row in results["variance_reduction"]["rows"]:
-        ok = agreement(row)
-        lines.append(f"variance  {row['case'][:34]:34s} n={row['n']:<6d} k=0..4 within 3 MC SE of sigma_k^2: {ok}/5")
+        ok, total = agreement(row)
+        lines.append(f"variance  {row['case'][:34]:34s} n={row['n']:<6d} "
+                     f"k=0..{total - 1} within 3 MC SE of sigma_k^2: {ok}/{total}")
     hurt = [r for r in results["misspecified"]["rows"] if any(m > r["mse"][0] for m in r["mse"][1:])]
     lines.append(f"misspecified  settings where some k >= 1 has a larger MSE than the plain mean: "
                  f"{len(hurt)}/{len(results['misspecified']['rows'])}")
     kn = results["k_versus_n"]
-    lines.append("k vs n  best k observed / predicted: "
-                 + ", ".join(f"n={n}: {b}/{p}" for n, b, p in zip(kn["n"], kn["best"], kn["best_predicted"])))
+    best = zip(kn["n"], kn["best"], kn["best_predicted"], strict=True)
+    lines.append("k vs n  best k observed / predicted: " + ", ".join(f"n={n}: {b}/{p}" for n, b, p in best))
     cov = results["coverage"]
-    lines.append("coverage  " + ", ".join(f"k={k}: {c:.3f}" for k, c in zip(cov["steps"], cov["coverage"])))
+    for d in cov["designs"]:
+        pairs = zip(cov["steps"], d["coverage"], strict=True)
+        lines.append(f"coverage  {d['design']}: " + ", ".join(f"k={k}: {c:.3f}" for k, c in pairs))
     return "\n".join(lines)
