@@ -23,7 +23,8 @@ def test_converged_matches_r_survey(name):
     c = REFERENCE["cases"][name]
     p_x = c["p_x"] if name.startswith("labels") else [c["p_x"][k] for k in sorted(c["p_x"], key=int)]
     p_y = c["p_y"] if name.startswith("labels") else [c["p_y"][k] for k in sorted(c["p_y"], key=int)]
-    est = balanced_mean(np.array(c["h"]), np.array(c["x"]), np.array(c["y"]), p_x, p_y, tol=1e-13)
+    est = balanced_mean(np.array(c["h"]), np.array(c["x"]), np.array(c["y"]), p_x, p_y, tol=1e-13,
+                        linearization="survey")
     assert est.balance.converged
     np.testing.assert_allclose(est.estimate, c["r_estimate"], rtol=1e-8)
     # Same residuals as R once its 10 projection passes have converged (they have here): the SEs
@@ -36,7 +37,7 @@ def test_design_weights_differ_from_r_only_by_its_unweighted_residuals():
     p_x = [c["p_x"][k] for k in sorted(c["p_x"], key=int)]
     p_y = [c["p_y"][k] for k in sorted(c["p_y"], key=int)]
     est = balanced_mean(np.array(c["h"]), np.array(c["x"]), np.array(c["y"]), p_x, p_y,
-                        sample_weight=np.array(c["w"]), tol=1e-13)
+                        sample_weight=np.array(c["w"]), tol=1e-13, linearization="survey")
     np.testing.assert_allclose(est.estimate, c["r_estimate"], rtol=1e-8)
     # R residualises with unweighted category means even under design weights; we use the
     # design-weighted (Deville-Sarndal) ones. The SEs agree to a few percent.
@@ -56,7 +57,7 @@ def test_live_r_survey_on_fresh_data():
     h = (x == "hi") * 2.0 + y + rng.normal(size=n)
     p_x, p_y = {"hi": 0.5, "lo": 0.2, "mid": 0.3}, {0: 0.5, 1: 0.5}
     r_est, r_se = r_rake(list(x), list(y), h, p_x, p_y)
-    est = balanced_mean(h, x, y, p_x, p_y, tol=1e-13)
+    est = balanced_mean(h, x, y, p_x, p_y, tol=1e-13, linearization="survey")
     np.testing.assert_allclose(est.estimate, r_est, rtol=1e-8)
     np.testing.assert_allclose(est.standard_error, r_se, rtol=1e-3)
 
@@ -76,7 +77,8 @@ def sample_problem(seed, n=300, m=3, l=4):
 
 
 def brute_force_influence(h, x, y, est, k, start, d):
-    """IF_k at each sample with groupby means of the design-weighted sample, on n-vectors."""
+    """R survey's residual C_1 ... C_k (h - est) at each sample, with groupby means of the
+    design-weighted starting sample, on n-vectors."""
     g = h - est
     for j in range(k, 0, -1):
         codes = x if (j % 2 == 1) == (start == "x") else y
@@ -90,11 +92,12 @@ def brute_force_influence(h, x, y, est, k, start, d):
 @pytest.mark.parametrize("k", [1, 2, 3, 6])
 @pytest.mark.parametrize("start", ["x", "y"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_k_steps_estimate_and_se_by_brute_force(seed, k, start, weighted):
+def test_k_steps_estimate_and_survey_se_by_brute_force(seed, k, start, weighted):
     h, x, y, p_x, p_y = sample_problem(seed)
     n = len(h)
     d = np.random.default_rng(seed + 100).uniform(0.5, 2, n) if weighted else np.ones(n)
-    est = balanced_mean(h, x, y, p_x, p_y, steps=k, start=start, sample_weight=d if weighted else None)
+    est = balanced_mean(h, x, y, p_x, p_y, steps=k, start=start, sample_weight=d if weighted else None,
+                        linearization="survey")
     # Estimate: the k-step table's weights spread evenly over each cell's (weighted) samples.
     T = np.zeros((3, 4))
     np.add.at(T, (x, y), d)
@@ -111,9 +114,9 @@ def test_k_steps_estimate_and_se_by_brute_force(seed, k, start, weighted):
     assert est.steps == k
 
 
-def test_converged_se_is_the_limit_of_k_step_ses():
+def test_converged_survey_se_is_the_limit_of_k_step_ses():
     h, x, y, p_x, p_y = sample_problem(0)
-    conv = balanced_mean(h, x, y, p_x, p_y, tol=1e-13)
+    conv = balanced_mean(h, x, y, p_x, p_y, tol=1e-13, linearization="survey")
     n = len(h)
     psi = brute_force_influence(h, x, y, conv.estimate, 400, "x", np.full(n, 1 / n))
     z = conv.weights * psi

@@ -3,6 +3,11 @@ functions: what the variance theory and the estimators' standard errors share.
 
 P is a table T normalised to a joint distribution with marginals p = P_X, q = P_Y;
 mu_X g = E[g | X], C_X = I - mu_X (likewise Y).
+
+The estimators' linearisation works on the list of a sample's occupied cells (:class:`Cells`): a
+function of the samples that is ``alpha(c) h + beta(c)`` within each cell c is carried as the two
+cell arrays, and every conditional mean it needs is a line sum over cells of ``alpha S + beta t``,
+with S the cell sums of h and t the cell masses.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from scipy.sparse.linalg import LinearOperator, minres
 
 from . import _feasibility
 
-__all__ = ["Joint", "additive_residual", "additive_shift"]
+__all__ = ["Cells", "Joint", "additive_residual", "additive_shift", "limit_linearization",
+           "step_linearization"]
 
 
 class Joint:
@@ -125,3 +131,111 @@ def additive_shift(joint: Joint, pr, qc, *, steps, start="x"):
         a[:, j], b[:, j] = z[:m] / sp_, z[m:] / sq
     return a, b
 
+
+class Cells:
+    """The occupied cells of an m x l table: each cell's row, column and mass (a sum of weights).
+
+    Line sums take ``values`` of shape (cells,) or (cells, d) (d functions in the columns).
+    """
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, mass: np.ndarray, shape: tuple[int, int],
+                 *, dense: bool):
+        self.rows, self.cols, self.mass, self.shape, self.dense = rows, cols, mass, shape, dense
+
+    def row_sums(self, values: np.ndarray) -> np.ndarray:
+        return _group_sums(self.rows, values, self.shape[0])
+
+    def col_sums(self, values: np.ndarray) -> np.ndarray:
+        return _group_sums(self.cols, values, self.shape[1])
+
+    def table(self, values: np.ndarray):
+        """The m x l table holding ``values`` at the cells: dense, or CSR when built sparse."""
+        if self.dense:
+            out = np.zeros(self.shape)
+            out[self.rows, self.cols] = values
+            return out
+        # Cells are distinct, so the COO -> CSR conversion sums nothing; explicit zeros stay stored.
+        return sp.csr_array((values, (self.rows, self.cols)), shape=self.shape)
+
+
+def _group_sums(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    if values.ndim == 1:
+        return np.bincount(index, values, minlength=size)
+    return np.column_stack([np.bincount(index, values[:, j], minlength=size) for j in range(values.shape[1])])
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0: a category without mass carries no weight and no mean."""
+    den = den if num.ndim == 1 else den[:, None]
+    out = np.zeros(np.broadcast_shapes(num.shape, den.shape))
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _iterates(cells: Cells, p: np.ndarray, q: np.ndarray, steps: int, start: str) -> list:
+    """Scalings (u, v) of the iterates Q^(0), ..., Q^(steps - 1) of balancing the cell masses
+    towards p, q: Q^(j)(c) = u[row c] v[col c] t(c), with t the masses normalised to total 1."""
+    t = cells.mass / cells.mass.sum()
+    u, v = np.ones(cells.shape[0]), np.ones(cells.shape[1])
+    out = []
+    for j in range(1, steps + 1):
+        out.append((u, v))
+        if (j % 2 == 1) == (start == "x"):
+            u = _ratio(p, cells.row_sums(v[cells.cols] * t))
+        else:
+            v = _ratio(q, cells.col_sums(u[cells.rows] * t))
+    return out
+
+
+def step_linearization(cells: Cells, S: np.ndarray, p: np.ndarray, q: np.ndarray, *, steps: int,
+                       start: str, at_iterates: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Cell arrays (alpha, beta) with psi = alpha(c) h~ + beta(c) = L_1 ... L_k h~ at every sample.
+
+    ``S`` (cells, d) holds the cell sums of the normalised design weights times h~ = h - estimate.
+    With ``at_iterates`` (the balanced linearisation), L_j g = w_j (g - E_{Q^(j-1)}[g | margin j])
+    with w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect
+    to the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
+    (R survey's convention: the result is to be multiplied by the balanced weights).
+    """
+    t = cells.mass / cells.mass.sum()
+    iterates = _iterates(cells, p, q, steps, start) if at_iterates else None
+    alpha, beta = np.ones(len(t)), np.zeros(S.shape)
+    for j in range(steps, 0, -1):  # the last step's operator acts first
+        on_rows = (j % 2 == 1) == (start == "x")
+        index, line_sums, target = ((cells.rows, cells.row_sums, p) if on_rows
+                                    else (cells.cols, cells.col_sums, q))
+        if iterates is None:
+            ratio = np.ones(len(t))
+        else:
+            u, v = iterates[j - 1]
+            ratio = u[cells.rows] * v[cells.cols]  # Q^(j-1) / Q^(0) in each cell
+        mass = line_sums(ratio * t)
+        mean = _ratio(line_sums(ratio[:, None] * (alpha[:, None] * S + beta * t[:, None])), mass)
+        beta = beta - mean[index]
+        if iterates is not None:
+            w = _ratio(target, mass)[index]
+            alpha = alpha * w
+            beta *= w[:, None]
+    return alpha, beta
+
+
+def limit_linearization(cells: Cells, S: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell arrays (alpha, beta) with psi = ratio(c) (h~ - a(x) - b(y)) = alpha h~ + beta, where
+    a + b is the weighted least-squares fit of h~ on additive functions under the measure
+    ``ratio * t`` (t the cell masses): the balanced measure with ``ratio`` = Qbar / Q^(0) (the
+    influence function of the raking estimate), or the starting measure with ``ratio`` = 1 (R
+    survey's convention). ``S`` is as in :func:`step_linearization`.
+    """
+    measure = ratio * cells.mass
+    rs, cs = cells.row_sums(measure), cells.col_sums(measure)
+    rows, cols = np.flatnonzero(rs > 0), np.flatnonzero(cs > 0)
+    table = cells.table(measure)
+    sub = table[np.ix_(rows, cols)] if cells.dense else table[rows][:, cols]
+    total = measure.sum()
+    # pr = Q_X * E_Q[h~ | X] for the measure Q = measure / total, from the cell sums of h~.
+    weighted = ratio[:, None] * S * (cells.mass.sum() / total)
+    pr, qc = cells.row_sums(weighted), cells.col_sums(weighted)
+    a_sub, b_sub = additive_shift(Joint(sub, rs[rows], cs[cols]), pr[rows], qc[cols], steps=None)
+    a, b = np.zeros(pr.shape), np.zeros(qc.shape)
+    a[rows], b[cols] = a_sub, b_sub
+    return ratio, -ratio[:, None] * (a[cells.rows] + b[cells.cols])

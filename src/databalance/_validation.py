@@ -305,13 +305,19 @@ def _show(label) -> str:
     return repr(label.item() if isinstance(label, np.generic) else label)
 
 
-def sample_array(a, name: str, n: int | None) -> np.ndarray:
+def sample_array(a, name: str, n: int | None, *, max_ndim: int = 1) -> np.ndarray:
     """A per-sample array (pandas Series and Categoricals accepted) with the expected length."""
     if hasattr(a, "to_numpy"):
         a = a.to_numpy()
     arr = np.asarray(a)
     if arr.ndim == 0:
         raise ValueError(f"`{name}` must have one entry per sample; got a scalar.")
+    if arr.ndim > max_ndim:
+        shapes = "(n,) or (n, d)" if max_ndim == 2 else "(n,), one entry per sample"
+        raise ValueError(
+            f"`{name}` must have shape {shapes}; got shape {arr.shape}. Pass a 1-D array or a pandas "
+            f"Series (one column of a DataFrame), not a table."
+        )
     if n is not None and arr.shape[0] != n:
         raise ValueError(
             f"`{name}` has {arr.shape[0]} entries but `values` has {n} samples; give one per sample."
@@ -320,11 +326,9 @@ def sample_array(a, name: str, n: int | None) -> np.ndarray:
 
 
 def sample_values(values) -> np.ndarray:
-    arr = sample_array(values, "values", None)
+    arr = sample_array(values, "values", None, max_ndim=2)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`values` must hold real numbers; got dtype {arr.dtype}.")
-    if arr.ndim > 2:
-        raise ValueError(f"`values` must have shape (n,) or (n, d); got {arr.shape}.")
     arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
         raise ValueError(
@@ -335,9 +339,13 @@ def sample_values(values) -> np.ndarray:
 
 
 def sample_weights(weights, n: int) -> np.ndarray:
-    arr = sample_array(weights, "sample_weight", n).astype(np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"`sample_weight` must have shape ({n},); got {arr.shape}.")
+    arr = sample_array(weights, "sample_weight", n)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"`sample_weight` must hold real numbers; got dtype {arr.dtype}. Convert it first, e.g. "
+            f"with np.asarray(sample_weight, dtype=float), after checking where the strings came from."
+        )
+    arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         raise ValueError(f"`sample_weight` contains NaN or inf, first at sample {_first_index(~np.isfinite(arr))[0]}.")
     if (arr < 0).any():
@@ -354,13 +362,19 @@ def encode(labels: np.ndarray, target, name: str, target_name: str):
     ``target`` is a mapping label -> mass (dict, pandas Series) or an array indexed by integer codes.
     Returns (codes, masses, categories).
     """
+    missing_labels(labels, name, target_name)
     if hasattr(target, "items") and not isinstance(target, np.ndarray):
         categories = list(target.keys())
-        masses = np.array([target[c] for c in categories], dtype=np.float64)
+        masses = _mapping_masses(target, categories, target_name)
         index = {c: i for i, c in enumerate(categories)}
         if len(index) != len(categories):
             raise ValueError(f"`{target_name}` lists a category twice.")
-        uniques, inverse = np.unique(labels, return_inverse=True)
+        try:
+            uniques, inverse = np.unique(labels, return_inverse=True)
+        except TypeError:  # labels of mixed types cannot be sorted, but can still be looked up
+            uniques = list(dict.fromkeys(labels.tolist()))
+            position = {u: j for j, u in enumerate(uniques)}
+            inverse = np.fromiter((position[v] for v in labels.tolist()), np.int64, count=len(labels))
         lookup = np.empty(len(uniques), dtype=np.int64)
         for j, u in enumerate(uniques):
             key = u.item() if isinstance(u, np.generic) else u
@@ -371,7 +385,10 @@ def encode(labels: np.ndarray, target, name: str, target_name: str):
                 )
             lookup[j] = index[key]
         return lookup[inverse.ravel()], masses, categories
-    masses = np.asarray(target, dtype=np.float64)
+    masses = np.asarray(target)
+    if masses.dtype.kind not in "biuf":
+        raise TypeError(f"`{target_name}` must hold real numbers; got dtype {masses.dtype}.")
+    masses = masses.astype(np.float64)
     if masses.ndim != 1:
         raise ValueError(f"`{target_name}` must be 1-D (or a mapping label -> mass); got shape {masses.shape}.")
     if labels.dtype.kind not in "iu":
@@ -440,6 +457,58 @@ def output_folder(out: str):
         raise ValueError(f"`--out` {str(path)!r} is not a folder this process can write to "
                          f"({err.strerror or err}). Choose a writable folder.") from None
     return path
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(value != value)  # NaN is the value that differs from itself
+    except (TypeError, ValueError):  # pandas.NA has no truth value: it is missing by definition
+        return True
+
+
+def missing_labels(labels: np.ndarray, name: str, target_name: str) -> None:
+    """None, NaN or pandas.NA among the category labels: a sample without a category."""
+    if labels.dtype.kind == "f":
+        missing = np.isnan(labels)
+    elif labels.dtype == object:
+        missing = np.fromiter(map(_is_missing, labels), bool, count=len(labels))
+    else:
+        return
+    if missing.any():
+        i = int(np.argmax(missing))
+        raise ValueError(
+            f"`{name}` has a missing label ({labels[i]!r}) at sample {i}. Every sample needs a category: "
+            f"drop the samples without one, or give them their own label (e.g. 'missing') with a target "
+            f"mass in `{target_name}`."
+        )
+
+
+def _mapping_masses(target, categories: list, target_name: str) -> np.ndarray:
+    """The masses of a mapping target in the order of ``categories``, each a finite number >= 0."""
+    for c in categories:
+        v = target[c]
+        if isinstance(v, (str, bytes)) or not isinstance(v, numbers.Real):
+            raise TypeError(
+                f"`{target_name}` maps {_show(c)} to {v!r}, which is not a real number. Give each "
+                f"category's target mass as a number."
+            )
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(
+                f"`{target_name}` maps {_show(c)} to {v!r}; target masses must be finite and >= 0."
+            )
+    return np.array([target[c] for c in categories], dtype=np.float64)
+
+
+def linearization_option(value) -> str:
+    if value not in ("balanced", "survey"):
+        raise ValueError(
+            f"`linearization` must be 'balanced' (conditional means of the balanced iterates: right "
+            f"whether or not the targets match the sampled population) or 'survey' (R survey's "
+            f"convention: conditional means of the starting sample); got {value!r}."
+        )
+    return value
 
 
 def confidence_level(level) -> float:

@@ -14,15 +14,16 @@ h - est - a(x) - b(y), so the plug-in needs only the m x l table of sample count
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
+from numpy.typing import ArrayLike
 from scipy.special import ndtri
 
 from . import _validation as check
+from ._joint import Cells, limit_linearization, step_linearization
 from .balance import BalanceResult, balance_table
-from ._joint import Joint, additive_shift
 
 __all__ = ["BalancedEstimate", "BalancedEstimator", "balanced_mean"]
 
@@ -85,6 +86,13 @@ class BalancedEstimator:
         A target category with positive mass but no sample cannot be reached. ``"error"`` (default)
         raises, naming it; ``"drop"`` sets its target mass to 0 and rescales the other targets to
         the same total (the estimate then describes the population without those categories).
+    linearization : {"balanced", "survey"}
+        How the standard error linearises the estimator. ``"balanced"`` (default): the influence
+        function of the estimate with respect to the sampling distribution, with the conditional
+        means of the balancing iterates; right whether or not the targets match the sampled
+        population. ``"survey"``: conditional means of the starting (design-weighted) sample, R
+        survey's convention, right only when the sample matches the targets in expectation. See
+        :func:`balanced_mean`.
 
     Examples
     --------
@@ -98,16 +106,19 @@ class BalancedEstimator:
     2.5
     """
 
-    def __init__(self, p_x, p_y, *, steps: int | None = None, start: str = "x",
-                 tol: float | None = None, empty: str = "error"):
+    def __init__(self, p_x: ArrayLike | Mapping, p_y: ArrayLike | Mapping, *, steps: int | None = None,
+                 start: str = "x", tol: float | None = None, empty: str = "error",
+                 linearization: str = "balanced") -> None:
         self.p_x, self.p_y = p_x, p_y
         self.steps, self.start, self.tol, self.empty = steps, start, tol, empty
+        self.linearization = linearization
 
-    def fit(self, x, y, sample_weight=None) -> BalancedEstimator:
+    def fit(self, x: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> BalancedEstimator:
         """Balance the samples' table; sets ``weights_``, ``balance_`` and the category lists."""
         steps = check.steps_option(self.steps)
         start = check.start_option(self.start)
         empty = check.empty_policy(self.empty)
+        linearization = check.linearization_option(self.linearization)
         x = check.sample_array(x, "x", None)
         n = x.shape[0]
         y = check.sample_array(y, "y", n)
@@ -117,28 +128,28 @@ class BalancedEstimator:
         xc, p_x, self.x_categories_ = check.encode(x, self.p_x, "x", "p_x")
         yc, p_y, self.y_categories_ = check.encode(y, self.p_y, "y", "p_y")
         m, l = len(p_x), len(p_y)
-        table = _sample_table(xc, yc, design, m, l)
-        row_mass = np.asarray(table.sum(axis=1)).ravel()
-        col_mass = np.asarray(table.sum(axis=0)).ravel()
+        cells, cell_of = _cells(xc, yc, design, m, l)
+        row_mass, col_mass = cells.row_sums(cells.mass), cells.col_sums(cells.mass)
         if empty == "drop":
             p_x, p_y = _drop_empty(p_x, row_mass), _drop_empty(p_y, col_mass)
         check.unsampled(row_mass, p_x, self.x_categories_, "x", "p_x")
         check.unsampled(col_mass, p_y, self.y_categories_, "y", "p_y")
-        result = balance_table(table, p_x, p_y, steps=steps, start=start, tol=self.tol)
+        result = balance_table(cells.table(cells.mass), p_x, p_y, steps=steps, start=start, tol=self.tol)
         u, v = result.row_scaling, result.col_scaling
         w = u[xc] * v[yc]
         if design is not None:
             w *= design
         w /= w.sum()
         self.balance_, self.weights_ = result, w
-        self._codes, self._start = (xc, yc), start
+        self._cells, self._cell_of = cells, cell_of
+        self._targets = (p_x / p_x.sum(), p_y / p_y.sum())
+        self._start, self._linearization = start, linearization
         self._start_weights = np.full(n, 1.0 / n) if design is None else design / design.sum()
-        self._projection = _projection_joint(result)
         # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
         self._if_steps = result.steps if result.status == "completed" else None
         return self
 
-    def mean(self, values) -> BalancedEstimate:
+    def mean(self, values: ArrayLike) -> BalancedEstimate:
         """The balanced estimate of E[h] from ``values`` = h at each fitted sample, (n,) or (n, d)."""
         if not hasattr(self, "weights_"):
             raise RuntimeError("Call fit(x, y) before mean(values).")
@@ -146,28 +157,50 @@ class BalancedEstimator:
         n = self.weights_.shape[0]
         if h.shape[0] != n:
             raise ValueError(f"`values` has {h.shape[0]} entries but {n} samples were fitted.")
-        w = self.weights_
         h2 = h.reshape(n, -1)
-        estimate = w @ h2
-        psi = _influence(h2 - estimate, self._start_weights, self._codes, self._projection, self._if_steps,
-                         self._start)
-        z = psi
-        z *= w[:, None]
+        scale = _power_of_two_scale(h2)
+        h2 = h2 / scale
+        estimate = self.weights_ @ h2
+        z = self._contributions(h2 - estimate)
         z -= z.mean(axis=0)
-        se = np.sqrt(n / (n - 1) * np.einsum("ij,ij->j", z, z))
+        # A sum of squares cannot be negative, but say so: rounding must never give NaN from sqrt.
+        se = np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
+        estimate = estimate * scale
         squeeze = (lambda a: float(a[0])) if h.ndim == 1 else (lambda a: a)
-        steps = self.balance_.steps
-        return BalancedEstimate(squeeze(estimate), squeeze(se), w, steps, self.balance_)
+        return BalancedEstimate(squeeze(estimate), squeeze(se), self.weights_, self.balance_.steps,
+                                self.balance_)
+
+    def _contributions(self, g: np.ndarray) -> np.ndarray:
+        """Each sample's term of the linearised estimate, omega_i psi_i, for g = h - estimate (n, d).
+
+        ``"balanced"``: d~_i psi_i with psi = L_1 ... L_k g at the iterates, whose cell factor
+        alpha is the final weight ratio (so d~_i alpha = w_i). ``"survey"``: w_i (C_1 ... C_k g) under
+        the starting measure. Only per-cell sums of g are scattered; the rest are gathers.
+        """
+        cells, cell_of = self._cells, self._cell_of
+        d_norm = self._start_weights
+        S = np.column_stack([np.bincount(cell_of, d_norm * g[:, j], minlength=len(cells.mass))
+                             for j in range(g.shape[1])])
+        balanced = self._linearization == "balanced"
+        if self._if_steps is None:
+            ratio = np.ones(len(cells.mass))
+            if balanced:
+                u, v = self.balance_.row_scaling, self.balance_.col_scaling
+                ratio = u[cells.rows] * v[cells.cols]
+                ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
+            alpha, beta = limit_linearization(cells, S, ratio)
+        else:
+            alpha, beta = step_linearization(cells, S, *self._targets, steps=self._if_steps,
+                                             start=self._start, at_iterates=balanced)
+        psi = alpha[cell_of][:, None] * g + beta[cell_of]
+        return psi * (d_norm if balanced else self.weights_)[:, None]
 
 
-def _sample_table(xc, yc, weights, m, l):
-    """The (weighted) counts of the m x l cells: dense when small, CSR otherwise."""
-    if m * l <= DENSE_CELLS:
-        return np.bincount(xc * l + yc, weights=weights, minlength=m * l).reshape(m, l).astype(np.float64)
-    data = np.ones(len(xc)) if weights is None else weights
-    table = sp.csr_array((data, (xc, yc)), shape=(m, l))
-    table.sum_duplicates()
-    return table
+def _cells(xc: np.ndarray, yc: np.ndarray, design: np.ndarray | None, m: int, l: int):
+    """The samples' occupied cells (dense table when small, CSR otherwise) and each sample's cell."""
+    flat, cell_of = np.unique(xc * l + yc, return_inverse=True)
+    mass = np.bincount(cell_of.ravel(), weights=design, minlength=len(flat)).astype(np.float64)
+    return Cells(flat // l, flat % l, mass, (m, l), dense=m * l <= DENSE_CELLS), cell_of.ravel()
 
 
 def _drop_empty(target, mass):
@@ -177,37 +210,17 @@ def _drop_empty(target, mass):
     return kept * (target.sum() / kept.sum())
 
 
-def _projection_joint(result):
-    """The starting sample's table restricted to categories with mass, as a _Joint, and the kept
-    row and column indices: what every influence-function computation of a fit shares."""
-    table = result._input
-    tr = np.asarray(table.sum(axis=1)).ravel()
-    tc = np.asarray(table.sum(axis=0)).ravel()
-    rows, cols = np.flatnonzero(tr > 0), np.flatnonzero(tc > 0)
-    sub = table[rows][:, cols] if not sp.issparse(table) else sp.csr_array(table)[rows][:, cols]
-    return Joint(sub, tr[rows], tc[cols]), rows, cols, (len(tr), len(tc))
+def _power_of_two_scale(h: np.ndarray) -> np.ndarray:
+    """Per column, a power of 2 near max |h|: dividing by it is exact, and the standard error of
+    the scaled values cannot overflow (squares of values near 1e200 would)."""
+    top = np.abs(h).max(axis=0)
+    return np.where(top > 0, np.exp2(np.floor(np.log2(np.where(top > 0, top, 1.0)))), 1.0)
 
 
-def _influence(g, start_weights, codes, projection, steps, start):
-    """Plug-in IF_k at each sample: g - a(x) - b(y), the conditional means taken under the
-    starting (design-weighted) empirical measure, as in linearisation variance estimators.
-    Categories without samples carry no weight and are left out of the projections."""
-    xc, yc = codes
-    joint, rows, cols, (m, l) = projection
-    d = g.shape[1]
-    wg = start_weights[:, None] * g
-    pr = np.column_stack([np.bincount(xc, wg[:, j], minlength=m) for j in range(d)])
-    qc = np.column_stack([np.bincount(yc, wg[:, j], minlength=l) for j in range(d)])
-    a_sub, b_sub = additive_shift(joint, pr[rows], qc[cols], steps=steps, start=start)
-    a, b = np.zeros((m, d)), np.zeros((l, d))
-    a[rows], b[cols] = a_sub, b_sub
-    out = g - a[xc]
-    out -= b[yc]
-    return out
-
-
-def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: str = "x",
-                  tol: float | None = None, sample_weight=None, empty: str = "error") -> BalancedEstimate:
+def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike | Mapping,
+                  p_y: ArrayLike | Mapping, *, steps: int | None = None, start: str = "x",
+                  tol: float | None = None, sample_weight: ArrayLike | None = None, empty: str = "error",
+                  linearization: str = "balanced") -> BalancedEstimate:
     """Estimate E[h(X, Y)] from paired samples when the marginals of X and Y are known.
 
     Parameters
@@ -216,7 +229,8 @@ def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: st
         h at each sample (d statistics at once in the columns).
     x, y : array_like (n,)
         Each sample's categories: integer codes (with array targets) or any hashable labels (with
-        mapping targets); pandas Series and Categoricals are accepted.
+        mapping targets); pandas Series and Categoricals are accepted. Missing labels (None, NaN)
+        are an error.
     p_x, p_y : array_like or mapping
         The known marginals; see :class:`BalancedEstimator`.
     steps : int, optional
@@ -226,6 +240,10 @@ def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: st
         See :class:`BalancedEstimator`.
     sample_weight : array_like (n,), optional
         Design weights: the starting measure is the weighted empirical one.
+    linearization : {"balanced", "survey"}
+        ``"balanced"`` (default): the standard error of the estimate whatever population the
+        sample came from. ``"survey"``: R survey's convention, for exact agreement with R. See the
+        Notes.
 
     Returns
     -------
@@ -234,20 +252,42 @@ def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: st
     Raises
     ------
     ValueError, TypeError
-        Lengths that differ; NaN or inf in ``values`` or ``sample_weight``; negative weights; a
-        sample label the targets do not list; a target category with mass but no sample (unless
-        ``empty="drop"``); targets whose totals differ; an infeasible pattern (as in
-        :func:`databalance.balance_table`).
+        Lengths that differ; NaN or inf in ``values`` or ``sample_weight``; strings in
+        ``sample_weight`` or among the target masses; negative weights; a 2-D ``x`` or ``y``; a
+        missing label (None, NaN); a sample label the targets do not list; a target category with
+        mass but no sample (unless ``empty="drop"``); targets whose totals differ; an infeasible
+        pattern (as in :func:`databalance.balance_table`); an unknown ``linearization``.
 
     Notes
     -----
-    At convergence the estimate is the raking estimator, and the standard error linearises it as
-    R's ``survey`` package does (``svymean`` on a ``rake()``-d design): residuals of ``h`` after
-    weighted least squares on the X and Y categories. R computes those residuals with 10 passes of
-    alternating projections; here they are solved exactly, which differs only when the passes have
-    not converged. At finite k there is no survey-software analogue: the residual is the plug-in
-    influence function of the k-step estimator, ``C_1 ... C_k (h - estimate)``, which for k = 1 is
+    Both standard errors are ``sqrt(n / (n - 1) * sum_i (z_i - mean z)^2)``, the convention of
+    survey software, with ``z_i`` sample i's term of the linearised estimate. They differ in where
+    the estimator is linearised (theory page, section 'Linearising at the balanced measure').
+
+    ``"balanced"`` uses the influence function of the k-step estimate with respect to the
+    distribution the samples were drawn from: ``psi = L_1 ... L_k (h - estimate)`` with
+    ``L_j g = w_j (g - E_j[g | margin j])``, the conditional means taken under the iterate the
+    step j starts from and ``w_j`` the ratio of the target to that iterate's margin; ``z_i`` is
+    the normalised design weight times ``psi_i``. At convergence ``psi`` is the final weight ratio
+    times the residual of ``h`` after weighted least squares on additive functions of X and Y,
+    weighted by the *balanced* table. It stays right when the sample's (design-weighted) marginals
+    differ from the targets in expectation: quota samples, non-response, deliberately shifted
+    targets.
+
+    ``"survey"`` takes the conditional means of the *starting* sample and ``z_i`` = the balanced
+    weight times the residual. At convergence this is R's ``survey`` (``svymean`` on a
+    ``rake()``-d design; R solves the least squares with 10 passes of alternating projections,
+    here exactly, which differs only when those passes have not converged). It is right when the
+    sample matches the targets in expectation, and can then be slightly less noisy; when it does
+    not match, it can be far off (twice the true standard error in the theory page's example).
+    The two agree to first order when the sample matches the targets, and are equal at ``k = 0``.
+
+    At finite k there is no survey-software analogue; with ``"survey"`` the residual is the
+    plug-in ``C_1 ... C_k (h - estimate)`` of the starting sample, which for k = 1 is
     post-stratification on X.
+
+    Intervals built from either standard error under-cover when heavily weighted cells hold only
+    a few samples (see the user guide, "Estimation with standard errors").
 
     Examples
     --------
@@ -260,7 +300,8 @@ def balanced_mean(values, x, y, p_x, p_y, *, steps: int | None = None, start: st
     >>> round(est.estimate, 3), round(est.standard_error, 3)
     (1.722, 0.044)
     """
-    estimator = BalancedEstimator(p_x, p_y, steps=steps, start=start, tol=tol, empty=empty)
+    estimator = BalancedEstimator(p_x, p_y, steps=steps, start=start, tol=tol, empty=empty,
+                                  linearization=linearization)
     n = check.sample_values(values).shape[0]
     check.sample_array(x, "x", n)
     return estimator.fit(x, y, sample_weight).mean(values)
