@@ -37,3 +37,17 @@ def patterned_tables(draw):
     witness = draw(hnp.arrays(np.float64, (m, l), elements=positive)) * mask
     witness /= witness.sum()
     return table, witness.sum(axis=1), witness.sum(axis=0)
+
+
+@st.composite
+def supports_with_targets(draw):
+    """A small random zero pattern (every row and column nonempty) and arbitrary positive targets:
+    some problems are feasible, some are not."""
+    m, l = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    mask = draw(hnp.arrays(np.bool_, (m, l)))
+    mask[np.arange(m), draw(hnp.arrays(np.int64, m, elements=st.integers(0, l - 1)))] = True
+    mask[draw(hnp.arrays(np.int64, l, elements=st.integers(0, m - 1))), np.arange(l)] = True
+    table = mask * draw(hnp.arrays(np.float64, (m, l), elements=positive))
+    p_x = draw(hnp.arrays(np.float64, m, elements=positive))
+    p_y = draw(hnp.arrays(np.float64, l, elements=positive))
+    return table, p_x / p_x.sum(), p_y / p_y.sum()

@@ -17,7 +17,7 @@ from databalance import (
     iterate_balance,
 )
 
-from .strategies import patterned_tables, positive_tables
+from .strategies import patterned_tables, positive_tables, supports_with_targets
 
 
 def paper_loop(table, p_x, p_y, k):
@@ -175,7 +175,7 @@ def test_converged_matches_pot_sinkhorn(seed):
 # -- sparse ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "lil", "dok", "bsr", "dia"])
 @pytest.mark.parametrize("kind", [sp.csr_array, sp.csr_matrix])
 def test_sparse_formats_keep_pattern_and_type(fmt, kind):
     T, p_x, p_y = rng_problem(3, 6, 6)
@@ -184,7 +184,7 @@ def test_sparse_formats_keep_pattern_and_type(fmt, kind):
     S = kind(T).asformat(fmt)
     res = balance_table(S, T.sum(1) / T.sum(), T.sum(0) / T.sum(), steps=4)
     out = res.table
-    assert sp.issparse(out) and out.format in ("csr", "csc")
+    assert sp.issparse(out) and out.format == fmt
     assert sp.isspmatrix(out) == sp.isspmatrix(S)
     np.testing.assert_array_equal(out.toarray() != 0, T != 0)
     np.testing.assert_allclose(out.toarray(), balance_table(T, T.sum(1) / T.sum(), T.sum(0) / T.sum(),
@@ -424,7 +424,7 @@ def test_sparse_errors_name_row_and_column():
     [
         ([[0.0, np.nan], [0.0, 0.0]], r"`logits` contains NaN, first at index \(0, 1\)"),
         ([[0.0, np.inf], [0.0, 0.0]], r"`logits` contains \+inf, first at index \(0, 1\)"),
-        ([[0.0, 0.0], [-np.inf, -np.inf]], r"Row 1 of `table` is empty but `p_x\[1\]`"),
+        ([[0.0, 0.0], [-np.inf, -np.inf]], r"Row 1 of `logits` is empty but `p_x\[1\]`"),
     ],
 )
 def test_logit_errors(logits, match):
@@ -446,3 +446,162 @@ def test_large_supports_check_feasibility_after_deferral(monkeypatch):
     with pytest.raises(InfeasibleError, match=r"rows \[0\]"):
         balance_table(T, [0.7, 0.3], [0.3, 0.7])
     assert balance_table(T, [0.5, 0.5], [0.5, 0.5]).feasible
+
+
+# -- hardening: scale, honesty of the status, formats, messages, memory -----------------------------
+
+A = np.array([[0.10, 0.05, 0.05], [0.05, 0.20, 0.05], [0.05, 0.05, 0.40]])
+SHIFTED = (np.array([0.6, 0.3, 0.1]), np.array([0.1, 0.3, 0.6]))
+
+
+@pytest.mark.parametrize("scale", [1e-310, 1e-320, 1e-200, 1e200, 1e300])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tables_of_extreme_scale_balance_correctly(scale, sparse):
+    reference = balance_table(A, *SHIFTED).table
+    T = A * scale
+    res = balance_table(sp.csr_array(T) if sparse else T, *SHIFTED)
+    out = res.table.toarray() if sparse else res.table
+    assert res.converged and np.isfinite(res.row_scaling).all() and np.isfinite(res.col_scaling).all()
+    # Subnormal inputs carry fewer digits: 1e-320 keeps about 3.
+    np.testing.assert_allclose(out, reference, rtol=1e-12 if scale >= 1e-300 else 1e-2)
+
+
+def test_float32_tables_below_1e_38_and_targets_near_1e308():
+    res = balance_table((A * 1e-39).astype(np.float32), *SHIFTED)
+    assert res.converged and res.table.dtype == np.float32
+    np.testing.assert_allclose(res.table, balance_table(A, *SHIFTED).table, rtol=1e-3)
+    big = 1e308 / 1.5
+    res = balance_table(A, SHIFTED[0] * big, SHIFTED[1] * big)
+    assert res.converged
+    np.testing.assert_allclose(res.table.sum(axis=1) / big, SHIFTED[0], rtol=1e-10)
+    with pytest.raises(ValueError, match="total of `p_x` or `p_y` overflows"):
+        balance_table(A, [1e308, 1e308, 1.0], [1e308, 1e308, 1.0])
+
+
+def test_nan_is_never_reported_as_convergence(monkeypatch):
+    from databalance._kernels import DenseKernel
+
+    real = DenseKernel.sums
+
+    def poisoned(self, j, state):
+        out = real(self, j, state)
+        return out * np.nan if state.steps >= 3 else out
+
+    monkeypatch.setattr(DenseKernel, "sums", poisoned)
+    with pytest.warns(ConvergenceWarning, match="failed"):
+        res = balance_table(A, *SHIFTED)
+    assert res.status == "failed" and not res.converged and np.isnan(res.marginal_error[-1]).any()
+
+
+def _true_errors(table, p_x, p_y):
+    return [np.abs(table.sum(axis=1) - p_x).sum(), np.abs(table.sum(axis=0) - p_y).sum()]
+
+
+@pytest.mark.parametrize("logits, targets", [
+    (np.array([[1e300, 0.0], [0.0, 1e300]]), ([0.5, 0.5], [0.5, 0.5])),
+    (np.log(A) + 1e15, SHIFTED),
+])
+def test_logits_report_the_errors_of_what_they_return(logits, targets):
+    with pytest.warns(ConvergenceWarning, match="potentials are rounded"):
+        res = balance_logits(logits, *targets)
+    assert not res.converged and res.status == "stalled"
+    np.testing.assert_allclose(res.marginal_error[-1], _true_errors(res.table, *targets), rtol=1e-6)
+    assert res.marginal_error[-1].max() > 1e-3
+
+
+def test_logits_of_moderate_size_still_converge_and_report_true_errors():
+    rng = np.random.default_rng(0)
+    L = rng.uniform(-1e4, 1e4, size=(30, 1)) + rng.uniform(-1e4, 1e4, size=(1, 20)) + rng.normal(size=(30, 20))
+    p_x, p_y = np.full(30, 1 / 30), np.full(20, 1 / 20)
+    res = balance_logits(L, p_x, p_y)
+    assert res.converged
+    np.testing.assert_allclose(res.marginal_error[-1], _true_errors(res.table, p_x, p_y), atol=1e-12)
+
+
+def test_tolerance_below_float_resolution_stalls_with_real_errors():
+    T, p_x, p_y = rng_problem(0)
+    with pytest.warns(ConvergenceWarning, match="stalled"):
+        res = balance_table(T, p_x, p_y, tol=1e-300)
+    assert res.status == "stalled"
+    assert res.marginal_error[-1].max() > 0
+    np.testing.assert_allclose(res.marginal_error[-1], _true_errors(res.table, p_x, p_y), atol=1e-15)
+
+
+def test_float32_logits_give_float32_tables_and_float64_potentials():
+    # float32 potentials would round shifts of size 1e4 by ~1e-3: the result keeps them in float64.
+    rng = np.random.default_rng(1)
+    L = (rng.normal(scale=1e4, size=(6, 1)) + rng.normal(scale=1e4, size=(1, 5)) + rng.normal(size=(6, 5)))
+    res = balance_logits(L.astype(np.float32), np.full(6, 1 / 6), np.full(5, 0.2))
+    assert res.converged
+    assert res.table.dtype == res.log_table.dtype == np.float32
+    assert res.row_potential.dtype == res.col_potential.dtype == np.float64
+
+
+def test_masked_ragged_and_odd_options_are_refused_by_name():
+    masked = np.ma.masked_array(np.ones((2, 2)), mask=[[0, 1], [0, 0]])
+    with pytest.raises(TypeError, match=r"`table` is a masked array.*filled\(0\)"):
+        balance_table(masked, P, P)
+    with pytest.raises(TypeError, match="`p_x` is a masked array"):
+        balance_table(np.ones((2, 2)), np.ma.masked_array(P, mask=[0, 1]), P)
+    with pytest.raises(ValueError, match="`table` could not be read as an array: its rows have different"):
+        balance_table([[1.0, 2.0], [3.0]], P, P)
+    with pytest.raises(ValueError, match="`p_y` could not be read as an array"):
+        balance_table(np.ones((2, 2)), P, [[0.5], [0.2, 0.3]])
+    with pytest.raises(ValueError, match=r"`start` must be 'x' .* got array"):
+        balance_table(np.ones((2, 2)), P, P, start=np.array(["x", "y"]))
+    with pytest.raises(ValueError, match="`logits` could not be read"):
+        balance_logits([[1.0, 2.0], [3.0]], P, P)
+
+
+def test_errors_are_importable_where_the_balancing_api_lives():
+    from databalance.balance import ConvergenceWarning as CW
+    from databalance.balance import InfeasibleError as IE
+
+    assert IE is InfeasibleError and CW is ConvergenceWarning and issubclass(IE, ValueError)
+
+
+def test_infeasible_logits_name_logits():
+    L = np.where(np.eye(2) > 0, 0.0, -np.inf)
+    with pytest.raises(InfeasibleError, match="zero pattern of `logits`"):
+        balance_logits(L, [0.7, 0.3], [0.3, 0.7])
+    assert not balance_logits(L, [0.7, 0.3], [0.3, 0.7], steps=3).feasible
+
+
+def test_log_results_do_not_keep_the_exponentiated_kernel():
+    import gc
+    import tracemalloc
+
+    L = np.random.default_rng(2).normal(size=(1000, 1000))
+    tracemalloc.start()
+    try:
+        res = balance_logits(L, np.full(1000, 1e-3), np.full(1000, 1e-3), steps=4)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert res.steps == 4
+    assert retained < 0.1 * L.nbytes  # potentials and errors only; the 8 MB buffer is gone
+    assert not any(callable(v) for v in vars(res).values())
+
+
+@given(supports_with_targets())
+def test_feasibility_agrees_with_an_independent_linear_program(problem):
+    from scipy.optimize import linprog
+
+    T, p_x, p_y = problem
+    m, l = T.shape
+    cells = np.argwhere(T > 0)
+    # Largest mass a table on the support can carry within both targets; feasible iff it is 1.
+    A_ub = np.zeros((m + l, len(cells)))
+    A_ub[cells[:, 0], np.arange(len(cells))] = 1
+    A_ub[m + cells[:, 1], np.arange(len(cells))] = 1
+    lp = linprog(-np.ones(len(cells)), A_ub=A_ub, b_ub=np.concatenate([p_x, p_y]), bounds=(0, None),
+                 method="highs")
+    deficit = 1 + lp.fun
+    feasible = balance_table(T, p_x, p_y, steps=0).feasible
+    if deficit < 1e-12:
+        assert feasible
+    elif deficit > 1e-7:
+        assert not feasible
+        with pytest.raises(InfeasibleError):
+            balance_table(T, p_x, p_y)

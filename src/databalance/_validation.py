@@ -7,6 +7,7 @@ what to do about it.
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,7 +39,7 @@ def dense_array(table, name: str, *, min_ndim: int, max_ndim: int | None = None)
     """The input as an ndarray (not copied when already one), checked for dimensionality."""
     if sp.issparse(table):
         raise TypeError(f"`{name}` is a scipy.sparse matrix; this function needs a dense array.")
-    arr = np.asarray(table)
+    arr = as_array(table, name)
     if arr.dtype == object:
         raise TypeError(f"`{name}` could not be read as a numeric array (got dtype object).")
     if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
@@ -48,6 +49,22 @@ def dense_array(table, name: str, *, min_ndim: int, max_ndim: int | None = None)
             f"{', leading axes are a batch' if max_ndim is None else ''}); got shape {arr.shape}."
         )
     return arr
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """``np.asarray`` that names the parameter when the input is ragged or masked."""
+    if np.ma.isMaskedArray(value):
+        raise TypeError(
+            f"`{name}` is a masked array; its mask would be ignored. Fill the masked entries first "
+            f"(e.g. `{name}.filled(0)` to make them structural zeros) or pass `{name}.data`."
+        )
+    try:
+        return np.asarray(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"`{name}` could not be read as an array: its rows have different lengths or shapes "
+            f"({exc}). Give a rectangular array."
+        ) from None
 
 
 def nonnegative(values: np.ndarray, name: str) -> float:
@@ -78,13 +95,14 @@ def finite_sums(sums: np.ndarray, values, name: str) -> None:
     raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
-def logits_entries(logits: np.ndarray, name: str) -> bool:
-    """NaN and +inf are errors; -inf is a structural zero. Returns whether any -inf is present.
+def logits_entries(logits: np.ndarray, name: str) -> tuple[bool, float]:
+    """NaN and +inf are errors; -inf is a structural zero. Returns whether any -inf is present and
+    the largest magnitude of a finite entry.
 
     Two reductions over the table; the offending index is searched only on the error path.
     """
     if logits.size == 0:
-        return False
+        return False, 0.0
     lowest, highest = logits.min(), logits.max()
     if np.isnan(lowest) or np.isnan(highest):
         raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(logits))}.")
@@ -93,12 +111,35 @@ def logits_entries(logits: np.ndarray, name: str) -> bool:
             f"`{name}` contains +inf, first at index {_first_index(np.isposinf(logits))}. "
             "Logits must be finite or -inf (a structural zero)."
         )
-    return bool(np.isneginf(lowest))
+    has_zeros = bool(np.isneginf(lowest))
+    if has_zeros:  # the smallest finite entry, found only when -inf is present
+        finite = logits[logits > -np.inf]
+        lowest = finite.min() if finite.size else highest
+    return has_zeros, float(max(abs(lowest), abs(highest)))
+
+
+def not_converged(status: str, steps: int, worst: float, tol: float, reason: str = "") -> str:
+    """The message of the warning for a balancing run that stopped short of its tolerance."""
+    why = reason or {
+        "max_steps": "Raise `max_steps`.",
+        "stalled": "The error stopped decreasing: `tol` may be below what the floating-point sums resolve, "
+                   "or the targets can be met only by driving some entries to zero (very slow convergence).",
+        "failed": "A scaling overflowed or became NaN; the result is not usable. Please report this input.",
+    }[status]
+    return (f"Balancing stopped ({status}) after {steps} half-steps with marginal error {worst:.3g} > "
+            f"tol = {tol:.3g}. {why}")
+
+
+def unrepresentable(magnitude: float) -> str:
+    """Why a log-domain result is less precise than its iterations were."""
+    return (f"The logits reach {magnitude:.3g} in magnitude, so float64 potentials are rounded by about "
+            f"{magnitude * 2.2e-16:.2g}, which moves every entry of the returned table by that relative "
+            "amount. Subtract a constant (or per-row and per-column offsets) from the logits first.")
 
 
 def marginal(p, name: str, length: int, batch: tuple[int, ...]) -> np.ndarray:
     """A target marginal broadcast to ``batch + (length,)`` and checked (not yet converted)."""
-    arr = np.asarray(p)
+    arr = as_array(p, name)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must hold real numbers; got dtype {arr.dtype}.")
     if arr.ndim == 0 or arr.shape[-1] != length:
@@ -126,10 +167,14 @@ def matching_totals(p_x: np.ndarray, p_y: np.ndarray) -> np.ndarray:
 
     They must agree to ``TOTAL_RTOL``, or to the rounding of their own dtype if that is coarser.
     """
-    tx = p_x.sum(axis=-1, dtype=np.float64)
-    ty = p_y.sum(axis=-1, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        tx = p_x.sum(axis=-1, dtype=np.float64)
+        ty = p_y.sum(axis=-1, dtype=np.float64)
     if np.any(tx <= 0):
         raise ValueError("`p_x` and `p_y` have total mass 0; give targets with positive mass.")
+    if not (np.isfinite(tx).all() and np.isfinite(ty).all()):
+        raise ValueError("The total of `p_x` or `p_y` overflows float64; divide both targets by a large "
+                         "constant (balancing is invariant to the scale of the targets, up to that factor).")
     eps = max(_eps(p_x) * np.sqrt(p_x.shape[-1]), _eps(p_y) * np.sqrt(p_y.shape[-1]))
     bad = np.abs(tx - ty) > max(TOTAL_RTOL, 10 * eps) * np.maximum(tx, ty)
     if np.any(bad):
@@ -159,7 +204,7 @@ def steps_option(steps) -> int | None:
 
 
 def start_option(start) -> str:
-    if start not in ("x", "y"):
+    if not isinstance(start, str) or start not in ("x", "y"):
         raise ValueError(
             f"`start` must be 'x' (the first step fixes the row marginal) or 'y' (the column "
             f"marginal); got {start!r}."
@@ -183,26 +228,27 @@ def tolerance(tol, dtype: np.dtype) -> float:
 
 
 def missing_mass(sums: np.ndarray, target: np.ndarray, axis_name: str, target_name: str,
-                 *, reason: str = "") -> None:
+                 *, reason: str = "", table: str = "table") -> None:
     """A row (column) with no mass cannot be scaled to a positive target."""
     bad = (sums <= 0) & (target > 0)
     if bad.any():
         idx = _first_index(bad)
         label = idx[-1] if len(idx) == 1 else idx
         raise ValueError(
-            f"{axis_name} {label} of `table` {reason or 'is empty'} but `{target_name}[{label}]` = "
+            f"{axis_name} {label} of `{table}` {reason or 'is empty'} but `{target_name}[{label}]` = "
             f"{target[idx]:.6g} > 0: no rescaling can reach `{target_name}`. Merge sparse categories, "
             f"collect more samples, or set that target to 0."
         )
 
 
-def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: float) -> InfeasibleError:
+def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: float,
+               table: str = "table") -> InfeasibleError:
     def show(ix):
         ix = list(map(int, ix))
         return str(ix) if len(ix) <= 10 else f"{ix[:10]} ... ({len(ix)} in all)"
 
     return InfeasibleError(
-        f"The zero pattern of `table` cannot carry the targets: rows {show(rows)} need total mass "
+        f"The zero pattern of `{table}` cannot carry the targets: rows {show(rows)} need total mass "
         f"{mass_rows:.6g} (from `p_x`) but their nonzero entries lie only in columns {show(cols)}, "
         f"whose targets in `p_y` total {mass_cols:.6g}. No balanced table exists, and iterating would "
         "oscillate forever. Fix the targets or the zero pattern, or run a fixed number of half-steps "
@@ -226,28 +272,23 @@ def sparse_entries(table) -> None:
         )
 
 
-def joint_table(table, name: str = "table"):
+def joint_table(table: Any, name: str = "table") -> tuple[Any, np.ndarray, np.ndarray]:
     """A 2-D table describing a joint distribution with no empty row or column.
 
     Returns (T, row_sums, col_sums): the table in float64 (a dense float64 input is used as is,
     not copied or normalised; sparse input becomes a canonical CSR copy) and its line sums. The
     joint distribution is T / T.sum().
     """
-    if sp.issparse(table):
-        if table.ndim != 2:
-            raise ValueError(f"`{name}` must be 2-D; got shape {table.shape}.")
-        working_dtype(table.dtype, name)
-        T = sp.csr_array(table, dtype=np.float64, copy=True)
-        T.sum_duplicates()
-        T.sort_indices()
-        sparse_entries(T)
-    else:
-        T = dense_array(table, name, min_ndim=2, max_ndim=2)
-        working_dtype(T.dtype, name)
-        T = T.astype(np.float64, copy=False)
-        nonnegative(T, name)
-    # Line sums as matrix-vector products: BLAS threads them, numpy's sum does not.
-    rows = np.asarray(T @ np.ones(T.shape[1])).ravel()
+    if isinstance(table, np.ma.MaskedArray):
+        raise TypeError(
+            f"`{name}` is a masked array; its mask would be ignored. Fill the masked cells with "
+            f"0 (`{name}.filled(0)`) if they mean 'no mass', or drop those categories."
+        )
+    T = _sparse_joint(table, name) if sp.issparse(table) else _dense_joint(table, name)
+    # Line sums as matrix-vector products: BLAS threads them, numpy's sum does not. An overflow is
+    # reported by finite_sums, so numpy's warning would only repeat it.
+    with np.errstate(over="ignore"):
+        rows = np.asarray(T @ np.ones(T.shape[1])).ravel()
     finite_sums(rows, T, name)
     if not rows.sum() > 0:
         raise ValueError(f"`{name}` has total mass 0; it must describe a joint distribution.")
@@ -262,29 +303,41 @@ def joint_table(table, name: str = "table"):
     return T, rows, cols
 
 
-def function_values(h, P, name: str = "h") -> np.ndarray:
-    """h on the support of P: shape (m, l[, d]) for dense P, (nnz[, d]) for CSR P; finite floats."""
-    m, l = P.shape
+def _sparse_joint(table: Any, name: str) -> Any:
+    if table.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D; got shape {table.shape}.")
+    working_dtype(table.dtype, name)
+    T = sp.csr_array(table, dtype=np.float64, copy=True)
+    T.sum_duplicates()
+    T.sort_indices()
+    sparse_entries(T)
+    return T
+
+
+def _dense_joint(table: Any, name: str) -> np.ndarray:
+    T = dense_array(table, name, min_ndim=2, max_ndim=2)
+    working_dtype(T.dtype, name)
+    T = T.astype(np.float64, copy=False)
+    nonnegative(T, name)
+    return T
+
+
+def function_values(h: Any, P: Any, name: str = "h", *, table: Any = None) -> np.ndarray:
+    """h on the support of P as finite float64: shape (m, l[, d]) for dense P, (nnz[, d]) for CSR P.
+
+    For a sparse P (the canonical CSR copy :func:`joint_table` made of ``table``), h is a sparse
+    matrix read on P's entries, or one value per stored entry of ``table`` in *its* storage order
+    (the order of ``table.data``), returned in P's order.
+    """
+    if isinstance(h, np.ma.MaskedArray):
+        raise TypeError(f"`{name}` is a masked array; its mask would be ignored. Pass a plain array.")
     if sp.issparse(P):
-        if sp.issparse(h):
-            if h.shape != P.shape:
-                raise ValueError(f"`{name}` has shape {h.shape} but `table` has shape {P.shape}.")
-            values = np.asarray(sp.csr_array(h)[row_indices(P), P.indices]).astype(np.float64).ravel()
-        else:
-            values = np.asarray(h, dtype=np.float64)
-            if values.ndim not in (1, 2) or values.shape[0] != P.nnz:
-                raise ValueError(
-                    f"`{name}` has shape {values.shape}; for a sparse table give a sparse matrix of the "
-                    f"table's shape, or the values on its {P.nnz} nonzeros in CSR order, shape "
-                    f"({P.nnz},) or ({P.nnz}, d)."
-                )
+        values = _sparse_function(h, P, name) if sp.issparse(h) else _entry_function(h, P, table, name)
     else:
         if sp.issparse(h):
             raise TypeError(f"`{name}` is sparse but `table` is dense; pass a dense array.")
-        values = np.asarray(h)
-        if values.dtype.kind not in "biuf":
-            raise TypeError(f"`{name}` must hold real numbers; got dtype {values.dtype}.")
-        values = values.astype(np.float64, copy=False)
+        values = _real_values(h, name)
+        m, l = P.shape
         if values.shape[:2] != (m, l) or values.ndim not in (2, 3):
             raise ValueError(
                 f"`{name}` has shape {values.shape} but `table` has shape {(m, l)}: give h(x, y) as an "
@@ -295,10 +348,68 @@ def function_values(h, P, name: str = "h") -> np.ndarray:
     return values
 
 
-def side_option(value, name: str) -> str:
+def _real_values(h: Any, name: str) -> np.ndarray:
+    """h as float64, refusing dtypes a cast would silently cut (complex) or cannot read."""
+    values = np.asarray(h)
+    if values.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}` must hold real numbers; got dtype {values.dtype}.")
+    return values.astype(np.float64, copy=False)
+
+
+def _sparse_function(h: Any, P: Any, name: str) -> np.ndarray:
+    if h.shape != P.shape:
+        raise ValueError(f"`{name}` has shape {h.shape} but `table` has shape {P.shape}.")
+    if h.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}` must hold real numbers; got dtype {h.dtype}.")
+    return np.asarray(sp.csr_array(h)[row_indices(P), P.indices]).astype(np.float64).ravel()
+
+
+def _entry_function(h: Any, P: Any, table: Any, name: str) -> np.ndarray:
+    """Values given per stored entry of ``table``, moved into the canonical order of P."""
+    values = _real_values(h, name)
+    rows, cols = _stored_coordinates(table, name)
+    if values.ndim not in (1, 2) or values.shape[0] != len(rows):
+        raise ValueError(
+            f"`{name}` has shape {values.shape}; for a sparse table give a sparse matrix of the "
+            f"table's shape, or the values on its {len(rows)} stored entries in the order of "
+            f"`table.data`, shape ({len(rows)},) or ({len(rows)}, d)."
+        )
+    key = rows * np.int64(P.shape[1]) + cols
+    if np.all(key[1:] > key[:-1]):  # already canonical CSR order: nothing to move
+        return values
+    order = np.argsort(key, kind="stable")
+    repeated = key[order][1:] == key[order][:-1]
+    if repeated.any():
+        i = int(order[1:][repeated][0])
+        raise ValueError(
+            f"`{name}` is given per stored entry, but `table` stores entry ({int(rows[i])}, {int(cols[i])}) "
+            f"more than once, so which value of `{name}` belongs to that cell is ambiguous. Call "
+            f"`table.sum_duplicates()` (and give `{name}` in the new order), or pass `{name}` as a "
+            "sparse matrix."
+        )
+    return values[order]
+
+
+def _stored_coordinates(table: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of each stored entry of a CSR, CSC or COO table, in storage order."""
+    if table.format in ("csr", "csc"):
+        outer = np.repeat(np.arange(len(table.indptr) - 1), np.diff(table.indptr))
+        inner = table.indices.astype(np.int64)
+        return (outer, inner) if table.format == "csr" else (inner, outer)
+    if table.format == "coo":
+        return table.row.astype(np.int64), table.col.astype(np.int64)
+    raise TypeError(
+        f"`{name}` is given per stored entry, but `table` is in {table.format.upper()} format, which "
+        f"does not store a list of entries. Convert it with `table = table.tocsr()` and give `{name}` "
+        "in the order of `table.data`, or pass `{name}` as a sparse matrix."
+    )
+
+
+def side_option(value: object, name: str) -> str:
+    """'x' or 'y' for an option that names a side other than the balancing start (e.g. `given`)."""
     if value not in ("x", "y"):
         raise ValueError(f"`{name}` must be 'x' or 'y'; got {value!r}.")
-    return value
+    return str(value)
 
 
 def _show(label) -> str:
@@ -457,6 +568,37 @@ def output_folder(out: str):
         raise ValueError(f"`--out` {str(path)!r} is not a folder this process can write to "
                          f"({err.strerror or err}). Choose a writable folder.") from None
     return path
+
+
+def max_steps_option(value: object) -> int:
+    """The largest k of a variance profile: an integer >= 0 (None is not allowed here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`max_steps` must be an integer >= 0 (the largest k, in half-steps); got {value!r}.")
+    if value < 0:
+        raise ValueError(f"`max_steps` must be >= 0 (the largest k, in half-steps); got {value}.")
+    return int(value)
+
+
+def spectrum_rank(rank: object, shape: tuple[int, int], *, sparse: bool) -> int:
+    """How many singular triplets to compute: all min(m, l) by default for a dense table (a full
+    SVD); a sparse table needs an explicit rank < min(m, l) (ARPACK cannot return them all)."""
+    n = min(shape)
+    if rank is None:
+        if sparse:
+            raise ValueError(
+                "`rank` is required for a sparse table: give the number of leading singular triplets "
+                f"to compute (at most {n - 1}); a full SVD would densify the table."
+            )
+        return n
+    rank = positive_int(rank, "rank")
+    if sparse and rank >= n:
+        raise ValueError(
+            f"`rank` must be < min(m, l) = {n} for a sparse table; got {rank}. Use a smaller rank, "
+            "or pass `table.toarray()` for the full spectrum of a small table."
+        )
+    if rank > n:
+        raise ValueError(f"`rank` must be <= min(m, l) = {n}, the number of singular values; got {rank}.")
+    return rank
 
 
 def _is_missing(value) -> bool:

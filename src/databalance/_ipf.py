@@ -1,0 +1,192 @@
+"""THE algorithm: iterative proportional fitting as a loop of half-steps over a list of margins.
+
+Half-step k projects the current table onto the tables whose margin ``j(k)`` equals its target:
+it divides the target by the margin's current sums. The loop works on one scaling per margin (the
+table is ``input x prod of scalings``) and asks a kernel (:mod:`databalance._kernels`) for the
+sums it needs. The sums computed right after a step are both the next margin's input and its
+error, so with two margins a sweep costs exactly two products with the table (the shared-product
+shortcut); with more margins every other margin's error costs one more product per step.
+
+Targets are normalised to total 1 inside the loop and the kernel starts from scalings that bring
+the table's total near 1, so the problem's scale never overflows or underflows the scalings; the
+result's scalings are scaled back when exported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validation as check
+from ._errors import ConvergenceWarning
+from ._kernels import Kernel, State
+
+#: A run is stalled when its smallest marginal error, last improved at half-step k_best, has not
+#: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs).
+STALL_PATIENCE = 200
+
+
+@dataclass(frozen=True)
+class Margin:
+    """One margin: the kernel's axis it constrains, its target (normalised to total 1, in the
+    working dtype) and the indices of its zero entries (``None`` when it has none)."""
+
+    axis: int
+    target: np.ndarray
+    name: str
+    zero: tuple | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The margins in the user's order, which one the first half-step fixes, and the targets'
+    common total (one per batch problem) by which the exported scalings are multiplied."""
+
+    margins: tuple[Margin, ...]
+    first: int
+    total: np.ndarray
+
+    @classmethod
+    def from_targets(cls, targets, names, total, dtype, first: int = 0) -> Problem:
+        margins = []
+        for axis, (p, name) in enumerate(zip(targets, names, strict=True)):
+            p = (p / total[..., None]).astype(dtype)
+            zero = None if (p > 0).all() else np.nonzero(p == 0)
+            margins.append(Margin(axis, p, name, zero))
+        return cls(tuple(margins), first, total)
+
+    def cycle(self) -> Iterator[int]:
+        """The margin fixed by half-step k = 1, 2, ...: the cycle order from ``first``."""
+        j = self.first
+        while True:
+            yield j
+            j = (j + 1) % len(self.margins)
+
+    def export_scales(self) -> list[np.ndarray]:
+        """Factors, one per margin, whose product is the total: a power of two for all but the
+        last margin (so exact), the remainder for the last."""
+        K = len(self.margins)
+        share = np.exp2(np.round(np.log2(self.total) / K))[..., None]
+        return [share] * (K - 1) + [self.total[..., None] / share ** (K - 1)]
+
+
+def l1(scaling, sums, target, scratch=None) -> np.ndarray:
+    """L1 distance of the line sums ``scaling * sums`` from a target of total 1.
+
+    ``scratch`` (never handed out) avoids allocating, and page-faulting, a vector per step.
+    """
+    d = np.multiply(scaling, sums, out=scratch)
+    d -= target
+    np.abs(d, out=d)
+    return d.sum(axis=-1, dtype=np.float64)
+
+
+class History:
+    """The marginal errors of every iterate, shape ``batch + (k + 1, K)``, in a buffer that doubles
+    when full: :meth:`view` hands out a read-only view of the prefix (amortised O(1) per step; a
+    view keeps its buffer alive after a doubling)."""
+
+    def __init__(self, batch: tuple[int, ...], n_margins: int):
+        self._buf = np.empty(batch + (16, n_margins))
+        self.length = 0
+
+    def append(self, errors: np.ndarray) -> None:
+        if self.length == self._buf.shape[-2]:
+            self._buf = np.concatenate([self._buf, np.empty_like(self._buf)], axis=-2)
+        self._buf[..., self.length, :] = errors
+        self.length += 1
+
+    def view(self) -> np.ndarray:
+        out = self._buf[..., : self.length, :]
+        out.flags.writeable = False
+        return out
+
+    def worst(self) -> float:
+        """The largest error of the last iterate, NaN if any is NaN (never mistaken for small)."""
+        return float(np.max(self._buf[..., self.length - 1, :]))
+
+
+def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, np.ndarray]]:
+    """Yield (k, state, errors) for k = 0, 1, 2, ...; ``errors`` has one column per margin.
+
+    The error of the margin a step fixes comes from its sums before the step (O(lines), one
+    rounding per entry: not exactly 0). The next margin's error comes from the sums its step needs.
+    """
+    margins = problem.margins
+    state = kernel.initial_state()
+    errors = np.empty(kernel.batch + (len(margins),))
+    for m, s in zip(margins, kernel.input_sums(), strict=True):
+        errors[..., m.axis] = l1(1.0, s, m.target)
+    yield 0, state, errors
+    scratch = [np.empty_like(f) for f in state.factors]
+    order = problem.cycle()
+    j = next(order)
+    sums = kernel.sums(j, state)
+    for k in range(1, np.iinfo(np.int64).max):
+        sums = kernel.rescale(j, margins[j], sums, state)
+        state.steps = k
+        errors = np.empty_like(errors)
+        errors[..., j] = l1(state.factors[j], sums, margins[j].target, scratch[j])
+        j = next(order)
+        sums = kernel.sums(j, state)
+        errors[..., j] = l1(state.factors[j], sums, margins[j].target, scratch[j])
+        for i in range(len(margins)):
+            if i not in (j, (j - 1) % len(margins)):
+                errors[..., i] = l1(state.factors[i], kernel.sums(i, state), margins[i].target, scratch[i])
+        yield k, state, errors
+
+
+@dataclass
+class Outcome:
+    """What a run produced: its length and status, the final state and the error history."""
+
+    steps: int
+    status: str
+    state: State
+    errors: np.ndarray
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+
+def run(kernel: Kernel, problem: Problem, *, steps: int | None, tol: float, max_steps: int,
+        check_feasible_at: int | None = None, feasible=None) -> Outcome:
+    """Consume the half-steps until the requested count, convergence, a stall or the budget.
+
+    ``feasible()`` raises if the problem has no solution; for ``steps=None`` it is called at
+    half-step ``check_feasible_at`` unless the run has converged before.
+    """
+    history = History(kernel.batch, len(problem.margins))
+    best, best_k = np.inf, 0
+    for k, state, errors in half_steps(kernel, problem):
+        history.append(errors)
+        if steps is not None:
+            if k == steps:
+                return Outcome(k, "completed", state, history.view())
+            continue
+        worst = history.worst()
+        if worst <= tol:
+            return Outcome(k, "converged", state, history.view())
+        if k == check_feasible_at and feasible is not None:
+            feasible()
+        if k > 0 and not np.isfinite(worst):  # iterate 0 of huge logits may have infinite sums
+            return Outcome(k, "failed", state, history.view())
+        if worst < best:
+            best, best_k = worst, k
+        elif k - best_k >= max(STALL_PATIENCE, best_k):
+            return Outcome(k, "stalled", state, history.view())
+        if k >= max_steps:
+            return Outcome(k, "max_steps", state, history.view())
+    raise AssertionError("unreachable")
+
+
+def warn_if_unconverged(outcome: Outcome, tol: float, reason: str = "") -> None:
+    """A :class:`ConvergenceWarning` for runs that stopped short of ``tol``."""
+    if outcome.status in ("max_steps", "stalled", "failed"):
+        worst = float(np.max(outcome.errors[..., -1, :]))
+        warnings.warn(check.not_converged(outcome.status, outcome.steps, worst, tol, reason),
+                      ConvergenceWarning, stacklevel=3)

@@ -1,0 +1,99 @@
+"""Representations of the table being balanced: the only place that knows array types.
+
+The half-step loop (:mod:`databalance._ipf`) asks a kernel for a handful of operations, listed in
+:class:`Kernel`; :func:`kernel_for` picks the implementation for an input, and :func:`scaled_table`
+and :func:`support_pattern` turn a result's data back into arrays of the input's kind.
+
+* :class:`.dense.DenseKernel` -- a NumPy array, 2-D or batched (leading axes).
+* :class:`.sparse.SparseKernel` -- a 2-D scipy.sparse matrix or array, never densified.
+* :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
+
+Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
+that the loop owns and passes in; kernels keep only their input and workspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from .dense import DenseKernel, support_pattern_dense
+from .log import LogKernel
+from .sparse import SparseKernel, scaled_sparse, support_pattern_sparse
+
+__all__ = ["DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "is_sparse", "kernel_for",
+           "scaled_table", "support_pattern"]
+
+
+@dataclass
+class State:
+    """The loop's mutable state: one scaling per margin (broadcast over its axes), for kernels that
+    move their frame (the log kernel) that frame, and the half-steps taken (0: the input itself)."""
+
+    factors: list[np.ndarray]
+    frame: Any = field(default=None)
+    steps: int = 0
+
+
+class Kernel(Protocol):
+    """What the half-step loop needs of a table. Margin ``j`` is axis ``j`` of the table's own
+    (trailing) axes: 0 for the rows, 1 for the columns."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    batch: tuple[int, ...]
+
+    def initial_state(self, scale: np.ndarray) -> State:
+        """Scalings of ``scale`` (shape ``batch + (1,)``) everywhere: the iterates do not depend on
+        it, but it keeps products of tiny tables and scalings in range."""
+
+    def input_sums(self) -> list[np.ndarray]:
+        """Each margin's sums of the input table itself (iterate 0)."""
+
+    def sums(self, j: int, state: State) -> np.ndarray:
+        """Margin ``j``'s sums of the current table without its own scaling."""
+
+    def rescale(self, j: int, ratio: np.ndarray, sums: np.ndarray, state: State) -> np.ndarray:
+        """Set margin ``j``'s scaling to ``ratio``; return its sums in the (possibly moved) frame."""
+
+    def export(self, state: State, scales: list[np.ndarray]) -> list[np.ndarray]:
+        """The result's scalings (potentials for the log kernel), each times its ``scales`` entry."""
+
+    def nonempty(self, j: int, within: np.ndarray | None = None) -> np.ndarray:
+        """Which lines of margin ``j`` have mass (counting only the ``within`` lines of the other)."""
+
+    def full_support(self) -> bool:
+        """Whether no entry is zero (then every pair of targets is feasible)."""
+
+    def support_size(self) -> int:
+        """Entries a feasibility check would look at."""
+
+    def pattern(self, b: tuple) -> sp.csr_array:
+        """The support of batch problem ``b`` as a CSR pattern."""
+
+
+def is_sparse(table) -> bool:
+    """Whether ``table`` is a scipy.sparse matrix or array."""
+    return sp.issparse(table)
+
+
+def kernel_for(table) -> DenseKernel | SparseKernel:
+    """The kernel of a nonnegative table (validated by the kernel)."""
+    return SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
+
+
+def scaled_table(table, u: np.ndarray, v: np.ndarray):
+    """``diag(u) @ table @ diag(v)`` (over the last two axes); sparse tables keep format and pattern."""
+    if sp.issparse(table):
+        return scaled_sparse(table, u, v)
+    out = np.multiply(table, u[..., :, None])
+    out *= v[..., None, :]
+    return out
+
+
+def support_pattern(table) -> sp.csr_array:
+    """The strictly positive entries of a 2-D dense or sparse table as a sorted CSR pattern."""
+    return support_pattern_sparse(table) if sp.issparse(table) else support_pattern_dense(table)
