@@ -279,11 +279,6 @@ def joint_table(table: Any, name: str = "table") -> tuple[Any, np.ndarray, np.nd
     not copied or normalised; sparse input becomes a canonical CSR copy) and its line sums. The
     joint distribution is T / T.sum().
     """
-    if isinstance(table, np.ma.MaskedArray):
-        raise TypeError(
-            f"`{name}` is a masked array; its mask would be ignored. Fill the masked cells with "
-            f"0 (`{name}.filled(0)`) if they mean 'no mass', or drop those categories."
-        )
     T = _sparse_joint(table, name) if sp.issparse(table) else _dense_joint(table, name)
     # Line sums as matrix-vector products: BLAS threads them, numpy's sum does not. An overflow is
     # reported by finite_sums, so numpy's warning would only repeat it.
@@ -329,8 +324,6 @@ def function_values(h: Any, P: Any, name: str = "h", *, table: Any = None) -> np
     matrix read on P's entries, or one value per stored entry of ``table`` in *its* storage order
     (the order of ``table.data``), returned in P's order.
     """
-    if isinstance(h, np.ma.MaskedArray):
-        raise TypeError(f"`{name}` is a masked array; its mask would be ignored. Pass a plain array.")
     if sp.issparse(P):
         values = _sparse_function(h, P, name) if sp.issparse(h) else _entry_function(h, P, table, name)
     else:
@@ -350,7 +343,7 @@ def function_values(h: Any, P: Any, name: str = "h", *, table: Any = None) -> np
 
 def _real_values(h: Any, name: str) -> np.ndarray:
     """h as float64, refusing dtypes a cast would silently cut (complex) or cannot read."""
-    values = np.asarray(h)
+    values = as_array(h, name)
     if values.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must hold real numbers; got dtype {values.dtype}.")
     return values.astype(np.float64, copy=False)

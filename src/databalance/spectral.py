@@ -9,6 +9,7 @@ reduction it brings (see :mod:`databalance.variance`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +17,7 @@ from scipy.sparse.linalg import LinearOperator, svds
 
 from . import _feasibility
 from . import _validation as check
+from ._typing import TableLike
 
 __all__ = ["SpectrumResult", "conditional_mean", "spectrum"]
 
@@ -79,7 +81,7 @@ class SpectrumResult:
         return int(np.ceil(np.log(tol / initial_error) / np.log(s2)))
 
 
-def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
+def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
     """Singular value decomposition of ``D_p^-1/2 P D_q^-1/2`` for the joint table ``P``.
 
     Parameters
@@ -97,9 +99,14 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
 
     Raises
     ------
-    ValueError
-        Negative, NaN or infinite entries; an empty row or column; a sparse table without ``rank``
-        or with ``rank >= min(m, l)``.
+    ValueError, TypeError
+        Negative, NaN or infinite entries; an empty row or column; ``rank`` not a positive integer;
+        a sparse table without ``rank`` or with ``rank >= min(m, l)``.
+
+    Notes
+    -----
+    The singular functions and what ``s_2`` means for balancing are explained on the
+    documentation's theory page, sections 'The spectral closed form' and 'Rate of convergence'.
 
     Examples
     --------
@@ -110,35 +117,35 @@ def spectrum(table, *, rank: int | None = None) -> SpectrumResult:
     array([1.      , 0.613504, 0.353163])
     """
     T, tr, tc = check.joint_table(table)
-    m, l = T.shape
+    sparse = sp.issparse(T)
+    rank = check.spectrum_rank(rank, T.shape, sparse=sparse)
     # D_p^-1/2 P D_q^-1/2 = D_tr^-1/2 T D_tc^-1/2 for P = T / total: no normalised copy needed.
     rt, ct = np.sqrt(tr), np.sqrt(tc)
     sp_, sq = rt / np.sqrt(tr.sum()), ct / np.sqrt(tc.sum())
-    if sp.issparse(T):
-        if rank is None:
-            raise ValueError(
-                "`rank` is required for a sparse table: give the number of leading singular triplets "
-                f"to compute (at most {min(m, l) - 1}); a full SVD would densify the table."
-            )
-        rank = check.positive_int(rank, "rank")
-        if rank >= min(m, l):
-            raise ValueError(f"`rank` must be < min(m, l) = {min(m, l)} for a sparse table; got {rank}.")
-        # One scaled sparse copy of T (still O(nnz)): ARPACK on an explicit CSR runs about twice
-        # as fast as on a LinearOperator that rescales at every product.
-        rows = _feasibility.row_indices(T)
-        M = sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
-        U, s, Vt = svds(M, k=rank, v0=sq.copy(), tol=0)
-        order = np.argsort(s)[::-1]
-        U, s, V = U[:, order], s[order], Vt[order].T
+    if sparse:
+        U, s, V = _sparse_svd(T, rt, ct, sp_, sq, rank)
     else:
         U, s, Vt = np.linalg.svd(T / rt[:, None] / ct[None, :], full_matrices=False)
-        V = Vt.T
-        if rank is not None:
-            rank = check.positive_int(rank, "rank")
-            U, s, V = U[:, :rank], s[:rank], V[:, :rank]
+        U, s, V = U[:, :rank], s[:rank], Vt[:rank].T
     n_components, _ = _feasibility.components(_feasibility.support_pattern(T))
     U, V = _canonical(U, V, s, sp_, sq)
     return SpectrumResult(s, U / sp_[:, None], V / sq[:, None], int(n_components))
+
+
+def _sparse_svd(T: Any, rt: np.ndarray, ct: np.ndarray, sp_: np.ndarray, sq: np.ndarray,
+                rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` triplets of D_tr^-1/2 T D_tc^-1/2 by ARPACK, descending."""
+    # One scaled sparse copy of T (still O(nnz)): ARPACK on an explicit CSR runs about twice
+    # as fast as on a LinearOperator that rescales at every product.
+    rows = _feasibility.row_indices(T)
+    M = sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
+    # svds iterates on the Gram matrix of the shorter side (M^T M if m >= l, else M M^T), so its
+    # starting vector lives there: the known top singular vector of that side, for a
+    # deterministic start.
+    m, l = T.shape
+    U, s, Vt = svds(M, k=rank, v0=(sq if m >= l else sp_).copy(), tol=0)
+    order = np.argsort(s)[::-1]
+    return U[:, order], s[order], Vt[order].T
 
 
 def _canonical(U, V, s, sp_, sq):
@@ -163,7 +170,7 @@ def _canonical(U, V, s, sp_, sq):
     return U, V
 
 
-def conditional_mean(table, *, given: str = "x") -> LinearOperator:
+def conditional_mean(table: TableLike, *, given: str = "x") -> LinearOperator:
     """The operator ``g -> E[g(Y) | X = x]`` (``given="x"``) or ``f -> E[f(X) | Y = y]``.
 
     Parameters

@@ -3,26 +3,33 @@ and the bias and variance of balancing towards misspecified targets.
 
 The k-step balanced estimator of P(h) has influence function IF_k = C_1 C_2 ... C_k h (the last
 step's projection acts first) and first-order variance sigma_k^2 = Var_P(IF_k); see the theory page
-of the documentation.
+of the documentation, section 'Influence functions and the variance profile'.
 
 Every IF_k is h - P(h) - a(x) - b(y), so the recursion tracks two vectors (a, b) instead of an
 m x l array: a projection costs one product with P. IF_k for odd k are the iterates of the chain
 whose first projection is C_X, for even k those of the chain that starts with C_Y, so all k up to
 K cost about 2K products. (Running both chains through one product with a two-column matrix reads
 P once, but OpenBLAS's gemm with two columns is slower than two gemv calls.)
+
+Variances are quadratic in h, so an h near the float range is divided by a power of two first and
+the results multiplied back: an overflow then ends in inf, never in inf - inf = NaN.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 
 from . import _feasibility
 from . import _validation as check
 from ._joint import Joint, additive_residual
+from ._typing import TableLike
 from .balance import iterate_balance
 
 __all__ = [
@@ -43,6 +50,7 @@ class VarianceProfile:
     ----------
     sigma2 : ndarray, shape (max_steps + 1,) or (max_steps + 1, d)
         ``sigma_k^2 = Var_P(C_1 ... C_k h)``: ``n * MSE`` of the k-step estimator as n grows.
+        Never negative (rounding below 0 is clamped); ``inf`` where it exceeds the float range.
     start : str
         Which marginal step 1 fixed.
     """
@@ -50,6 +58,7 @@ class VarianceProfile:
     sigma2: np.ndarray
     start: str
     _joint: Joint = field(repr=False)
+    _scale: np.ndarray = field(repr=False)
 
     @property
     def reduction(self) -> np.ndarray:
@@ -61,27 +70,29 @@ class VarianceProfile:
         return self.sigma2 / check.positive_int(n, "n")
 
     @cached_property
-    def sigma2_limit(self):
+    def sigma2_limit(self) -> float | np.ndarray:
         """``sigma_inf^2``: the residual variance of h after weighted least squares on additive
-        functions u(x) + v(y), the efficiency bound with both marginals known. Computed on first
-        access with MINRES on the (m + l) normal equations."""
-        out = additive_residual(self._joint)
+        functions u(x) + v(y), the efficiency bound with both marginals known (theory page,
+        section 'The efficiency bound'). Computed on first access with MINRES on the (m + l)
+        normal equations; never negative."""
+        out = _unscale_variance(additive_residual(self._joint), self._scale)
         return out if self.sigma2.ndim == 2 else float(out[0])
 
 
-def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceProfile:
+def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, start: str = "x") -> VarianceProfile:
     """The exact first-order variance of the k-step balanced estimator for k = 0..max_steps.
 
     Parameters
     ----------
     table : array_like (m, l) or scipy.sparse matrix
         The true joint distribution P (normalised internally); no empty rows or columns.
-    h : array_like
-        The function: (m, l) or (m, l, d) for a dense table; for a sparse table a sparse matrix of
-        the same shape (read on the table's nonzeros) or its values on the nonzeros in CSR order,
-        (nnz,) or (nnz, d).
+    h : array_like or scipy.sparse matrix
+        The function (real numbers): (m, l) or (m, l, d) for a dense table. For a sparse table
+        either a sparse matrix of the same shape (read on the table's entries), or one value per
+        stored entry of ``table`` in the order of ``table.data`` (CSR, CSC or COO ``table``), shape
+        (nnz,) or (nnz, d); a table storing a cell twice is refused then (ambiguous).
     max_steps : int
-        Largest k.
+        Largest k (k counts half-steps).
     start : {"x", "y"}
         Which marginal the first balancing step fixes.
 
@@ -92,15 +103,17 @@ def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceP
     Raises
     ------
     ValueError, TypeError
-        Invalid ``table`` (see :func:`spectrum`); ``h`` of the wrong shape or with NaN or inf;
-        ``max_steps`` not a nonnegative integer; ``start`` not "x" or "y".
+        Invalid ``table`` (see :func:`spectrum`); ``h`` of the wrong shape, complex, masked, with
+        NaN or inf, or given per stored entry of a sparse table that stores a cell twice or is not
+        CSR, CSC or COO; ``max_steps`` not an integer >= 0; ``start`` not "x" or "y".
 
     Notes
     -----
     Costs about 2 * max_steps products with P (O(max_steps * nnz)) for all k together, fewer when
     sigma_k^2 converges first: the recursion stops once its remaining geometric tail is below
     1e-15 Var(h), and later k repeat the last value. ``sigma2_limit`` costs a MINRES solve, on
-    first access.
+    first access. The theory is on the documentation's theory page, section 'Influence functions
+    and the variance profile'.
 
     Examples
     --------
@@ -112,22 +125,45 @@ def variance_profile(table, h, *, max_steps: int, start: str = "x") -> VarianceP
     >>> prof.sigma2.round(6), round(prof.sigma2_limit, 6)
     (array([1.4     , 0.746667, 0.63433 , 0.597818]), 0.577099)
     """
-    start = check.side_option(start, "start")
-    max_steps = _max_steps(max_steps)
+    start = check.start_option(start)
+    max_steps = check.max_steps_option(max_steps)
     T, tr, tc = check.joint_table(table)
-    h = check.function_values(h, T)
-    joint = Joint(T, tr, tc, h)
+    h = check.function_values(h, T, table=table)
+    h3, scale, single = _scaled_functions(h, T)
+    joint = Joint(T, tr, tc, h3)
     if start == "y":
         joint = joint.transpose()
-    sigma2 = _chains(joint, max_steps)
-    return VarianceProfile(sigma2 if h.ndim == joint.h.ndim else sigma2[:, 0], start, joint)
+    sigma2 = _unscale_variance(_chains(joint, max_steps), scale)
+    return VarianceProfile(sigma2[:, 0] if single else sigma2, start, joint, scale)
 
 
-def _max_steps(value) -> int:
-    steps = check.steps_option(value)
-    if steps is None:
-        raise TypeError("`max_steps` must be an integer >= 0 (the largest k).")
-    return steps
+#: |h| between 2**-256 and 2**256 keeps h^2 and its sums inside the normal float range;
+#: beyond, h is divided by a power of two (exact) and the variances multiplied back.
+_SAFE_EXPONENT = 256
+
+
+def _scaled_functions(h: np.ndarray, T: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(h with a trailing function axis, divided by its scale; the scale per function; whether h
+    was a single function). The scale is 1 unless the largest |h| on the support of T is outside
+    [2**-256, 2**256], else the power of two at that largest value."""
+    sparse = sp.issparse(T)
+    single = h.ndim == (1 if sparse else 2)
+    h3 = h[..., None] if single else h
+    support = (T.data if sparse else T) > 0
+    peak = np.abs(h3).max(axis=tuple(range(h3.ndim - 1)), where=support[..., None], initial=0.0)
+    _, exponent = np.frexp(peak)
+    exponent[(np.abs(exponent) <= _SAFE_EXPONENT) | (peak == 0)] = 0
+    if not exponent.any():
+        return h3, np.ones(h3.shape[-1]), single
+    scale = np.ldexp(1.0, exponent)
+    return h3 / scale, scale, single
+
+
+def _unscale_variance(value: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Clamp rounding below 0, then undo the scaling of h: (v * s) * s, never NaN for finite
+    v >= 0 and s > 0 (s * s could overflow and meet v = 0); an overflow gives inf."""
+    with np.errstate(over="ignore"):
+        return np.maximum(value, 0.0) * scale * scale
 
 
 #: A chain stops once the geometric tail of its remaining changes is below this share of Var(h):
@@ -182,7 +218,8 @@ def _converged(values, scale) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class VarianceDecomposition:
-    """sigma_k^2 split over the singular directions of the table (THEORY.md §4).
+    """sigma_k^2 split over the singular directions of the table (theory page, section 'The
+    spectral closed form').
 
     Attributes
     ----------
@@ -191,7 +228,8 @@ class VarianceDecomposition:
     x_coordinates, y_coordinates : ndarray, shape (n,) or (n, d)
         ``f_j = E[h alpha_j(X)]`` and ``g_j = E[h beta_j(Y)]`` (0 where a direction does not exist).
     sigma2_limit : float or ndarray
-        ``sigma_inf^2 = Var(h) - sum_j (f_j^2 + g_j^2 - 2 s_j f_j g_j) / (1 - s_j^2)``, j >= 1.
+        ``sigma_inf^2 = Var(h) - sum_j (f_j^2 + g_j^2 - 2 s_j f_j g_j) / (1 - s_j^2)``, j >= 1; never
+        negative (rounding below 0 is clamped).
     terms : ndarray, shape (max_steps + 1, n) or (max_steps + 1, n, d)
         ``sigma_k^2 - sigma_inf^2`` carried by direction j: ``s_j^(2(k-1)) c_jk^2 / (1 - s_j^2)`` for
         k >= 1, with ``c = g - s f`` after an X-step and ``f - s g`` after a Y-step; row 0 is the
@@ -201,19 +239,21 @@ class VarianceDecomposition:
     singular_values: np.ndarray
     x_coordinates: np.ndarray
     y_coordinates: np.ndarray
-    sigma2_limit: np.ndarray
+    sigma2_limit: float | np.ndarray
     terms: np.ndarray = field(repr=False)
 
     @property
     def sigma2(self) -> np.ndarray:
-        """``sigma_k^2`` for k = 0..max_steps (equal to :func:`variance_profile`'s)."""
-        return self.sigma2_limit + self.terms.sum(axis=1)
+        """``sigma_k^2`` for k = 0..max_steps (equal to :func:`variance_profile`'s); never negative."""
+        return np.maximum(self.sigma2_limit + self.terms.sum(axis=1), 0.0)
 
 
-def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> VarianceDecomposition:
+def variance_decomposition(table: TableLike, h: ArrayLike, *, max_steps: int,
+                           start: str = "x") -> VarianceDecomposition:
     """The closed form of sigma_k^2 through the spectrum: which directions carry the variance.
 
-    Dense tables with a connected support only (the closed form divides by ``1 - s_j^2``).
+    Dense tables with a connected support only (the closed form divides by ``1 - s_j^2``). The
+    formula is derived on the documentation's theory page, section 'The spectral closed form'.
 
     Parameters
     ----------
@@ -241,49 +281,54 @@ def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> Var
     >>> dec.sigma2.round(6), round(dec.sigma2_limit * 16, 12)  # sigma_inf^2 = (1 - s^2) / 16
     (array([0.234375, 0.09375 , 0.058594]), 0.75)
     """
-    start = check.side_option(start, "start")
-    max_steps = _max_steps(max_steps)
-    T, tr, tc = check.joint_table(table)
-    if sp.issparse(T):
+    start = check.start_option(start)
+    max_steps = check.max_steps_option(max_steps)
+    if sp.issparse(table):
         raise TypeError("variance_decomposition needs a dense table (it uses the full SVD); "
                         "use variance_profile for sparse tables.")
-    h = check.function_values(h, T)
-    joint = Joint(T, tr, tc, h)
-    p, q = joint.p, joint.q
-    m, l = T.shape
-    n = max(m, l)
-    U, s, Vt = np.linalg.svd(T / np.sqrt(tr)[:, None] / np.sqrt(tc)[None, :])
+    T, tr, tc = check.joint_table(table)
+    h3, scale, single = _scaled_functions(check.function_values(h, T), T)
     if _feasibility.components(_feasibility.support_pattern(T))[0] > 1:
         raise ValueError("The support graph of `table` is disconnected (s_2 = 1), so the closed form "
                          "divides by zero; use variance_profile, which handles it.")
-    _, second, pr, qc = joint.moments
-    # f_j = E[h alpha_j(X)] = sum_x alpha_j(x) p(x) E[h|X=x] = (U^T (pr / sqrt p))_j
-    f = np.zeros((n, pr.shape[1]))
-    g = np.zeros((n, pr.shape[1]))
-    f[:m] = U.T @ (pr / np.sqrt(p)[:, None])
-    g[:l] = Vt @ (qc / np.sqrt(q)[:, None])
-    s_full = np.zeros(n)
-    s_full[: len(s)] = s
-    s_full[0] = 0.0  # the constant direction carries nothing (h is centred)
-    if start == "y":
-        f, g = g, f
-    S = s_full[:, None]
+    s, f, g, second = _coordinates(Joint(T, tr, tc, h3), start)
+    S = s[:, None]
     denom = 1 - S**2
     total = (f**2 + g**2 - 2 * S * f * g) / denom
-    terms = np.zeros((max_steps + 1, n, f.shape[1]))
+    terms = np.zeros((max_steps + 1, len(s), f.shape[1]))
     terms[0] = total
     for k in range(1, max_steps + 1):
         coef = g - S * f if k % 2 else f - S * g
         terms[k] = S ** (2 * (k - 1)) * coef**2 / denom
     terms[:, 0] = 0.0
-    limit = second - total[1:].sum(axis=0)
-    s_out = s_full.copy()
-    s_out[0] = 1.0
-    squeeze = (lambda a: a[..., 0]) if h.ndim == 2 else (lambda a: a)
+    limit = _unscale_variance(second - total[1:].sum(axis=0), scale)
+    with np.errstate(over="ignore"):
+        terms = terms * scale * scale
+        f, g = f * scale, g * scale
     if start == "y":
         f, g = g, f
-    return VarianceDecomposition(s_out, squeeze(f), squeeze(g), squeeze(limit) if h.ndim == 3 else float(limit[0]),
-                                 squeeze(terms))
+    s[0] = 1.0
+    if single:
+        return VarianceDecomposition(s, f[:, 0], g[:, 0], float(limit[0]), terms[..., 0])
+    return VarianceDecomposition(s, f, g, limit, terms)
+
+
+def _coordinates(joint: Joint, start: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(s, f, g, Var h) with s padded by zeros to n = max(m, l) and s_0 = 0 (h is centred: the
+    constant direction carries nothing), and f, g exchanged for start="y" so that the formula
+    always reads as if step 1 were an X-step."""
+    m, l = joint.T.shape
+    n = max(m, l)
+    _, second, pr, qc = joint.moments
+    U, s, Vt = np.linalg.svd(joint.T / np.sqrt(joint.tr)[:, None] / np.sqrt(joint.tc)[None, :])
+    # f_j = E[h alpha_j(X)] = sum_x alpha_j(x) p(x) E[h | X = x] = (U^T (pr / sqrt p))_j
+    f = np.zeros((n, pr.shape[1]))
+    g = np.zeros((n, pr.shape[1]))
+    f[:m] = U.T @ (pr / np.sqrt(joint.p)[:, None])
+    g[:l] = Vt @ (qc / np.sqrt(joint.q)[:, None])
+    s_full = np.zeros(n)
+    s_full[1 : len(s)] = s[1:]
+    return (s_full, g, f, second) if start == "y" else (s_full, f, g, second)
 
 
 # -- misspecified marginals ------------------------------------------------------------------------
@@ -291,7 +336,8 @@ def variance_decomposition(table, h, *, max_steps: int, start: str = "x") -> Var
 
 @dataclass(frozen=True, eq=False)
 class MisspecifiedProfile:
-    """Bias and first-order variance of k-step balancing towards wrong marginals (THEORY.md §5).
+    """Bias and first-order variance of k-step balancing towards wrong marginals (theory page,
+    section 'Misspecified targets').
 
     Attributes
     ----------
@@ -300,6 +346,7 @@ class MisspecifiedProfile:
         It does not shrink with n.
     variance : ndarray
         ``Var_P(L_1 ... L_k h)``: ``n`` times the variance of the k-step estimator as n grows.
+        Never negative; ``inf`` where it exceeds the float range.
     """
 
     bias: np.ndarray
@@ -310,7 +357,8 @@ class MisspecifiedProfile:
         return self.bias**2 + self.variance / check.positive_int(n, "n")
 
 
-def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x") -> MisspecifiedProfile:
+def misspecified_profile(table: TableLike, h: ArrayLike, p_x: ArrayLike, p_y: ArrayLike, *, max_steps: int,
+                         start: str = "x") -> MisspecifiedProfile:
     """Predicted bias and variance of balancing a sample of ``table`` towards ``p_x, p_y``.
 
     Parameters
@@ -318,9 +366,10 @@ def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x"
     table : array_like (m, l)
         The true joint distribution (dense; normalised internally).
     h : array_like (m, l) or (m, l, d)
-        The function whose mean is estimated.
+        The function whose mean is estimated (real numbers).
     p_x, p_y : array_like
-        The targets used for balancing (possibly wrong); normalised to total 1.
+        The targets used for balancing (possibly wrong); normalised to total 1. Zero entries are
+        allowed: those lines are emptied, as :func:`balance_table` does.
     max_steps, start
         As in :func:`variance_profile`.
 
@@ -333,12 +382,15 @@ def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x"
     TypeError
         A sparse table.
     ValueError
-        Targets of the wrong length, negative, or with different totals; invalid ``table``/``h``.
+        Targets of the wrong length, negative, or with different totals; targets no rescaling of
+        ``table`` can reach; invalid ``table``/``h``/``max_steps``/``start``.
 
     Notes
     -----
     ``L_j g = w_j (g - E_{Pbar^(j-1)}[g | X])`` with ``w_j = p_x / Pbar^(j-1)_X`` for an X-step (Y and
-    ``p_y`` for a Y-step). Costs O(max_steps^2 m l).
+    ``p_y`` for a Y-step); see the theory page, section 'Misspecified targets'. A line whose target
+    is 0 is empty in every iterate from the step that fixes it on, whatever the sample, so its
+    cells have weight 0 there. Costs O(max_steps^2 m l).
 
     Examples
     --------
@@ -350,37 +402,46 @@ def misspecified_profile(table, h, p_x, p_y, *, max_steps: int, start: str = "x"
     >>> prof.bias.round(4), prof.variance.round(4)
     (array([0.    , 0.06  , 0.0273]), array([0.21  , 0.1728, 0.033 ]))
     """
-    start = check.side_option(start, "start")
-    max_steps = _max_steps(max_steps)
+    start = check.start_option(start)
+    max_steps = check.max_steps_option(max_steps)
+    if sp.issparse(table):
+        raise TypeError("misspecified_profile needs a dense table; convert it with `table.toarray()`.")
     T, tr, _ = check.joint_table(table)
-    if sp.issparse(T):
-        raise TypeError("misspecified_profile needs a dense table.")
     P = T / tr.sum()
-    h = check.function_values(h, P)
-    h3 = h if h.ndim == 3 else h[..., None]
-    p_x = check.marginal(p_x, "p_x", P.shape[0], ())
-    p_y = check.marginal(p_y, "p_y", P.shape[1], ())
-    total = check.matching_totals(p_x, p_y)
-    p_x, p_y = p_x / total, p_y / total
-    iterates = [it.table for _, it in zip(range(max_steps + 1), iterate_balance(P, p_x, p_y, start=start))]
+    h3, scale, single = _scaled_functions(check.function_values(h, P), P)
+    target_x = check.marginal(p_x, "p_x", P.shape[0], ())
+    target_y = check.marginal(p_y, "p_y", P.shape[1], ())
+    total = check.matching_totals(target_x, target_y)
+    target_x, target_y = target_x / total, target_y / total
+    balancing = iterate_balance(P, target_x, target_y, start=start)
+    iterates = [it.table for it in itertools.islice(balancing, max_steps + 1)]
     truth = np.einsum("xy,xyd->d", P, h3)
     bias = np.array([np.einsum("xy,xyd->d", Pk, h3) - truth for Pk in iterates])
     variance = np.empty_like(bias)
     for k in range(max_steps + 1):
         g = h3
         for j in range(k, 0, -1):
-            g = _misspecified_step(g, iterates[j - 1], p_x, p_y, x_step=(j % 2 == 1) == (start == "x"))
-        mean = np.einsum("xy,xyd->d", P, g)
-        variance[k] = np.einsum("xy,xyd->d", P, g**2) - mean**2
-    squeeze = (lambda a: a) if h.ndim == 3 else (lambda a: a[:, 0])
-    return MisspecifiedProfile(squeeze(bias), squeeze(variance))
+            g = _misspecified_step(g, iterates[j - 1], target_x, target_y,
+                                   x_step=(j % 2 == 1) == (start == "x"))
+        centred = g - np.einsum("xy,xyd->d", P, g)
+        variance[k] = np.einsum("xy,xyd,xyd->d", P, centred, centred)
+    with np.errstate(over="ignore"):
+        bias = bias * scale
+    variance = _unscale_variance(variance, scale)
+    return MisspecifiedProfile(bias[:, 0], variance[:, 0]) if single else MisspecifiedProfile(bias, variance)
 
 
-def _misspecified_step(g, Pbar, p_x, p_y, *, x_step):
+def _misspecified_step(g: np.ndarray, Pbar: np.ndarray, p_x: np.ndarray, p_y: np.ndarray, *,
+                       x_step: bool) -> np.ndarray:
+    """L_j g for the step that fixes X (or Y) on the population iterate Pbar = Pbar^(j-1)."""
     axis, target = (1, p_x) if x_step else (0, p_y)
     margin = Pbar.sum(axis=axis)
-    cond = np.einsum("xy,xyd->xd" if x_step else "xy,xyd->yd", Pbar, g) / margin[:, None]
-    weight = target / margin
+    # A line emptied by an earlier zero target has margin 0 and target 0: the step keeps it empty
+    # whatever the sample (weight 0), and its conditional mean, 0/0, is never used.
+    filled = margin > 0
+    safe = np.where(filled, margin, 1.0)
+    cond = np.einsum("xy,xyd->xd" if x_step else "xy,xyd->yd", Pbar, g) / safe[:, None]
+    weight = np.where(filled, target / safe, 0.0)
     if x_step:
         return weight[:, None, None] * (g - cond[:, None, :])
     return weight[None, :, None] * (g - cond[None, :, :])
