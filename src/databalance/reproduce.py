@@ -238,7 +238,7 @@ def coverage(quick: bool, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     p, q = COVERAGE_P.sum(1), COVERAGE_P.sum(0)
     truth = float((COVERAGE_P * COVERAGE_H).sum())
-    n, reps = (500, 200) if quick else (2000, 2000)
+    n, reps = (500, 200) if quick else (2000, 1000)  # replications per design
     steps = [0, 1, 2, 4, None]
     designs = []
     for name, weighted in (("simple random sample", False), ("unequal selection probabilities, weights 1/pi", True)):
