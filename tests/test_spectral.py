@@ -133,6 +133,26 @@ def test_sparse_spectrum_of_other_formats():
         np.testing.assert_allclose(spectrum(S, rank=4).singular_values, ref, atol=1e-9)
 
 
+def _block_diagonal_table(n_blocks, seed):
+    """A support with ``n_blocks`` components (random 3 x 4 blocks), rows and columns shuffled."""
+    rng = np.random.default_rng(seed)
+    P = sp.block_diag([rng.gamma(2.0, size=(3, 4)) for _ in range(n_blocks)], format="csr")
+    return P[rng.permutation(P.shape[0])][:, rng.permutation(P.shape[1])].tocsr()
+
+
+@pytest.mark.parametrize("rank", [1, 7, 40, 46])
+def test_many_components_sparse_matches_dense(rank):
+    # The s = 1 block (one pair per component) is exact, ARPACK only computes the rest.
+    S = _block_diagonal_table(40, seed=rank)
+    dense = spectrum(S.toarray(), rank=rank)
+    sparse = spectrum(S, rank=rank)
+    assert sparse.n_components == dense.n_components == 40
+    np.testing.assert_allclose(sparse.singular_values, dense.singular_values, atol=1e-9)
+    assert np.all(sparse.singular_values[: min(rank, 40)] == 1)
+    assert_valid_triplets(sparse, S, atol=1e-8)
+    assert_valid_triplets(dense, S, atol=1e-8)
+
+
 def test_dense_rank_truncates():
     spec = spectrum(P_A, rank=2)
     assert spec.singular_values.shape == (2,) and spec.x_functions.shape == (3, 2)

@@ -122,52 +122,102 @@ def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
     # D_p^-1/2 P D_q^-1/2 = D_tr^-1/2 T D_tc^-1/2 for P = T / total: no normalised copy needed.
     rt, ct = np.sqrt(tr), np.sqrt(tc)
     sp_, sq = rt / np.sqrt(tr.sum()), ct / np.sqrt(tc.sum())
-    if sparse:
-        U, s, V = _sparse_svd(T, rt, ct, sp_, sq, rank)
-    else:
+    n_components, labels = _feasibility.components(_feasibility.support_pattern(T))
+    # The s = 1 block is known exactly from the components (one pair per component); it is used
+    # as is rather than taken from a solver, for which a repeated value is hard.
+    U1, V1 = _unit_block(labels, sp_, sq, int(n_components), min(rank, int(n_components)))
+    if not sparse:
         U, s, Vt = np.linalg.svd(T / rt[:, None] / ct[None, :], full_matrices=False)
         U, s, V = U[:, :rank], s[:rank], Vt[:rank].T
-    n_components, _ = _feasibility.components(_feasibility.support_pattern(T))
-    U, V = _canonical(U, V, s, sp_, sq)
+    elif n_components == 1:
+        U, s, V = _sparse_svd(T, rt, ct, sp_, sq, rank)
+    else:
+        U, s, V = _deflated_svd(T, rt, ct, U1, V1, rank)
+    c = U1.shape[1]
+    U, V = U.copy(), V.copy()
+    U[:, :c], V[:, :c] = U1, V1
+    _sign_convention(U, V)
     return SpectrumResult(s, U / sp_[:, None], V / sq[:, None], int(n_components))
+
+
+def _scaled_csr(T: Any, rt: np.ndarray, ct: np.ndarray) -> sp.csr_array:
+    """D_tr^-1/2 T D_tc^-1/2 as one scaled sparse copy of T (still O(nnz)): ARPACK on an explicit
+    CSR runs about twice as fast as on a LinearOperator that rescales at every product."""
+    rows = _feasibility.row_indices(T)
+    return sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
 
 
 def _sparse_svd(T: Any, rt: np.ndarray, ct: np.ndarray, sp_: np.ndarray, sq: np.ndarray,
                 rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The leading ``rank`` triplets of D_tr^-1/2 T D_tc^-1/2 by ARPACK, descending."""
-    # One scaled sparse copy of T (still O(nnz)): ARPACK on an explicit CSR runs about twice
-    # as fast as on a LinearOperator that rescales at every product.
-    rows = _feasibility.row_indices(T)
-    M = sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
     # svds iterates on the Gram matrix of the shorter side (M^T M if m >= l, else M M^T), so its
     # starting vector lives there: the known top singular vector of that side, for a
     # deterministic start.
     m, l = T.shape
-    U, s, Vt = svds(M, k=rank, v0=(sq if m >= l else sp_).copy(), tol=0)
+    U, s, Vt = svds(_scaled_csr(T, rt, ct), k=rank, v0=(sq if m >= l else sp_).copy(), tol=0)
     order = np.argsort(s)[::-1]
     return U[:, order], s[order], Vt[order].T
 
 
-def _canonical(U, V, s, sp_, sq):
-    """First pair = (sqrt p, sqrt q) even when s = 1 is repeated (a disconnected support); each
-    other pair signed so that its largest entry in U is positive (an SVD fixes pairs only up to a
-    joint sign)."""
-    U, V = U.copy(), V.copy()
-    top = max(1, int(np.sum(s > 1 - 1e-10)))
-    old = U[:, :top]
-    # sqrt(p) lies in the s = 1 block: complete it to an orthonormal basis of that block, and move
-    # the right vectors by the same change of basis (M V_old = U_old there, so M V_old R = U_old R).
-    rest = old - np.outer(sp_, sp_ @ old)
-    others = np.linalg.svd(rest, full_matrices=False)[0][:, : top - 1]
-    new = np.column_stack([sp_, others])
-    V[:, :top] = V[:, :top] @ (old.T @ new)
-    U[:, :top] = new
-    V[:, 0] = sq
+def _deflated_svd(T: Any, rt: np.ndarray, ct: np.ndarray, U1: np.ndarray, V1: np.ndarray,
+                  rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` triplets when the support has c > 1 components: the c pairs with s = 1
+    are U1, V1 (exact), and ARPACK computes only the rest, on M minus that block, where no value
+    repeats by construction (ARPACK crawls on a c-fold s = 1)."""
+    m, l = T.shape
+    c = U1.shape[1]
+    if rank <= c:
+        return U1, np.ones(rank), V1
+    M = _scaled_csr(T, rt, ct)
+    # M V1 = U1 and M^T U1 = V1, so M - U1 V1^T is M with the block removed, still O(nnz) to apply.
+    op = LinearOperator(
+        (m, l), dtype=np.float64,
+        matvec=lambda x: M @ x - U1 @ (V1.T @ x),
+        rmatvec=lambda y: M.T @ y - V1 @ (U1.T @ y),
+        matmat=lambda X: M @ X - U1 @ (V1.T @ X),
+        rmatmat=lambda Y: M.T @ Y - V1 @ (U1.T @ Y),
+    )
+    # A deterministic start outside the removed block, on the side svds iterates on.
+    side = V1 if m >= l else U1
+    v0 = np.cos(np.arange(side.shape[0]) + 1.0)
+    v0 -= side @ (side.T @ v0)
+    U, s, Vt = svds(op, k=rank - c, v0=v0, tol=0)
+    order = np.argsort(s)[::-1]
+    return (np.column_stack([U1, U[:, order]]), np.concatenate([np.ones(c), s[order]]),
+            np.column_stack([V1, Vt[order].T]))
+
+
+def _unit_block(labels: np.ndarray, sp_: np.ndarray, sq: np.ndarray, n_components: int,
+                width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``width`` pairs of an orthonormal basis of the s = 1 singular space, the first
+    pair (sqrt p, sqrt q).
+
+    Per component C, ``sqrt(p)`` and ``sqrt(q)`` restricted to C (normalised) form a pair with
+    s = 1; a Householder reflection of the components' coordinates that sends e_1 to their
+    weights w = sqrt(P(C)) turns them into a basis whose first member is sqrt(p) itself. Only the
+    ``width`` columns asked for are formed (the reflection is never stored as a c x c matrix).
+    """
+    m = len(sp_)
+    rows, cols = labels[:m], labels[m:]
+    w = np.sqrt(np.bincount(rows, sp_**2, minlength=n_components))
+    B = sp.csr_array((sp_ / w[rows], (np.arange(m), rows)), shape=(m, n_components))
+    D = sp.csr_array((sq / w[cols], (np.arange(len(sq)), cols)), shape=(len(sq), n_components))
+    v = -w
+    v[0] += 1.0  # v = e_1 - w; H = I - 2 v v^T / |v|^2 maps e_1 to w
+    H = np.eye(n_components, width)
+    norm2 = v @ v
+    if norm2 > 1e-30:
+        H -= np.outer(v, v[:width]) * (2 / norm2)
+    return np.asarray(B @ H), np.asarray(D @ H)
+
+
+def _sign_convention(U: np.ndarray, V: np.ndarray) -> None:
+    """Sign each pair after the first so that its largest entry in U is positive (an SVD fixes
+    pairs only up to a joint sign); in place."""
     for j in range(1, U.shape[1]):
         if U[np.argmax(np.abs(U[:, j])), j] < 0:
             U[:, j] *= -1
             V[:, j] *= -1
-    return U, V
 
 
 def conditional_mean(table: TableLike, *, given: str = "x") -> LinearOperator:
