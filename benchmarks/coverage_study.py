@@ -1,11 +1,16 @@
-"""Coverage of balanced_mean's 95% intervals: seeded simulation, written to benchmarks/COVERAGE.md.
+"""Coverage of balanced_mean's 95% intervals: seeded simulations, written to benchmarks/COVERAGE.md.
 
-Usage:  python benchmarks/coverage_study.py [--reps 2000] [--n 2000]
+Usage:  python benchmarks/coverage_study.py [--reps 2000] [--n 2000] [--weighted-n 1000 4000]
 
-A 3 x 4 table without tiny cells; h(x, y) = H[x, y] + N(0, 1) noise; the true marginals are the
-targets. For each k the table reports the share of 95% intervals that cover the true mean P(h),
-with its binomial standard error, and the mean reported SE against the Monte Carlo standard
-deviation of the estimates.
+1. Equal-probability samples of a 3 x 4 table without tiny cells; h(x, y) = H[x, y] + N(0, 1); the
+   targets are the true marginals. For each k: the share of 95% intervals that cover the true mean
+   P(h), with its binomial standard error, and the mean reported SE against the Monte Carlo SD of
+   the estimates and the first-order prediction.
+2. The same population sampled with unequal probabilities: row X = 2 (45% of the population) is
+   sampled at 1/50 of the others' rate, and its samples carry design weights 50 times larger
+   (``sample_weight``). The design-weighted sample matches the targets in expectation, so the
+   estimator is consistent, but at moderate n the heavily weighted cells hold only a few samples
+   each, and the normal intervals under-cover until n is large.
 """
 
 from __future__ import annotations
@@ -15,14 +20,25 @@ import pathlib
 
 import numpy as np
 
-from databalance import balanced_mean, variance_profile
+from databalance import InfeasibleError, balanced_mean, variance_profile
 
 P = np.array([[0.10, 0.06, 0.05, 0.04], [0.05, 0.12, 0.08, 0.05], [0.04, 0.06, 0.15, 0.20]])
 H = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 3.0, 1.0, 2.0], [2.0, 1.0, 0.0, 4.0]])
 STEPS = (0, 1, 2, 4, None)
+#: Inclusion rates by row in the unequal-probability study: row 2 is under-sampled 50-fold.
+RATES = np.array([1.0, 1.0, 1 / 50])
 
 
-def study(n, reps, seed):
+def _label(k):
+    return "converged" if k is None else str(k)
+
+
+def _binomial(hits, reps):
+    cov = hits / reps
+    return cov, np.sqrt(cov * (1 - cov) / reps)
+
+
+def equal_probability(n, reps, seed):
     rng = np.random.default_rng(seed)
     p, q = P.sum(1), P.sum(0)
     truth = (P * H).sum()
@@ -44,34 +60,95 @@ def study(n, reps, seed):
     prof = variance_profile(P, H, max_steps=4)
     predicted = {k: np.sqrt((prof.sigma2[k] if k is not None else prof.sigma2_limit) + 1.0) / np.sqrt(n)
                  for k in STEPS}
-    rows = []
-    for k in STEPS:
-        cov = hit[k] / reps
-        rows.append((("converged" if k is None else str(k)), cov, np.sqrt(cov * (1 - cov) / reps),
-                     np.mean(se[k]), np.std(est[k], ddof=1), predicted[k]))
-    return rows
+    return [(_label(k), *_binomial(hit[k], reps), np.mean(se[k]), np.std(est[k], ddof=1), predicted[k])
+            for k in STEPS]
+
+
+def unequal_probability(n, reps, seed, steps=(2, None)):
+    """Coverage with design weights 1 / rate, for both linearisations."""
+    rng = np.random.default_rng(seed)
+    p, q = P.sum(1), P.sum(0)
+    truth = (P * H).sum()
+    sampled = (P * RATES[:, None]).ravel()
+    sampled /= sampled.sum()
+    runs = [(k, lin) for k in steps for lin in ("balanced", "survey")]
+    hit = dict.fromkeys(runs, 0)
+    est = {r: [] for r in runs}
+    se = {r: [] for r in runs}
+    rare = []
+    infeasible = 0
+    while len(rare) < reps:
+        c = rng.choice(12, n, p=sampled)
+        x, y = c // 4, c % 4
+        h = H[x, y] + rng.standard_normal(n)
+        d = 1 / RATES[x]
+        try:
+            fits = {run: balanced_mean(h, x, y, p, q, steps=run[0], sample_weight=d, linearization=run[1])
+                    for run in runs}
+        except InfeasibleError:  # row 2's few samples missed the cells raking needs: redraw, count
+            infeasible += 1
+            continue
+        rare.append(np.count_nonzero(x == 2))
+        for run, e in fits.items():
+            lo, hi = e.confidence_interval(0.95)
+            hit[run] += lo <= truth <= hi
+            est[run].append(e.estimate)
+            se[run].append(e.standard_error)
+    rows = [(_label(k), lin, *_binomial(hit[k, lin], reps), np.mean(se[k, lin]), np.std(est[k, lin], ddof=1))
+            for k, lin in runs]
+    return rows, float(np.mean(rare)), infeasible
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000)
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--weighted-n", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--seed", type=int, default=2024)
     args = parser.parse_args()
-    rows = study(args.n, args.reps, args.seed)
+    command = (f"python benchmarks/coverage_study.py --reps {args.reps} --n {args.n} "
+               f"--weighted-n {' '.join(map(str, args.weighted_n))} --seed {args.seed}")
     lines = [
         "# Coverage of balanced_mean's 95% intervals",
         "",
-        f"Command: `python benchmarks/coverage_study.py --reps {args.reps} --n {args.n} --seed {args.seed}`",
+        f"Command: `{command}`",
         "",
-        "3 x 4 table (every cell >= 0.04), h = H[x, y] + N(0, 1), targets = the true marginals. "
-        f"{args.reps} replications of n = {args.n}. Binomial SE of a coverage near 0.95: "
+        "## Equal-probability samples",
+        "",
+        "3 x 4 table (every cell >= 0.04), h = H[x, y] + N(0, 1), targets = the true marginals, default "
+        f"linearisation. {args.reps} replications of n = {args.n}. Binomial SE of a coverage near 0.95: "
         f"{np.sqrt(0.95 * 0.05 / args.reps):.4f}.",
         "",
         "| k | coverage | its SE | mean reported SE | Monte Carlo SD of estimate | sqrt((sigma_k^2 + 1) / n) |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {k} | {cov:.4f} | {cse:.4f} | {mse:.5f} | {sd:.5f} | {pred:.5f} |" for k, cov, cse, mse, sd, pred in rows]
+    lines += [f"| {k} | {cov:.4f} | {cse:.4f} | {mse:.5f} | {sd:.5f} | {pred:.5f} |"
+              for k, cov, cse, mse, sd, pred in equal_probability(args.n, args.reps, args.seed)]
+    lines += [
+        "",
+        "## Heavily weighted cells with few samples",
+        "",
+        "The same population; row X = 2 (45% of it) is sampled at 1/50 of the other rows' rate and its "
+        "samples get design weights 50 (the others 1), passed as `sample_weight`; targets = the true "
+        "marginals. The weighted sample matches the targets in expectation, so both linearisations "
+        f"estimate the right thing; {args.reps} replications per n.",
+        "",
+        "| n | mean samples in row 2 | redrawn (infeasible) | k | linearization | coverage | its SE "
+        "| mean reported SE | Monte Carlo SD of estimate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, n in enumerate(args.weighted_n):
+        rows, rare, infeasible = unequal_probability(n, args.reps, args.seed + 1 + i)
+        lines += [f"| {n} | {rare:.1f} | {infeasible} | {k} | {lin} | {cov:.4f} | {cse:.4f} | {mse:.5f} | {sd:.5f} |"
+                  for k, lin, cov, cse, mse, sd in rows]
+    lines += [
+        "",
+        "With a few samples per heavily weighted cell the linearisation is first-order only: the "
+        "reported SE misses higher-order terms (compare its mean with the Monte Carlo SD), it is itself "
+        "noisy, and the estimate's distribution is skewed, so the normal interval covers less than "
+        "95%. Coverage returns to nominal as those cells fill up. Samples whose row 2 missed the cells "
+        "raking needs (no balanced table exists) are redrawn and counted in the table.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     (pathlib.Path(__file__).parent / "COVERAGE.md").write_text(text)

@@ -300,7 +300,7 @@ def test_labels_mappings_and_pandas():
     names_x = np.array(["lo", "mid", "hi"])[x]
     names_y = np.array(["a", "b", "c", "d"])[y]
     tx = {"hi": p_x[2], "lo": p_x[0], "mid": p_x[1]}  # mapping order need not match code order
-    ty = dict(zip("abcd", p_y))
+    ty = dict(zip("abcd", p_y, strict=True))
     labels = balanced_mean(h, names_x, names_y, tx, ty, steps=2)
     np.testing.assert_allclose(labels.estimate, codes.estimate, rtol=1e-13)
     np.testing.assert_allclose(labels.standard_error, codes.standard_error, rtol=1e-12)
@@ -341,7 +341,7 @@ def test_inputs_are_not_mutated():
     d = np.ones(len(h))
     copies = [a.copy() for a in (h, x, y, p_x, p_y, d)]
     balanced_mean(h, x, y, p_x, p_y, sample_weight=d)
-    for a, b in zip((h, x, y, p_x, p_y, d), copies):
+    for a, b in zip((h, x, y, p_x, p_y, d), copies, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -433,7 +433,8 @@ PX = PY = [0.5, 0.5]
         ({"y": Y[:3]}, ValueError, r"`y` has 3 entries but `values` has 4 samples"),
         ({"values": np.array([1.0, np.nan, 3, 4])}, ValueError, r"`values` contains NaN or inf, first at sample 1"),
         ({"sample_weight": [1.0, 1.0, -1.0, 1.0]}, ValueError, r"`sample_weight` must be nonnegative; sample 2"),
-        ({"sample_weight": [1.0, np.inf, 1.0, 1.0]}, ValueError, r"`sample_weight` contains NaN or inf, first at sample 1"),
+        ({"sample_weight": [1.0, np.inf, 1.0, 1.0]}, ValueError,
+         r"`sample_weight` contains NaN or inf, first at sample 1"),
         ({"sample_weight": [1.0, 1.0]}, ValueError, r"`sample_weight` has 2 entries but `values` has 4"),
         ({"x": np.array(["a", "a", "b", "c"]), "p_x": {"a": 0.5, "b": 0.5}}, ValueError,
          r"`x` has the label 'c', which `p_x` does not list"),

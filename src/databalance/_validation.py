@@ -473,8 +473,10 @@ def encode(labels: np.ndarray, target, name: str, target_name: str):
         index = {c: i for i, c in enumerate(categories)}
         if len(index) != len(categories):
             raise ValueError(f"`{target_name}` lists a category twice.")
+        uniques: list
         try:
-            uniques, inverse = np.unique(labels, return_inverse=True)
+            sorted_uniques, inverse = np.unique(labels, return_inverse=True)
+            uniques = list(sorted_uniques)
         except TypeError:  # labels of mixed types cannot be sorted, but can still be looked up
             uniques = list(dict.fromkeys(labels.tolist()))
             position = {u: j for j, u in enumerate(uniques)}
@@ -647,6 +649,6 @@ def linearization_option(value) -> str:
 
 
 def confidence_level(level) -> float:
-    if not isinstance(level, numbers.Real) or not 0 < level < 1:
+    if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
     return float(level)

@@ -5,11 +5,13 @@ the mean of h under the sample's (weighted) empirical table balanced for k half-
 statisticians call the limit raking, ML users balancing a batch. Sample i gets weight
 ``w_i ~ d_i u[x_i] v[y_i]`` (``d`` the design weights, ``u, v`` the table's scalings).
 
-The standard error comes from the influence function IF_k = C_1 ... C_k h (THEORY.md §3), estimated
-by plug-in: conditional means of the (design-weighted) sample, applied in order (the last step's
-projection first), and the result weighted by the balanced weights. Every IF_k is
-h - est - a(x) - b(y), so the plug-in needs only the m x l table of sample counts
-(``databalance._joint.additive_shift``).
+The standard error linearises the estimate: each sample's term of its influence function, psi_i,
+from the chain ``L_1 ... L_k (h - estimate)`` of the balancing steps (theory page, section
+'Linearising at the balanced measure'), or, with ``linearization="survey"``, R survey's plug-in
+``C_1 ... C_k (h - estimate)`` of the starting sample (section 'Influence functions and the
+variance profile'). Within a cell of the sample's table psi is ``alpha(c) h + beta(c)``, so the
+chain runs on the m x l table of occupied cells (``databalance._joint``) and each sample only
+gathers its cell's two numbers.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class BalancedEstimate:
     estimate : float or ndarray (d,)
         ``sum_i w_i h_i``.
     standard_error : float or ndarray (d,)
-        ``sqrt(n / (n - 1) * sum_i (w_i psi_i - mean)^2)`` with ``psi`` the plug-in influence
-        function; the linearisation convention of survey software.
+        ``sqrt(n / (n - 1) * sum_i (z_i - mean z)^2)`` with ``z_i`` sample i's term of the
+        linearised estimate (see :func:`balanced_mean`, Notes); the convention of survey software.
     weights : ndarray (n,)
         The balanced sample weights; they sum to 1.
     steps : int

@@ -44,8 +44,8 @@ def case(seed, n, levels_x, levels_y, probs_x, probs_y, p_x, p_y, weighted=False
     w = rng.uniform(0.5, 2.0, n) if weighted else None
     x = [levels_x[i] for i in xi]
     y = [levels_y[i] for i in yi]
-    tx = dict(zip(levels_x, p_x))
-    ty = dict(zip(levels_y, p_y))
+    tx = dict(zip(levels_x, p_x, strict=True))
+    ty = dict(zip(levels_y, p_y, strict=True))
     est, se = r_rake(x, y, h, tx, ty, w)
     return {"x": x, "y": y, "h": h.tolist(), "w": None if w is None else w.tolist(),
             "p_x": tx, "p_y": ty, "r_estimate": est, "r_se": se}
