@@ -8,7 +8,9 @@ from ._errors import ConvergenceWarning, InfeasibleError
 from .balance import (
     BalanceResult,
     LogBalanceResult,
+    MarginsResult,
     balance_logits,
+    balance_margins,
     balance_table,
     iterate_balance,
 )
@@ -32,11 +34,13 @@ __all__ = [
     "ConvergenceWarning",
     "InfeasibleError",
     "LogBalanceResult",
+    "MarginsResult",
     "MisspecifiedProfile",
     "SpectrumResult",
     "VarianceDecomposition",
     "VarianceProfile",
     "balance_logits",
+    "balance_margins",
     "balance_table",
     "balanced_mean",
     "conditional_mean",

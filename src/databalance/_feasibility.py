@@ -86,3 +86,35 @@ def components(pattern: sp.csr_array) -> tuple[int, np.ndarray]:
     adj = sp.coo_array((np.ones(pattern.nnz, dtype=np.int8), (row_indices(pattern), m + pattern.indices)),
                        shape=(m + l, m + l))
     return connected_components(adj, directed=False)
+
+
+#: Supports with more cells than this are not checked by linear programming (three or more
+#: margins): HiGHS takes about a second at this size. Larger problems report what the iteration
+#: shows.
+LP_CELLS = 200_000
+
+
+def lp_deficit(table: np.ndarray, axes: list[tuple[int, ...]], targets: list[np.ndarray]) -> float | None:
+    """The mass (share of the total) that no table on the support of ``table`` can place within
+    every margin's targets: 0 iff a table with exactly these margins exists there.
+
+    maximise sum(x) over x >= 0 on the support, subject to each margin's sums <= its target. The sums
+    of every margin total sum(x), so the optimum is the targets' total exactly when all constraints
+    hold with equality. ``None`` when the support is larger than LP_CELLS.
+    """
+    from scipy.optimize import linprog
+
+    cells = np.nonzero(table > 0)
+    n = cells[0].size
+    if n > LP_CELLS:
+        return None
+    total = float(targets[0].sum())
+    rows, offset, bounds = [], 0, []
+    for ax, p in zip(axes, targets, strict=True):
+        rows.append(offset + np.ravel_multi_index(tuple(cells[a] for a in ax), p.shape))
+        offset += p.size
+        bounds.append(p.ravel() / total)
+    A = sp.csr_array((np.ones(n * len(axes)), (np.concatenate(rows), np.tile(np.arange(n), len(axes)))),
+                     shape=(offset, n))
+    res = linprog(-np.ones(n), A_ub=A, b_ub=np.concatenate(bounds), bounds=(0, None), method="highs")
+    return max(0.0, 1.0 + float(res.fun))

@@ -31,10 +31,10 @@ STALL_PATIENCE = 200
 
 @dataclass(frozen=True)
 class Margin:
-    """One margin: the kernel's axis it constrains, its target (normalised to total 1, in the
-    working dtype) and the indices of its zero entries (``None`` when it has none)."""
+    """One margin (the kernel's margin of the same index): its target (normalised to total 1, in
+    the working dtype), its name for messages and the indices of its zero entries (``None`` when
+    it has none)."""
 
-    axis: int
     target: np.ndarray
     name: str
     zero: tuple | None
@@ -52,10 +52,10 @@ class Problem:
     @classmethod
     def from_targets(cls, targets, names, total, dtype, first: int = 0) -> Problem:
         margins = []
-        for axis, (p, name) in enumerate(zip(targets, names, strict=True)):
-            p = (p / total[..., None]).astype(dtype)
+        for p, name in zip(targets, names, strict=True):
+            p = (p / np.reshape(total, total.shape + (1,) * (p.ndim - total.ndim))).astype(dtype)
             zero = None if (p > 0).all() else np.nonzero(p == 0)
-            margins.append(Margin(axis, p, name, zero))
+            margins.append(Margin(p, name, zero))
         return cls(tuple(margins), first, total)
 
     def cycle(self) -> Iterator[int]:
@@ -73,15 +73,16 @@ class Problem:
         return [share] * (K - 1) + [self.total[..., None] / share ** (K - 1)]
 
 
-def l1(scaling, sums, target, scratch=None) -> np.ndarray:
-    """L1 distance of the line sums ``scaling * sums`` from a target of total 1.
+def l1(scaling, sums, target, batch_ndim: int, scratch=None) -> np.ndarray:
+    """L1 distance of the margin sums ``scaling * sums`` from a target of total 1, per problem
+    (the trailing axes after the ``batch_ndim`` leading ones are the margin's cells).
 
     ``scratch`` (never handed out) avoids allocating, and page-faulting, a vector per step.
     """
     d = np.multiply(scaling, sums, out=scratch)
     d -= target
     np.abs(d, out=d)
-    return d.sum(axis=-1, dtype=np.float64)
+    return d.sum(axis=tuple(range(batch_ndim, d.ndim)), dtype=np.float64)
 
 
 class History:
@@ -116,10 +117,11 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
     rounding per entry: not exactly 0). The next margin's error comes from the sums its step needs.
     """
     margins = problem.margins
+    nb = len(kernel.batch)
     state = kernel.initial_state()
     errors = np.empty(kernel.batch + (len(margins),))
-    for m, s in zip(margins, kernel.input_sums(), strict=True):
-        errors[..., m.axis] = l1(1.0, s, m.target)
+    for j, (m, s) in enumerate(zip(margins, kernel.input_sums(), strict=True)):
+        errors[..., j] = l1(1.0, s, m.target, nb)
     yield 0, state, errors
     scratch = [np.empty_like(f) for f in state.factors]
     order = problem.cycle()
@@ -129,13 +131,13 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
         sums = kernel.rescale(j, margins[j], sums, state)
         state.steps = k
         errors = np.empty_like(errors)
-        errors[..., j] = l1(state.factors[j], sums, margins[j].target, scratch[j])
+        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
         j = next(order)
         sums = kernel.sums(j, state)
-        errors[..., j] = l1(state.factors[j], sums, margins[j].target, scratch[j])
+        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
         for i in range(len(margins)):
             if i not in (j, (j - 1) % len(margins)):
-                errors[..., i] = l1(state.factors[i], kernel.sums(i, state), margins[i].target, scratch[i])
+                errors[..., i] = l1(state.factors[i], kernel.sums(i, state), margins[i].target, nb, scratch[i])
         yield k, state, errors
 
 

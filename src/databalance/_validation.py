@@ -189,6 +189,92 @@ def matching_totals(p_x: np.ndarray, p_y: np.ndarray) -> np.ndarray:
     return tx
 
 
+def margin_targets(margins, shape: tuple[int, ...]) -> tuple[list[tuple[int, ...]], list, list[np.ndarray]]:
+    """The margins of an N-d table: (sorted axes, the user's keys, targets in sorted-axes order).
+
+    ``margins`` maps an axis or a tuple of axes to a target of that sub-table's shape (in the
+    key's axis order). Keys name distinct axis sets; the targets are finite and nonnegative.
+    """
+    if not hasattr(margins, "items") or isinstance(margins, np.ndarray):
+        raise TypeError(
+            f"`margins` must be a mapping from an axis (int) or a tuple of axes to its target, in cycle "
+            f"order, e.g. {{0: p0, (1, 2): p12}}; got {type(margins).__name__}."
+        )
+    if len(margins) == 0:
+        raise ValueError("`margins` is empty; give at least one margin to balance.")
+    ndim = len(shape)
+    axes, keys, targets = [], [], []
+    for key, target in margins.items():
+        ax = (key,) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key
+        if not isinstance(ax, tuple) or not ax or not all(
+                isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
+            raise TypeError(f"`margins` key {key!r} must be an axis (int) or a nonempty tuple of axes.")
+        normal = tuple(int(a) % ndim if -ndim <= a < ndim else ndim for a in ax)
+        if ndim in normal:
+            raise ValueError(f"`margins` key {key!r} names an axis outside 0..{ndim - 1} (`table` has {ndim}).")
+        if len(set(normal)) != len(normal):
+            raise ValueError(f"`margins` key {key!r} repeats an axis; a joint margin names each axis once.")
+        if tuple(sorted(normal)) in axes:
+            raise ValueError(f"`margins` names the axes {tuple(sorted(normal))} twice; give each margin once.")
+        name = f"margins[{key!r}]"
+        arr = as_array(target, name)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"`{name}` must hold real numbers; got dtype {arr.dtype}.")
+        want = tuple(shape[a] for a in normal)
+        if arr.shape != want:
+            raise ValueError(
+                f"`{name}` has shape {arr.shape} but the axes {key!r} of `table` have shape {want}: give one "
+                "target mass per cell of that margin, its axes in the key's order."
+            )
+        if not np.isfinite(arr).all():
+            raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(arr))}.")
+        if (arr < 0).any():
+            idx = _first_index(arr < 0)
+            raise ValueError(f"`{name}` must be nonnegative; found {float(arr[idx])!r} at index {idx}.")
+        order = np.argsort(normal)
+        axes.append(tuple(normal[i] for i in order))
+        keys.append(key)
+        targets.append(np.transpose(arr, order).astype(np.float64))
+    return axes, keys, targets
+
+
+def common_total(targets: list[np.ndarray], names: list[str]) -> float:
+    """The total every target must share (to ``TOTAL_RTOL``)."""
+    with np.errstate(over="ignore"):
+        totals = [float(t.sum(dtype=np.float64)) for t in targets]
+    if not all(np.isfinite(totals)):
+        raise ValueError(f"The total of `{names[int(np.argmin(np.isfinite(totals)))]}` overflows float64; divide "
+                         "every target by a large constant.")
+    if min(totals) <= 0:
+        raise ValueError(f"`{names[int(np.argmin(totals))]}` has total mass 0; give targets with positive mass.")
+    lo, hi = int(np.argmin(totals)), int(np.argmax(totals))
+    if totals[hi] - totals[lo] > TOTAL_RTOL * totals[hi]:
+        raise ValueError(
+            f"The totals of `{names[lo]}` ({totals[lo]!r}) and `{names[hi]}` ({totals[hi]!r}) differ; a table "
+            "cannot have both. Normalise every target to the same total."
+        )
+    return totals[0]
+
+
+def consistent_margins(axes: list[tuple[int, ...]], targets: list[np.ndarray], names: list[str],
+                       total: float) -> None:
+    """Margins that share axes must agree on their common sub-margin (to 1e-9 of the total)."""
+    for i in range(len(axes)):
+        for j in range(i + 1, len(axes)):
+            shared = tuple(a for a in axes[i] if a in axes[j])
+            if not shared:
+                continue
+            a = targets[i].sum(axis=tuple(k for k, ax in enumerate(axes[i]) if ax not in shared))
+            b = targets[j].sum(axis=tuple(k for k, ax in enumerate(axes[j]) if ax not in shared))
+            gap = np.abs(a - b)
+            if gap.max() > 1e-9 * total:
+                raise ValueError(
+                    f"`{names[i]}` and `{names[j]}` disagree on their common margin over axes {shared}: the "
+                    f"largest discrepancy is {gap.max():.6g} at {_first_index(gap == gap.max())} (total "
+                    f"{total:.6g}). No table has both; derive both targets from one population table."
+                )
+
+
 def _eps(a: np.ndarray) -> float:
     return float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else 0.0
 
@@ -253,6 +339,16 @@ def infeasible(rows: np.ndarray, cols: np.ndarray, mass_rows: float, mass_cols: 
         f"whose targets in `p_y` total {mass_cols:.6g}. No balanced table exists, and iterating would "
         "oscillate forever. Fix the targets or the zero pattern, or run a fixed number of half-steps "
         "with `steps=k` (each step is well defined)."
+    )
+
+
+def infeasible_margins(lost: float, names: list[str], table: str = "table") -> InfeasibleError:
+    return InfeasibleError(
+        f"The zero pattern of `{table}` cannot carry the targets {', '.join(f'`{n}`' for n in names)} together: "
+        f"a linear program over its nonzero cells places at most {1 - lost:.9g} of the total mass within them "
+        f"({lost:.3g} is left over). No balanced table exists, and iterating would not converge. Fix the "
+        "targets or the zero pattern (margins can be consistent pair by pair and still infeasible together), "
+        "or run a fixed number of half-steps with `steps=k`."
     )
 
 
@@ -616,7 +712,7 @@ def missing_labels(labels: np.ndarray, name: str, target_name: str) -> None:
     if missing.any():
         i = int(np.argmax(missing))
         raise ValueError(
-            f"`{name}` has a missing label ({labels[i]!r}) at sample {i}. Every sample needs a category: "
+            f"`{name}` has a missing label ({_show(labels[i])}) at sample {i}. Every sample needs a category: "
             f"drop the samples without one, or give them their own label (e.g. 'missing') with a target "
             f"mass in `{target_name}`."
         )
@@ -631,7 +727,7 @@ def _mapping_masses(target, categories: list, target_name: str) -> np.ndarray:
                 f"`{target_name}` maps {_show(c)} to {v!r}, which is not a real number. Give each "
                 f"category's target mass as a number."
             )
-        if not (np.isfinite(v) and v >= 0):
+        if not (np.isfinite(float(v)) and float(v) >= 0):
             raise ValueError(
                 f"`{target_name}` maps {_show(c)} to {v!r}; target masses must be finite and >= 0."
             )

@@ -8,7 +8,7 @@ results that hold data (the input, the scalings, the targets), never the kernels
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -26,7 +26,9 @@ __all__ = [
     "ConvergenceWarning",
     "InfeasibleError",
     "LogBalanceResult",
+    "MarginsResult",
     "balance_logits",
+    "balance_margins",
     "balance_table",
     "iterate_balance",
 ]
@@ -147,46 +149,73 @@ def _first_deficit(pattern, batch, p_x, p_y):
     return None
 
 
-def _problem(kernel, p_x: Marginal, p_y: Marginal, *, start: str, steps: int | None, name: str = "table"):
-    """Validate the targets against the table; return the problem and the broadcast targets."""
-    batch = kernel.batch
-    p_x = check.marginal(p_x, "p_x", kernel.shape[0], batch)
-    p_y = check.marginal(p_y, "p_y", kernel.shape[1], batch)
-    total = check.matching_totals(p_x, p_y)
+def _problem(kernel, targets: list, names: list[str], lines: list[str], *, first: int, steps: int | None,
+             name: str = "table", total: np.ndarray | None = None):
+    """Check that the table can be scaled to the targets for the steps requested; the problem.
+
+    A margin is rescaled at steps t + 1, t + 1 + K, ... (t its position in the cycle). At its first
+    step the margins before it have emptied the cells their zero targets exclude; from its second,
+    every other margin has. A cell of the margin with a positive target must keep some mass.
+    """
+    K = len(targets)
+    if total is None:  # two targets with a batch
+        total = check.matching_totals(*targets)
     check.finite_sums(kernel.frame_sums[0], kernel.table, name)
-    sides = [(0, "Row", "p_x", p_x), (1, "Column", "p_y", p_y)]
-    first = 0 if start == "x" else 1
     n_steps = np.inf if steps is None else steps
-    # The first side is rescaled at steps 1, 3, ...; the second at 2, 4, ... From step 2 on, a line
-    # keeps only its mass in lines of the other side with positive targets, and must still have some.
-    for j, plain_from, restricted_from in ((first, 1, 3), (1 - first, 2, 2)):
-        _, line, target, p = sides[j]
-        other_name, other = sides[1 - j][2:]
-        if n_steps >= plain_from:
-            check.missing_mass(kernel.nonempty(j), p, line, target, table=name)
-        if n_steps >= restricted_from and not (other > 0).all():
-            check.missing_mass(kernel.nonempty(j, other > 0), p, line, target, table=name,
-                               reason=f"has mass only where `{other_name}` is 0")
-    problem = _ipf.Problem.from_targets((p_x, p_y), ("p_x", "p_y"), total, kernel.dtype, first)
-    return problem, (p_x, p_y)
+    masks = [p > 0 for p in targets]
+    for t in range(min(K, n_steps)):
+        j = (first + t) % K
+        before = [(first + s) % K for s in range(t)]
+        others = [i for i in range(K) if i != j]
+        for applied, lower in ((before, t + 1), (others, t + 1 + K)):
+            zeros = [i for i in applied if not masks[i].all()]
+            if n_steps < lower or (applied is others and before == others):
+                continue
+            if not zeros:
+                check.missing_mass(kernel.nonempty(j), targets[j], lines[j], names[j], table=name)
+                continue
+            keep = [masks[i] if i in zeros else np.ones_like(masks[i]) for i in range(K)]
+            check.missing_mass(kernel.nonempty(j, keep), targets[j], lines[j], names[j], table=name,
+                               reason=f"has mass only where {_listing(names[i] for i in zeros)} is 0")
+    return _ipf.Problem.from_targets(targets, names, total, kernel.dtype, first)
 
 
-def _solve(kernel, problem, targets, *, steps, tol, max_steps, name="table"):
-    """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it."""
+def _listing(names) -> str:
+    return " or ".join(f"`{n}`" for n in names)
+
+
+def _two_targets(kernel, p_x: Marginal, p_y: Marginal) -> list[np.ndarray]:
+    return [check.marginal(p_x, "p_x", kernel.shape[0], kernel.batch),
+            check.marginal(p_y, "p_y", kernel.shape[1], kernel.batch)]
+
+
+def _first(start: str) -> int:
+    return 0 if start == "x" else 1
+
+
+def _solve(kernel, problem, *, steps, tol, max_steps, deficit):
+    """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
+
+    ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists. Returns the outcome
+    and whether the problem is then known to be feasible (``None``: not decided)."""
     check_at = 0 if kernel.support_size() <= FEASIBILITY_EAGER_SIZE else FEASIBILITY_DEFERRED_TO
-
-    def feasible():
-        if not kernel.full_support():
-            found = _first_deficit(kernel.pattern, kernel.batch, *targets)
-            if found is not None:
-                raise check.infeasible(found.rows, found.cols, found.row_mass, found.col_mass, name)
-
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                       check_feasible_at=check_at, feasible=feasible)
-    known = True if steps is None and (outcome.status == "converged" or outcome.steps >= check_at) else None
+                       check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit)
     if kernel.full_support():
-        known = True
-    return outcome, known
+        return outcome, True
+    decided = steps is None and (outcome.converged or outcome.steps >= check_at)
+    return outcome, True if decided else None
+
+
+def _max_flow_check(kernel, targets, name):
+    """The feasibility check of two margins: a max-flow per batch problem, run when called."""
+
+    def deficit():
+        found = _first_deficit(kernel.pattern, kernel.batch, *targets)
+        if found is not None:
+            raise check.infeasible(found.rows, found.cols, found.row_mass, found.col_mass, name)
+
+    return deficit
 
 
 def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int | None = None,
@@ -264,8 +293,10 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     max_steps = check.positive_int(max_steps, "max_steps")
     kernel = kernels.kernel_for(table)
     tol = check.tolerance(tol, kernel.dtype)
-    problem, targets = _problem(kernel, p_x, p_y, start=start, steps=steps)
-    outcome, known = _solve(kernel, problem, targets, steps=steps, tol=tol, max_steps=max_steps)
+    targets = _two_targets(kernel, p_x, p_y)
+    problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps)
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+                            deficit=_max_flow_check(kernel, targets, "table"))
     _ipf.warn_if_unconverged(outcome, tol)
     u, v = kernel.export(outcome.state, problem.export_scales())
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
@@ -322,9 +353,12 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     arr = arr.astype(dtype, copy=False)
     has_zeros, magnitude = check.logits_entries(arr, "logits")
     tol = check.tolerance(tol, dtype)
-    kernel = kernels.LogKernel(arr, 0 if start == "x" else 1, has_zeros)
-    problem, targets = _problem(kernel, p_x, p_y, start=start, steps=steps, name="logits")
-    outcome, known = _solve(kernel, problem, targets, steps=steps, tol=tol, max_steps=max_steps, name="logits")
+    kernel = kernels.LogKernel(arr, _first(start), has_zeros)
+    targets = _two_targets(kernel, p_x, p_y)
+    problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps,
+                       name="logits")
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+                            deficit=_max_flow_check(kernel, targets, "logits"))
     f, g = kernel.export(outcome.state, problem.export_scales())
     measured = _as_returned(outcome, arr, f, g, problem, magnitude, tol)
     lost = outcome.converged and not measured.converged
@@ -347,8 +381,8 @@ def _as_returned(outcome, logits, f, g, problem, magnitude, tol):
         return outcome
     sums = kernels.log.exp_line_sums(logits, f, g)
     errors = np.array(outcome.errors)
-    for m, s in zip(problem.margins, sums, strict=True):
-        errors[..., -1, m.axis] = _ipf.l1(1.0, s / problem.total[..., None], m.target.astype(np.float64))
+    for j, (m, s) in enumerate(zip(problem.margins, sums, strict=True)):
+        errors[..., -1, j] = _ipf.l1(1.0, s / problem.total[..., None], m.target.astype(np.float64), logits.ndim - 2)
     errors.flags.writeable = False
     status = outcome.status
     if status == "converged" and not float(np.max(errors[..., -1, :])) <= tol:
@@ -392,7 +426,8 @@ def iterate_balance(table: TableLike, p_x: Marginal, p_y: Marginal, *, start: st
     """
     start = check.start_option(start)
     kernel = kernels.kernel_for(table)
-    problem, targets = _problem(kernel, p_x, p_y, start=start, steps=None)
+    targets = _two_targets(kernel, p_x, p_y)
+    problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=None)
     history = _ipf.History(kernel.batch, 2)
     scales = problem.export_scales()
     source = table if kernels.is_sparse(table) else kernel.table
@@ -401,3 +436,191 @@ def iterate_balance(table: TableLike, p_x: Marginal, p_y: Marginal, *, start: st
         u, v = kernel.export(state, scales)
         yield BalanceResult(u, v, steps=k, status="completed", marginal_error=history.view(), _input=source,
                             _targets=targets)
+
+
+@dataclass(frozen=True, eq=False)
+class MarginsResult(_Outcome):
+    """The outcome of :func:`balance_margins`.
+
+    Attributes
+    ----------
+    factors : tuple of ndarray
+        One scaling per margin, in the order of ``margins``, each of its target's shape (axes in the
+        key's order): ``table == input * prod(factors)``, each broadcast over its margin's axes.
+    keys : tuple
+        The margins' keys, in order.
+    steps : int
+        Half-steps performed; a half-step is one margin's projection, a sweep is ``K`` of them.
+    status : str
+        As in :class:`BalanceResult`.
+    marginal_error : ndarray, shape (steps + 1, K)
+        L1 distance of every margin of iterate k from its target, divided by the target total; row 0
+        is the input.
+    feasible : bool or None
+        Whether a table with every target margin exists on the input's support: a max-flow for two
+        one-way margins of a 2-D table, a linear program (HiGHS) otherwise when the support has at
+        most 200 000 cells; ``None`` when it is larger and the run did not converge.
+    """
+
+    factors: tuple
+    keys: tuple = field(repr=False)
+    _axes: tuple = field(default=(), repr=False)
+
+    @cached_property
+    def table(self):
+        """The balanced table ``input * prod(factors)`` (a new array; sparse input stays sparse)."""
+        if self._input.ndim == 2 and sorted(self._axes) == [(0,), (1,)]:  # as balance_table computes it
+            u, v = self.factors if self._axes[0] == (0,) else self.factors[::-1]
+            return kernels.scaled_table(self._input, u, v)
+        out = np.array(self._input, copy=True)
+        for f, ax in zip(self.factors, self._axes, strict=True):
+            shape = [1] * out.ndim
+            for a in ax:
+                shape[a] = out.shape[a]
+            out *= np.transpose(f, np.argsort(ax)).reshape(shape)
+        return out
+
+    @cached_property
+    def feasible(self) -> bool | None:  # type: ignore[override]
+        """Whether the balanced table exists (decided on first access when the run did not)."""
+        if self._known_feasible is not None:
+            return self._known_feasible
+        axes = [tuple(sorted(ax)) for ax in self._axes]
+        if len(self._input.shape) == 2 and sorted(axes) == [(0,), (1,)]:
+            p_x, p_y = (self._targets[i] for i in np.argsort([ax[0] for ax in axes]))
+            return _feasibility.deficit(kernels.support_pattern(self._input), p_x, p_y) is None
+        deficit = _feasibility.lp_deficit(self._input, axes, list(self._targets))
+        return None if deficit is None else deficit <= LP_FEASIBILITY_TOL
+
+
+#: A linear program that cannot place more than this share of the total mass calls the problem
+#: infeasible (HiGHS solves to about 1e-9).
+LP_FEASIBILITY_TOL = 1e-7
+
+
+def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
+                    max_steps: int | None = None) -> MarginsResult:
+    """Rescale an N-d table so that any number of its one- and multi-way margins match targets.
+
+    Raking (iterative proportional fitting) to K margins: half-step k rescales the table so that
+    margin ``((k - 1) mod K)`` (in the order of ``margins``) equals its target exactly. Each
+    half-step is the KL projection onto the tables with that margin; the limit is the KL projection
+    onto the tables with all of them. A *sweep* is K half-steps (R's ``rake(..., control =
+    list(maxit))`` counts sweeps).
+
+    Parameters
+    ----------
+    table : array_like, shape (n_0, ..., n_{d-1}), or a 2-D scipy.sparse matrix
+        Nonnegative counts or weights; zeros are structural. float32 stays float32. A sparse table
+        takes the two one-way margins 0 and 1 only.
+    margins : mapping
+        In cycle order, from an axis (``int``) or a tuple of axes (a joint margin) to the target:
+        an array of that sub-table's shape, its axes in the key's order. Targets are nonnegative with
+        equal totals, and margins that share axes must agree on their common sub-margin.
+    steps : int, optional
+        Run exactly this many half-steps (status ``"completed"``); ``None`` iterates until every margin
+        is within ``tol``.
+    tol : float, optional
+        Convergence tolerance on every margin's L1 error relative to the total. Default 1e-10
+        (float64) or 1e-5 (float32).
+    max_steps : int, optional
+        Budget of half-steps for ``steps=None``; default 5000 sweeps (``5000 * K``).
+
+    Returns
+    -------
+    MarginsResult
+        The factors (one per margin), status, the error of every margin after every half-step;
+        ``.table`` gives the balanced table.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid input (messages name the parameter): an axis out of range or repeated in a key, a
+        target of the wrong shape, negative or non-finite, totals that differ, overlapping margins
+        that disagree, a margin cell with a positive target and no mass.
+    InfeasibleError
+        With ``steps=None``, when no table on the support has these margins: a max-flow for two
+        one-way margins, a linear program otherwise (supports of at most 200 000 cells; larger ones
+        report what the iteration shows). Pairwise-consistent margins can still be infeasible.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``steps=None`` stops without reaching ``tol``.
+
+    Notes
+    -----
+    ``balance_table(T, p_x, p_y, start="x")`` is ``balance_margins(T, {0: p_x, 1: p_y})``: the same
+    loop (:mod:`databalance._ipf`) on the same kernel. With K >= 3 margins each half-step costs K - 1
+    contractions of the table (the fixed margin's error comes from its own sums, the next margin's
+    from the sums its step needs, the others' from one contraction each), each about one read of the
+    table.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from databalance import balance_margins
+    >>> T = np.ones((2, 3, 2))
+    >>> res = balance_margins(T, {0: [.3, .7], (1, 2): [[.1, .1], [.2, .2], [.1, .3]]})
+    >>> res.status, res.table.sum(axis=(1, 2)).round(12).tolist()
+    ('converged', [0.3, 0.7])
+    >>> res.marginal_error.shape  # (steps + 1, K)
+    (3, 2)
+    """
+    steps = check.steps_option(steps)
+    sparse = kernels.is_sparse(table)
+    shape = table.shape if sparse else check.dense_array(table, "table", min_ndim=1).shape
+    axes, keys, targets = check.margin_targets(margins, shape)
+    names = [f"margins[{k!r}]" for k in keys]
+    K = len(axes)
+    max_steps = 5000 * K if max_steps is None else check.positive_int(max_steps, "max_steps")
+    if len(shape) == 2 and sorted(axes) == [(0,), (1,)]:
+        return _two_margins(table, axes, keys, targets, names, steps=steps, tol=tol, max_steps=max_steps)
+    if sparse:
+        raise TypeError("A scipy.sparse `table` takes the two one-way margins 0 and 1; for joint margins pass "
+                        "a dense array.")
+    kernel = kernels.TensorKernel.from_input(table, axes)
+    tol = check.tolerance(tol, kernel.dtype)
+    total = check.common_total(targets, names)
+    check.consistent_margins(axes, targets, names, total)
+    lines = [f"Margin {k!r} cell" for k in keys]
+    problem = _problem(kernel, targets, names, lines, first=0, steps=steps, total=np.asarray(total))
+
+    def deficit():
+        lost = _feasibility.lp_deficit(kernel.table, axes, targets)
+        if lost is not None and lost > LP_FEASIBILITY_TOL:
+            raise check.infeasible_margins(lost, names)
+
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit)
+    _ipf.warn_if_unconverged(outcome, tol)
+    user_axes = [_key_axes(k, len(shape)) for k in keys]
+    factors = [np.transpose(f, np.argsort(np.argsort(ax)))
+               for f, ax in zip(kernel.export(outcome.state, problem.export_scales()), user_axes, strict=True)]
+    return MarginsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
+                         factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
+                         _known_feasible=known, _axes=tuple(user_axes))
+
+
+def _key_axes(key, ndim: int) -> tuple[int, ...]:
+    """A margin's axes in the key's order, as nonnegative ints."""
+    return tuple(int(a) % ndim for a in ((key,) if np.ndim(key) == 0 else key))
+
+
+def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps) -> MarginsResult:
+    """Two one-way margins of a 2-D table: the kernels and the feasibility check of balance_table."""
+    kernel = kernels.kernel_for(table)
+    tol = check.tolerance(tol, kernel.dtype)
+    order = [axes.index((0,)), axes.index((1,))]  # kernel order: rows, then columns
+    ordered = [targets[i] for i in order]
+    problem = _problem(kernel, ordered, [names[i] for i in order], ["Row", "Column"], first=order.index(0),
+                       steps=steps)
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+                            deficit=_max_flow_check(kernel, ordered, "table"))
+    _ipf.warn_if_unconverged(outcome, tol)
+    back = np.argsort(order)  # kernel order -> the user's order
+    factors = kernel.export(outcome.state, problem.export_scales())
+    source = table if kernels.is_sparse(table) else kernel.table
+    return MarginsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors[:, back],
+                         factors=tuple(factors[i] for i in back), keys=tuple(keys), _input=source,
+                         _targets=tuple(targets), _known_feasible=known,
+                         _axes=tuple(axes))

@@ -7,6 +7,7 @@ and :func:`support_pattern` turn a result's data back into arrays of the input's
 * :class:`.dense.DenseKernel` -- a NumPy array, 2-D or batched (leading axes).
 * :class:`.sparse.SparseKernel` -- a 2-D scipy.sparse matrix or array, never densified.
 * :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
+* :class:`.tensor.TensorKernel` -- a dense N-d table with one- and multi-way margins.
 
 Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
 that the loop owns and passes in; kernels keep only their input and workspace.
@@ -23,9 +24,10 @@ import scipy.sparse as sp
 from .dense import DenseKernel, support_pattern_dense
 from .log import LogKernel
 from .sparse import SparseKernel, scaled_sparse, support_pattern_sparse
+from .tensor import TensorKernel
 
-__all__ = ["DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "is_sparse", "kernel_for",
-           "scaled_table", "support_pattern"]
+__all__ = ["DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "TensorKernel", "is_sparse",
+           "kernel_for", "scaled_table", "support_pattern"]
 
 
 @dataclass
@@ -62,8 +64,9 @@ class Kernel(Protocol):
     def export(self, state: State, scales: list[np.ndarray]) -> list[np.ndarray]:
         """The result's scalings (potentials for the log kernel), each times its ``scales`` entry."""
 
-    def nonempty(self, j: int, within: np.ndarray | None = None) -> np.ndarray:
-        """Which lines of margin ``j`` have mass (counting only the ``within`` lines of the other)."""
+    def nonempty(self, j: int, masks: list[np.ndarray] | None = None) -> np.ndarray:
+        """Which cells of margin ``j`` have mass, counting only table cells where every other
+        margin's mask is True."""
 
     def full_support(self) -> bool:
         """Whether no entry is zero (then every pair of targets is feasible)."""

@@ -92,10 +92,12 @@ class DenseKernel:
 
     # -- support ------------------------------------------------------------------------------------
 
-    def nonempty(self, j, within=None):
-        if within is None:
+    def nonempty(self, j, masks=None):
+        """Lines of margin ``j`` with mass, counting only cells where every other margin's
+        ``masks`` entry is True (``None``: all cells)."""
+        if masks is None:
             return self.input_sums()[j] > 0
-        w = within.astype(self.dtype)
+        w = masks[1 - j].astype(self.dtype)
         return (self.row_sums(w) if j == 0 else self.col_sums(w)) > 0
 
     def full_support(self) -> bool:

@@ -160,7 +160,8 @@ class LogKernel(DenseKernel):
             return [pot + np.log(f) + np.log(c)
                     for pot, f, c in zip(state.frame, state.factors, scales, strict=True)]
 
-    def nonempty(self, j, within=None):
+    def nonempty(self, j, masks=None):
+        within = None if masks is None else masks[1 - j]
         if not self.has_zeros:
             full = np.ones(self.batch + (self.shape[j],), dtype=bool)
             return full if within is None else full & within.any(axis=-1, keepdims=True)
