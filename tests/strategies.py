@@ -51,3 +51,22 @@ def supports_with_targets(draw):
     p_x = draw(hnp.arrays(np.float64, m, elements=positive))
     p_y = draw(hnp.arrays(np.float64, l, elements=positive))
     return table, p_x / p_x.sum(), p_y / p_y.sum()
+
+
+@st.composite
+def tables_with_margins(draw):
+    """A strictly positive 3-d table and the one- and two-way margins of another positive table
+    (so a balanced table exists), keys in a random cycle order with random axis orders."""
+    shape = tuple(draw(st.integers(1, 4)) for _ in range(3))
+    table = draw(hnp.arrays(np.float64, shape, elements=positive))
+    witness = draw(hnp.arrays(np.float64, shape, elements=positive))
+    witness /= witness.sum()
+    candidates = [0, 1, 2, (0, 1), (1, 0), (1, 2), (2, 0)]
+    keys = draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=4,
+                         unique_by=lambda k: tuple(sorted((k,) if isinstance(k, int) else k))))
+    margins = {}
+    for key in keys:
+        axes = (key,) if isinstance(key, int) else key
+        other = tuple(a for a in range(3) if a not in axes)
+        margins[key] = np.transpose(witness.sum(axis=other), np.argsort(np.argsort(axes)))
+    return table, margins
