@@ -31,18 +31,6 @@ class Deficit:
     col_mass: float
 
 
-def support_pattern(table) -> sp.csr_array:
-    """The strictly positive entries of a 2-D dense or sparse table as a CSR pattern."""
-    if sp.issparse(table):
-        pattern = sp.csr_array(table)
-        if pattern.data.size and pattern.data.min() <= 0:
-            pattern = sp.csr_array(pattern > 0)
-    else:
-        pattern = sp.csr_array(table > 0)
-    pattern.sort_indices()
-    return pattern
-
-
 def deficit(pattern: sp.csr_array, p_x: np.ndarray, p_y: np.ndarray) -> Deficit | None:
     """``None`` if the entries of ``pattern`` can carry p_x and p_y; else a violating row set.
 
@@ -116,5 +104,7 @@ def lp_deficit(table: np.ndarray, axes: list[tuple[int, ...]], targets: list[np.
         bounds.append(p.ravel() / total)
     A = sp.csr_array((np.ones(n * len(axes)), (np.concatenate(rows), np.tile(np.arange(n), len(axes)))),
                      shape=(offset, n))
-    res = linprog(-np.ones(n), A_ub=A, b_ub=np.concatenate(bounds), bounds=(0, None), method="highs")
+    # HiGHS takes a sparse constraint matrix (scipy-stubs only lists dense ones).
+    res = linprog(-np.ones(n), A_ub=A, b_ub=np.concatenate(bounds), bounds=(0, None),  # type: ignore[call-overload]
+                  method="highs")
     return max(0.0, 1.0 + float(res.fun))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -11,11 +11,11 @@ import scipy.sparse as sp
 
 #: A nonnegative table: anything ``numpy.asarray`` reads as a real array, or a scipy.sparse
 #: matrix/array.
-TableLike = Union[npt.ArrayLike, sp.spmatrix, sp.sparray]
+TableLike = npt.ArrayLike | sp.spmatrix | sp.sparray
 
 #: A target marginal: an array of masses indexed by integer codes (or, for the sample-level API,
 #: a mapping label -> mass such as a dict or a pandas Series).
-Marginal = Union[npt.ArrayLike, Mapping[Any, float]]
+Marginal = npt.ArrayLike | Mapping[Any, float]
 
 #: Per-sample values or labels.
-SampleArray = Union[npt.ArrayLike, Sequence[Any], np.ndarray]
+SampleArray = npt.ArrayLike | Sequence[Any] | np.ndarray

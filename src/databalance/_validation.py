@@ -308,7 +308,7 @@ def tolerance(tol, dtype: np.dtype) -> float:
     """``None`` means 1e-10 in float64 and 1e-5 in float32 (what float32 sums can resolve)."""
     if tol is None:
         return 1e-10 if dtype == np.float64 else 1e-5
-    if not isinstance(tol, numbers.Real) or not tol > 0 or not np.isfinite(tol):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < np.inf:
         raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
     return float(tol)
 

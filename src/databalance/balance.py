@@ -163,7 +163,7 @@ def _problem(kernel, targets: list, names: list[str], lines: list[str], *, first
     check.finite_sums(kernel.frame_sums[0], kernel.table, name)
     n_steps = np.inf if steps is None else steps
     masks = [p > 0 for p in targets]
-    for t in range(min(K, n_steps)):
+    for t in range(K if steps is None else min(K, steps)):
         j = (first + t) % K
         before = [(first + s) % K for s in range(t)]
         others = [i for i in range(K) if i != j]
@@ -300,7 +300,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     _ipf.warn_if_unconverged(outcome, tol)
     u, v = kernel.export(outcome.state, problem.export_scales())
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
-                         _input=table if kernels.is_sparse(table) else kernel.table, _targets=targets,
+                         _input=table if kernels.is_sparse(table) else kernel.table, _targets=tuple(targets),
                          _known_feasible=known)
 
 
@@ -365,7 +365,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     outcome = measured
     _ipf.warn_if_unconverged(outcome, tol, check.unrepresentable(magnitude) if lost else "")
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
-                            _input=arr, _targets=targets, _known_feasible=known)
+                            _input=arr, _targets=tuple(targets), _known_feasible=known)
 
 
 def _as_returned(outcome, logits, f, g, problem, magnitude, tol):
@@ -435,7 +435,7 @@ def iterate_balance(table: TableLike, p_x: Marginal, p_y: Marginal, *, start: st
         history.append(errors)
         u, v = kernel.export(state, scales)
         yield BalanceResult(u, v, steps=k, status="completed", marginal_error=history.view(), _input=source,
-                            _targets=targets)
+                            _targets=tuple(targets))
 
 
 @dataclass(frozen=True, eq=False)
@@ -569,7 +569,7 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
     """
     steps = check.steps_option(steps)
     sparse = kernels.is_sparse(table)
-    shape = table.shape if sparse else check.dense_array(table, "table", min_ndim=1).shape
+    shape = table.shape if sparse else check.dense_array(table, "table", min_ndim=1).shape  # type: ignore[union-attr]
     axes, keys, targets = check.margin_targets(margins, shape)
     names = [f"margins[{k!r}]" for k in keys]
     K = len(axes)

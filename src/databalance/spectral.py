@@ -17,6 +17,7 @@ from scipy.sparse.linalg import LinearOperator, svds
 
 from . import _feasibility
 from . import _validation as check
+from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 
 __all__ = ["SpectrumResult", "conditional_mean", "spectrum"]
@@ -117,12 +118,12 @@ def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
     array([1.      , 0.613504, 0.353163])
     """
     T, tr, tc = check.joint_table(table)
-    sparse = sp.issparse(T)
+    sparse = is_sparse(T)
     rank = check.spectrum_rank(rank, T.shape, sparse=sparse)
     # D_p^-1/2 P D_q^-1/2 = D_tr^-1/2 T D_tc^-1/2 for P = T / total: no normalised copy needed.
     rt, ct = np.sqrt(tr), np.sqrt(tc)
     sp_, sq = rt / np.sqrt(tr.sum()), ct / np.sqrt(tc.sum())
-    n_components, labels = _feasibility.components(_feasibility.support_pattern(T))
+    n_components, labels = _feasibility.components(support_pattern(T))
     # The s = 1 block is known exactly from the components (one pair per component); it is used
     # as is rather than taken from a solver, for which a repeated value is hard.
     U1, V1 = _unit_block(labels, sp_, sq, int(n_components), min(rank, int(n_components)))

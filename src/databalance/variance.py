@@ -23,12 +23,12 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
 from . import _feasibility
 from . import _validation as check
 from ._joint import Joint, additive_residual
+from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 from .balance import iterate_balance
 
@@ -146,7 +146,7 @@ def _scaled_functions(h: np.ndarray, T: Any) -> tuple[np.ndarray, np.ndarray, bo
     """(h with a trailing function axis, divided by its scale; the scale per function; whether h
     was a single function). The scale is 1 unless the largest |h| on the support of T is outside
     [2**-256, 2**256], else the power of two at that largest value."""
-    sparse = sp.issparse(T)
+    sparse = is_sparse(T)
     single = h.ndim == (1 if sparse else 2)
     h3 = h[..., None] if single else h
     support = (T.data if sparse else T) > 0
@@ -283,12 +283,12 @@ def variance_decomposition(table: TableLike, h: ArrayLike, *, max_steps: int,
     """
     start = check.start_option(start)
     max_steps = check.max_steps_option(max_steps)
-    if sp.issparse(table):
+    if is_sparse(table):
         raise TypeError("variance_decomposition needs a dense table (it uses the full SVD); "
                         "use variance_profile for sparse tables.")
     T, tr, tc = check.joint_table(table)
     h3, scale, single = _scaled_functions(check.function_values(h, T), T)
-    if _feasibility.components(_feasibility.support_pattern(T))[0] > 1:
+    if _feasibility.components(support_pattern(T))[0] > 1:
         raise ValueError("The support graph of `table` is disconnected (s_2 = 1), so the closed form "
                          "divides by zero; use variance_profile, which handles it.")
     s, f, g, second = _coordinates(Joint(T, tr, tc, h3), start)
@@ -404,7 +404,7 @@ def misspecified_profile(table: TableLike, h: ArrayLike, p_x: ArrayLike, p_y: Ar
     """
     start = check.start_option(start)
     max_steps = check.max_steps_option(max_steps)
-    if sp.issparse(table):
+    if is_sparse(table):
         raise TypeError("misspecified_profile needs a dense table; convert it with `table.toarray()`.")
     T, tr, _ = check.joint_table(table)
     P = T / tr.sum()

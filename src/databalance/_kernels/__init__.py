@@ -47,10 +47,15 @@ class Kernel(Protocol):
     dtype: np.dtype
     shape: tuple[int, ...]
     batch: tuple[int, ...]
+    table: Any
 
-    def initial_state(self, scale: np.ndarray) -> State:
-        """Scalings of ``scale`` (shape ``batch + (1,)``) everywhere: the iterates do not depend on
-        it, but it keeps products of tiny tables and scalings in range."""
+    @property
+    def frame_sums(self) -> list[np.ndarray]:
+        """Each margin's sums of the table as stored (the first frame)."""
+
+    def initial_state(self) -> State:
+        """Equal starting scalings that bring the table's total near 1: the iterates do not depend
+        on them, but they keep the products of tiny or huge tables and their scalings in range."""
 
     def input_sums(self) -> list[np.ndarray]:
         """Each margin's sums of the input table itself (iterate 0)."""
@@ -58,8 +63,9 @@ class Kernel(Protocol):
     def sums(self, j: int, state: State) -> np.ndarray:
         """Margin ``j``'s sums of the current table without its own scaling."""
 
-    def rescale(self, j: int, ratio: np.ndarray, sums: np.ndarray, state: State) -> np.ndarray:
-        """Set margin ``j``'s scaling to ``ratio``; return its sums in the (possibly moved) frame."""
+    def rescale(self, j: int, margin: Any, sums: np.ndarray, state: State) -> np.ndarray:
+        """Set margin ``j``'s scaling to ``margin.target / sums`` (0 on its zero targets); return
+        its sums in the (possibly moved) frame."""
 
     def export(self, state: State, scales: list[np.ndarray]) -> list[np.ndarray]:
         """The result's scalings (potentials for the log kernel), each times its ``scales`` entry."""
@@ -83,7 +89,7 @@ def is_sparse(table) -> bool:
     return sp.issparse(table)
 
 
-def kernel_for(table) -> DenseKernel | SparseKernel:
+def kernel_for(table) -> Kernel:
     """The kernel of a nonnegative table (validated by the kernel)."""
     return SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
 

@@ -25,7 +25,7 @@ class TensorKernel(DenseKernel):
         self._paths: dict[int, list] = {}
 
     @classmethod
-    def from_input(cls, table, axes: list[tuple[int, ...]] | None = None) -> TensorKernel:  # type: ignore[override]
+    def from_input(cls, table, axes: list[tuple[int, ...]] | None = None) -> TensorKernel:
         arr = check.dense_array(table, "table", min_ndim=1)
         arr = arr.astype(check.working_dtype(arr.dtype, "table"), copy=False)
         return cls(arr, axes or [(a,) for a in range(arr.ndim)], check.nonnegative(arr, "table"))
@@ -44,7 +44,7 @@ class TensorKernel(DenseKernel):
         return self._contract(j, state.factors)
 
     @property
-    def frame_sums(self) -> list[np.ndarray]:  # type: ignore[override]
+    def frame_sums(self) -> list[np.ndarray]:
         return self.input_sums()
 
     def input_sums(self) -> list[np.ndarray]:
