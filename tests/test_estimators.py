@@ -506,7 +506,24 @@ def test_huge_values_scale_exactly_and_never_give_nan(k, linearization):
     big = balanced_mean(h * 1e200, x, y, p_x, p_y, steps=k, linearization=linearization)
     np.testing.assert_allclose(big.estimate, base.estimate * 1e200, rtol=1e-12)
     np.testing.assert_allclose(big.standard_error, base.standard_error * 1e200, rtol=1e-10)
+    tiny = balanced_mean(h * 1e-200, x, y, p_x, p_y, steps=k, linearization=linearization)
+    np.testing.assert_allclose(tiny.standard_error, base.standard_error * 1e-200, rtol=1e-10)
     extreme = np.where(h > np.median(h), 1.7e308, -1.7e308)
     res = balanced_mean(extreme, x, y, p_x, p_y, steps=k, linearization=linearization)
     assert np.isfinite(res.estimate)
     assert res.standard_error > 0 and not np.isnan(res.standard_error)
+
+
+@pytest.mark.parametrize("k", [3, None])
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+def test_sparse_cell_table_gives_the_dense_answer(monkeypatch, k, linearization):
+    import databalance.estimators as estimators
+
+    h, x, y, p_x, p_y = sample_problem(6)
+    d = np.random.default_rng(1).uniform(0.5, 2, len(h))
+    dense = balanced_mean(h, x, y, p_x, p_y, steps=k, sample_weight=d, linearization=linearization)
+    monkeypatch.setattr(estimators, "DENSE_CELLS", 0)
+    sparse = balanced_mean(h, x, y, p_x, p_y, steps=k, sample_weight=d, linearization=linearization)
+    assert sparse.balance.row_scaling.shape == (3,)
+    np.testing.assert_allclose(sparse.estimate, dense.estimate, rtol=1e-12)
+    np.testing.assert_allclose(sparse.standard_error, dense.standard_error, rtol=1e-9)

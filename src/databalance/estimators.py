@@ -161,7 +161,8 @@ class BalancedEstimator:
             raise ValueError(f"`values` has {h.shape[0]} entries but {n} samples were fitted.")
         h2 = h.reshape(n, -1)
         scale = _power_of_two_scale(h2)
-        h2 = h2 / scale
+        if np.any(scale != 1.0):
+            h2 = h2 / scale
         estimate = self.weights_ @ h2
         z = self._contributions(h2 - estimate)
         z -= z.mean(axis=0)
@@ -190,19 +191,30 @@ class BalancedEstimator:
                 u, v = self.balance_.row_scaling, self.balance_.col_scaling
                 ratio = u[cells.rows] * v[cells.cols]
                 ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
-            alpha, beta = limit_linearization(cells, S, ratio)
+            _, beta = limit_linearization(cells, S, ratio)
         else:
-            alpha, beta = step_linearization(cells, S, *self._targets, steps=self._if_steps,
+            _, beta = step_linearization(cells, S, *self._targets, steps=self._if_steps,
                                              start=self._start, at_iterates=balanced)
-        psi = alpha[cell_of][:, None] * g + beta[cell_of]
-        return psi * (d_norm if balanced else self.weights_)[:, None]
+        # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
+        z = g * self.weights_[:, None]
+        z += beta[cell_of] * (d_norm if balanced else self.weights_)[:, None]
+        return z
 
 
 def _cells(xc: np.ndarray, yc: np.ndarray, design: np.ndarray | None, m: int, l: int):
-    """The samples' occupied cells (dense table when small, CSR otherwise) and each sample's cell."""
-    flat, cell_of = np.unique(xc * l + yc, return_inverse=True)
-    mass = np.bincount(cell_of.ravel(), weights=design, minlength=len(flat)).astype(np.float64)
-    return Cells(flat // l, flat % l, mass, (m, l), dense=m * l <= DENSE_CELLS), cell_of.ravel()
+    """The samples' occupied cells in row-major order (dense table when small, CSR otherwise) and
+    each sample's cell."""
+    key = xc * l + yc
+    dense = m * l <= DENSE_CELLS
+    if dense:  # a lookup over all m * l cells: no sort of the n keys
+        position = np.cumsum(np.bincount(key, minlength=m * l) > 0) - 1
+        flat = np.flatnonzero(np.diff(position, prepend=-1))
+        cell_of = position[key]
+    else:
+        flat, cell_of = np.unique(key, return_inverse=True)
+        cell_of = cell_of.ravel()
+    mass = np.bincount(cell_of, weights=design, minlength=len(flat)).astype(np.float64)
+    return Cells(flat // l, flat % l, mass, (m, l), dense=dense), cell_of
 
 
 def _drop_empty(target, mass):
@@ -213,10 +225,12 @@ def _drop_empty(target, mass):
 
 
 def _power_of_two_scale(h: np.ndarray) -> np.ndarray:
-    """Per column, a power of 2 near max |h|: dividing by it is exact, and the standard error of
-    the scaled values cannot overflow (squares of values near 1e200 would)."""
-    top = np.abs(h).max(axis=0)
-    return np.where(top > 0, np.exp2(np.floor(np.log2(np.where(top > 0, top, 1.0)))), 1.0)
+    """Per column, 1, or for values whose squares could overflow or underflow (max |h| beyond
+    2^+-400) a power of 2 near max |h|: dividing by it is exact, and it keeps the sums of squares of
+    the standard error finite (squares of values near 1e200 would be inf)."""
+    top = np.maximum(h.max(axis=0), -h.min(axis=0))
+    extreme = (top > 2.0**400) | ((top < 2.0**-400) & (top > 0))
+    return np.where(extreme, np.exp2(np.floor(np.log2(np.where(extreme, top, 1.0)))), 1.0)
 
 
 def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike | Mapping,
