@@ -222,6 +222,19 @@ def test_balanced_influence_is_the_gateaux_derivative(k, start, weighted):
     np.testing.assert_allclose(est.standard_error, np.sqrt(n / (n - 1) * ((z - z.mean()) ** 2).sum()), rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, None])
+def test_balanced_influence_with_a_zero_target(k):
+    """A zero target empties a row of every later iterate: its samples get weight and influence 0."""
+    h, x, y, _, p_y = sample_problem(3, n=60)
+    p_x = np.array([0.6, 0.4, 0.0])
+    fitted = BalancedEstimator(p_x, p_y, steps=k, tol=1e-14).fit(x, y)
+    est = fitted.mean(h)
+    psi = fitted._contributions((h - est.estimate)[:, None])[:, 0] * len(h)
+    ref = gateaux_influence(np.ones(len(h)), h, x, y, p_x, p_y, k, "x")
+    np.testing.assert_allclose(psi, ref, atol=1e-7 * np.abs(ref).max())
+    assert np.all(psi[x == 2] == 0)
+
+
 def test_converged_balanced_se_is_the_limit_of_k_step_ses():
     h, x, y, p_x, p_y = sample_problem(0)
     conv = balanced_mean(h, x, y, p_x, p_y, tol=1e-14)
