@@ -82,29 +82,36 @@ def components(pattern: sp.csr_array) -> tuple[int, np.ndarray]:
 LP_CELLS = 200_000
 
 
-def lp_deficit(table: np.ndarray, axes: list[tuple[int, ...]], targets: list[np.ndarray]) -> float | None:
-    """The mass (share of the total) that no table on the support of ``table`` can place within
-    every margin's targets: 0 iff a table with exactly these margins exists there.
+def lp_deficit(codes: list[np.ndarray], targets: list[np.ndarray]) -> float | None:
+    """The mass (share of the total) that no table on the given cells can place within every
+    margin's targets: 0 iff a table with exactly these margins exists on them.
 
-    maximise sum(x) over x >= 0 on the support, subject to each margin's sums <= its target. The sums
-    of every margin total sum(x), so the optimum is the targets' total exactly when all constraints
-    hold with equality. ``None`` when the support is larger than LP_CELLS.
+    ``codes[j]`` is each cell's category in margin j (flat index into ``targets[j]``). maximise
+    sum(x) over x >= 0 on the cells, subject to each margin's sums <= its target. The sums of every
+    margin total sum(x), so the optimum is the targets' total exactly when all constraints hold
+    with equality. ``None`` when there are more than LP_CELLS cells.
     """
     from scipy.optimize import linprog
 
-    cells = np.nonzero(table > 0)
-    n = cells[0].size
+    n = len(codes[0])
     if n > LP_CELLS:
         return None
     total = float(targets[0].sum())
-    rows, offset, bounds = [], 0, []
-    for ax, p in zip(axes, targets, strict=True):
-        rows.append(offset + np.ravel_multi_index(tuple(cells[a] for a in ax), p.shape))
-        offset += p.size
-        bounds.append(p.ravel() / total)
-    A = sp.csr_array((np.ones(n * len(axes)), (np.concatenate(rows), np.tile(np.arange(n), len(axes)))),
-                     shape=(offset, n))
+    offsets = np.cumsum([0] + [p.size for p in targets[:-1]])
+    rows = np.concatenate([c + o for c, o in zip(codes, offsets, strict=True)])
+    A = sp.csr_array((np.ones(n * len(codes)), (rows, np.tile(np.arange(n), len(codes)))),
+                     shape=(int(offsets[-1] + targets[-1].size), n))
+    bounds = np.concatenate([p.ravel() for p in targets]) / total
     # HiGHS takes a sparse constraint matrix (scipy-stubs only lists dense ones).
-    res = linprog(-np.ones(n), A_ub=A, b_ub=np.concatenate(bounds), bounds=(0, None),  # type: ignore[call-overload]
+    res = linprog(-np.ones(n), A_ub=A, b_ub=bounds, bounds=(0, None),  # type: ignore[call-overload]
                   method="highs")
     return max(0.0, 1.0 + float(res.fun))
+
+
+def support_codes(table: np.ndarray, axes: list[tuple[int, ...]]) -> list[np.ndarray] | None:
+    """For every nonzero cell of a dense N-d table, its category in each margin (flat index);
+    ``None`` when there are more than LP_CELLS of them."""
+    where = np.nonzero(table > 0)
+    if len(where[0]) > LP_CELLS:
+        return None
+    return [np.ravel_multi_index(tuple(where[a] for a in ax), tuple(table.shape[a] for a in ax)) for ax in axes]

@@ -133,23 +133,59 @@ def additive_shift(joint: Joint, pr, qc, *, steps, start="x"):
 
 
 class Cells:
-    """The occupied cells of an m x l table: each cell's row, column and mass (a sum of weights).
+    """The occupied cells of an N-d table, seen through K margins: for margin j each cell's code in
+    ``0..sizes[j] - 1`` (a joint margin's cells flattened in C order of ``shapes[j]``), and each
+    cell's mass (a sum of weights). Only occupied cells are stored, never the cross-product.
 
-    Line sums take ``values`` of shape (cells,) or (cells, d) (d functions in the columns).
+    Margin sums take ``values`` of shape (cells,) or (cells, d) (d functions in the columns).
     """
 
-    def __init__(self, rows: np.ndarray, cols: np.ndarray, mass: np.ndarray, shape: tuple[int, int],
-                 *, dense: bool):
-        self.rows, self.cols, self.mass, self.shape, self.dense = rows, cols, mass, shape, dense
+    def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray,
+                 *, dense: bool = False):
+        self.codes, self.shapes, self.mass, self.dense = list(codes), list(shapes), mass, dense
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+
+    @classmethod
+    def from_table(cls, table: np.ndarray, axes: list[tuple[int, ...]]) -> Cells:
+        """The nonzero cells of a dense N-d table, seen through the margins ``axes``."""
+        where = np.nonzero(table > 0)
+        shapes = [tuple(table.shape[a] for a in ax) for ax in axes]
+        codes = [np.ravel_multi_index(tuple(where[a] for a in ax), s) for ax, s in zip(axes, shapes, strict=True)]
+        return cls(codes, shapes, table[where].astype(np.float64), dense=True)
+
+    def margin_sums(self, j: int, values: np.ndarray) -> np.ndarray:
+        """Sums of ``values`` over the cells of each category of margin j, shape (sizes[j],[ d])."""
+        return _group_sums(self.codes[j], values, self.sizes[j])
+
+    def indicators(self) -> sp.csr_array:
+        """The (cells x sum of sizes) 0/1 matrix of every margin's categories (sparse, K per row)."""
+        n, K = len(self.mass), len(self.codes)
+        offsets = np.cumsum([0] + self.sizes[:-1])
+        cols = np.column_stack([c + o for c, o in zip(self.codes, offsets, strict=True)]).ravel()
+        return sp.csr_array((np.ones(n * K), cols, np.arange(0, n * K + 1, K)), shape=(n, sum(self.sizes)))
+
+    # -- two margins (rows, columns) -----------------------------------------------------------------
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.codes[0]
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self.codes[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sizes[0], self.sizes[1]
 
     def row_sums(self, values: np.ndarray) -> np.ndarray:
-        return _group_sums(self.rows, values, self.shape[0])
+        return self.margin_sums(0, values)
 
     def col_sums(self, values: np.ndarray) -> np.ndarray:
-        return _group_sums(self.cols, values, self.shape[1])
+        return self.margin_sums(1, values)
 
     def table(self, values: np.ndarray):
-        """The m x l table holding ``values`` at the cells: dense, or CSR when built sparse."""
+        """The m x l table holding ``values`` at the cells (two margins): dense, or CSR when sparse."""
         if self.dense:
             out = np.zeros(self.shape)
             out[self.rows, self.cols] = values

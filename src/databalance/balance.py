@@ -26,6 +26,7 @@ __all__ = [
     "ConvergenceWarning",
     "InfeasibleError",
     "LogBalanceResult",
+    "CellsResult",
     "MarginsResult",
     "balance_logits",
     "balance_margins",
@@ -489,8 +490,13 @@ class MarginsResult(_Outcome):
         if len(self._input.shape) == 2 and sorted(axes) == [(0,), (1,)]:
             p_x, p_y = (self._targets[i] for i in np.argsort([ax[0] for ax in axes]))
             return _feasibility.deficit(kernels.support_pattern(self._input), p_x, p_y) is None
-        deficit = _feasibility.lp_deficit(self._input, axes, list(self._targets))
-        return None if deficit is None else deficit <= LP_FEASIBILITY_TOL
+        lost = _lp_lost(_feasibility.support_codes(self._input, axes), self._targets)
+        return None if lost is None else lost <= LP_FEASIBILITY_TOL
+
+
+def _lp_lost(codes, targets) -> float | None:
+    """The share of the mass a linear program cannot place on the cells (None: too many cells)."""
+    return None if codes is None else _feasibility.lp_deficit(codes, list(targets))
 
 
 #: A linear program that cannot place more than this share of the total mass calls the problem
@@ -587,7 +593,7 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
     problem = _problem(kernel, targets, names, lines, first=0, steps=steps, total=np.asarray(total))
 
     def deficit():
-        lost = _feasibility.lp_deficit(kernel.table, axes, targets)
+        lost = _lp_lost(_feasibility.support_codes(kernel.table, axes), targets)
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names)
 
@@ -624,3 +630,72 @@ def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps) ->
                          factors=tuple(factors[i] for i in back), keys=tuple(keys), _input=source,
                          _targets=tuple(targets), _known_feasible=known,
                          _axes=tuple(axes))
+
+
+@dataclass(frozen=True, eq=False)
+class CellsResult(_Outcome):
+    """The balancing of a sample's occupied cells towards K margins (``BalancedEstimator.balance_``).
+
+    Attributes
+    ----------
+    factors : tuple of ndarray
+        One scaling per margin, in the order of the estimator's ``margins``, of that margin's
+        target shape: a sample in cell c gets weight ``d_i * prod_j factors[j][c's category]``.
+    keys : tuple
+        The margins' keys (column names, or tuples of them for joint margins).
+    steps, status, converged, marginal_error
+        As in :class:`MarginsResult`: every margin's L1 error after every half-step.
+    cell_masses : ndarray
+        The balanced mass of each occupied cell (the estimator's order of cells).
+    feasible : bool or None
+        Whether the targets can be met on the occupied cells (a max-flow for two margins, a linear
+        program for more when there are at most 200 000 cells; ``None`` when undecided).
+    """
+
+    factors: tuple
+    keys: tuple = field(repr=False)
+    _codes: tuple = field(default=(), repr=False)
+
+    @cached_property
+    def cell_masses(self) -> np.ndarray:
+        out = np.array(self._input, dtype=np.float64)
+        for f, c in zip(self.factors, self._codes, strict=True):
+            out *= f.ravel()[c]
+        return out
+
+    @cached_property
+    def feasible(self) -> bool | None:  # type: ignore[override]
+        if self._known_feasible is not None:
+            return self._known_feasible
+        lost = _lp_lost(list(self._codes), self._targets)
+        return None if lost is None else lost <= LP_FEASIBILITY_TOL
+
+
+def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray, targets: list,
+                  keys: list, *, steps: int | None = None, tol: float | None = None,
+                  max_steps: int | None = None) -> CellsResult:
+    """Balance a table given by its occupied cells (each cell's category in every margin, and its
+    mass) towards the margins' targets (validated arrays of ``shapes``), in the order given.
+
+    The sample-level form of :func:`balance_margins`: the same loop, on the cells only.
+    """
+    names = [f"margins[{k!r}]" for k in keys]
+    kernel = kernels.CellKernel(list(codes), list(shapes), np.asarray(mass, dtype=np.float64))
+    tol = check.tolerance(tol, kernel.dtype)
+    max_steps = 5000 * len(codes) if max_steps is None else check.positive_int(max_steps, "max_steps")
+    total = check.common_total(targets, names)
+    lines = [f"Margin {k!r} cell" for k in keys]
+    problem = _problem(kernel, targets, names, lines, first=0, steps=steps, total=np.asarray(total),
+                       name="samples")
+
+    def deficit():
+        lost = _lp_lost(list(codes), targets)
+        if lost is not None and lost > LP_FEASIBILITY_TOL:
+            raise check.infeasible_margins(lost, names, "samples")
+
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit)
+    _ipf.warn_if_unconverged(outcome, tol)
+    factors = kernel.export(outcome.state, problem.export_scales())
+    return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
+                       factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
+                       _known_feasible=known, _codes=tuple(codes))

@@ -214,7 +214,7 @@ def _cells(xc: np.ndarray, yc: np.ndarray, design: np.ndarray | None, m: int, l:
         flat, cell_of = np.unique(key, return_inverse=True)
         cell_of = cell_of.ravel()
     mass = np.bincount(cell_of, weights=design, minlength=len(flat)).astype(np.float64)
-    return Cells(flat // l, flat % l, mass, (m, l), dense=dense), cell_of
+    return Cells([flat // l, flat % l], [(m,), (l,)], mass, dense=dense), cell_of
 
 
 def _drop_empty(target, mass):

@@ -8,6 +8,7 @@ and :func:`support_pattern` turn a result's data back into arrays of the input's
 * :class:`.sparse.SparseKernel` -- a 2-D scipy.sparse matrix or array, never densified.
 * :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
 * :class:`.tensor.TensorKernel` -- a dense N-d table with one- and multi-way margins.
+* :class:`.cells.CellKernel` -- a sparse N-d table given as its occupied cells (samples' cells).
 
 Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
 that the loop owns and passes in; kernels keep only their input and workspace.
@@ -21,12 +22,13 @@ from typing import Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from .cells import CellKernel
 from .dense import DenseKernel, support_pattern_dense
 from .log import LogKernel
 from .sparse import SparseKernel, scaled_sparse, support_pattern_sparse
 from .tensor import TensorKernel
 
-__all__ = ["DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "TensorKernel", "is_sparse",
+__all__ = ["CellKernel", "DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "TensorKernel", "is_sparse",
            "kernel_for", "scaled_table", "support_pattern"]
 
 
