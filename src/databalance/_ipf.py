@@ -133,11 +133,15 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
         errors = np.empty_like(errors)
         errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
         j = next(order)
-        sums = kernel.sums(j, state)
-        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
-        for i in range(len(margins)):
-            if i not in (j, (j - 1) % len(margins)):
-                errors[..., i] = l1(state.factors[i], kernel.sums(i, state), margins[i].target, nb, scratch[i])
+        if len(margins) == 2:  # the next margin's sums are all that is needed: the shortcut
+            sums = kernel.sums(j, state)
+            errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
+        else:
+            needed = [(j + s) % len(margins) for s in range(max(1, len(margins) - 1))]
+            many = kernel.sums_many(needed, state)
+            sums = many[j]
+            for i in needed:
+                errors[..., i] = l1(state.factors[i], many[i], margins[i].target, nb, scratch[i])
         yield k, state, errors
 
 

@@ -65,6 +65,9 @@ class Kernel(Protocol):
     def sums(self, j: int, state: State) -> np.ndarray:
         """Margin ``j``'s sums of the current table without its own scaling."""
 
+    def sums_many(self, js: list[int], state: State) -> dict[int, np.ndarray]:
+        """The sums of several margins (a kernel may share work among them)."""
+
     def rescale(self, j: int, margin: Any, sums: np.ndarray, state: State) -> np.ndarray:
         """Set margin ``j``'s scaling to ``margin.target / sums`` (0 on its zero targets); return
         its sums in the (possibly moved) frame."""

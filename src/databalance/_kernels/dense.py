@@ -60,6 +60,9 @@ class DenseKernel:
     def sums(self, j, state):
         return self.row_sums(state.factors[1]) if j == 0 else self.col_sums(state.factors[0])
 
+    def sums_many(self, js, state) -> dict[int, np.ndarray]:
+        return {j: self.sums(j, state) for j in js}
+
     @cached_property
     def frame_sums(self) -> list[np.ndarray]:
         """Row and column sums of the table as stored."""

@@ -22,7 +22,7 @@ class TensorKernel(DenseKernel):
         self.batch = ()
         self.axes = axes
         self.margin_shapes = [tuple(table.shape[a] for a in ax) for ax in axes]
-        self._paths: dict[int, list] = {}
+        self._paths: dict = {}
 
     @classmethod
     def from_input(cls, table, axes: list[tuple[int, ...]] | None = None) -> TensorKernel:
@@ -36,12 +36,64 @@ class TensorKernel(DenseKernel):
             if i != j:
                 ops += [f, list(self.axes[i])]
         ops.append(list(self.axes[j]))
-        if j not in self._paths:  # shapes never change, so neither does the best order
-            self._paths[j] = np.einsum_path(*ops, optimize="optimal" if len(factors) <= 5 else "greedy")[0]
-        return np.einsum(*ops, optimize=self._paths[j])
+        return self._einsum(j, ops)
 
     def sums(self, j, state):
         return self._contract(j, state.factors)
+
+    def sums_many(self, js: list[int], state) -> dict[int, np.ndarray]:
+        """The sums of several margins, sharing one read of the table among margins that leave a
+        common set of axes Z untouched: T is contracted over Z once (with the scalings that live
+        in Z), and each margin's sums come from that smaller intermediate."""
+        out: dict[int, np.ndarray] = {}
+        for group, zone in self._groups(tuple(js)):
+            if zone is None:
+                out[group[0]] = self._contract(group[0], state.factors)
+                continue
+            inner = [i for i, ax in enumerate(self.axes) if set(ax) <= zone]
+            kept = [a for a in range(self.table.ndim) if a not in zone]
+            ops: list = [self.table, list(range(self.table.ndim))]
+            for i in inner:
+                ops += [state.factors[i], list(self.axes[i])]
+            ops.append(kept)
+            Y = self._einsum(("Z", tuple(group)), ops)
+            for j in group:
+                sub: list = [Y, kept]
+                for i, f in enumerate(state.factors):
+                    if i != j and i not in inner:
+                        sub += [f, list(self.axes[i])]
+                sub.append(list(self.axes[j]))
+                out[j] = self._einsum(("Y", j, tuple(group)), sub)
+        return out
+
+    def _einsum(self, key, ops):
+        if key not in self._paths:  # shapes never change, so neither does the best order
+            self._paths[key] = np.einsum_path(*ops, optimize="optimal" if len(ops) <= 12 else "greedy")[0]
+        return np.einsum(*ops, optimize=self._paths[key])
+
+    def _groups(self, js: tuple[int, ...]) -> list:
+        """Margins ``js`` grouped greedily by a common untouched zone of axes (cached per ``js``)."""
+        key = ("groups", js)
+        if key not in self._paths:
+            groups: list = []
+            for j in js:
+                for g in groups:
+                    zone = self._zone(g[0] + [j])
+                    if zone:
+                        g[0].append(j)
+                        g[1] = zone
+                        break
+                else:
+                    groups.append([[j], self._zone([j])])
+            self._paths[key] = [(tuple(g), z if len(g) > 1 else None) for g, z in groups]
+        return self._paths[key]
+
+    def _zone(self, group: list[int]):
+        """The axes no margin of ``group`` touches, if every scaling lies inside or outside them."""
+        zone = set(range(self.table.ndim)) - {a for j in group for a in self.axes[j]}
+        if zone and all(set(ax) <= zone or not set(ax) & zone for ax in self.axes):
+            return zone
+        return None
 
     @property
     def frame_sums(self) -> list[np.ndarray]:
