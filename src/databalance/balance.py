@@ -320,7 +320,12 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     Returns
     -------
     LogBalanceResult
-        Potentials ``f, g`` with ``log_table = f[..., :, None] + logits + g[..., None, :]``.
+        Potentials ``f, g`` with ``log_table = f[..., :, None] + logits + g[..., None, :]``. They are
+        float64 even for float32 logits (a float32 potential of size 1e4 is rounded by ~1e-3, which
+        would move every entry of the table by that relative amount); ``table`` and ``log_table``
+        have the logits' dtype. The final marginal errors are those of the returned potentials:
+        when rounding them in float64 matters (logits of size ~1e15 and beyond), they are measured
+        on ``exp(logits + f + g)`` and such a run is not called converged.
 
     Raises
     ------
