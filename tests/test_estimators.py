@@ -212,7 +212,8 @@ def test_balanced_influence_is_the_gateaux_derivative(k, start, weighted):
     p_x = np.array([0.6, 0.3, 0.1])  # far from the sample's X marginal (~1/3 each)
     n = len(h)
     d = np.random.default_rng(5).uniform(0.5, 2, n) if weighted else np.ones(n)
-    fitted = BalancedEstimator(p_x, p_y, steps=k, start=start, tol=1e-14).fit(x, y, d if weighted else None)
+    order = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
+    fitted = BalancedEstimator(order, steps=k, tol=1e-14).fit({"x": x, "y": y}, d if weighted else None)
     est = fitted.mean(h)
     dn = d / d.sum()
     psi = fitted._contributions((h - est.estimate)[:, None])[:, 0] / dn
@@ -227,7 +228,7 @@ def test_balanced_influence_with_a_zero_target(k):
     """A zero target empties a row of every later iterate: its samples get weight and influence 0."""
     h, x, y, _, p_y = sample_problem(3, n=60)
     p_x = np.array([0.6, 0.4, 0.0])
-    fitted = BalancedEstimator(p_x, p_y, steps=k, tol=1e-14).fit(x, y)
+    fitted = BalancedEstimator({"x": p_x, "y": p_y}, steps=k, tol=1e-14).fit({"x": x, "y": y})
     est = fitted.mean(h)
     psi = fitted._contributions((h - est.estimate)[:, None])[:, 0] * len(h)
     ref = gateaux_influence(np.ones(len(h)), h, x, y, p_x, p_y, k, "x")
@@ -285,7 +286,7 @@ def test_several_statistics_at_once_and_fit_once():
     h, x, y, p_x, p_y = sample_problem(3)
     H = np.column_stack([h, h**2, np.cos(h)])
     joint = balanced_mean(H, x, y, p_x, p_y, steps=3)
-    fitted = BalancedEstimator(p_x, p_y, steps=3).fit(x, y)
+    fitted = BalancedEstimator({"x": p_x, "y": p_y}, steps=3).fit({"x": x, "y": y})
     for j in range(3):
         one = balanced_mean(H[:, j], x, y, p_x, p_y, steps=3)
         np.testing.assert_allclose(joint.estimate[j], one.estimate, rtol=1e-13)
@@ -486,9 +487,9 @@ def test_errors(kwargs, exc, match):
 
 def test_mean_before_fit_and_wrong_length():
     with pytest.raises(RuntimeError, match=r"Call fit"):
-        BalancedEstimator(PX, PY).mean(H)
+        BalancedEstimator({"x": PX, "y": PY}).mean(H)
     with pytest.raises(ValueError, match=r"`values` has 3 entries but 4 samples were fitted"):
-        BalancedEstimator(PX, PY).fit(X, Y).mean(H[:3])
+        BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y}).mean(H[:3])
     with pytest.raises(ValueError, match=r"`level` must be a number strictly between 0 and 1"):
         balanced_mean(H, X, Y, PX, PY).confidence_interval(95)
 
@@ -537,6 +538,6 @@ def test_sparse_cell_table_gives_the_dense_answer(monkeypatch, k, linearization)
     dense = balanced_mean(h, x, y, p_x, p_y, steps=k, sample_weight=d, linearization=linearization)
     monkeypatch.setattr(estimators, "DENSE_CELLS", 0)
     sparse = balanced_mean(h, x, y, p_x, p_y, steps=k, sample_weight=d, linearization=linearization)
-    assert sparse.balance.row_scaling.shape == (3,)
+    assert [f.shape for f in sparse.balance.factors] == [(3,), (4,)]
     np.testing.assert_allclose(sparse.estimate, dense.estimate, rtol=1e-12)
     np.testing.assert_allclose(sparse.standard_error, dense.standard_error, rtol=1e-9)

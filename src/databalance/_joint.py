@@ -16,11 +16,11 @@ from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator, minres
+from scipy.sparse.linalg import LinearOperator, lsqr, minres
 
 from . import _feasibility
 
-__all__ = ["Cells", "Joint", "additive_residual", "additive_shift", "limit_linearization",
+__all__ = ["Cells", "Joint", "additive_fit", "additive_residual", "additive_shift", "limit_linearization",
            "step_linearization"]
 
 
@@ -140,9 +140,8 @@ class Cells:
     Margin sums take ``values`` of shape (cells,) or (cells, d) (d functions in the columns).
     """
 
-    def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray,
-                 *, dense: bool = False):
-        self.codes, self.shapes, self.mass, self.dense = list(codes), list(shapes), mass, dense
+    def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray):
+        self.codes, self.shapes, self.mass = list(codes), list(shapes), mass
         self.sizes = [int(np.prod(s)) for s in self.shapes]
 
     @classmethod
@@ -151,7 +150,7 @@ class Cells:
         where = np.nonzero(table > 0)
         shapes = [tuple(table.shape[a] for a in ax) for ax in axes]
         codes = [np.ravel_multi_index(tuple(where[a] for a in ax), s) for ax, s in zip(axes, shapes, strict=True)]
-        return cls(codes, shapes, table[where].astype(np.float64), dense=True)
+        return cls(codes, shapes, table[where].astype(np.float64))
 
     def margin_sums(self, j: int, values: np.ndarray) -> np.ndarray:
         """Sums of ``values`` over the cells of each category of margin j, shape (sizes[j],[ d])."""
@@ -163,35 +162,6 @@ class Cells:
         offsets = np.cumsum([0] + self.sizes[:-1])
         cols = np.column_stack([c + o for c, o in zip(self.codes, offsets, strict=True)]).ravel()
         return sp.csr_array((np.ones(n * K), cols, np.arange(0, n * K + 1, K)), shape=(n, sum(self.sizes)))
-
-    # -- two margins (rows, columns) -----------------------------------------------------------------
-
-    @property
-    def rows(self) -> np.ndarray:
-        return self.codes[0]
-
-    @property
-    def cols(self) -> np.ndarray:
-        return self.codes[1]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.sizes[0], self.sizes[1]
-
-    def row_sums(self, values: np.ndarray) -> np.ndarray:
-        return self.margin_sums(0, values)
-
-    def col_sums(self, values: np.ndarray) -> np.ndarray:
-        return self.margin_sums(1, values)
-
-    def table(self, values: np.ndarray):
-        """The m x l table holding ``values`` at the cells (two margins): dense, or CSR when sparse."""
-        if self.dense:
-            out = np.zeros(self.shape)
-            out[self.rows, self.cols] = values
-            return out
-        # Cells are distinct, so the COO -> CSR conversion sums nothing; explicit zeros stay stored.
-        return sp.csr_array((values, (self.rows, self.cols)), shape=self.shape)
 
 
 def _group_sums(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -208,70 +178,88 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _iterates(cells: Cells, p: np.ndarray, q: np.ndarray, steps: int, start: str) -> list:
-    """Scalings (u, v) of the iterates Q^(0), ..., Q^(steps - 1) of balancing the cell masses
-    towards p, q: Q^(j)(c) = u[row c] v[col c] t(c), with t the masses normalised to total 1."""
+def _iterates(cells: Cells, targets: list[np.ndarray], steps: int) -> list[np.ndarray]:
+    """Per cell, Q^(j) / Q^(0) for the iterates j = 0, ..., steps - 1 of balancing the cell masses
+    towards the targets (each of total 1) in cycle order: half-step j fixes margin (j - 1) mod K."""
     t = cells.mass / cells.mass.sum()
-    u, v = np.ones(cells.shape[0]), np.ones(cells.shape[1])
+    K = len(targets)
+    factors = [np.ones(size) for size in cells.sizes]
+    ratio = np.ones(len(t))
     out = []
     for j in range(1, steps + 1):
-        out.append((u, v))
-        if (j % 2 == 1) == (start == "x"):
-            u = _ratio(p, cells.row_sums(v[cells.cols] * t))
-        else:
-            v = _ratio(q, cells.col_sums(u[cells.rows] * t))
+        out.append(ratio)
+        m = (j - 1) % K
+        # Q^(j-1) / Q^(0) without margin m's factor, rebuilt (dividing it out fails at zero targets).
+        others = np.ones(len(t))
+        for i in range(K):
+            if i != m:
+                others = others * factors[i][cells.codes[i]]
+        factors[m] = _ratio(targets[m].ravel(), cells.margin_sums(m, others * t))
+        ratio = others * factors[m][cells.codes[m]]
     return out
 
 
-def step_linearization(cells: Cells, S: np.ndarray, p: np.ndarray, q: np.ndarray, *, steps: int,
-                       start: str, at_iterates: bool) -> tuple[np.ndarray, np.ndarray]:
+def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *, steps: int,
+                       at_iterates: bool) -> tuple[np.ndarray, np.ndarray]:
     """Cell arrays (alpha, beta) with psi = alpha(c) h~ + beta(c) = L_1 ... L_k h~ at every sample.
 
-    ``S`` (cells, d) holds the cell sums of the normalised design weights times h~ = h - estimate.
-    With ``at_iterates`` (the balanced linearisation), L_j g = w_j (g - E_{Q^(j-1)}[g | margin j])
-    with w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect
-    to the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
+    Half-step j fixes margin (j - 1) mod K (the targets in cycle order, each of total 1). ``S``
+    (cells, d) holds the cell sums of the normalised design weights times h~ = h - estimate. With
+    ``at_iterates`` (the balanced linearisation), L_j g = w_j (g - E_{Q^(j-1)}[g | margin j]) with
+    w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect to
+    the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
     (R survey's convention: the result is to be multiplied by the balanced weights).
     """
     t = cells.mass / cells.mass.sum()
-    iterates = _iterates(cells, p, q, steps, start) if at_iterates else None
+    K = len(targets)
+    iterates = _iterates(cells, targets, steps) if at_iterates else None
     alpha, beta = np.ones(len(t)), np.zeros(S.shape)
     for j in range(steps, 0, -1):  # the last step's operator acts first
-        on_rows = (j % 2 == 1) == (start == "x")
-        index, line_sums, target = ((cells.rows, cells.row_sums, p) if on_rows
-                                    else (cells.cols, cells.col_sums, q))
-        if iterates is None:
-            ratio = np.ones(len(t))
-        else:
-            u, v = iterates[j - 1]
-            ratio = u[cells.rows] * v[cells.cols]  # Q^(j-1) / Q^(0) in each cell
-        mass = line_sums(ratio * t)
-        mean = _ratio(line_sums(ratio[:, None] * (alpha[:, None] * S + beta * t[:, None])), mass)
+        m = (j - 1) % K
+        index = cells.codes[m]
+        ratio = np.ones(len(t)) if iterates is None else iterates[j - 1]
+        mass = cells.margin_sums(m, ratio * t)
+        mean = _ratio(cells.margin_sums(m, ratio[:, None] * (alpha[:, None] * S + beta * t[:, None])), mass)
         beta = beta - mean[index]
         if iterates is not None:
-            w = _ratio(target, mass)[index]
+            w = _ratio(targets[m].ravel(), mass)[index]
             alpha = alpha * w
             beta *= w[:, None]
     return alpha, beta
 
 
 def limit_linearization(cells: Cells, S: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cell arrays (alpha, beta) with psi = ratio(c) (h~ - a(x) - b(y)) = alpha h~ + beta, where
-    a + b is the weighted least-squares fit of h~ on additive functions under the measure
+    """Cell arrays (alpha, beta) with psi = ratio(c) (h~ - f(c)) = alpha h~ + beta, where f, a sum of
+    functions of each margin's categories, is the weighted least-squares fit of h~ under the measure
     ``ratio * t`` (t the cell masses): the balanced measure with ``ratio`` = Qbar / Q^(0) (the
     influence function of the raking estimate), or the starting measure with ``ratio`` = 1 (R
     survey's convention). ``S`` is as in :func:`step_linearization`.
     """
-    measure = ratio * cells.mass
-    rs, cs = cells.row_sums(measure), cells.col_sums(measure)
-    rows, cols = np.flatnonzero(rs > 0), np.flatnonzero(cs > 0)
-    table = cells.table(measure)
-    sub = table[np.ix_(rows, cols)] if cells.dense else table[rows][:, cols]
-    total = measure.sum()
-    # pr = Q_X * E_Q[h~ | X] for the measure Q = measure / total, from the cell sums of h~.
-    weighted = ratio[:, None] * S * (cells.mass.sum() / total)
-    pr, qc = cells.row_sums(weighted), cells.col_sums(weighted)
-    a_sub, b_sub = additive_shift(Joint(sub, rs[rows], cs[cols]), pr[rows], qc[cols], steps=None)
-    a, b = np.zeros(pr.shape), np.zeros(qc.shape)
-    a[rows], b[cols] = a_sub, b_sub
-    return ratio, -ratio[:, None] * (a[cells.rows] + b[cells.cols])
+    fit = additive_fit(cells, ratio * cells.mass, ratio[:, None] * S * (cells.mass.sum() / (ratio * cells.mass).sum()))
+    return ratio, -ratio[:, None] * fit
+
+
+def additive_fit(cells: Cells, measure: np.ndarray, weighted: np.ndarray) -> np.ndarray:
+    """Per cell, the weighted least-squares fit of g on the union of the margins' indicator columns,
+    under the cell measure ``measure`` (normalised here) with ``weighted`` = measure * E[g | cell]
+    (cells, d) in the same normalisation as ``measure / measure.sum()``.
+
+    LSQR on the sparse indicator matrix with rows scaled by sqrt(measure) and columns by one over
+    the square root of their mass: each margin's block of the normal equations is then the
+    identity, so the conditioning is that of the margins' overlap, never a dense cells x levels
+    matrix. Cells without measure drop out; the fit is unique even though the columns are not.
+    """
+    q = measure / measure.sum()
+    keep = np.flatnonzero(q > 0)
+    A = cells.indicators()[keep]
+    col_mass = A.T @ q[keep]
+    scale = np.zeros_like(col_mass)
+    np.divide(1.0, np.sqrt(col_mass), out=scale, where=col_mass > 0)
+    root = np.sqrt(q[keep])
+    B = sp.diags_array(root) @ A @ sp.diags_array(scale)
+    fit = np.zeros(weighted.shape)
+    for j in range(weighted.shape[1]):
+        rhs = weighted[keep, j] / root
+        coef = lsqr(B, rhs, atol=1e-15, btol=1e-15, conlim=1e12, iter_lim=20 * B.shape[1] + 100)[0]
+        fit[keep, j] = A @ (scale * coef)
+    return fit

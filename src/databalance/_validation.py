@@ -613,12 +613,16 @@ def empty_policy(value) -> str:
     return value
 
 
-def unsampled(counts: np.ndarray, masses: np.ndarray, categories, name: str, target_name: str) -> None:
+def unsampled(counts: np.ndarray, masses: np.ndarray, categories, name: str | tuple, target_name: str) -> None:
+    """A target category with mass but no sample; ``categories`` gives the label of a flat index
+    (a sequence, or a callable for joint margins, whose ``name`` is the tuple of columns)."""
     bad = (counts <= 0) & (masses > 0)
     if bad.any():
         i = int(np.argmax(bad))
+        label = categories(i) if callable(categories) else categories[i]
+        shown = f"`{name}`" if not isinstance(name, tuple) else f"({', '.join(f'`{c}`' for c in name)})"
         raise ValueError(
-            f"No sample has `{name}` = {_show(categories[i])}, but `{target_name}` gives it mass "
+            f"No sample has {shown} = {_show(label)}, but `{target_name}` gives it mass "
             f"{masses[i]:.6g}: no weighting of the samples can reach that target. Merge it with a "
             f"neighbouring category, collect samples, or pass empty='drop' to remove it from the targets."
         )
@@ -742,6 +746,254 @@ def linearization_option(value) -> str:
             f"convention: conditional means of the starting sample); got {value!r}."
         )
     return value
+
+
+def sample_margin_keys(margins) -> list[tuple[Any, tuple]]:
+    """The estimator's margins: (key, the key's column names) in cycle order.
+
+    A key is a column name, or a tuple of column names for a joint margin.
+    """
+    if not hasattr(margins, "items") or isinstance(margins, np.ndarray):
+        raise TypeError(
+            f"`margins` must be a mapping from a column name (or a tuple of names, for a joint margin) to "
+            f"its target, in cycle order, e.g. {{'age': p_age, ('sex', 'region'): p_sex_region}}; got "
+            f"{type(margins).__name__}."
+        )
+    if len(margins) == 0:
+        raise ValueError("`margins` is empty; give at least one margin to balance.")
+    out: list[tuple[Any, tuple]] = []
+    seen: dict[frozenset, Any] = {}
+    for key in margins:
+        columns = key if isinstance(key, tuple) else (key,)
+        if not columns:
+            raise ValueError("`margins` has the key (); a joint margin names at least one column.")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"`margins` key {key!r} repeats a column; a joint margin names each column once.")
+        if frozenset(columns) in seen:
+            raise ValueError(f"`margins` has the keys {seen[frozenset(columns)]!r} and {key!r} for the same "
+                             "columns; give each margin once.")
+        seen[frozenset(columns)] = key
+        out.append((key, columns))
+    return out
+
+
+def sample_data(data, columns: list, n_hint: int | None = None) -> dict:
+    """The 1-d arrays of the named columns of a DataFrame or a mapping name -> array, one length."""
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__contains__") or isinstance(data, np.ndarray):
+        raise TypeError(
+            f"`data` must be a pandas DataFrame or a mapping from column name to a 1-d array; got "
+            f"{type(data).__name__}."
+        )
+    out: dict = {}
+    for c in columns:
+        if c not in data:
+            listed = list(data.keys()) if hasattr(data, "keys") else []
+            raise ValueError(
+                f"`margins` names the column {c!r}, which `data` lacks (its columns: {listed!r}). Add the "
+                "column or fix the margin's key."
+            )
+        out[c] = sample_array(data[c], str(c), None)
+    lengths = {c: a.shape[0] for c, a in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"The columns of `data` have different lengths {lengths}; give one entry per sample "
+                         "in every column.")
+    return out
+
+
+def mixed_target_kinds(column, names: list[str]) -> TypeError:
+    return TypeError(
+        f"The column {column!r} is in margins given as mappings and as arrays ({', '.join(f'`{n}`' for n in names)}): "
+        "give every margin on it as a mapping label -> mass, or every one as an array over integer codes."
+    )
+
+
+def mapping_target(target, target_name: str, width: int) -> tuple[list, np.ndarray]:
+    """The (categories, masses) of a mapping target; a joint margin's categories are tuples of ``width``."""
+    categories = list(target.keys())
+    if len(set(categories)) != len(categories):
+        raise ValueError(f"`{target_name}` lists a category twice.")
+    if width > 1:
+        for c in categories:
+            if not isinstance(c, tuple) or len(c) != width:
+                raise ValueError(
+                    f"`{target_name}` has the key {_show(c)}, but a margin of {width} columns needs tuples of "
+                    f"{width} labels as keys (a pandas Series needs a MultiIndex of {width} levels)."
+                )
+    return categories, _mapping_masses(target, categories, target_name)
+
+
+def array_target(target, target_name: str, width: int) -> np.ndarray:
+    """An array target over integer codes: real, finite, nonnegative, one axis per column."""
+    arr = as_array(target, target_name)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"`{target_name}` must hold real numbers; got dtype {arr.dtype}.")
+    if arr.ndim != width:
+        what = "1-D (or a mapping label -> mass)" if width == 1 else f"{width}-D, one axis per column of the margin"
+        raise ValueError(f"`{target_name}` must be {what}; got shape {arr.shape}.")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`{target_name}` contains NaN or inf, first at index {_first_index(~np.isfinite(arr))}.")
+    if (arr < 0).any():
+        idx = _first_index(arr < 0)
+        raise ValueError(f"`{target_name}` must be nonnegative; found {float(arr[idx])!r} at index {idx}.")
+    return arr
+
+
+def category_counts_differ(column, first: str, n_first: int, other: str, n_other: int) -> ValueError:
+    return ValueError(
+        f"`{first}` has {n_first} categories of {column!r} but `{other}` has {n_other}: a target's shape must "
+        f"match its columns' categories. Give both margins the same codes 0..n-1 of {column!r}."
+    )
+
+
+def lookup_labels(labels: np.ndarray, index: dict, name: str, target_name: str) -> np.ndarray:
+    """Each sample's position in ``index`` (label -> code); a label it lacks is an error."""
+    missing_labels(labels, name, target_name)
+    uniques: list
+    try:
+        sorted_uniques, inverse = np.unique(labels, return_inverse=True)
+        uniques = list(sorted_uniques)
+    except TypeError:  # labels of mixed types cannot be sorted, but can still be looked up
+        uniques = list(dict.fromkeys(labels.tolist()))
+        position = {u: j for j, u in enumerate(uniques)}
+        inverse = np.fromiter((position[v] for v in labels.tolist()), np.int64, count=len(labels))
+    lookup = np.empty(len(uniques), dtype=np.int64)
+    for j, u in enumerate(uniques):
+        key = u.item() if isinstance(u, np.generic) else u
+        if key not in index:
+            raise unlisted_label(name, u, target_name)
+        lookup[j] = index[key]
+    return lookup[inverse.ravel()]
+
+
+def integer_codes(labels: np.ndarray, size: int, name: str, target_name: str) -> np.ndarray:
+    """Integer codes 0..size-1 of a column whose margins are arrays."""
+    missing_labels(labels, name, target_name)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(
+            f"`{name}` holds labels of dtype {labels.dtype}, but `{target_name}` is an array: give "
+            f"`{name}` as integer codes 0..{size - 1}, or `{target_name}` as a mapping label -> mass."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= size):
+        i = _first_index((labels < 0) | (labels >= size))[0]
+        raise ValueError(
+            f"`{name}` has code {int(labels[i])} at sample {i}, outside 0..{size - 1} "
+            f"(the length of `{target_name}` along it)."
+        )
+    return labels.astype(np.int64, copy=False)
+
+
+def unlisted_label(name: str, label, target_name: str) -> ValueError:
+    return ValueError(
+        f"`{name}` has the label {_show(label)}, which `{target_name}` does not list. Give it a "
+        f"target mass (0 removes those samples' weight) or recode the samples."
+    )
+
+
+def unlisted_combination(columns: tuple, labels: tuple, target_name: str, sample: int) -> ValueError:
+    return ValueError(
+        f"Sample {sample} has ({', '.join(f'`{c}`' for c in columns)}) = {labels!r}, which `{target_name}` does "
+        "not list. Give that combination a target mass (0 removes those samples' weight) or recode the samples."
+    )
+
+
+def weight_bounds(bounds, steps: int | None) -> tuple[float, float] | None:
+    """``(low, high)`` on the weights relative to their mean: 0 <= low <= 1 <= high."""
+    if bounds is None:
+        return None
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise TypeError(f"`bounds` must be a pair (low, high) of numbers or None; got {bounds!r}.") from None
+    if not (0 <= low <= 1 <= high < np.inf):
+        raise ValueError(
+            f"`bounds` = {bounds!r} must satisfy 0 <= low <= 1 <= high < inf: they bound the weights relative "
+            "to their mean, which is 1."
+        )
+    if steps is not None:
+        raise ValueError(
+            f"`bounds` needs `steps=None`: trimming alternates with raking to convergence; got steps={steps}."
+        )
+    return low, high
+
+
+def bounds_not_met(bounds: tuple[float, float], lowest: float, highest: float, worst: float, tol: float,
+                   rounds: int) -> str:
+    return (
+        f"Raking and trimming to `bounds` = {bounds} did not both hold after {rounds} rounds: the weights "
+        f"relative to their mean span {lowest:.6g} .. {highest:.6g}, and the largest margin error after trimming "
+        f"is {worst:.3g} (tol = {tol:.3g}). The weights returned meet the margins and break the bounds; widen "
+        "the bounds, or merge the categories that need the extreme weights."
+    )
+
+
+def margin_axes(margins, ndim: int) -> list[tuple[int, ...]]:
+    """A variance profile's margins: each an axis or a tuple of axes, in cycle order; returned as
+    sorted tuples of nonnegative axes (the wording of :func:`margin_targets`)."""
+    if isinstance(margins, (str, bytes)) or hasattr(margins, "items") or not hasattr(margins, "__len__"):
+        raise TypeError(
+            f"`margins` must be a sequence of axes (int) or tuples of axes, in cycle order, e.g. "
+            f"[(0, 1), 2, 3]; got {type(margins).__name__}."
+        )
+    if len(margins) == 0:
+        raise ValueError("`margins` is empty; give at least one margin.")
+    out: list[tuple[int, ...]] = []
+    for key in margins:
+        ax = (key,) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key
+        if not isinstance(ax, tuple) or not ax or not all(
+                isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
+            raise TypeError(f"`margins` entry {key!r} must be an axis (int) or a nonempty tuple of axes.")
+        normal = tuple(int(a) % ndim if -ndim <= a < ndim else ndim for a in ax)
+        if ndim in normal:
+            raise ValueError(f"`margins` entry {key!r} names an axis outside 0..{ndim - 1} (`table` has {ndim}).")
+        if len(set(normal)) != len(normal):
+            raise ValueError(f"`margins` entry {key!r} repeats an axis; a joint margin names each axis once.")
+        if tuple(sorted(normal)) in out:
+            raise ValueError(f"`margins` names the axes {tuple(sorted(normal))} twice; give each margin once.")
+        out.append(tuple(sorted(normal)))
+    return out
+
+
+def nd_table(table: Any, name: str = "table") -> np.ndarray:
+    """A dense N-d table of a joint distribution in float64: finite, nonnegative, total > 0."""
+    if sp.issparse(table):
+        raise TypeError(
+            f"`{name}` is a scipy.sparse matrix; with `margins` give a dense array (without `margins` a "
+            "sparse 2-D table is accepted)."
+        )
+    T = dense_array(table, name, min_ndim=1)
+    working_dtype(T.dtype, name)
+    T = T.astype(np.float64, copy=False)
+    nonnegative(T, name)
+    if not np.isfinite(T).all():
+        raise ValueError(f"`{name}` contains inf, first at index {_first_index(~np.isfinite(T))}.")
+    if not T.sum() > 0:
+        raise ValueError(f"`{name}` has total mass 0; it must describe a joint distribution.")
+    return T
+
+
+def nd_function_values(h: Any, shape: tuple[int, ...], name: str = "h") -> np.ndarray:
+    """h on an N-d table of shape ``shape`` as finite float64: shape ``shape`` or ``shape + (d,)``."""
+    if sp.issparse(h):
+        raise TypeError(f"`{name}` is sparse but `table` is dense; pass a dense array.")
+    values = _real_values(h, name)
+    if values.shape[:len(shape)] != shape or values.ndim not in (len(shape), len(shape) + 1):
+        raise ValueError(
+            f"`{name}` has shape {values.shape} but `table` has shape {shape}: give h as an array of shape "
+            f"{shape}, or {shape} + (d,) for d functions at once."
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(values))}.")
+    return values
+
+
+def margins_start(start) -> None:
+    """With `margins` the cycle order is the order of `margins`; `start` is for two-way tables."""
+    if start != "x":
+        raise ValueError(
+            f"`start` ({start!r}) applies to a two-way table without `margins`; with `margins` the first step "
+            "fixes the first margin listed, so reorder `margins` instead (e.g. [(1,), (0,)])."
+        )
 
 
 def confidence_level(level) -> float:

@@ -1,36 +1,48 @@
-"""Balanced expectations from paired samples, with weights, standard errors and intervals.
+"""Balanced expectations from samples raked to any number of one- and multi-way margins, with
+weights, standard errors, intervals and diagnostics.
 
-With n samples (x_i, y_i, h_i) and known marginals of X and Y, the k-step estimator of E[h] is
-the mean of h under the sample's (weighted) empirical table balanced for k half-steps: survey
-statisticians call the limit raking, ML users balancing a batch. Sample i gets weight
-``w_i ~ d_i u[x_i] v[y_i]`` (``d`` the design weights, ``u, v`` the table's scalings).
+With n samples, their categories in the margins' columns, values h and known population margins,
+the k-step estimator of E[h] is the mean of h under the sample's (weighted) empirical distribution
+balanced for k half-steps (one margin's projection each, in the order of ``margins``): survey
+statisticians call the limit raking, ML users balancing a batch. Sample i gets the weight
+``w_i ~ d_i prod_j f_j[sample i's category in margin j]`` (``d`` the design weights, ``f_j`` the
+scalings of margin j).
 
-The standard error linearises the estimate: each sample's term of its influence function, psi_i,
-from the chain ``L_1 ... L_k (h - estimate)`` of the balancing steps (theory page, section
-'Linearising at the balanced measure'), or, with ``linearization="survey"``, R survey's plug-in
-``C_1 ... C_k (h - estimate)`` of the starting sample (section 'Influence functions and the
-variance profile'). Within a cell of the sample's table psi is ``alpha(c) h + beta(c)``, so the
-chain runs on the m x l table of occupied cells (``databalance._joint``) and each sample only
-gathers its cell's two numbers.
+Only the occupied cells are ever formed (the distinct combinations of the margin columns present in
+the sample), never their cross-product. The standard error linearises the estimate: each sample's
+term of its influence function, psi_i, from the chain ``L_1 ... L_k (h - estimate)`` of the
+balancing steps (theory page, section 'Linearising at the balanced measure'), or, with
+``linearization="survey"``, R survey's plug-in ``C_1 ... C_k (h - estimate)`` of the starting sample
+(section 'Influence functions and the variance profile'). Within a cell psi is
+``alpha(c) h + beta(c)``, so the chain runs on the cells (:mod:`databalance._joint`) and each sample
+only gathers its cell's two numbers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import ndtri
 
 from . import _validation as check
+from ._errors import ConvergenceWarning
 from ._joint import Cells, limit_linearization, step_linearization
-from .balance import BalanceResult, balance_table
+from .balance import CellsResult, balance_cells
 
-__all__ = ["BalancedEstimate", "BalancedEstimator", "balanced_mean"]
+__all__ = ["BalancedEstimate", "BalancedEstimator", "Diagnostics", "MarginCheck", "balanced_mean"]
 
-#: Tables with more cells than this are built sparse (only the observed cells are stored).
+#: Combined codes below this many possible cells find the occupied ones by a lookup table (no
+#: sort of the n samples); above it, by ``np.unique``.
 DENSE_CELLS = 4 * 10**6
+
+#: Raking and trimming alternate at most this many times before reporting that the bounds and the
+#: margins cannot both hold.
+TRIM_ROUNDS = 100
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,15 +60,15 @@ class BalancedEstimate:
         The balanced sample weights; they sum to 1.
     steps : int
         Half-steps of balancing performed.
-    balance : BalanceResult
-        The balancing run of the sample's table (status, marginal errors, scalings).
+    balance : CellsResult
+        The balancing run of the sample's cells (status, every margin's error, factors).
     """
 
     estimate: float | np.ndarray
     standard_error: float | np.ndarray
     weights: np.ndarray = field(repr=False)
     steps: int
-    balance: BalanceResult = field(repr=False)
+    balance: CellsResult = field(repr=False)
 
     def confidence_interval(self, level: float = 0.95) -> tuple:
         """Normal-approximation interval ``estimate -+ z * standard_error``, as (low, high)."""
@@ -70,24 +82,82 @@ class BalancedEstimate:
         return float(1.0 / np.dot(self.weights, self.weights))
 
 
+@dataclass(frozen=True, eq=False)
+class MarginCheck:
+    """One margin of the fitted weights against its target.
+
+    Attributes
+    ----------
+    key
+        The margin's key in ``margins``.
+    categories : tuple of lists
+        The labels along each of the margin's columns (integer codes for array targets).
+    achieved, target : ndarray
+        The weighted sample's margin (scaled to the target's total) and the target, of the target's
+        shape (one axis per column, in the key's order). ``empty="drop"`` shows the reduced target.
+    error : float
+        ``sum |achieved - target| / total``, the relative L1 error the convergence test uses.
+    """
+
+    key: Any
+    categories: tuple
+    achieved: np.ndarray = field(repr=False)
+    target: np.ndarray = field(repr=False)
+    error: float
+
+
+@dataclass(frozen=True, eq=False)
+class Diagnostics:
+    """What to check before trusting weights (``BalancedEstimator.diagnostics_``).
+
+    Attributes
+    ----------
+    n : int
+        Samples fitted.
+    design_effect : float
+        Kish's design effect of the weights, ``n sum w^2 / (sum w)^2`` (1 for equal weights): the
+        factor by which weighting inflates the variance of a mean of a constant-variance h.
+    effective_sample_size : float
+        ``n / design_effect``.
+    min_weight, max_weight : float
+        The smallest and largest weight relative to the mean weight.
+    margins : tuple of MarginCheck
+        Every margin's achieved table against its target, in cycle order.
+    bounds_met : bool or None
+        With ``bounds``: whether the weights lie within them; ``None`` without bounds.
+    """
+
+    n: int
+    design_effect: float
+    effective_sample_size: float
+    min_weight: float
+    max_weight: float
+    margins: tuple = field(repr=False)
+    bounds_met: bool | None
+
+
 class BalancedEstimator:
-    """Fit balancing weights once for samples (x, y), then estimate the mean of many functions.
+    """Fit balancing (raking) weights once to K margins, then estimate the mean of many functions.
 
     Parameters
     ----------
-    p_x, p_y : array_like or mapping
-        Known marginals of X and Y: arrays indexed by integer codes, or mappings label -> mass
-        (dict, pandas Series). Totals need not be 1 but must agree.
+    margins : mapping
+        In cycle order, from a column name of ``data`` (a one-way margin) or a tuple of column names
+        (a joint margin) to its target: a mapping label -> mass (dict, pandas Series; for a joint
+        margin tuple keys or a MultiIndex), or an array over integer codes (N-d for a joint margin,
+        one axis per column in the key's order). Totals need not be 1 but must agree; margins that
+        share a column must agree on it.
     steps : int, optional
-        Half-steps of balancing (the paper's k); ``None`` balances to convergence (raking).
-    start : {"x", "y"}
-        Which marginal the first half-step fixes.
+        Half-steps of balancing (the paper's k): half-step j fixes margin ``(j - 1) mod K``, so a
+        sweep over all margins is K half-steps (R's ``maxit`` counts sweeps). ``None`` balances to
+        convergence (raking).
     tol : float, optional
-        Convergence tolerance for ``steps=None`` (see :func:`databalance.balance_table`).
+        Convergence tolerance for ``steps=None``: every margin's L1 error relative to the total
+        (default 1e-10).
     empty : {"error", "drop"}
         A target category with positive mass but no sample cannot be reached. ``"error"`` (default)
-        raises, naming it; ``"drop"`` sets its target mass to 0 and rescales the other targets to
-        the same total (the estimate then describes the population without those categories).
+        raises, naming it; ``"drop"`` sets its target mass to 0 and rescales that margin's other
+        targets to the same total (the estimate then describes the population without them).
     linearization : {"balanced", "survey"}
         How the standard error linearises the estimator. ``"balanced"`` (default): the influence
         function of the estimate with respect to the sampling distribution, with the conditional
@@ -95,66 +165,143 @@ class BalancedEstimator:
         population. ``"survey"``: conditional means of the starting (design-weighted) sample, R
         survey's convention, right only when the sample matches the targets in expectation. See
         :func:`balanced_mean`.
+    bounds : (float, float), optional
+        ``(low, high)`` bounds on the weights relative to their mean, as R's ``trimWeights`` and
+        ``calibrate(bounds=)``; needs ``steps=None``. Raking and trimming (clipping the weights to
+        the bounds) alternate until the raked weights lie within the bounds; if they cannot (bounds
+        too tight for the margins), a :class:`~databalance.ConvergenceWarning` says so with the
+        errors achieved, ``diagnostics_.bounds_met`` is False, and the weights returned meet the
+        margins. The standard error treats the trimmed weights of the last round as fixed design
+        weights (the trimming itself is not linearised), as R's does.
+
+    Attributes
+    ----------
+    weights_ : ndarray (n,)
+        The balanced weights (summing to 1), after :meth:`fit`.
+    balance_ : CellsResult
+        The balancing run on the sample's occupied cells: status, every margin's error after every
+        half-step, the factors.
+    categories_ : dict
+        For every column, its categories (labels, or codes ``0..n-1`` with array targets).
+    diagnostics_ : Diagnostics
+        Design effect, effective sample size, extreme weights and every margin's achieved table.
 
     Examples
     --------
+    Two margins:
+
     >>> from databalance import BalancedEstimator
-    >>> x = ["a", "a", "b", "b", "b"]
-    >>> y = [0, 1, 0, 1, 1]
-    >>> est = BalancedEstimator({"a": .5, "b": .5}, [.5, .5]).fit(x, y)
+    >>> data = {"x": ["a", "a", "b", "b", "b"], "y": [0, 1, 0, 1, 1]}
+    >>> est = BalancedEstimator({"x": {"a": .5, "b": .5}, "y": [.5, .5]}).fit(data)
     >>> est.weights_.round(3)
     array([0.293, 0.207, 0.207, 0.146, 0.146])
     >>> float(est.mean([1.0, 2.0, 3.0, 4.0, 4.0]).estimate)
     2.5
+
+    Three margins, one of them joint (sex x age), from pandas:
+
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(1)
+    >>> df = pd.DataFrame({"sex": rng.choice(["f", "m"], 400), "age": rng.choice(["<40", "40+"], 400),
+    ...                    "region": rng.choice(["N", "S", "W"], 400)})
+    >>> sex_age = pd.Series([.2, .3, .2, .3], index=pd.MultiIndex.from_product([["f", "m"], ["<40", "40+"]]))
+    >>> fitted = BalancedEstimator({("sex", "age"): sex_age, "region": {"N": .5, "S": .3, "W": .2}}).fit(df)
+    >>> fitted
+    BalancedEstimator(margins=[('sex', 'age'), 'region']): converged after 13 half-steps; n = 400, effective sample size 319.2, weights 0.419 to 2.07 x mean
+    >>> float(fitted.diagnostics_.margins[1].achieved[0].round(6))
+    0.5
     """
 
-    def __init__(self, p_x: ArrayLike | Mapping, p_y: ArrayLike | Mapping, *, steps: int | None = None,
-                 start: str = "x", tol: float | None = None, empty: str = "error",
-                 linearization: str = "balanced") -> None:
-        self.p_x, self.p_y = p_x, p_y
-        self.steps, self.start, self.tol, self.empty = steps, start, tol, empty
-        self.linearization = linearization
+    _target_names: list[str] | None = None  # balanced_mean's p_x / p_y in messages
 
-    def fit(self, x: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> BalancedEstimator:
-        """Balance the samples' table; sets ``weights_``, ``balance_`` and the category lists."""
+    def __init__(self, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
+                 empty: str = "error", linearization: str = "balanced",
+                 bounds: tuple[float, float] | None = None) -> None:
+        self.margins, self.steps, self.tol, self.empty = margins, steps, tol, empty
+        self.linearization, self.bounds = linearization, bounds
+
+    def __repr__(self) -> str:
+        keys = list(self.margins.keys()) if hasattr(self.margins, "keys") else self.margins
+        head = f"BalancedEstimator(margins={keys!r}" + (f", steps={self.steps}" if self.steps is not None else "")
+        if not hasattr(self, "weights_"):
+            return head + "): not fitted"
+        b, d = self.balance_, self.diagnostics_
+        bounds = "" if d.bounds_met is None else ("; bounds met" if d.bounds_met else "; bounds NOT met")
+        return (f"{head}): {b.status} after {b.steps} half-steps{bounds}; n = {d.n}, effective sample size "
+                f"{d.effective_sample_size:.1f}, weights {d.min_weight:.3g} to {d.max_weight:.3g} x mean")
+
+    def fit(self, data: Any, sample_weight: ArrayLike | None = None) -> BalancedEstimator:
+        """Balance the samples' occupied cells to the margins; sets ``weights_``, ``balance_``,
+        ``categories_`` and ``diagnostics_``.
+
+        ``data`` is a pandas DataFrame or a mapping from column name to a 1-d array holding every
+        column the margins name (other columns are ignored); ``sample_weight`` the design weights.
+        """
         steps = check.steps_option(self.steps)
-        start = check.start_option(self.start)
         empty = check.empty_policy(self.empty)
         linearization = check.linearization_option(self.linearization)
-        x = check.sample_array(x, "x", None)
-        n = x.shape[0]
-        y = check.sample_array(y, "y", n)
+        bounds = check.weight_bounds(self.bounds, steps)
+        enc = _encode(self.margins, data, self._target_names)
+        n = len(enc.codes[0])
         design = None if sample_weight is None else check.sample_weights(sample_weight, n)
         if n < 2:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
-        xc, p_x, self.x_categories_ = check.encode(x, self.p_x, "x", "p_x")
-        yc, p_y, self.y_categories_ = check.encode(y, self.p_y, "y", "p_y")
-        m, l = len(p_x), len(p_y)
-        cells, cell_of = _cells(xc, yc, design, m, l)
-        row_mass, col_mass = cells.row_sums(cells.mass), cells.col_sums(cells.mass)
-        if empty == "drop":
-            p_x, p_y = _drop_empty(p_x, row_mass), _drop_empty(p_y, col_mass)
-        check.unsampled(row_mass, p_x, self.x_categories_, "x", "p_x")
-        check.unsampled(col_mass, p_y, self.y_categories_, "y", "p_y")
-        result = balance_table(cells.table(cells.mass), p_x, p_y, steps=steps, start=start, tol=self.tol)
-        u, v = result.row_scaling, result.col_scaling
-        w = u[xc] * v[yc]
-        if design is not None:
-            w *= design
+        cells, cell_of = _cells(enc, design)
+        targets = list(enc.targets)
+        for j, m in enumerate(enc.margins):
+            counts = cells.margin_sums(j, cells.mass)
+            if empty == "drop":
+                targets[j] = _drop_empty(targets[j], counts.reshape(targets[j].shape))
+            check.unsampled(counts, targets[j].ravel(), enc.label_of(j), m.columns if len(m.columns) > 1
+                            else m.columns[0], m.name)
+        d = np.ones(n) if design is None else design
+        result, d, met = self._balance(cells, cell_of, d, targets, enc, steps, bounds)
+        w = d * _cell_ratio(result, cells)[cell_of]
         w /= w.sum()
         self.balance_, self.weights_ = result, w
+        self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
         self._cells, self._cell_of = cells, cell_of
-        self._targets = (p_x / p_x.sum(), p_y / p_y.sum())
-        self._start, self._linearization = start, linearization
-        self._start_weights = np.full(n, 1.0 / n) if design is None else design / design.sum()
+        self._targets = [t / t.sum() for t in targets]
+        self._linearization = linearization
+        self._start_weights = d / d.sum()
         # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
         self._if_steps = result.steps if result.status == "completed" else None
+        self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
         return self
+
+    def _balance(self, cells, cell_of, d, targets, enc, steps, bounds):
+        """Rake (alternating with trimming when ``bounds`` are given); the result, the design
+        weights of the last round and whether the bounds hold (None without bounds)."""
+        keys = [m.key for m in enc.margins]
+        codes, shapes = cells.codes, cells.shapes
+        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
+        if bounds is None:
+            return result, d, None
+        low, high = bounds
+        slack = 1e-9
+        for rounds in range(1, TRIM_ROUNDS + 1):
+            w = d * _cell_ratio(result, cells)[cell_of]
+            rel = w * (len(w) / w.sum())
+            if rel.min() >= low * (1 - slack) and rel.max() <= high * (1 + slack):
+                return result, d, True
+            if rounds == TRIM_ROUNDS:
+                break
+            # The trimmed weights are the next round's starting weights: raking moves them back
+            # towards the margins, trimming towards the bounds, until both hold.
+            d = np.clip(rel, low, high)
+            cells.mass = np.bincount(cell_of, d, minlength=len(cells.mass))
+            result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
+        trimmed = np.clip(rel, low, high)
+        worst = max(_margin_error(cells, cell_of, trimmed, j, t) for j, t in enumerate(targets))
+        warnings.warn(check.bounds_not_met(bounds, float(rel.min()), float(rel.max()), worst,
+                                           check.tolerance(self.tol, np.dtype(np.float64)), TRIM_ROUNDS),
+                      ConvergenceWarning, stacklevel=3)
+        return result, d, False
 
     def mean(self, values: ArrayLike) -> BalancedEstimate:
         """The balanced estimate of E[h] from ``values`` = h at each fitted sample, (n,) or (n, d)."""
         if not hasattr(self, "weights_"):
-            raise RuntimeError("Call fit(x, y) before mean(values).")
+            raise RuntimeError("Call fit(data) before mean(values).")
         h = check.sample_values(values)
         n = self.weights_.shape[0]
         if h.shape[0] != n:
@@ -188,33 +335,185 @@ class BalancedEstimator:
         if self._if_steps is None:
             ratio = np.ones(len(cells.mass))
             if balanced:
-                u, v = self.balance_.row_scaling, self.balance_.col_scaling
-                ratio = u[cells.rows] * v[cells.cols]
+                ratio = _cell_ratio(self.balance_, cells)
                 ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
             _, beta = limit_linearization(cells, S, ratio)
         else:
-            _, beta = step_linearization(cells, S, *self._targets, steps=self._if_steps,
-                                             start=self._start, at_iterates=balanced)
+            _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced)
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
         z = g * self.weights_[:, None]
         z += beta[cell_of] * (d_norm if balanced else self.weights_)[:, None]
         return z
 
 
-def _cells(xc: np.ndarray, yc: np.ndarray, design: np.ndarray | None, m: int, l: int):
-    """The samples' occupied cells in row-major order (dense table when small, CSR otherwise) and
-    each sample's cell."""
-    key = xc * l + yc
-    dense = m * l <= DENSE_CELLS
-    if dense:  # a lookup over all m * l cells: no sort of the n keys
-        position = np.cumsum(np.bincount(key, minlength=m * l) > 0) - 1
-        flat = np.flatnonzero(np.diff(position, prepend=-1))
+@dataclass(frozen=True)
+class _Margin:
+    key: Any
+    columns: tuple  # column names, in the key's order
+    index: tuple[int, ...]  # their positions among the encoded columns
+    name: str  # the target's name in messages
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """The samples' integer codes per column, the columns' categories, and the targets over them."""
+
+    columns: list
+    codes: list[np.ndarray]
+    levels: list[list]
+    margins: list[_Margin]
+    targets: list[np.ndarray]  # of shape (levels of each column), in the key's order
+
+    def shape(self, j: int) -> tuple[int, ...]:
+        return tuple(len(self.levels[i]) for i in self.margins[j].index)
+
+    def label_of(self, j: int):
+        """The label of margin j's flat category i (a tuple for joint margins)."""
+        m, shape = self.margins[j], self.shape(j)
+        if len(m.index) == 1:
+            return self.levels[m.index[0]]
+        return lambda i: tuple(self.levels[c][k] for c, k in zip(m.index, np.unravel_index(i, shape), strict=True))
+
+
+def _is_mapping(target) -> bool:
+    return hasattr(target, "items") and not isinstance(target, np.ndarray)
+
+
+def _encode(margins, data, names: list[str] | None) -> _Encoded:
+    """Validate the margins against ``data`` and encode every column once: codes into the union of
+    the categories the margins list for it (or 0..n-1 for array targets)."""
+    specs = check.sample_margin_keys(margins)
+    columns = list(dict.fromkeys(c for _, cols in specs for c in cols))
+    arrays = check.sample_data(data, columns)
+    names = names or [f"margins[{key!r}]" for key, _ in specs]
+    raw = [margins[key] for key, _ in specs]
+    mapped = [_is_mapping(t) for t in raw]
+    parsed = [check.mapping_target(t, nm, len(cols)) if is_map else check.array_target(t, nm, len(cols))
+              for t, nm, (_, cols), is_map in zip(raw, names, specs, mapped, strict=True)]
+    position = {c: i for i, c in enumerate(columns)}
+    users = {c: [j for j, (_, cols) in enumerate(specs) if c in cols] for c in columns}
+    levels: list[list] = []
+    for c in columns:
+        if len({mapped[j] for j in users[c]}) > 1:
+            raise check.mixed_target_kinds(c, [names[j] for j in users[c]])
+        if mapped[users[c][0]]:
+            found: dict = {}
+            for j in users[c]:
+                at = specs[j][1].index(c)
+                for cat in parsed[j][0]:
+                    found.setdefault(cat if len(specs[j][1]) == 1 else cat[at], None)
+            levels.append(list(found))
+        else:
+            sizes = [(j, parsed[j].shape[specs[j][1].index(c)]) for j in users[c]]
+            for j, size in sizes[1:]:
+                if size != sizes[0][1]:
+                    raise check.category_counts_differ(c, names[sizes[0][0]], sizes[0][1], names[j], size)
+            levels.append(list(range(sizes[0][1])))
+    codes = []
+    for c, lev in zip(columns, levels, strict=True):
+        first = names[users[c][0]]
+        if mapped[users[c][0]]:
+            codes.append(check.lookup_labels(arrays[c], {v: i for i, v in enumerate(lev)}, str(c), first))
+        else:
+            codes.append(check.integer_codes(arrays[c], len(lev), str(c), first))
+    out_margins, targets = [], []
+    for j, (key, cols) in enumerate(specs):
+        index = tuple(position[c] for c in cols)
+        shape = tuple(len(levels[i]) for i in index)
+        if mapped[j]:
+            cats, masses = parsed[j]
+            lookups = [{v: i for i, v in enumerate(levels[k])} for k in index]
+            tuples = [cat if len(cols) > 1 else (cat,) for cat in cats]
+            flat = np.ravel_multi_index(tuple(np.array([lk[t[a]] for t in tuples], dtype=np.int64)
+                                              for a, lk in enumerate(lookups)), shape) if cats else np.zeros(0, int)
+            target = np.zeros(shape)
+            target.flat[flat] = masses
+            listed = np.zeros(int(np.prod(shape)), bool)
+            listed[flat] = True
+            if not listed.all():
+                _unlisted(listed, [codes[i] for i in index], shape, cols, [levels[i] for i in index], names[j])
+        else:
+            target = parsed[j]
+        out_margins.append(_Margin(key, tuple(cols), index, names[j]))
+        targets.append(target)
+    total = check.common_total(targets, names)
+    axes = [tuple(sorted(m.index)) for m in out_margins]
+    check.consistent_margins(axes, [np.transpose(t, np.argsort(m.index)) for t, m in zip(targets, out_margins,
+                                                                                          strict=True)],
+                             names, total)
+    return _Encoded(columns, codes, levels, out_margins, targets)
+
+
+def _unlisted(listed, codes, shape, cols, levels, name) -> None:
+    """A sample whose category (combination) a mapping target does not list."""
+    flat = codes[0] if len(codes) == 1 else np.ravel_multi_index(tuple(codes), shape)
+    bad = ~listed[flat]
+    if bad.any():
+        i = int(np.argmax(bad))
+        labels = tuple(lev[c[i]] for lev, c in zip(levels, codes, strict=True))
+        if len(cols) == 1:
+            raise check.unlisted_label(str(cols[0]), labels[0], name)
+        raise check.unlisted_combination(cols, labels, name, i)
+
+
+def _cells(enc: _Encoded, design: np.ndarray | None) -> tuple[Cells, np.ndarray]:
+    """The samples' occupied cells (distinct combinations of all the margins' columns) and each
+    sample's cell. Never the cross-product: a lookup table when it is small, else a sort."""
+    sizes = [len(lev) for lev in enc.levels]
+    key = enc.codes[0].astype(np.int64, copy=True)
+    span = sizes[0]
+    for c, s in zip(enc.codes[1:], sizes[1:], strict=True):
+        if span * s >= 2**62:  # the combined code would overflow: renumber the cells so far
+            key = np.unique(key, return_inverse=True)[1].ravel()
+            span = int(key.max()) + 1
+        key *= s
+        key += c
+        span *= s
+    if span <= DENSE_CELLS:
+        present = np.bincount(key, minlength=span) > 0
+        position = np.cumsum(present) - 1
         cell_of = position[key]
+        n_cells = int(position[-1]) + 1
     else:
-        flat, cell_of = np.unique(key, return_inverse=True)
+        _, cell_of = np.unique(key, return_inverse=True)
         cell_of = cell_of.ravel()
-    mass = np.bincount(cell_of, weights=design, minlength=len(flat)).astype(np.float64)
-    return Cells([flat // l, flat % l], [(m,), (l,)], mass, dense=dense), cell_of
+        n_cells = int(cell_of.max()) + 1
+    del key
+    first = np.empty(n_cells, dtype=np.int64)
+    first[cell_of[::-1]] = np.arange(len(cell_of) - 1, -1, -1)  # a sample of every cell
+    codes, shapes = [], []
+    for j, m in enumerate(enc.margins):
+        shape = enc.shape(j)
+        parts = tuple(enc.codes[i][first] for i in m.index)
+        codes.append(parts[0] if len(parts) == 1 else np.ravel_multi_index(parts, shape))
+        shapes.append(shape)
+    mass = np.bincount(cell_of, weights=design, minlength=n_cells).astype(np.float64)
+    return Cells(codes, shapes, mass), cell_of
+
+
+def _cell_ratio(result: CellsResult, cells: Cells) -> np.ndarray:
+    """Per cell, the product of the margins' factors: the balanced over the starting mass."""
+    out = np.ones(len(cells.mass))
+    for f, c in zip(result.factors, cells.codes, strict=True):
+        out *= f.ravel()[c]
+    return out
+
+
+def _margin_error(cells: Cells, cell_of: np.ndarray, w: np.ndarray, j: int, target: np.ndarray) -> float:
+    achieved = cells.margin_sums(j, np.bincount(cell_of, w, minlength=len(cells.mass)))
+    return float(np.abs(achieved / achieved.sum() - target.ravel() / target.sum()).sum())
+
+
+def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
+    n = len(w)
+    deff = float(n * np.dot(w, w))
+    per_cell = np.bincount(cell_of, w, minlength=len(cells.mass))
+    checks = []
+    for j, (m, t) in enumerate(zip(enc.margins, targets, strict=True)):
+        achieved = cells.margin_sums(j, per_cell).reshape(t.shape) * t.sum()
+        checks.append(MarginCheck(m.key, tuple(enc.levels[i] for i in m.index), achieved, t,
+                                  float(np.abs(achieved - t).sum() / t.sum())))
+    return Diagnostics(n, deff, n / deff, float(w.min() * n), float(w.max() * n), tuple(checks), met)
 
 
 def _drop_empty(target, mass):
@@ -239,6 +538,9 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
                   linearization: str = "balanced") -> BalancedEstimate:
     """Estimate E[h(X, Y)] from paired samples when the marginals of X and Y are known.
 
+    The two-margin call of :class:`BalancedEstimator`: ``BalancedEstimator({"x": p_x, "y": p_y})``
+    on the columns x and y (the margins in the other order for ``start="y"``).
+
     Parameters
     ----------
     values : array_like (n,) or (n, d)
@@ -248,11 +550,14 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
         mapping targets); pandas Series and Categoricals are accepted. Missing labels (None, NaN)
         are an error.
     p_x, p_y : array_like or mapping
-        The known marginals; see :class:`BalancedEstimator`.
+        The known marginals: arrays indexed by integer codes, or mappings label -> mass (dict,
+        pandas Series). Totals need not be 1 but must agree.
     steps : int, optional
         ``k`` gives the paper's k-step estimator; ``None`` (default) balances to convergence
         (raking). ``0`` is the plain (design-weighted) sample mean with its usual standard error.
-    start, tol, empty
+    start : {"x", "y"}
+        Which marginal the first half-step fixes.
+    tol, empty
         See :class:`BalancedEstimator`.
     sample_weight : array_like (n,), optional
         Design weights: the starting measure is the weighted empirical one.
@@ -272,7 +577,7 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
         ``sample_weight`` or among the target masses; negative weights; a 2-D ``x`` or ``y``; a
         missing label (None, NaN); a sample label the targets do not list; a target category with
         mass but no sample (unless ``empty="drop"``); targets whose totals differ; an infeasible
-        pattern (as in :func:`databalance.balance_table`); an unknown ``linearization``.
+        pattern; an unknown ``linearization``.
 
     Notes
     -----
@@ -285,18 +590,20 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     ``L_j g = w_j (g - E_j[g | margin j])``, the conditional means taken under the iterate the
     step j starts from and ``w_j`` the ratio of the target to that iterate's margin; ``z_i`` is
     the normalised design weight times ``psi_i``. At convergence ``psi`` is the final weight ratio
-    times the residual of ``h`` after weighted least squares on additive functions of X and Y,
-    weighted by the *balanced* table. It stays right when the sample's (design-weighted) marginals
-    differ from the targets in expectation: quota samples, non-response, deliberately shifted
-    targets.
+    times the residual of ``h`` after weighted least squares on the sum of functions of each
+    margin, weighted by the *balanced* measure. It stays right when the sample's (design-weighted)
+    margins differ from the targets in expectation: quota samples, non-response, deliberately
+    shifted targets.
 
     ``"survey"`` takes the conditional means of the *starting* sample and ``z_i`` = the balanced
     weight times the residual. At convergence this is R's ``survey`` (``svymean`` on a
     ``rake()``-d design; R solves the least squares with 10 passes of alternating projections,
-    here exactly, which differs only when those passes have not converged). It is right when the
-    sample matches the targets in expectation, and can then be slightly less noisy; when it does
-    not match, it can be far off (twice the true standard error in the theory page's example).
+    here exactly (LSQR), which differs only when those passes have not converged). It is right
+    when the sample matches the targets in expectation, and can then be slightly less noisy; when it
+    does not match, it can be far off (twice the true standard error in the theory page's example).
     The two agree to first order when the sample matches the targets, and are equal at ``k = 0``.
+    With unequal design weights R residualises with *unweighted* category means, databalance with
+    design-weighted ones: the standard errors then differ by a few percent.
 
     At finite k there is no survey-software analogue; with ``"survey"`` the residual is the
     plug-in ``C_1 ... C_k (h - estimate)`` of the starting sample, which for k = 1 is
@@ -316,8 +623,11 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     >>> round(est.estimate, 3), round(est.standard_error, 3)
     (1.722, 0.044)
     """
-    estimator = BalancedEstimator(p_x, p_y, steps=steps, start=start, tol=tol, empty=empty,
-                                  linearization=linearization)
+    start = check.start_option(start)
     n = check.sample_values(values).shape[0]
-    check.sample_array(x, "x", n)
-    return estimator.fit(x, y, sample_weight).mean(values)
+    x = check.sample_array(x, "x", n)
+    y = check.sample_array(y, "y", n)
+    margins = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
+    estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization)
+    estimator._target_names = ["p_x", "p_y"] if start == "x" else ["p_y", "p_x"]
+    return estimator.fit({"x": x, "y": y}, sample_weight).mean(values)
