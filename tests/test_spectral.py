@@ -1,5 +1,6 @@
 """Tests of databalance.spectral: the spectrum against the reference values of the theory page,
-dense against sparse for every shape, orthonormality, pairing, and the rate it predicts."""
+dense against sparse for every shape, orthonormality, pairing, and the rate it predicts; the rate of
+one sweep over many margins against explicit operators on the full table."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from databalance import balance_table, conditional_mean, spectrum
+from databalance._joint import Cells
+from databalance.spectral import cyclic_rate
 
 P_A = np.array([[0.10, 0.05, 0.05], [0.05, 0.20, 0.05], [0.05, 0.05, 0.40]])
 
@@ -218,3 +221,77 @@ def test_predicted_steps_edge_cases():
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# -- many margins: the rate of one sweep -----------------------------------------------------------
+
+
+def _projection_matrix(P, axes):
+    """E[. | the variables in axes] as an explicit (cells x cells) matrix on the flattened table."""
+    w = P.ravel()
+    n = w.size
+    codes = np.ravel_multi_index(tuple(np.indices(P.shape)[a].ravel() for a in axes), [P.shape[a] for a in axes])
+    same = codes[:, None] == codes[None, :]
+    E = same * w[None, :]
+    den = E.sum(1, keepdims=True)
+    return np.divide(E, den, out=np.zeros((n, n)), where=den > 0)
+
+
+def brute_force_rate(P, margins):
+    """Spectral radius of C_1 ... C_K on the span of the margins' functions, with every operator an
+    explicit matrix on the full table: the span's L2(P) projection from least squares."""
+    P = P / P.sum()
+    n = P.size
+    T = np.eye(n)
+    for axes in margins:
+        T = T @ (np.eye(n) - _projection_matrix(P, axes))
+    idx = np.indices(P.shape)
+    columns = []
+    for axes in margins:
+        codes = np.ravel_multi_index(tuple(idx[a].ravel() for a in axes), [P.shape[a] for a in axes])
+        columns.append(np.eye(codes.max() + 1)[codes])
+    X = np.column_stack(columns)
+    w = np.sqrt(P.ravel())
+    support = w > 0
+    # Projection onto the span in L2(P), restricted to the support (T acts on functions there).
+    Xs = X[support] * w[support, None]
+    Q, s, _ = np.linalg.svd(Xs, full_matrices=False)
+    Q = Q[:, s > 1e-10 * s[0]]
+    proj = (Q @ Q.T) / w[support][:, None] * w[support][None, :]
+    Ts = T[np.ix_(support, support)]
+    return np.abs(np.linalg.eigvals(Ts @ proj)).max()
+
+
+@pytest.mark.parametrize("shape, margins, zeros", [
+    ((3, 4), [(0,), (1,)], False),
+    ((3, 4, 2), [(0, 1), (2,)], False),
+    ((2, 3, 2, 2), [(0, 1), (2,), (3,)], False),
+    ((2, 3, 4), [(1,), (0, 2), (1, 2)], False),
+    ((3, 3, 3), [(0,), (1,), (2,)], True),
+    ((2, 2, 3), [(2,), (0,), (1, 2)], True),
+])
+def test_cyclic_rate_matches_explicit_operators(shape, margins, zeros):
+    rng = np.random.default_rng(len(shape) + 10 * len(margins))
+    P = rng.gamma(1.5, size=shape)
+    if zeros:
+        P[rng.random(shape) < 0.2] = 0.0
+    got = cyclic_rate(Cells.from_table(P, margins))
+    np.testing.assert_allclose(got, brute_force_rate(P, margins), atol=1e-10)
+    assert 0 <= got < 1
+
+
+def test_cyclic_rate_of_two_margins_is_s2_squared():
+    for P in (P_A, np.random.default_rng(3).gamma(1.0, size=(6, 4))):
+        cells = Cells.from_table(P, [(0,), (1,)])
+        np.testing.assert_allclose(cyclic_rate(cells), spectrum(P).ipf_rate, rtol=1e-10)
+    # A disconnected support: the component indicators lie in both margins' spans and are not
+    # a direction of convergence; the rate is the largest s_j^2 below 1.
+    P = np.array([[0.3, 0.2, 0.0], [0.1, 0.1, 0.0], [0.0, 0.0, 0.3]])
+    s = spectrum(P).singular_values
+    np.testing.assert_allclose(cyclic_rate(Cells.from_table(P, [(0,), (1,)])), s[s < 1 - 1e-12].max() ** 2,
+                               rtol=1e-10)
+
+
+def test_cyclic_rate_of_independent_margins_is_zero():
+    P = np.einsum("i,j,k->ijk", [0.2, 0.8], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25])
+    assert cyclic_rate(Cells.from_table(P, [(0,), (1,), (2,)])) < 1e-12

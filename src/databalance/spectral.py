@@ -4,6 +4,10 @@ P is the table normalised to a joint distribution with marginals p = P_X, q = P_
 D_p^-1/2 P D_q^-1/2 gives the singular functions of mu_X g = E[g | X] and mu_Y f = E[f | Y]; its
 second singular value s_2 (the maximal correlation) sets the rate of balancing and of the variance
 reduction it brings (see :mod:`databalance.variance`).
+
+With K margins of an N-d table the same role is played by the cyclic product
+T = C_1 C_2 ... C_K of the operators C_j f = f - E[f | margin j]: :func:`cyclic_rate` computes its
+spectral radius on the span of functions of the margins (for two margins it is s_2^2).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from scipy.sparse.linalg import LinearOperator, svds
 
 from . import _feasibility
 from . import _validation as check
+from ._joint import Cells
 from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 
-__all__ = ["SpectrumResult", "conditional_mean", "spectrum"]
+__all__ = ["SpectrumResult", "conditional_mean", "cyclic_rate", "spectrum"]
 
 
 # -- the spectrum ----------------------------------------------------------------------------------
@@ -259,3 +264,52 @@ def conditional_mean(table: TableLike, *, given: str = "x") -> LinearOperator:
                           rmatvec=lambda f: A.T @ (f.ravel() / w))
 
 
+
+
+# -- many margins: the rate of one sweep -----------------------------------------------------------
+
+
+def scaled_indicators(cells: Cells) -> sp.csr_array:
+    """B = D_w^1/2 Phi D_m^-1/2: the cells x levels indicator matrix of every margin's categories,
+    rows weighted by sqrt of the cell masses (normalised to total 1) and columns divided by sqrt of
+    the categories' masses, so that B^T B is the scaled Burt matrix with identity diagonal blocks.
+    Sparse (K entries per row); categories without mass keep an empty column."""
+    Phi = cells.indicators()
+    mass = cells.mass / cells.mass.sum()
+    levels = np.concatenate([cells.margin_sums(j, mass) for j in range(len(cells.codes))])
+    col_scale = np.zeros_like(levels)
+    np.divide(1.0, np.sqrt(levels), out=col_scale, where=levels > 0)
+    rows = np.repeat(np.sqrt(mass), len(cells.codes))
+    return sp.csr_array((rows * col_scale[Phi.indices], Phi.indices, Phi.indptr), shape=Phi.shape)
+
+
+def cyclic_rate(cells: Cells) -> float:
+    """Spectral radius of T = C_1 ... C_K (C_K acting first) on S, the span of functions of each
+    margin's variables, under the distribution of the cells' masses.
+
+    S is invariant under every C_j, and f = sum_j a_j(g_j) in S maps to C_j f by replacing a_j with
+    -sum_{i != j} E[a_i | G_j]: a block Gauss-Seidel (backfitting) sweep on the coefficients. The
+    coefficients have a kernel N (the representations of f = 0: shared constants, overlapping
+    margins, gaps in the support) that the sweep fixes, so its spurious eigenvalue 1 is removed by
+    working on the quotient: the orthogonal complement of N in the scaled coordinates, the range
+    of the scaled Burt matrix. Dense in the number of categories L (O(L^3)), never in the cells.
+    On S^perp every C_j is the identity, so this is the rate at which the iterates converge
+    (von Neumann-Halperin); it is always < 1 for a finite table.
+    """
+    B = scaled_indicators(cells)
+    used = np.flatnonzero(np.diff(B.tocsc().indptr) > 0)  # categories with mass
+    B = B[:, used]
+    burt = (B.T @ B).toarray()
+    values, vectors = np.linalg.eigh(burt)
+    threshold = values[-1] * burt.shape[0] * np.finfo(float).eps * 16
+    Z = vectors[:, values > threshold]
+    offsets = np.searchsorted(used, np.cumsum([0] + cells.sizes))  # each margin's block of used columns
+    # The sweep on the quotient, Z^T G Z, with G = E_1 ... E_K (E_K first) and E_j replacing block
+    # j by -sum_{i != j} Burt_ji (the diagonal block is the identity).
+    X = Z.copy()
+    for j in range(len(cells.codes) - 1, -1, -1):
+        block = slice(offsets[j], offsets[j + 1])
+        X[block] -= burt[block] @ X
+    if Z.shape[1] == 0:
+        return 0.0
+    return float(np.abs(np.linalg.eigvals(Z.T @ X)).max())
