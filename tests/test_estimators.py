@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from databalance import BalancedEstimator, balance_table, balanced_mean
+from databalance import BalancedEstimator, ConvergenceWarning, balance_table, balanced_mean
 
 REFERENCE = json.loads((pathlib.Path(__file__).parent / "reference" / "survey_reference.json").read_text())
 
@@ -541,3 +541,287 @@ def test_sparse_cell_table_gives_the_dense_answer(monkeypatch, k, linearization)
     assert [f.shape for f in sparse.balance.factors] == [(3,), (4,)]
     np.testing.assert_allclose(sparse.estimate, dense.estimate, rtol=1e-12)
     np.testing.assert_allclose(sparse.standard_error, dense.standard_error, rtol=1e-9)
+
+
+# -- many margins ----------------------------------------------------------------------------------
+
+
+def three_margin_problem(seed, n=80):
+    """Columns a (3 levels), b (2), c (2), d (3); margins a, b and the joint (c, d); the targets
+    differ from the sample's margins. Every (c, d) pair and every level is sampled."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 3, n)
+    b = (a + rng.integers(0, 2, n)) % 2
+    c = np.where(rng.random(n) < 0.6, b, rng.integers(0, 2, n))
+    d = rng.integers(0, 3, n)
+    c[:6], d[:6] = [0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]
+    h = a - 0.7 * b + 0.5 * c * d + rng.normal(size=n)
+    margins = {"a": np.array([0.5, 0.3, 0.2]), "b": np.array([0.45, 0.55]),
+               ("c", "d"): np.array([[0.1, 0.2, 0.15], [0.25, 0.1, 0.2]])}
+    return h, {"a": a, "b": b, "c": c, "d": d}, margins
+
+
+def margin_codes(data):
+    return [data["a"], data["b"], data["c"] * 3 + data["d"]]
+
+
+def k_step_weights(d, codes, targets, k, tol=1e-15):
+    """Per-sample weights after k half-steps (None: to convergence), margin after margin, by
+    groupby sums on n-vectors: the definition, independent of the cell machinery."""
+    w = d / d.sum()
+    targets = [t.ravel() / t.sum() for t in targets]
+    K, j = len(codes), 0
+    while j < (k if k is not None else 10**5):
+        m = j % K
+        j += 1
+        mass = np.bincount(codes[m], w, minlength=len(targets[m]))
+        w = w * (targets[m] / np.where(mass > 0, mass, 1))[codes[m]]
+        if k is None and j % K == 0:
+            error = max(np.abs(np.bincount(c, w, minlength=len(t)) - t).sum() for c, t in zip(codes, targets))
+            if error < tol:
+                break
+    return w / w.sum()
+
+
+def gateaux_k(d, h, codes, targets, k, eps=1e-6):
+    dn = d / d.sum()
+    out = np.empty(len(h))
+    for i in range(len(h)):
+        bump = -dn.copy()
+        bump[i] += 1
+        plus = k_step_weights(dn + eps * bump, codes, targets, k) @ h
+        minus = k_step_weights(dn - eps * bump, codes, targets, k) @ h
+        out[i] = (plus - minus) / (2 * eps)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, None])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_many_margins_estimate_and_balanced_influence_by_brute_force(k, weighted):
+    h, data, margins = three_margin_problem(0)
+    n = len(h)
+    d = np.random.default_rng(1).uniform(0.5, 2, n) if weighted else np.ones(n)
+    fitted = BalancedEstimator(margins, steps=k, tol=1e-14).fit(data, d if weighted else None)
+    est = fitted.mean(h)
+    codes, targets = margin_codes(data), list(margins.values())
+    w = k_step_weights(d, codes, targets, k)
+    np.testing.assert_allclose(fitted.weights_, w, rtol=1e-9)
+    np.testing.assert_allclose(est.estimate, w @ h, rtol=1e-12)
+    dn = d / d.sum()
+    psi = fitted._contributions((h - est.estimate)[:, None])[:, 0] / dn
+    ref = gateaux_k(d, h, codes, targets, k)
+    np.testing.assert_allclose(psi, ref, atol=2e-7 * np.abs(ref).max())
+    z = dn * ref
+    np.testing.assert_allclose(est.standard_error, np.sqrt(n / (n - 1) * ((z - z.mean()) ** 2).sum()), rtol=1e-6)
+
+
+def survey_residual(h, codes, est, k, dn):
+    """C_1 ... C_k (h - est) with groupby means of the design-weighted starting sample; k = None:
+    alternating projections until they stop moving (the least-squares residual)."""
+    g = h - est
+    K = len(codes)
+    steps = k if k is not None else 4000 * K
+    for j in range(steps, 0, -1):
+        c = codes[(j - 1) % K]
+        g = g - (np.bincount(c, dn * g) / np.maximum(np.bincount(c, dn), 1e-300))[c]
+    return g
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, None])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_many_margins_survey_se_by_brute_force(k, weighted):
+    h, data, margins = three_margin_problem(2)
+    n = len(h)
+    d = np.random.default_rng(3).uniform(0.5, 2, n) if weighted else np.ones(n)
+    est = BalancedEstimator(margins, steps=k, tol=1e-14, linearization="survey").fit(
+        data, d if weighted else None).mean(h)
+    psi = survey_residual(h, margin_codes(data), est.estimate, k, d / d.sum())
+    z = est.weights * psi
+    np.testing.assert_allclose(est.standard_error, np.sqrt(n / (n - 1) * ((z - z.mean()) ** 2).sum()), rtol=1e-8)
+
+
+def test_converged_many_margins_se_is_the_limit_of_k_step_ses():
+    h, data, margins = three_margin_problem(4, n=300)
+    conv = BalancedEstimator(margins, tol=1e-14).fit(data).mean(h)
+    far = BalancedEstimator(margins, steps=600).fit(data).mean(h)
+    np.testing.assert_allclose(far.estimate, conv.estimate, rtol=1e-12)
+    np.testing.assert_allclose(far.standard_error, conv.standard_error, rtol=1e-8)
+
+
+def test_two_margins_equal_balanced_mean_and_joint_margin_forms_agree():
+    h, x, y, p_x, p_y = sample_problem(0)
+    a = balanced_mean(h, x, y, p_x, p_y, steps=3)
+    b = BalancedEstimator({"x": p_x, "y": p_y}, steps=3).fit({"x": x, "y": y}).mean(h)
+    np.testing.assert_allclose([a.estimate, a.standard_error], [b.estimate, b.standard_error], rtol=1e-14)
+    # A joint margin given as an N-d array, as a dict with tuple keys and as a MultiIndex Series.
+    h, data, margins = three_margin_problem(5, n=200)
+    ref = BalancedEstimator(margins).fit(data).mean(h)
+    cd = margins[("c", "d")]
+    as_dict = dict(margins)
+    as_dict[("c", "d")] = {(i, j): cd[i, j] for j in (2, 0, 1) for i in (1, 0)}  # any order
+    got = BalancedEstimator(as_dict).fit(data).mean(h)
+    np.testing.assert_allclose([got.estimate, got.standard_error], [ref.estimate, ref.standard_error], rtol=1e-10)
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({k: np.array(["u", "v", "w"])[v] if k == "a" else v for k, v in data.items()})
+    series = {"a": pd.Series(margins["a"], index=["u", "v", "w"]), "b": pd.Series(margins["b"]),
+              ("c", "d"): pd.Series(cd.ravel(), index=pd.MultiIndex.from_product([[0, 1], [0, 1, 2]]))}
+    viapd = BalancedEstimator(series).fit(frame).mean(frame.assign(h=h)["h"])
+    np.testing.assert_allclose([viapd.estimate, viapd.standard_error], [ref.estimate, ref.standard_error],
+                               rtol=1e-10)
+
+
+def test_overlapping_consistent_margins_and_a_column_in_two_margins():
+    h, data, margins = three_margin_problem(6, n=300)
+    cd = margins[("c", "d")]
+    over = {"a": margins["a"], ("c", "d"): cd, "c": cd.sum(1)}  # c appears twice, consistently
+    fitted = BalancedEstimator(over, tol=1e-13).fit(data)
+    assert fitted.balance_.converged
+    w = k_step_weights(np.ones(300), [data["a"], data["c"] * 3 + data["d"], data["c"]], list(over.values()), None)
+    np.testing.assert_allclose(fitted.weights_, w, rtol=1e-8)
+
+
+def test_cells_are_the_occupied_combinations_only():
+    rng = np.random.default_rng(0)
+    n = 2000
+    data = {f"v{i}": rng.integers(0, 50, n) for i in range(8)}  # 50^8 possible cells
+    margins = {f"v{i}": np.full(50, 1 / 50) for i in range(8)}
+    fitted = BalancedEstimator(margins, steps=3).fit(data)
+    assert len(fitted._cells.mass) == n  # every sample its own cell, never 50^8
+    w = k_step_weights(np.ones(n), list(data.values()), list(margins.values()), 3)
+    np.testing.assert_allclose(fitted.weights_, w, rtol=1e-10)
+
+
+# -- trimming and diagnostics ----------------------------------------------------------------------
+
+
+def bounds_feasible(data, margins, low, high):
+    """Whether some weights within [low, high] x mean meet every margin: a linear program."""
+    from scipy.optimize import linprog
+
+    codes = margin_codes(data)
+    n = len(codes[0])
+    rows, rhs = [], []
+    for c, t in zip(codes, margins.values(), strict=True):
+        t = t.ravel() / t.sum() * n
+        rows += [(c == k).astype(float) for k in range(len(t))]
+        rhs += list(t)
+    return linprog(np.zeros(n), A_eq=np.array(rows), b_eq=rhs, bounds=(low, high), method="highs").status == 0
+
+
+def test_bounds_met_with_margins_when_feasible():
+    h, data, margins = three_margin_problem(7, n=400)
+    free = BalancedEstimator(margins, tol=1e-12).fit(data).diagnostics_
+    low, high = 0.9 * free.min_weight, 0.9 * free.max_weight
+    assert bounds_feasible(data, margins, low, high)
+    bounded = BalancedEstimator(margins, tol=1e-12, bounds=(low, high)).fit(data)
+    diag = bounded.diagnostics_
+    assert diag.bounds_met and bounded.balance_.converged
+    assert diag.max_weight <= high * (1 + 1e-8) and diag.min_weight >= low * (1 - 1e-8)
+    assert max(m.error for m in diag.margins) <= 1e-11
+    assert "bounds met" in repr(bounded)
+    # The standard error treats the bounded weights as design weights.
+    same = BalancedEstimator(margins, tol=1e-12).fit(data, bounded.weights_).mean(h)
+    np.testing.assert_allclose(bounded.mean(h).standard_error, same.standard_error, rtol=1e-8)
+
+
+def test_bounds_that_cannot_hold_are_reported():
+    h, data, margins = three_margin_problem(7, n=400)
+    assert not bounds_feasible(data, margins, 0.5, 2.0)
+    with pytest.warns(ConvergenceWarning, match=r"cannot both hold \(not after \d+ sweeps of raking with the weights "
+                      r"clipped to the bounds\): the bounded weights still miss a margin by"):
+        fitted = BalancedEstimator(margins, bounds=(0.5, 2.0)).fit(data)
+    assert fitted.diagnostics_.bounds_met is False
+    assert max(m.error for m in fitted.diagnostics_.margins) <= 1e-9  # the margins hold; the bounds not
+    assert "bounds NOT met" in repr(fitted)
+
+
+def test_no_bounds_is_unchanged_and_diagnostics():
+    h, data, margins = three_margin_problem(8, n=300)
+    fitted = BalancedEstimator(margins).fit(data)
+    again = BalancedEstimator(margins, bounds=None).fit(data)
+    np.testing.assert_array_equal(fitted.weights_, again.weights_)
+    diag, w = fitted.diagnostics_, fitted.weights_
+    assert diag.bounds_met is None
+    np.testing.assert_allclose(diag.design_effect, len(w) * (w**2).sum())
+    np.testing.assert_allclose(diag.effective_sample_size, 1 / (w**2).sum())
+    np.testing.assert_allclose([diag.min_weight, diag.max_weight], [w.min() * len(w), w.max() * len(w)])
+    joint = diag.margins[2]
+    assert joint.key == ("c", "d") and joint.categories == ([0, 1], [0, 1, 2])
+    achieved = np.zeros((2, 3))
+    np.add.at(achieved, (data["c"], data["d"]), w)
+    np.testing.assert_allclose(joint.achieved, achieved, atol=1e-12)
+    np.testing.assert_allclose(joint.target, margins[("c", "d")])
+    assert repr(fitted).startswith("BalancedEstimator(margins=['a', 'b', ('c', 'd')]): converged after ")
+    assert "\n" not in repr(fitted)
+    assert repr(BalancedEstimator(margins)).endswith("not fitted")
+
+
+# -- many-margin errors ----------------------------------------------------------------------------
+
+
+def many_margin_error_cases():
+    _, data, margins = three_margin_problem(0, n=40)
+    labelled = dict(data, a=np.array(["u", "v", "w"])[data["a"]])
+    cd = margins[("c", "d")]
+    as_dict = {(i, j): cd[i, j] for i in range(2) for j in range(3)}
+    return [
+        ({"margins": {**margins, "z": [0.5, 0.5]}}, ValueError, r"names the column 'z', which `data` lacks"),
+        ({"margins": {**margins, ("c", "d"): cd[:, :2]}}, ValueError,
+         r"`d` has code 2 at sample \d+, outside 0..1"),
+        ({"margins": {**margins, ("c", "d"): cd.ravel()}}, ValueError,
+         r"`margins\[\('c', 'd'\)\]` must be 2-D, one axis per column of the margin; got shape \(6,\)"),
+        ({"margins": {**margins, "d": [0.3, 0.3, 0.2, 0.2]}}, ValueError,
+         r"`margins\[\('c', 'd'\)\]` has 3 categories of 'd' but `margins\['d'\]` has 4"),
+        ({"margins": {**margins, "a": {"u": 0.5, "v": 0.5}}, "data": labelled}, ValueError,
+         r"`a` has the label 'w', which `margins\['a'\]` does not list"),
+        ({"margins": {**margins, ("c", "d"): {k: v for k, v in as_dict.items() if k != (1, 2)}}}, ValueError,
+         r"Sample \d+ has \(`c`, `d`\) = \(1, 2\), which `margins\[\('c', 'd'\)\]` does not list"),
+        ({"margins": {**margins, ("c", "d"): as_dict | {(0, 0): 0.0, (0, 3): 0.1}}},
+         ValueError, r"No sample has \(`c`, `d`\) = \(0, 3\), but `margins\[\('c', 'd'\)\]` gives it mass"),
+        ({"margins": {**margins, "a": [0.4, 0.3, 0.2, 0.1]}}, ValueError,
+         r"No sample has `a` = 3, but `margins\['a'\]` gives it mass 0.1"),
+        ({"data": dict(data, a=np.where(np.arange(40) == 5, np.nan, data["a"]))}, ValueError,
+         r"`a` has a missing label \(nan\) at sample 5"),
+        ({"margins": {**margins, "c": [0.5, 0.5]}}, ValueError,
+         r"`margins\[\('c', 'd'\)\]` and `margins\['c'\]` disagree on their common margin"),
+        ({"margins": {**margins, "b": [0.5, 0.6]}}, ValueError, r"The totals of .* differ"),
+        ({"margins": {**margins, ("c", "d"): {(0, 1, 2): 0.5}}}, ValueError,
+         r"has the key \(0, 1, 2\), but a margin of 2 columns needs tuples of 2 labels"),
+        ({"margins": {("a", "a"): np.ones((3, 3))}}, ValueError, r"key \('a', 'a'\) repeats a column"),
+        ({"margins": {**margins, ("d", "c"): cd.T}}, ValueError, r"for the same columns; give each margin once"),
+        ({"margins": {**margins, "c": {0: 0.45, 1: 0.55}}}, TypeError,
+         r"The column 'c' is in margins given as mappings and as arrays"),
+        ({"margins": [0.5, 0.5]}, TypeError, r"`margins` must be a mapping from a column name"),
+        ({"margins": {}}, ValueError, r"`margins` is empty"),
+        ({"data": [1, 2, 3]}, TypeError, r"`data` must be a pandas DataFrame or a mapping"),
+        ({"data": dict(data, b=data["b"][:30])}, ValueError, r"The columns of `data` have different lengths"),
+        ({"bounds": (1.2, 2.0)}, ValueError, r"`bounds` = \(1.2, 2.0\) must satisfy 0 <= low <= 1 <= high"),
+        ({"bounds": (0.5, 2.0), "steps": 4}, ValueError, r"`bounds` needs `steps=None`"),
+        ({"bounds": "wide"}, TypeError, r"`bounds` must be a pair \(low, high\)"),
+    ], data, margins
+
+
+@pytest.mark.parametrize("case", range(22))
+def test_many_margin_errors(case):
+    cases, data, margins = many_margin_error_cases()
+    kwargs, exc, match = cases[case]
+    kwargs = dict(kwargs)
+    data = kwargs.pop("data", data)
+    margins = kwargs.pop("margins", margins)
+    copies = {k: np.array(v, copy=True) for k, v in data.items()} if isinstance(data, dict) else None
+    with pytest.raises(exc, match=match):
+        BalancedEstimator(margins, **kwargs).fit(data)
+    if copies is not None:
+        for k, v in copies.items():
+            np.testing.assert_array_equal(data[k], v)
+
+
+def test_empty_drop_with_a_joint_margin():
+    h, data, margins = three_margin_problem(9, n=300)
+    keep = ~((data["c"] == 1) & (data["d"] == 2))
+    sub = {k: v[keep] for k, v in data.items()}
+    cd = margins[("c", "d")]
+    est = BalancedEstimator(margins, empty="drop").fit(sub)
+    reduced = np.where(np.arange(6).reshape(2, 3) == 5, 0.0, cd)
+    np.testing.assert_allclose(est.diagnostics_.margins[2].target, reduced / reduced.sum())
+    assert est.balance_.converged  # the overlapping one-way margins are not touched by the drop

@@ -779,7 +779,7 @@ def sample_margin_keys(margins) -> list[tuple[Any, tuple]]:
 
 def sample_data(data, columns: list, n_hint: int | None = None) -> dict:
     """The 1-d arrays of the named columns of a DataFrame or a mapping name -> array, one length."""
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__contains__") or isinstance(data, np.ndarray):
+    if not hasattr(data, "keys") or not hasattr(data, "__getitem__"):
         raise TypeError(
             f"`data` must be a pandas DataFrame or a mapping from column name to a 1-d array; got "
             f"{type(data).__name__}."
@@ -787,7 +787,7 @@ def sample_data(data, columns: list, n_hint: int | None = None) -> dict:
     out: dict = {}
     for c in columns:
         if c not in data:
-            listed = list(data.keys()) if hasattr(data, "keys") else []
+            listed = list(data.keys())
             raise ValueError(
                 f"`margins` names the column {c!r}, which `data` lacks (its columns: {listed!r}). Add the "
                 "column or fix the margin's key."
@@ -918,12 +918,12 @@ def weight_bounds(bounds, steps: int | None) -> tuple[float, float] | None:
 
 
 def bounds_not_met(bounds: tuple[float, float], lowest: float, highest: float, worst: float, tol: float,
-                   rounds: int) -> str:
+                   sweeps: int) -> str:
     return (
-        f"Raking and trimming to `bounds` = {bounds} did not both hold after {rounds} rounds: the weights "
-        f"relative to their mean span {lowest:.6g} .. {highest:.6g}, and the largest margin error after trimming "
-        f"is {worst:.3g} (tol = {tol:.3g}). The weights returned meet the margins and break the bounds; widen "
-        "the bounds, or merge the categories that need the extreme weights."
+        f"The margins and `bounds` = {bounds} cannot both hold (not after {sweeps} sweeps of raking with the "
+        f"weights clipped to the bounds): the bounded weights still miss a margin by {worst:.3g} (relative L1; "
+        f"tol = {tol:.3g}). The weights returned meet the margins and span {lowest:.6g} .. {highest:.6g} times "
+        "their mean, outside the bounds; widen the bounds, or merge the categories that need the extreme weights."
     )
 
 

@@ -40,9 +40,9 @@ __all__ = ["BalancedEstimate", "BalancedEstimator", "Diagnostics", "MarginCheck"
 #: sort of the n samples); above it, by ``np.unique``.
 DENSE_CELLS = 4 * 10**6
 
-#: Raking and trimming alternate at most this many times before reporting that the bounds and the
+#: Sweeps of raking with the weights clipped to ``bounds`` before reporting that the bounds and the
 #: margins cannot both hold.
-TRIM_ROUNDS = 100
+TRIM_SWEEPS = 2000
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,26 +277,21 @@ class BalancedEstimator:
         result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
         if bounds is None:
             return result, d, None
-        low, high = bounds
-        slack = 1e-9
-        for rounds in range(1, TRIM_ROUNDS + 1):
-            w = d * _cell_ratio(result, cells)[cell_of]
-            rel = w * (len(w) / w.sum())
-            if rel.min() >= low * (1 - slack) and rel.max() <= high * (1 + slack):
-                return result, d, True
-            if rounds == TRIM_ROUNDS:
-                break
-            # The trimmed weights are the next round's starting weights: raking moves them back
-            # towards the margins, trimming towards the bounds, until both hold.
-            d = np.clip(rel, low, high)
-            cells.mass = np.bincount(cell_of, d, minlength=len(cells.mass))
-            result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
-        trimmed = np.clip(rel, low, high)
-        worst = max(_margin_error(cells, cell_of, trimmed, j, t) for j, t in enumerate(targets))
-        warnings.warn(check.bounds_not_met(bounds, float(rel.min()), float(rel.max()), worst,
-                                           check.tolerance(self.tol, np.dtype(np.float64)), TRIM_ROUNDS),
-                      ConvergenceWarning, stacklevel=3)
-        return result, d, False
+        w = d * _cell_ratio(result, cells)[cell_of]
+        codes_n = [c[cell_of] for c in codes]
+        tol = check.tolerance(self.tol, np.dtype(np.float64))
+        w, errors, sweeps = _bounded_rake(w * (len(w) / w.sum()), codes_n, targets, bounds, tol)
+        # The bounded weights become the design weights of a last raking: it leaves them in place
+        # when they meet the margins, and the standard error treats them as fixed.
+        cells.mass = np.bincount(cell_of, w, minlength=len(cells.mass))
+        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
+        met = max(errors) <= tol
+        if not met:
+            raked = w * _cell_ratio(result, cells)[cell_of]
+            raked *= len(raked) / raked.sum()
+            warnings.warn(check.bounds_not_met(bounds, float(raked.min()), float(raked.max()), max(errors), tol,
+                                               sweeps), ConvergenceWarning, stacklevel=3)
+        return result, w, met
 
     def mean(self, values: ArrayLike) -> BalancedEstimate:
         """The balanced estimate of E[h] from ``values`` = h at each fitted sample, (n,) or (n, d)."""
@@ -499,9 +494,28 @@ def _cell_ratio(result: CellsResult, cells: Cells) -> np.ndarray:
     return out
 
 
-def _margin_error(cells: Cells, cell_of: np.ndarray, w: np.ndarray, j: int, target: np.ndarray) -> float:
-    achieved = cells.margin_sums(j, np.bincount(cell_of, w, minlength=len(cells.mass)))
-    return float(np.abs(achieved / achieved.sum() - target.ravel() / target.sum()).sum())
+def _bounded_rake(w, codes, targets, bounds, tol):
+    """Raking with the weights (mean 1) clipped to ``bounds`` after every half-step, for at most
+    TRIM_SWEEPS sweeps: the weights, every margin's final L1 error and the sweeps run.
+
+    Clipping after each half-step (rather than after raking to convergence) keeps the two
+    constraints from undoing each other's work for long: the iteration moves between the margins'
+    and the box's constraint sets one small step at a time.
+    """
+    low, high = bounds
+    n = len(w)
+    targets = [t.ravel() * (n / t.sum()) for t in targets]
+    errors = [np.inf]
+    for sweep in range(1, TRIM_SWEEPS + 1):
+        for c, t in zip(codes, targets, strict=True):
+            mass = np.bincount(c, w, minlength=len(t))
+            factor = np.divide(t, mass, out=np.zeros_like(t), where=mass > 0)
+            w = np.clip(w * factor[c], low, high)
+        errors = [float(np.abs(np.bincount(c, w, minlength=len(t)) - t).sum() / n)
+                  for c, t in zip(codes, targets, strict=True)]
+        if max(errors) <= tol:
+            break
+    return w, errors, sweep
 
 
 def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
