@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from databalance import (
+    balance_margins,
     balance_table,
     misspecified_profile,
     spectrum,
@@ -506,3 +507,259 @@ def test_start_message_is_balance_tables():
         with pytest.raises(ValueError) as got:
             call()
         assert str(got.value) == str(expected.value)
+
+
+# -- many margins ----------------------------------------------------------------------------------
+
+
+def brute_force_margins_sigma2(P, h, margins, k):
+    """The recipe on the full N-d array: g <- h - P(h), then for step j = k..1 subtract the
+    conditional mean given margin (j - 1) mod K's variables, summing P * g over the other axes."""
+    P = P / P.sum()
+    g = h - (P * h).sum()
+    for j in range(k, 0, -1):
+        axes = margins[(j - 1) % len(margins)]
+        axes = tuple(a % P.ndim for a in ((axes,) if np.ndim(axes) == 0 else axes))
+        others = tuple(a for a in range(P.ndim) if a not in axes)
+        num, den = (P * g).sum(axis=others, keepdims=True), P.sum(axis=others, keepdims=True)
+        g = g - np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return (P * g**2).sum()
+
+
+def brute_force_margins_limit(P, h, margins):
+    """Weighted least squares of h on the dense indicators of every margin's categories."""
+    P = P / P.sum()
+    idx = np.indices(P.shape)
+    columns = [np.ones(P.size)]
+    for axes in margins:
+        axes = (axes,) if np.ndim(axes) == 0 else axes
+        codes = np.ravel_multi_index(tuple(idx[a].ravel() for a in axes), [P.shape[a] for a in axes])
+        columns.append(np.eye(codes.max() + 1)[codes])
+    X = np.column_stack(columns)
+    w = np.sqrt(P.ravel())
+    coef, *_ = np.linalg.lstsq(X * w[:, None], h.ravel() * w, rcond=None)
+    return (P.ravel() * (h.ravel() - X @ coef) ** 2).sum()
+
+
+def margin_targets(P, margins):
+    """{margin: P's marginal table over its axes} for balance_margins."""
+    out = {}
+    for key in margins:
+        axes = (key,) if np.ndim(key) == 0 else key
+        out[key] = P.sum(axis=tuple(a for a in range(P.ndim) if a not in axes))
+    return out
+
+
+MARGIN_CASES = [
+    ((3, 4, 2), [(0, 1), 2], False),
+    ((2, 3, 2, 2), [(0, 1), 2, 3], False),
+    ((3, 2, 4), [(2, 0), 1], False),  # a joint margin with its axes in reverse order
+    ((2, 3, 4), [1, (0, 2), (2, 1)], False),  # overlapping margins
+    ((3, 3, 3), [0, 1, 2], True),  # zeros, possibly empty categories
+    ((2, 2, 3), [-1, 0, (1, -1)], True),  # negative axes
+    ((5,), [0], False),
+]
+
+
+@pytest.mark.parametrize("shape, margins, zeros", MARGIN_CASES)
+def test_margins_match_brute_force(shape, margins, zeros):
+    rng = np.random.default_rng(sum(shape))
+    P = rng.gamma(1.5, size=shape)
+    if zeros:
+        P[rng.random(shape) < 0.25] = 0.0
+    h = rng.normal(size=shape)
+    prof = variance_profile(P, h, max_steps=8, margins=margins)
+    brute = [brute_force_margins_sigma2(P, h, margins, k) for k in range(9)]
+    np.testing.assert_allclose(prof.sigma2, brute, atol=1e-12, rtol=1e-10)
+    limit = brute_force_margins_limit(P, h, margins)
+    np.testing.assert_allclose(prof.sigma2_limit, limit, atol=1e-11)
+    assert np.all(prof.sigma2 >= prof.sigma2_limit - 1e-12)
+    assert prof.start is None and len(prof.margins) == len(margins)
+
+
+@given(tables_and_functions(), st.sampled_from(["x", "y"]))
+def test_two_margins_equal_the_two_way_profile(problem, start):
+    P, h = problem
+    two_way = variance_profile(P, h, max_steps=7, start=start)
+    margins = [0, 1] if start == "x" else [(1,), (0,)]
+    many = variance_profile(P, h, max_steps=7, margins=margins)
+    np.testing.assert_allclose(many.sigma2, two_way.sigma2, atol=1e-12, rtol=1e-10)
+    np.testing.assert_allclose(many.sigma2_limit, two_way.sigma2_limit, atol=1e-10)
+    np.testing.assert_allclose(many.sweep_rate, spectrum(P).ipf_rate, atol=1e-10)
+    np.testing.assert_allclose(two_way.sweep_rate, spectrum(P).ipf_rate, atol=1e-10)
+
+
+def test_two_margins_reference_case_a():
+    prof = variance_profile(P_A, H_A, max_steps=8, margins=[0, 1])
+    np.testing.assert_allclose(prof.sigma2, SIGMA2_A, atol=1e-6)
+    np.testing.assert_allclose(prof.sigma2_limit, 0.577099, atol=1e-6)
+
+
+def test_sparse_two_way_sweep_rate():
+    S = sp.csr_array(P_A)
+    rows, cols = S.nonzero()
+    np.testing.assert_allclose(variance_profile(S, H_A[rows, cols], max_steps=2).sweep_rate,
+                               spectrum(P_A).ipf_rate, rtol=1e-10)
+
+
+def test_joint_margin_axis_order_does_not_matter():
+    rng = np.random.default_rng(1)
+    P, h = rng.gamma(2.0, size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
+    ref = variance_profile(P, h, max_steps=6, margins=[(0, 2), 1])
+    for margins in ([(2, 0), 1], [(-1, 0), (-2,)], [(0, -1), 1]):
+        prof = variance_profile(P, h, max_steps=6, margins=margins)
+        np.testing.assert_allclose(prof.sigma2, ref.sigma2, atol=1e-14)
+        np.testing.assert_allclose(prof.sigma2_limit, ref.sigma2_limit, atol=1e-12)
+        assert prof.margins == ((0, 2), (1,))
+    # the cycle order does matter for finite k, not for the limit or the rate
+    other = variance_profile(P, h, max_steps=6, margins=[1, (0, 2)])
+    assert abs(other.sigma2[1] - ref.sigma2[1]) > 1e-3
+    np.testing.assert_allclose(other.sigma2_limit, ref.sigma2_limit, atol=1e-12)
+    np.testing.assert_allclose(other.sweep_rate, ref.sweep_rate, atol=1e-12)
+
+
+def test_margins_several_functions_at_once():
+    rng = np.random.default_rng(2)
+    P = rng.gamma(2.0, size=(3, 2, 4))
+    hs = rng.normal(size=(3, 2, 4, 3))
+    hs[..., 2] = 7.0  # a constant has no variance
+    margins = [(0, 1), 2, (1, 2)]
+    prof = variance_profile(P, hs, max_steps=5, margins=margins)
+    assert prof.sigma2.shape == (6, 3) and prof.sigma2_limit.shape == (3,)
+    for j in range(2):
+        single = variance_profile(P, hs[..., j], max_steps=5, margins=margins)
+        np.testing.assert_allclose(prof.sigma2[:, j], single.sigma2, atol=1e-14)
+        np.testing.assert_allclose(prof.sigma2_limit[j], single.sigma2_limit, atol=1e-12)
+    np.testing.assert_allclose(prof.sigma2[:, 2], 0, atol=1e-25)
+    assert prof.sigma2_limit[2] < 1e-25
+
+
+def test_function_of_one_margin_vanishes_right_after_its_step():
+    rng = np.random.default_rng(3)
+    P = rng.gamma(2.0, size=(2, 3, 2, 3))
+    h = np.broadcast_to(rng.normal(size=(2, 1, 2, 1)), P.shape)  # a function of axes 0 and 2
+    margins = [3, (0, 2), 1]
+    prof = variance_profile(P, h, max_steps=9, margins=margins)
+    # step k fixes margin (k - 1) mod 3, so (0, 2) is fixed at k = 2, 5, 8
+    np.testing.assert_allclose(prof.sigma2[[2, 5, 8]], 0, atol=1e-14)
+    assert np.all(prof.sigma2[[1, 3, 4, 6, 7]] > 1e-6)
+    assert prof.sigma2_limit < 1e-14
+
+
+def test_margins_variances_scale_with_the_square_of_h():
+    rng = np.random.default_rng(4)
+    P, h = rng.gamma(2.0, size=(2, 3, 2)), rng.normal(size=(2, 3, 2))
+    ref = variance_profile(P, h, max_steps=4, margins=[(0, 1), 2])
+    for c in (1e150, 1e-150):
+        prof = variance_profile(P, h * c, max_steps=4, margins=[(0, 1), 2])
+        np.testing.assert_allclose(prof.sigma2 / c**2, ref.sigma2, rtol=1e-12)
+        np.testing.assert_allclose(prof.sigma2_limit / c**2, ref.sigma2_limit, rtol=1e-9)
+    huge = variance_profile(P, h * 1e200, max_steps=4, margins=[(0, 1), 2])
+    assert np.all(np.isposinf(huge.sigma2)) and np.isposinf(huge.sigma2_limit)
+
+
+def test_margins_long_profile_stops_early_and_agrees():
+    rng = np.random.default_rng(5)
+    P, h = rng.gamma(2.0, size=(3, 3, 2)), rng.normal(size=(3, 3, 2))
+    prof = variance_profile(P, h, max_steps=300, margins=[0, 1, 2])
+    np.testing.assert_allclose(prof.sigma2[-3:], prof.sigma2_limit, rtol=1e-8)
+    np.testing.assert_allclose(prof.sigma2[40], brute_force_margins_sigma2(P, h, [0, 1, 2], 40), rtol=1e-10)
+
+
+def test_sweep_rate_sets_the_decay_of_errors_and_of_sigma2():
+    rng = np.random.default_rng(6)
+    shape, margins = (3, 4, 3), [(0, 1), 2, (1, 2)]
+    P = rng.gamma(2.0, size=shape)
+    P /= P.sum()
+    Q = P * np.exp(0.3 * rng.normal(size=shape))  # a start whose limit is near P
+    targets = margin_targets(P, margins)
+    res = balance_margins(Q, targets, tol=1e-13)
+    h = rng.normal(size=shape)
+    prof = variance_profile(res.table, h, max_steps=60, margins=margins)
+    rate = prof.sweep_rate
+    assert 0.05 < rate < 0.9
+    K = len(margins)
+    # marginal errors: geometric mean of the per-sweep ratio over a few late sweeps
+    errors = res.marginal_error.sum(axis=1)
+    end = len(errors) - 1
+    late = [i for i in range(K, end + 1) if errors[i] > 1e-11]
+    i0, i1 = late[-1] - 3 * K, late[-1]
+    np.testing.assert_allclose((errors[i1] / errors[i0]) ** (1 / 3), rate, rtol=0.05)
+    excess = prof.sigma2 - prof.sigma2_limit
+    np.testing.assert_allclose((excess[31] / excess[19]) ** (1 / 4), rate**2, rtol=0.02)
+
+
+def test_monte_carlo_nmse_matches_sigma2_with_three_margins():
+    # A 2 x 2 x 3 x 2 table raked to a joint margin (0, 1) and one-way margins 2 and 3.
+    rng = np.random.default_rng(99)
+    P = rng.gamma(6.0, size=(2, 2, 3, 2))
+    P /= P.sum()
+    h = rng.normal(size=P.shape)
+    margins = [(0, 1), 2, 3]
+    targets = margin_targets(P, margins)
+    n, reps, max_k = 2000, 700, 3  # about 2000 calls of balance_margins: ~3 s
+    sigma2 = variance_profile(P, h, max_steps=max_k, margins=margins).sigma2
+    counts = rng.multinomial(n, P.ravel(), size=reps).reshape(reps, *P.shape) / n
+    truth = (P * h).sum()
+    err = np.empty((max_k + 1, reps))
+    for r in range(reps):
+        err[0, r] = (counts[r] * h).sum() - truth
+        for k in range(1, max_k + 1):
+            err[k, r] = (balance_margins(counts[r], targets, steps=k).table * h).sum() - truth
+    for k in range(max_k + 1):
+        nmse = n * np.mean(err[k] ** 2)
+        se = n * np.std(err[k] ** 2, ddof=1) / np.sqrt(reps)
+        assert abs(nmse - sigma2[k]) < 3 * se, (k, nmse, sigma2[k], se)
+    assert sigma2[3] < 0.9 * sigma2[0]  # balancing helps here: the test has something to detect
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[0, 3]), ValueError,
+         r"`margins` entry 3 names an axis outside 0..2 \(`table` has 3\)"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[(0, -3), 1]),
+         ValueError, r"`margins` entry \(0, -3\) repeats an axis"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[(0, 1), (1, 0)]),
+         ValueError, r"`margins` names the axes \(0, 1\) twice"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[]), ValueError,
+         r"`margins` is empty"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins={0: 1}), TypeError,
+         r"`margins` must be a sequence of axes"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=3), TypeError,
+         r"`margins` must be a sequence of axes"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[(0, 1.0)]),
+         TypeError, r"`margins` entry \(0, 1.0\) must be an axis \(int\) or a nonempty tuple"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2)), max_steps=2, margins=[()]), TypeError,
+         r"`margins` entry \(\) must be an axis"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3)), max_steps=2, margins=[0, 1]), ValueError,
+         r"`h` has shape \(2, 3\) but `table` has shape \(2, 3, 2\).*\+ \(d,\) for d functions"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 3)), max_steps=2, margins=[0, 1]), ValueError,
+         r"`h` has shape \(2, 3, 3\) but `table` has shape \(2, 3, 2\)"),
+        (lambda: variance_profile(np.ones((2, 3, 2)), np.ones((2, 3, 2, 1, 1)), max_steps=2, margins=[0]),
+         ValueError, r"`h` has shape \(2, 3, 2, 1, 1\)"),
+        (lambda: variance_profile(np.ones((2, 3)), np.full((2, 3), np.inf), max_steps=2, margins=[0, 1]),
+         ValueError, r"`h` contains NaN or inf, first at index \(0, 0\)"),
+        (lambda: variance_profile(np.ones((2, 3)), np.ones((2, 3)) + 1j, max_steps=2, margins=[0, 1]), TypeError,
+         r"`h` must hold real numbers"),
+        (lambda: variance_profile(np.ones((2, 3)), sp.csr_array(np.ones((2, 3))), max_steps=2, margins=[0, 1]),
+         TypeError, r"`h` is sparse but `table` is dense"),
+        (lambda: variance_profile(-np.ones((2, 3)), np.ones((2, 3)), max_steps=2, margins=[0, 1]), ValueError,
+         r"`table` must be nonnegative; found -1.0 at index \(0, 0\)"),
+        (lambda: variance_profile(np.full((2, 3), np.inf), np.ones((2, 3)), max_steps=2, margins=[0, 1]), ValueError,
+         r"`table` contains inf, first at index \(0, 0\)"),
+        (lambda: variance_profile(np.zeros((2, 3)), np.ones((2, 3)), max_steps=2, margins=[0, 1]), ValueError,
+         r"`table` has total mass 0"),
+        (lambda: variance_profile(sp.csr_array(np.ones((2, 3))), np.ones(6), max_steps=2, margins=[0, 1]), TypeError,
+         r"`table` is a scipy.sparse matrix; with `margins` give a dense array"),
+        (lambda: variance_profile(np.ones((2, 3)), np.ones((2, 3)), max_steps=2, margins=[0, 1], start="y"),
+         ValueError, r"`start` \('y'\) applies to a two-way table without `margins`.*reorder `margins`"),
+        (lambda: variance_profile(np.ones((2, 3)), np.ones((2, 3)), max_steps=2, margins=[0, 1], start="z"),
+         ValueError, r"`start` must be 'x'"),
+        (lambda: variance_profile(np.ones((2, 3)), np.ones((2, 3)), max_steps=-1, margins=[0, 1]), ValueError,
+         r"`max_steps` must be >= 0"),
+    ],
+)
+def test_margins_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -11,6 +11,12 @@ whose first projection is C_X, for even k those of the chain that starts with C_
 K cost about 2K products. (Running both chains through one product with a two-column matrix reads
 P once, but OpenBLAS's gemm with two columns is slower than two gemv calls.)
 
+With K margins of an N-d table (``margins=``), IF_k = C_{j(1)} ... C_{j(k)} h with C_j f = f -
+E[f | margin j's variables], j(k) the margin step k fixes (the cycle order). The operator applied
+first is that of margin (k - 1) mod K, so K chains, one per first margin, give every k: chain c
+yields IF_k for k = c + 1 (mod K). They run on the table's occupied cells (:class:`Cells`), one
+grouped sum per projection: O(K * max_steps * cells) for all k.
+
 Variances are quadratic in h, so an h near the float range is divided by a power of two first and
 the results multiplied back: an overflow then ends in inf, never in inf - inf = NaN.
 """
@@ -18,19 +24,23 @@ the results multiplied back: an overflow then ends in inf, never in inf - inf = 
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.sparse.linalg import lsqr
 
 from . import _feasibility
 from . import _validation as check
-from ._joint import Joint, additive_residual
+from ._errors import ConvergenceWarning
+from ._joint import Cells, Joint, additive_residual
 from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 from .balance import iterate_balance
+from .spectral import cyclic_rate, scaled_indicators
 
 __all__ = [
     "MisspecifiedProfile",
@@ -49,15 +59,21 @@ class VarianceProfile:
     Attributes
     ----------
     sigma2 : ndarray, shape (max_steps + 1,) or (max_steps + 1, d)
-        ``sigma_k^2 = Var_P(C_1 ... C_k h)``: ``n * MSE`` of the k-step estimator as n grows.
-        Never negative (rounding below 0 is clamped); ``inf`` where it exceeds the float range.
-    start : str
-        Which marginal step 1 fixed.
+        ``sigma_k^2 = Var_P(C_{j(1)} ... C_{j(k)} h)``: ``n * MSE`` of the k-step estimator as n
+        grows. Never negative (rounding below 0 is clamped); ``inf`` where it exceeds the float
+        range.
+    start : str or None
+        Which marginal step 1 fixed (two-way tables); None with ``margins``.
+    margins : tuple of tuple of int, or None
+        The margins in cycle order (each as sorted axes), or None for a two-way table.
     """
 
     sigma2: np.ndarray
-    start: str
-    _joint: Joint = field(repr=False)
+    start: str | None
+    margins: tuple[tuple[int, ...], ...] | None
+    _joint: Joint | None = field(repr=False)
+    _cells: Cells | None = field(repr=False)
+    _h: np.ndarray | None = field(repr=False)  # h - P(h) on the cells, scaled (margins only)
     _scale: np.ndarray = field(repr=False)
 
     @property
@@ -71,49 +87,99 @@ class VarianceProfile:
 
     @cached_property
     def sigma2_limit(self) -> float | np.ndarray:
-        """``sigma_inf^2``: the residual variance of h after weighted least squares on additive
-        functions u(x) + v(y), the efficiency bound with both marginals known (theory page,
-        section 'The efficiency bound'). Computed on first access with MINRES on the (m + l)
-        normal equations; never negative."""
-        out = _unscale_variance(additive_residual(self._joint), self._scale)
+        """``sigma_inf^2``: the residual variance of h after weighted least squares on the sums of
+        functions of each margin's variables (u(x) + v(y) for a two-way table), the efficiency
+        bound with the margins known (theory page, section 'The efficiency bound'). Computed on
+        first access: MINRES on the (m + l) normal equations for a two-way table, LSQR on the
+        sparse indicator columns of the margins' categories with ``margins``; never negative."""
+        if self._joint is not None:
+            residual = additive_residual(self._joint)
+        else:
+            assert self._cells is not None and self._h is not None
+            residual = _span_residual(self._cells, self._h)
+        out = _unscale_variance(residual, self._scale)
         return out if self.sigma2.ndim == 2 else float(out[0])
 
+    @cached_property
+    def sweep_rate(self) -> float:
+        """The asymptotic factor by which one *sweep* (one step per margin) shrinks the distance to
+        the limit: the spectral radius of the cyclic product ``C_{j(1)} ... C_{j(K)}`` on the span
+        of functions of the margins' variables (von Neumann-Halperin; theory page, section 'Rate
+        of convergence'). For two margins it is ``s_2^2`` (:attr:`SpectrumResult.ipf_rate`) when
+        the support is connected, otherwise the largest ``s_j^2 < 1``.
 
-def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, start: str = "x") -> VarianceProfile:
+        IPF's marginal errors near a table shrink by about this factor per sweep, and
+        ``sigma_k^2 - sigma_inf^2`` by about its square (per K half-steps). Computed on first
+        access, densely in the number L of margin categories (O(L^3)), never in the cells.
+        """
+        if self._cells is not None:
+            return cyclic_rate(self._cells)
+        assert self._joint is not None
+        T = self._joint.T
+        if is_sparse(T):
+            rows = np.repeat(np.arange(T.shape[0]), np.diff(T.indptr))
+            cells = Cells([rows, T.indices.astype(np.int64)], [(T.shape[0],), (T.shape[1],)], T.data)
+        else:
+            cells = Cells.from_table(np.asarray(T), [(0,), (1,)])
+        return cyclic_rate(cells)
+
+
+def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=None,
+                     start: str = "x") -> VarianceProfile:
     """The exact first-order variance of the k-step balanced estimator for k = 0..max_steps.
 
     Parameters
     ----------
-    table : array_like (m, l) or scipy.sparse matrix
-        The true joint distribution P (normalised internally); no empty rows or columns.
+    table : array_like or scipy.sparse matrix
+        The true joint distribution P (normalised internally). Without ``margins``: a two-way
+        table (m, l), dense or sparse, with no empty rows or columns. With ``margins``: a dense
+        N-d array; categories of a margin without mass are allowed (they carry no weight).
     h : array_like or scipy.sparse matrix
-        The function (real numbers): (m, l) or (m, l, d) for a dense table. For a sparse table
-        either a sparse matrix of the same shape (read on the table's entries), or one value per
-        stored entry of ``table`` in the order of ``table.data`` (CSR, CSC or COO ``table``), shape
-        (nnz,) or (nnz, d); a table storing a cell twice is refused then (ambiguous).
+        The function (real numbers): the table's shape, or that shape + (d,) for d functions at
+        once. For a sparse two-way table either a sparse matrix of the same shape (read on the
+        table's entries), or one value per stored entry of ``table`` in the order of
+        ``table.data`` (CSR, CSC or COO ``table``), shape (nnz,) or (nnz, d); a table storing a
+        cell twice is refused then (ambiguous).
     max_steps : int
-        Largest k (k counts half-steps).
+        Largest k (k counts half-steps: one margin's projection each).
+    margins : sequence, optional
+        The margins in cycle order, each an axis (``int``, a one-way margin) or a tuple of axes (a
+        joint margin, in any axis order), as in :func:`balance_margins`: step k fixes margin
+        ``(k - 1) mod K``. None (the default) means the rows and columns of a two-way table.
     start : {"x", "y"}
-        Which marginal the first balancing step fixes.
+        Without ``margins``: which marginal the first step fixes. With ``margins`` it must stay
+        "x" (reorder ``margins`` instead).
 
     Returns
     -------
     VarianceProfile
+        ``sigma2`` for every k; ``sigma2_limit`` and ``sweep_rate`` on first access.
 
     Raises
     ------
     ValueError, TypeError
-        Invalid ``table`` (see :func:`spectrum`); ``h`` of the wrong shape, complex, masked, with
-        NaN or inf, or given per stored entry of a sparse table that stores a cell twice or is not
-        CSR, CSC or COO; ``max_steps`` not an integer >= 0; ``start`` not "x" or "y".
+        Invalid ``table`` (see :func:`spectrum`; with ``margins``, a sparse, negative, NaN or inf
+        table, or one of total 0); ``h`` of the wrong shape, complex, masked, with NaN or inf, or
+        given per stored entry of a sparse table that stores a cell twice or is not CSR, CSC or
+        COO; ``margins`` not a sequence, naming an axis out of range, repeating an axis within a
+        margin or a margin twice; ``max_steps`` not an integer >= 0; ``start`` not "x" or "y", or
+        "y" with ``margins``.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When the LSQR solve behind ``sigma2_limit`` stops at its iteration limit.
 
     Notes
     -----
-    Costs about 2 * max_steps products with P (O(max_steps * nnz)) for all k together, fewer when
-    sigma_k^2 converges first: the recursion stops once its remaining geometric tail is below
-    1e-15 Var(h), and later k repeat the last value. ``sigma2_limit`` costs a MINRES solve, on
-    first access. The theory is on the documentation's theory page, section 'Influence functions
-    and the variance profile'.
+    Costs about 2 * max_steps products with P (O(max_steps * nnz)) for a two-way table, and
+    K * max_steps grouped sums over the occupied cells (O(K * max_steps * cells)) with K
+    ``margins``, for all k together; fewer when sigma_k^2 converges first: a chain stops once its
+    remaining geometric tail is below 1e-15 Var(h), and later k repeat the last value. With
+    ``margins=[0, 1]`` on a two-way table the numbers equal those without ``margins`` (to
+    rounding). ``sigma2_limit`` costs a sparse least-squares solve, on first access. The theory
+    is on the documentation's theory page, sections 'Influence functions and the variance
+    profile' and 'Rate of convergence'.
 
     Examples
     --------
@@ -124,9 +190,25 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, start: s
     >>> prof = variance_profile(P, h, max_steps=3)
     >>> prof.sigma2.round(6), round(prof.sigma2_limit, 6)
     (array([1.4     , 0.746667, 0.63433 , 0.597818]), 0.577099)
+
+    Three margins of a 3-way table, one of them joint. A function of axes 0 and 1 has
+    sigma_k^2 = 0 right after each step that fixes the margin (0, 1) (k = 2, 5, ...), and also
+    when the steps after that one only fix margins of those axes (k = 3):
+
+    >>> T = np.arange(24.0).reshape(2, 3, 4) % 7 + 1
+    >>> g = np.broadcast_to(np.array([[1., 0., 2.], [0., 3., 1.]])[:, :, None], T.shape)
+    >>> prof = variance_profile(T, g, max_steps=5, margins=[2, (0, 1), 1])
+    >>> prof.sigma2.round(4)
+    array([1.3167, 1.2165, 0.    , 0.    , 0.0108, 0.    ])
+    >>> round(prof.sweep_rate, 4), bool(prof.sigma2_limit < 1e-12)
+    (0.1302, True)
     """
-    start = check.start_option(start)
     max_steps = check.max_steps_option(max_steps)
+    if margins is not None:
+        check.start_option(start)
+        check.margins_start(start)
+        return _margins_profile(table, h, max_steps=max_steps, margins=margins)
+    start = check.start_option(start)
     T, tr, tc = check.joint_table(table)
     h = check.function_values(h, T, table=table)
     h3, scale, single = _scaled_functions(h, T)
@@ -134,7 +216,24 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, start: s
     if start == "y":
         joint = joint.transpose()
     sigma2 = _unscale_variance(_chains(joint, max_steps), scale)
-    return VarianceProfile(sigma2[:, 0] if single else sigma2, start, joint, scale)
+    return VarianceProfile(sigma2[:, 0] if single else sigma2, start, None, joint, None, None, scale)
+
+
+def _margins_profile(table: TableLike, h: TableLike, *, max_steps: int, margins) -> VarianceProfile:
+    """variance_profile on an N-d table seen through ``margins`` (see the module docstring)."""
+    T = check.nd_table(table)
+    axes = check.margin_axes(margins, T.ndim)
+    h = check.nd_function_values(h, T.shape)
+    single = h.ndim == T.ndim
+    cells = Cells.from_table(T, axes)
+    where = np.nonzero(T > 0)
+    values = h[where]
+    values = values[:, None] if single else values
+    values, scale = _scaled_columns(values, np.ones(len(values), dtype=bool))
+    p = cells.mass / cells.mass.sum()
+    centred = values - p @ values
+    sigma2 = _unscale_variance(_cyclic_chains(cells, p, centred, max_steps), scale)
+    return VarianceProfile(sigma2[:, 0] if single else sigma2, None, tuple(axes), None, cells, centred, scale)
 
 
 #: |h| between 2**-256 and 2**256 keeps h^2 and its sums inside the normal float range;
@@ -150,13 +249,20 @@ def _scaled_functions(h: np.ndarray, T: Any) -> tuple[np.ndarray, np.ndarray, bo
     single = h.ndim == (1 if sparse else 2)
     h3 = h[..., None] if single else h
     support = (T.data if sparse else T) > 0
-    peak = np.abs(h3).max(axis=tuple(range(h3.ndim - 1)), where=support[..., None], initial=0.0)
+    h3, scale = _scaled_columns(h3, support)
+    return h3, scale, single
+
+
+def _scaled_columns(h: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(h / scale, scale) for functions in the last axis of h, judged on ``support`` (the shape of
+    h without its last axis); see :func:`_scaled_functions`."""
+    peak = np.abs(h).max(axis=tuple(range(h.ndim - 1)), where=support[..., None], initial=0.0)
     _, exponent = np.frexp(peak)
     exponent[(np.abs(exponent) <= _SAFE_EXPONENT) | (peak == 0)] = 0
     if not exponent.any():
-        return h3, np.ones(h3.shape[-1]), single
+        return h, np.ones(h.shape[-1])
     scale = np.ldexp(1.0, exponent)
-    return h3 / scale, scale, single
+    return h / scale, scale
 
 
 def _unscale_variance(value: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -199,6 +305,62 @@ def _chains(joint: Joint, K: int) -> np.ndarray:
                     sigma2[t + 2 :: 2] = value
                     break
     return sigma2
+
+
+def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int) -> np.ndarray:
+    """sigma_k^2, k = 0..K, for the margins of ``cells`` (p the cell probabilities, h centred,
+    shape (cells, d)); see the module docstring."""
+    n_margins = len(cells.codes)
+    masses = [cells.margin_sums(j, p) for j in range(n_margins)]
+    second = p @ h**2
+    sigma2 = np.empty((K + 1, h.shape[1]))
+    sigma2[0] = second
+    scale = _TAIL * np.maximum(second, np.finfo(float).tiny)
+    for first in range(min(n_margins, K)):
+        # Chain `first` projects on margins first, first - 1, ... (cyclically); after t projections
+        # with t = first + 1 (mod K) the last one is margin 0's: that is IF_t.
+        g = h.copy()
+        kept = []
+        last = first + 1 + (K - first - 1) // n_margins * n_margins
+        for t in range(1, last + 1):
+            j = (first - t + 1) % n_margins
+            mean = np.zeros((cells.sizes[j], h.shape[1]))
+            np.divide(cells.margin_sums(j, p[:, None] * g), masses[j][:, None], out=mean,
+                      where=masses[j][:, None] > 0)
+            g -= mean[cells.codes[j]]
+            if (t - first - 1) % n_margins == 0:
+                value = p @ g**2  # E[g] = 0 after a projection
+                sigma2[t] = value
+                kept.append(value)
+                if len(kept) % 4 == 3 and _converged(kept, scale):
+                    sigma2[t + n_margins :: n_margins] = value
+                    break
+    return sigma2
+
+
+#: Relative tolerance and iteration budget (a multiple of the number of categories) of the LSQR
+#: solve for sigma_inf^2 with many margins.
+_LSQR_TOL = 1e-14
+_LSQR_ITERATIONS = 20
+
+
+def _span_residual(cells: Cells, h: np.ndarray) -> np.ndarray:
+    """min over sums a_1(g_1) + ... + a_K(g_K) of E[(h - sum)^2] for each column of h (centred):
+    weighted least squares on the margins' indicator columns, by LSQR on the sparse matrix with
+    rows scaled by sqrt(P) and columns by the categories' masses (which also preconditions it)."""
+    B = scaled_indicators(cells)
+    w = np.sqrt(cells.mass / cells.mass.sum())
+    out = np.empty(h.shape[1])
+    for j in range(h.shape[1]):
+        b = w * h[:, j]
+        x, stop, iterations = lsqr(B, b, atol=_LSQR_TOL, btol=_LSQR_TOL, conlim=0,
+                                   iter_lim=_LSQR_ITERATIONS * B.shape[1])[:3]
+        if stop == 7:
+            warnings.warn(f"LSQR for sigma2_limit stopped after {iterations} iterations without reaching its "
+                          "tolerance; the value may be too large.", ConvergenceWarning, stacklevel=3)
+        residual = b - B @ x
+        out[j] = residual @ residual
+    return out
 
 
 def _converged(values, scale) -> bool:
