@@ -825,3 +825,43 @@ def test_empty_drop_with_a_joint_margin():
     reduced = np.where(np.arange(6).reshape(2, 3) == 5, 0.0, cd)
     np.testing.assert_allclose(est.diagnostics_.margins[2].target, reduced / reduced.sum())
     assert est.balance_.converged  # the overlapping one-way margins are not touched by the drop
+
+
+# -- R survey with three margins, one joint (recorded by tests/reference/make_many_reference.py) ----
+
+MANY = json.loads((pathlib.Path(__file__).parent / "reference" / "many_reference.json").read_text())
+
+
+def many_margins(targets):
+    joint = {tuple(k.split("|")): v for k, v in targets["sch.wide+awards"].items()}
+    return {"stype": targets["stype"], "comp.imp": targets["comp.imp"], ("sch.wide", "awards"): joint}
+
+
+@pytest.mark.parametrize("sample", ["apisrs", "apistrat"])
+def test_three_margins_with_a_joint_one_match_r_survey(sample):
+    """Estimates equal to 1e-8 at every maxit (steps = 3 maxit); converged SEs within 1% (equal
+    design weights, apisrs) and 3% (apistrat: R residualises with unweighted category means)."""
+    c = MANY["cases"][sample]
+    H = np.column_stack([c["values"][v] for v in ("api00", "api99")])
+    margins = many_margins(MANY["targets"])
+    for maxit, r in c["r"].items():
+        steps = None if maxit == "0" else 3 * int(maxit)
+        r_est, r_se = np.array([r[v] for v in ("api00", "api99")]).T
+        est = BalancedEstimator(margins, steps=steps, tol=1e-13, linearization="survey").fit(
+            c["columns"], np.array(c["w"])).mean(H)
+        np.testing.assert_allclose(est.estimate, r_est, rtol=1e-8)
+        if steps is None:
+            np.testing.assert_allclose(est.standard_error, r_se, rtol=0.01 if sample == "apisrs" else 0.03)
+            default = BalancedEstimator(margins, tol=1e-13).fit(c["columns"], np.array(c["w"])).mean(H)
+            np.testing.assert_allclose(default.standard_error, r_se, rtol=0.01 if sample == "apisrs" else 0.03)
+
+
+@pytest.mark.skipif(not r_survey_ready(), reason="R with the survey package is not installed")
+def test_live_r_three_margins(tmp_path):
+    from .reference.make_many_reference import run_r
+
+    live, _ = run_r(tmp_path)
+    for sample, c in MANY["cases"].items():
+        for maxit, r in c["r"].items():
+            for v in ("api00", "api99"):
+                np.testing.assert_allclose(live[sample][maxit][v], r[v], rtol=1e-10)
