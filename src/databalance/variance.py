@@ -103,10 +103,12 @@ class VarianceProfile:
     @cached_property
     def sweep_rate(self) -> float:
         """The asymptotic factor by which one *sweep* (one step per margin) shrinks the distance to
-        the limit: the spectral radius of the cyclic product ``C_{j(1)} ... C_{j(K)}`` on the span
-        of functions of the margins' variables (von Neumann-Halperin; theory page, section 'Rate
-        of convergence'). For two margins it is ``s_2^2`` (:attr:`SpectrumResult.ipf_rate`) when
-        the support is connected, otherwise the largest ``s_j^2 < 1``.
+        the limit.
+
+        It is the spectral radius of the cyclic product ``C_{j(1)} C_{j(2)} ... C_{j(K)}`` on the
+        span of functions of the margins' variables (von Neumann-Halperin; theory page, section
+        'Rate of convergence'). For two margins it is ``s_2^2`` (:attr:`SpectrumResult.ipf_rate`)
+        when the support is connected, otherwise the largest ``s_j^2 < 1``.
 
         IPF's marginal errors near a table shrink by about this factor per sweep, and
         ``sigma_k^2 - sigma_inf^2`` by about its square (per K half-steps). Computed on first
