@@ -178,24 +178,33 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _iterates(cells: Cells, targets: list[np.ndarray], steps: int) -> list[np.ndarray]:
-    """Per cell, Q^(j) / Q^(0) for the iterates j = 0, ..., steps - 1 of balancing the cell masses
-    towards the targets (each of total 1) in cycle order: half-step j fixes margin (j - 1) mod K."""
+def _iterate_factors(cells: Cells, targets: list[np.ndarray], steps: int) -> list[np.ndarray]:
+    """Margin ((j - 1) mod K)'s factor after half-step j = 1, ..., steps of balancing the cell masses
+    (normalised to total 1) towards the targets (each of total 1) in cycle order, starting from
+    factors 1: iterate j is t(c) times the product of every margin's latest factor."""
     t = cells.mass / cells.mass.sum()
     K = len(targets)
     factors = [np.ones(size) for size in cells.sizes]
     ratio = np.ones(len(t))
     out = []
     for j in range(1, steps + 1):
-        out.append(ratio)
         m = (j - 1) % K
-        # Q^(j-1) / Q^(0) without margin m's factor, rebuilt (dividing it out fails at zero targets).
-        others = np.ones(len(t))
-        for i in range(K):
-            if i != m:
-                others = others * factors[i][cells.codes[i]]
+        others = _without(ratio, cells, factors, m)
         factors[m] = _ratio(targets[m].ravel(), cells.margin_sums(m, others * t))
+        out.append(factors[m])
         ratio = others * factors[m][cells.codes[m]]
+    return out
+
+
+def _without(ratio: np.ndarray, cells: Cells, factors: list[np.ndarray], m: int) -> np.ndarray:
+    """The cell product of every factor but margin m's: one division by m's gathered factor when it
+    has no zero (one gather instead of K - 1), else rebuilt from the other factors."""
+    if (factors[m] > 0).all():
+        return ratio / factors[m][cells.codes[m]]
+    out = np.ones(len(ratio))
+    for i, f in enumerate(factors):
+        if i != m:
+            out *= f[cells.codes[i]]
     return out
 
 
@@ -209,21 +218,37 @@ def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *
     w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect to
     the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
     (R survey's convention: the result is to be multiplied by the balanced weights).
+
+    The iterates are carried as their per-margin factors (small), and the cell ratio Q^(j-1) / Q^(0)
+    is updated backwards one factor at a time: memory stays a few cell vectors whatever k is.
     """
     t = cells.mass / cells.mass.sum()
     K = len(targets)
-    iterates = _iterates(cells, targets, steps) if at_iterates else None
     alpha, beta = np.ones(len(t)), np.zeros(S.shape)
+    ratio = np.ones(len(t))
+    if at_iterates:
+        history = _iterate_factors(cells, targets, steps)
+        factors = [np.ones(size) for size in cells.sizes]
+        for j, f in enumerate(history):  # the factors of iterate k - 1: all but the last step's
+            if j < steps - 1 or steps == 0:
+                factors[j % K] = f
+        for f, c in zip(factors, cells.codes, strict=True):
+            ratio *= f[c]
     for j in range(steps, 0, -1):  # the last step's operator acts first
         m = (j - 1) % K
         index = cells.codes[m]
-        ratio = np.ones(len(t)) if iterates is None else iterates[j - 1]
+        if at_iterates and j < steps:  # Q^(j-1): undo step j's factor of margin m (set at step j)
+            earlier = history[j - 1 - K] if j - 1 - K >= 0 else np.ones(cells.sizes[m])
+            ratio = _without(ratio, cells, factors, m) * earlier[index]
+            factors[m] = earlier
         mass = cells.margin_sums(m, ratio * t)
-        mean = _ratio(cells.margin_sums(m, ratio[:, None] * (alpha[:, None] * S + beta * t[:, None])), mass)
-        beta = beta - mean[index]
-        if iterates is not None:
+        inner = S * alpha[:, None]
+        inner += beta * t[:, None]
+        inner *= ratio[:, None]
+        beta -= _ratio(cells.margin_sums(m, inner), mass)[index]
+        if at_iterates:
             w = _ratio(targets[m].ravel(), mass)[index]
-            alpha = alpha * w
+            alpha *= w
             beta *= w[:, None]
     return alpha, beta
 
