@@ -25,7 +25,7 @@ from ._joint import Cells
 from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 
-__all__ = ["SpectrumResult", "conditional_mean", "cyclic_rate", "spectrum"]
+__all__ = ["SpectrumResult", "conditional_mean", "spectrum"]
 
 
 # -- the spectrum ----------------------------------------------------------------------------------
