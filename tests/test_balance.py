@@ -606,3 +606,59 @@ def test_feasibility_agrees_with_an_independent_linear_program(problem):
         assert not feasible
         with pytest.raises(InfeasibleError):
             balance_table(T, p_x, p_y)
+
+
+# -- reprs and progress ----------------------------------------------------------------------------
+
+
+def test_reprs_are_one_short_line():
+    rng = np.random.default_rng(0)
+    results = [
+        balance_table(rng.random((3000, 300)), np.full(3000, 1 / 3000), np.full(300, 1 / 300)),
+        balance_table(sp.csr_array(rng.random((50, 40))), np.full(50, 0.02), np.full(40, 0.025), steps=3),
+        balance_logits(rng.normal(size=(4, 30, 30)), np.full(30, 1 / 30), np.full(30, 1 / 30)),
+    ]
+    for res in results:
+        text = repr(res)
+        assert "\n" not in text and len(text) < 200 and f"status='{res.status}'" in text
+        assert f"steps={res.steps}" in text and "shape" in text
+    assert "final errors [" in repr(results[0]) and "(3000, 300)" in repr(results[0])
+
+
+def test_progress_callback_hears_every_step_and_bad_progress_is_refused(capsys):
+    T, p_x, p_y = rng_problem(1)
+    seen = []
+    res = balance_table(T, p_x, p_y, progress=lambda k, errors: seen.append((k, errors.copy())))
+    assert [k for k, _ in seen] == list(range(res.steps + 1))
+    np.testing.assert_array_equal(np.array([e for _, e in seen]), res.marginal_error)
+    balance_table(T, p_x, p_y, progress=True)  # tqdm if installed, else one line on stderr
+    err = capsys.readouterr().err
+    assert "balance_table" in err or err == ""
+    with pytest.raises(TypeError, match="`progress` must be True, False or a callable"):
+        balance_table(T, p_x, p_y, progress="yes")
+    with pytest.raises(TypeError, match="`progress` must be"):
+        balance_logits(np.log(T), p_x, p_y, progress=1)
+
+
+def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name.startswith("tqdm"):
+            raise ImportError("no tqdm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    T, p_x, p_y = rng_problem(2)
+    res = balance_table(T, p_x, p_y, progress=True)
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and f"balance_table: step {res.steps}, largest error" in err
+
+
+def test_progress_bar_through_tqdm(capsys):
+    pytest.importorskip("tqdm")
+    T, p_x, p_y = rng_problem(3)
+    balance_table(T, p_x, p_y, progress=True)
+    assert "step" in capsys.readouterr().err  # tqdm draws on stderr

@@ -160,16 +160,28 @@ class Outcome:
 
 
 def run(kernel: Kernel, problem: Problem, *, steps: int | None, tol: float, max_steps: int,
-        check_feasible_at: int | None = None, feasible=None) -> Outcome:
+        check_feasible_at: int | None = None, feasible=None, progress=None) -> Outcome:
     """Consume the half-steps until the requested count, convergence, a stall or the budget.
 
     ``feasible()`` raises if the problem has no solution; for ``steps=None`` it is called at
-    half-step ``check_feasible_at`` unless the run has converged before.
+    half-step ``check_feasible_at`` unless the run has converged before. ``progress``, a
+    (report, close) pair, hears of every step.
     """
+    report, close = progress if progress is not None else (None, None)
+    try:
+        return _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report)
+    finally:
+        if close is not None:
+            close()
+
+
+def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report) -> Outcome:
     history = History(kernel.batch, len(problem.margins))
     best, best_k = np.inf, 0
     for k, state, errors in half_steps(kernel, problem):
         history.append(errors)
+        if report is not None:
+            report(k, errors)
         if steps is not None:
             if k == steps:
                 return Outcome(k, "completed", state, history.view())

@@ -996,6 +996,69 @@ def margins_start(start) -> None:
         )
 
 
+def progress_option(progress):
+    """``None``/``False`` (silent), ``True`` (a bar or a line) or a callable ``f(step, errors)``."""
+    if progress is None or progress is False:
+        return None
+    if progress is True or callable(progress):
+        return progress
+    raise TypeError(
+        f"`progress` must be True, False or a callable f(step, errors); got {type(progress).__name__}."
+    )
+
+
+def matplotlib_installed() -> None:
+    """Import matplotlib, or say how to get it (the wording of `databalance reproduce`)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ImportError('matplotlib is not installed, so nothing can be plotted. '
+                          'Install it with: pip install "databalance[plot]"', name="matplotlib") from err
+
+
+def plot_axes(ax):
+    """``ax`` as given, if it is a matplotlib Axes (matplotlib is imported by the caller)."""
+    from matplotlib.axes import Axes
+
+    if not isinstance(ax, Axes):
+        raise TypeError(f"`ax` must be a matplotlib Axes (from `figure.add_subplot()` or `plt.subplots()`), "
+                        f"or None for a new one; got {type(ax).__name__}.")
+    return ax
+
+
+def error_history(result) -> np.ndarray:
+    """The ``marginal_error`` of a balancing result as (steps + 1, K), the largest over any batch."""
+    errors = getattr(result, "marginal_error", None)
+    if not isinstance(errors, np.ndarray) or errors.ndim < 2 or errors.shape[-2] < 1:
+        raise TypeError("`result` must be a balancing result with a `marginal_error` array of shape "
+                        "(..., steps + 1, K), e.g. from balance_table or balance_margins; "
+                        f"got {type(result).__name__}.")
+    return errors.reshape(-1, *errors.shape[-2:]).max(axis=0)
+
+
+def plot_rate(rate) -> float | None:
+    """The predicted error factor per half-step, a number in (0, 1], or None."""
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < float(rate) <= 1:
+        raise ValueError(f"`rate` must be the predicted error factor per half-step, a number in (0, 1] (s_2 for "
+                         f"two margins: `spectrum(result.table).max_correlation`), or None; got {rate!r}.")
+    return float(rate)
+
+
+def function_column(function, count: int | None) -> int | None:
+    """Which of ``count`` functions to plot (None: the profile holds a single function)."""
+    if count is None:
+        if function is not None:
+            raise ValueError(f"`function` selects one of several functions, but this profile holds one; "
+                             f"leave it out (got {function!r}).")
+        return None
+    if isinstance(function, bool) or not isinstance(function, numbers.Integral) or not 0 <= function < count:
+        raise ValueError(f"This profile holds {count} functions: pass `function` = an index in 0..{count - 1} "
+                         f"to choose the one to plot; got {function!r}.")
+    return int(function)
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")

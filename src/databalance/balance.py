@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _feasibility, _ipf
+from . import _feasibility, _ipf, _progress
 from . import _kernels as kernels
 from . import _validation as check
 from ._errors import ConvergenceWarning, InfeasibleError
@@ -70,8 +70,19 @@ class _Outcome:
     def _pattern(self, b: tuple):
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        """One line: status, steps, each margin's final error (the largest over a batch), shape."""
+        final = np.asarray(self.marginal_error)[..., -1, :]
+        worst = final.reshape(-1, final.shape[-1]).max(axis=0)
+        errors = ", ".join(f"{e:.2g}" for e in worst)
+        return (f"{type(self).__name__}(status={self.status!r}, steps={self.steps}, "
+                f"final errors [{errors}], {self._describe()})")
 
-@dataclass(frozen=True, eq=False)
+    def _describe(self) -> str:
+        return f"shape {tuple(np.shape(self._input))}"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class BalanceResult(_Outcome):
     """The outcome of :func:`balance_table` (also yielded by :func:`iterate_balance`).
 
@@ -107,7 +118,7 @@ class BalanceResult(_Outcome):
         return kernels.support_pattern(self._input[b] if b else self._input)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class LogBalanceResult(_Outcome):
     """The outcome of :func:`balance_logits`.
 
@@ -194,14 +205,16 @@ def _first(start: str) -> int:
     return 0 if start == "x" else 1
 
 
-def _solve(kernel, problem, *, steps, tol, max_steps, deficit):
+def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing"):
     """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
 
     ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists. Returns the outcome
     and whether the problem is then known to be feasible (``None``: not decided)."""
     check_at = 0 if kernel.support_size() <= FEASIBILITY_EAGER_SIZE else FEASIBILITY_DEFERRED_TO
+    report = _progress.reporter(progress, desc, total=steps if steps is not None else max_steps)
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                       check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit)
+                       check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit,
+                       progress=report)
     if kernel.full_support():
         return outcome, True
     decided = steps is None and (outcome.converged or outcome.steps >= check_at)
@@ -220,7 +233,8 @@ def _max_flow_check(kernel, targets, name):
 
 
 def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int | None = None,
-                  start: str = "x", tol: float | None = None, max_steps: int = 10_000) -> BalanceResult:
+                  start: str = "x", tol: float | None = None, max_steps: int = 10_000,
+                  progress: bool | _progress.Progress = False) -> BalanceResult:
     """Rescale a nonnegative table so that its row and column sums match target marginals.
 
     Alternately rescales the rows to ``p_x`` and the columns to ``p_y`` (iterative proportional
@@ -245,6 +259,9 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
         ``steps=None``. Default 1e-10 (float64) or 1e-5 (float32).
     max_steps : int
         Budget of half-steps for ``steps=None``.
+    progress : bool or callable
+        ``True`` shows a progress bar (tqdm when installed, else a line on stderr); a callable
+        ``f(step, errors)`` is called after every half-step with that step's marginal errors.
 
     Returns
     -------
@@ -292,12 +309,14 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     steps = check.steps_option(steps)
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
+    check.progress_option(progress)
     kernel = kernels.kernel_for(table)
     tol = check.tolerance(tol, kernel.dtype)
     targets = _two_targets(kernel, p_x, p_y)
     problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps)
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                            deficit=_max_flow_check(kernel, targets, "table"))
+                            deficit=_max_flow_check(kernel, targets, "table"), progress=progress,
+                            desc="balance_table")
     _ipf.warn_if_unconverged(outcome, tol)
     u, v = kernel.export(outcome.state, problem.export_scales())
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
@@ -306,7 +325,8 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
 
 
 def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = None, start: str = "x",
-                   tol: float | None = None, max_steps: int = 10_000) -> LogBalanceResult:
+                   tol: float | None = None, max_steps: int = 10_000,
+                   progress: bool | _progress.Progress = False) -> LogBalanceResult:
     """Balance ``exp(logits)`` without leaving log space: stable for logits spanning +-1e4.
 
     Parameters
@@ -314,7 +334,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     logits : array_like, shape (..., m, l)
         Log masses (float32 or float64); ``-inf`` marks a structural zero and stays ``-inf``.
         Leading axes are a batch (e.g. per-batch CLIP logit matrices).
-    p_x, p_y, steps, start, tol, max_steps
+    p_x, p_y, steps, start, tol, max_steps, progress
         As in :func:`balance_table`.
 
     Returns
@@ -354,6 +374,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     steps = check.steps_option(steps)
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
+    check.progress_option(progress)
     arr = check.dense_array(logits, "logits", min_ndim=2)
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)
@@ -364,7 +385,8 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps,
                        name="logits")
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                            deficit=_max_flow_check(kernel, targets, "logits"))
+                            deficit=_max_flow_check(kernel, targets, "logits"), progress=progress,
+                            desc="balance_logits")
     f, g = kernel.export(outcome.state, problem.export_scales())
     measured = _as_returned(outcome, arr, f, g, problem, magnitude, tol)
     lost = outcome.converged and not measured.converged
@@ -444,7 +466,7 @@ def iterate_balance(table: TableLike, p_x: Marginal, p_y: Marginal, *, start: st
                             _targets=tuple(targets))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class MarginsResult(_Outcome):
     """The outcome of :func:`balance_margins`.
 
@@ -471,6 +493,9 @@ class MarginsResult(_Outcome):
     factors: tuple
     keys: tuple = field(repr=False)
     _axes: tuple = field(default=(), repr=False)
+
+    def _describe(self) -> str:
+        return f"shape {tuple(self._input.shape)}, margins {list(self.keys)}"
 
     @cached_property
     def table(self):
@@ -510,7 +535,7 @@ LP_FEASIBILITY_TOL = 1e-7
 
 
 def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
-                    max_steps: int | None = None) -> MarginsResult:
+                    max_steps: int | None = None, progress: bool | _progress.Progress = False) -> MarginsResult:
     """Rescale an N-d table so that any number of its one- and multi-way margins match targets.
 
     Raking (iterative proportional fitting) to K margins: half-step k rescales the table so that
@@ -536,6 +561,8 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
         (float64) or 1e-5 (float32).
     max_steps : int, optional
         Budget of half-steps for ``steps=None``; default 5000 sweeps (``5000 * K``).
+    progress : bool or callable
+        As in :func:`balance_table`.
 
     Returns
     -------
@@ -580,6 +607,7 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
     (3, 2)
     """
     steps = check.steps_option(steps)
+    check.progress_option(progress)
     sparse = kernels.is_sparse(table)
     shape = table.shape if sparse else check.dense_array(table, "table", min_ndim=1).shape  # type: ignore[union-attr]
     axes, keys, targets = check.margin_targets(margins, shape)
@@ -587,7 +615,8 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
     K = len(axes)
     max_steps = 5000 * K if max_steps is None else check.positive_int(max_steps, "max_steps")
     if len(shape) == 2 and sorted(axes) == [(0,), (1,)]:
-        return _two_margins(table, axes, keys, targets, names, steps=steps, tol=tol, max_steps=max_steps)
+        return _two_margins(table, axes, keys, targets, names, steps=steps, tol=tol, max_steps=max_steps,
+                            progress=progress)
     if sparse:
         raise TypeError("A scipy.sparse `table` takes the two one-way margins 0 and 1; for joint margins pass "
                         "a dense array.")
@@ -603,7 +632,8 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names)
 
-    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit)
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
+                            progress=progress, desc="balance_margins")
     _ipf.warn_if_unconverged(outcome, tol)
     user_axes = [_key_axes(k, len(shape)) for k in keys]
     factors = [np.transpose(f, np.argsort(np.argsort(ax)))
@@ -618,7 +648,7 @@ def _key_axes(key, ndim: int) -> tuple[int, ...]:
     return tuple(int(a) % ndim for a in ((key,) if np.ndim(key) == 0 else key))
 
 
-def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps) -> MarginsResult:
+def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps, progress) -> MarginsResult:
     """Two one-way margins of a 2-D table: the kernels and the feasibility check of balance_table."""
     kernel = kernels.kernel_for(table)
     tol = check.tolerance(tol, kernel.dtype)
@@ -627,7 +657,8 @@ def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps) ->
     problem = _problem(kernel, ordered, [names[i] for i in order], ["Row", "Column"], first=order.index(0),
                        steps=steps)
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                            deficit=_max_flow_check(kernel, ordered, "table"))
+                            deficit=_max_flow_check(kernel, ordered, "table"), progress=progress,
+                            desc="balance_margins")
     _ipf.warn_if_unconverged(outcome, tol)
     back = np.argsort(order)  # kernel order -> the user's order
     factors = kernel.export(outcome.state, problem.export_scales())
@@ -638,7 +669,7 @@ def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps) ->
                          _axes=tuple(axes))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class CellsResult(_Outcome):
     """The balancing of a sample's occupied cells towards K margins (``BalancedEstimator.balance_``).
 
@@ -662,6 +693,9 @@ class CellsResult(_Outcome):
     keys: tuple = field(repr=False)
     _codes: tuple = field(default=(), repr=False)
 
+    def _describe(self) -> str:
+        return f"{len(self._input)} occupied cells, margins {list(self.keys)}"
+
     @cached_property
     def cell_masses(self) -> np.ndarray:
         out = np.array(self._input, dtype=np.float64)
@@ -679,7 +713,7 @@ class CellsResult(_Outcome):
 
 def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray, targets: list,
                   keys: list, *, steps: int | None = None, tol: float | None = None,
-                  max_steps: int | None = None) -> CellsResult:
+                  max_steps: int | None = None, progress: bool | _progress.Progress = False) -> CellsResult:
     """Balance a table given by its occupied cells (each cell's category in every margin, and its
     mass) towards the margins' targets (validated arrays of ``shapes``), in the order given.
 
@@ -699,7 +733,8 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
 
-    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit)
+    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
+                            progress=progress, desc="raking")
     _ipf.warn_if_unconverged(outcome, tol)
     factors = kernel.export(outcome.state, problem.export_scales())
     return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
