@@ -865,3 +865,27 @@ def test_live_r_three_margins(tmp_path):
         for maxit, r in c["r"].items():
             for v in ("api00", "api99"):
                 np.testing.assert_allclose(live[sample][maxit][v], r[v], rtol=1e-10)
+
+
+def test_many_margin_intervals_cover_at_the_nominal_rate():
+    """The fast, seeded version of benchmarks/coverage_study.py's three-margin section."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "coverage_study.py"
+    spec = importlib.util.spec_from_file_location("coverage_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    reps = 300
+    tol = 3 * np.sqrt(0.95 * 0.05 / reps)  # three binomial standard errors
+    for k, coverage, *_ in study.many_margins(500, reps, seed=5):
+        assert abs(coverage - 0.95) < tol, (k, coverage)
+
+
+def test_estimation_guide_examples_run():
+    import doctest
+
+    pytest.importorskip("pandas")
+    guide = pathlib.Path(__file__).parents[1] / "docs" / "guide" / "estimation.rst"
+    result = doctest.testfile(str(guide), module_relative=False,
+                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 10
