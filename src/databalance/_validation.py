@@ -1059,6 +1059,83 @@ def function_column(function, count: int | None) -> int | None:
     return int(function)
 
 
+def match_table(matches: Any) -> Any:
+    """A document x concept match table as canonical CSR, checked entry by entry; never densified
+    (a copy unless it is canonical CSR already, and the input is never modified)."""
+    if not sp.issparse(matches):
+        raise TypeError(
+            f"`matches` must be a scipy.sparse matrix or array (documents x concepts); got {type(matches).__name__}. "
+            "Wrap a small dense table with `scipy.sparse.csr_array(matches)`; build a large one sparse."
+        )
+    if matches.ndim != 2:
+        raise ValueError(f"`matches` must be 2-D (documents x concepts); got shape {matches.shape}.")
+    if matches.dtype.kind not in "biuf":
+        raise TypeError(f"`matches` has dtype {matches.dtype}; give nonzero numbers (or True) where a "
+                        "document matches a concept.")
+    if matches.format not in ("csr", "csc", "coo"):
+        matches = matches.tocoo()
+    _match_entries(matches)
+    csr = matches if matches.format == "csr" else matches.tocsr()
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return csr
+
+
+def _match_entries(matches: Any) -> None:
+    data = matches.data
+    if data.dtype.kind == "b" or not data.size:
+        return
+    bad = (data < 0) | ~np.isfinite(data) if data.dtype.kind == "f" else data < 0
+    if not bad.any():
+        return
+    k = int(np.argmax(bad))
+    if matches.format == "coo":
+        row, col = int(matches.row[k]), int(matches.col[k])
+    else:
+        outer, inner = int(np.searchsorted(matches.indptr, k, side="right") - 1), int(matches.indices[k])
+        row, col = (outer, inner) if matches.format == "csr" else (inner, outer)
+    raise ValueError(
+        f"`matches` must be finite and nonnegative; found {float(data[k])!r} at (document {row}, concept {col}). "
+        "A nonzero entry marks a match, a zero none."
+    )
+
+
+def concept_cap(t: object) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"`t` (the cap per concept) must be a number; got {type(t).__name__}.")
+    if not (np.isfinite(float(t)) and float(t) > 0):
+        raise ValueError(f"`t` (the cap per concept) must be a positive finite number, e.g. 20000; got {t!r}.")
+    return float(t)
+
+
+def random_seed(seed: object) -> np.random.Generator:
+    """``numpy.random.default_rng(seed)`` for None, a nonnegative int or a Generator."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"`seed` must be None, a nonnegative int or a numpy.random.Generator; got "
+                        f"{type(seed).__name__}.")
+    if seed is not None and int(seed) < 0:
+        raise ValueError(f"`seed` must be a nonnegative int; got {seed!r}.")
+    return np.random.default_rng(None if seed is None else int(seed))
+
+
+def hypothesis_missing() -> ImportError:
+    return ImportError('databalance.testing needs hypothesis, which is not installed. Install it with: '
+                       'pip install "databalance[testing]"', name="hypothesis")
+
+
+def assert_margins_pair(length: int, ndim: int) -> str:
+    return (f"`margins` must be a mapping (as for balance_margins) or a pair (p_x, p_y) for a 2-D table; got "
+            f"a sequence of length {length} for a table with {ndim} dimensions.")
+
+
+def not_a_result(kind: str) -> str:
+    return (f"Expected balancing results (from balance_table, balance_logits or balance_margins), which have a "
+            f"`table`; got {kind}.")
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
