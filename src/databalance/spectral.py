@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, svds
 
-from . import _feasibility
+from . import _feasibility, plotting
 from . import _validation as check
 from ._joint import Cells
 from ._kernels import is_sparse, support_pattern
@@ -85,6 +85,36 @@ class SpectrumResult:
         if s2 >= 1:
             return np.iinfo(np.int64).max
         return int(np.ceil(np.log(tol / initial_error) / np.log(s2)))
+
+    def plot(self, ax: Any = None) -> Any:
+        """Draw the singular values against j, with ``s_2`` marked (needs matplotlib).
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw; a new figure if None (see :mod:`databalance.plotting`).
+
+        Returns
+        -------
+        matplotlib Axes
+            The line of ``singular_values`` at j = 1, 2, ..., and a marker on ``s_2``, the rate per
+            half-step of balancing near this table (theory page, section 'Rate of convergence').
+
+        Raises
+        ------
+        ImportError
+            matplotlib is not installed (install the ``plot`` extra).
+        TypeError
+            ``ax`` is not a matplotlib Axes.
+
+        Examples
+        --------
+        >>> from databalance import spectrum
+        >>> ax = spectrum([[.10, .05, .05], [.05, .20, .05], [.05, .05, .40]]).plot()
+        >>> ax.lines[0].get_ydata().round(6)
+        array([1.      , 0.613504, 0.353163])
+        """
+        return plotting.plot_spectrum(self, ax)
 
 
 def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:

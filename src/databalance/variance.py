@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.sparse.linalg import lsqr
 
-from . import _feasibility
+from . import _feasibility, plotting
 from . import _validation as check
 from ._errors import ConvergenceWarning
 from ._joint import Cells, Joint, additive_residual
@@ -84,6 +84,49 @@ class VarianceProfile:
     def predicted_mse(self, n: int) -> np.ndarray:
         """``sigma_k^2 / n``: the first-order mean squared error with n samples."""
         return self.sigma2 / check.positive_int(n, "n")
+
+    def plot(self, ax: Any = None) -> Any:
+        """Draw ``sigma_k^2`` against k with the line ``sigma_inf^2`` (needs matplotlib).
+
+        With correct targets balancing adds no bias, so ``sigma_k^2 / n`` is the whole first-order
+        MSE: more steps never hurt in the long run, since every ``sigma_k^2`` is at least
+        ``sigma_inf^2`` and the profile approaches it (geometrically, like ``s_2^(2k)`` for two
+        margins). The profile need not fall at every step, though: for h a function of x alone it
+        is 0 after every X-step and positive after every Y-step (theory page, section 'Influence
+        functions and the variance profile'). A best finite k exists only when the targets are
+        off: see :meth:`MisspecifiedProfile.best_k`.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw; a new figure if None (see :mod:`databalance.plotting`).
+
+        Returns
+        -------
+        matplotlib Axes
+            One line of ``sigma2`` at k = 0..max_steps (one per function when the profile holds
+            several) and a dashed horizontal line at ``sigma2_limit`` (computed here if it was not
+            yet).
+
+        Raises
+        ------
+        ImportError
+            matplotlib is not installed (install the ``plot`` extra).
+        TypeError
+            ``ax`` is not a matplotlib Axes.
+
+        Examples
+        --------
+        >>> from databalance import variance_profile
+        >>> P = [[.10, .05, .05], [.05, .20, .05], [.05, .05, .40]]
+        >>> h = [[1, 0, 2], [0, 3, 1], [2, 1, 0]]
+        >>> ax = variance_profile(P, h, max_steps=3).plot()
+        >>> ax.lines[0].get_ydata().round(6)
+        array([1.4     , 0.746667, 0.63433 , 0.597818])
+        >>> round(float(ax.lines[1].get_ydata()[0]), 6)  # sigma_inf^2
+        0.577099
+        """
+        return plotting.plot_variance_profile(self, ax)
 
     @cached_property
     def sigma2_limit(self) -> float | np.ndarray:
@@ -519,6 +562,96 @@ class MisspecifiedProfile:
     def mse(self, n: int) -> np.ndarray:
         """``bias^2 + variance / n``: the first-order mean squared error with n samples."""
         return self.bias**2 + self.variance / check.positive_int(n, "n")
+
+    def best_k(self, n: int) -> int | np.ndarray:
+        """The number of half-steps k (0..max_steps) with the smallest predicted MSE for n samples.
+
+        Ties go to the smallest k; values that differ only by rounding (relative ``1e-12``) count as
+        ties, so a profile that has converged gives the first k of its plateau, not a step picked
+        by rounding noise.
+
+        With correct targets there is no bias, and more steps never hurt in the long run: every
+        ``sigma_k^2`` is at least the limit ``sigma_inf^2`` and approaches it, although not
+        necessarily at every step (theory page, section 'Misspecified targets'). The answer is
+        then one of the last steps computed (or where the profile stops changing). A best finite k
+        exists only when the targets are off: the bias, which does not shrink with n, then
+        outweighs the variance saved by more steps, and the best k falls to 0 (the plain mean)
+        once n is large.
+
+        Parameters
+        ----------
+        n : int
+            The sample size.
+
+        Returns
+        -------
+        int, or ndarray of int with one k per function when the profile holds several.
+
+        Raises
+        ------
+        ValueError
+            ``n`` not a positive integer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from databalance import misspecified_profile
+        >>> P = np.array([[.3, .2], [.1, .4]])
+        >>> prof = misspecified_profile(P, [[1, 0], [0, 0]], [.6, .4], [.4, .6], max_steps=4)
+        >>> [prof.best_k(n) for n in (10, 100, 1000)]  # the bias outweighs the variance as n grows
+        [2, 2, 0]
+        """
+        mse = self.mse(n)
+        ties = mse <= mse.min(axis=0) * (1 + _TIE_RTOL)
+        best = np.argmax(ties, axis=0)
+        return int(best) if mse.ndim == 1 else best
+
+    def plot(self, n: int, ax: Any = None, *, function: int | None = None) -> Any:
+        """Draw bias^2, variance / n and the predicted MSE against k for n samples, with
+        :meth:`best_k` marked (needs matplotlib).
+
+        Parameters
+        ----------
+        n : int
+            The sample size.
+        ax : matplotlib Axes, optional
+            Where to draw; a new figure if None (see :mod:`databalance.plotting`).
+        function : int, optional
+            Which function to draw when the profile holds several (required then).
+
+        Returns
+        -------
+        matplotlib Axes
+            Three lines at k = 0..max_steps: ``bias**2``, ``variance / n`` and ``mse(n)``, and a
+            vertical line at ``best_k(n)``. The y axis is linear (bias^2 is 0 at k = 0); call
+            ``ax.set_yscale("log")`` for a log scale.
+
+        Raises
+        ------
+        ValueError
+            ``n`` not a positive integer; ``function`` missing or out of range for a profile of
+            several functions, or given for a profile of one.
+        ImportError
+            matplotlib is not installed (install the ``plot`` extra).
+        TypeError
+            ``ax`` is not a matplotlib Axes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from databalance import misspecified_profile
+        >>> P = np.array([[.3, .2], [.1, .4]])
+        >>> prof = misspecified_profile(P, [[1, 0], [0, 0]], [.6, .4], [.4, .6], max_steps=4)
+        >>> ax = prof.plot(100)
+        >>> [line.get_label() for line in ax.lines]
+        ['bias$^2$', 'variance / n', 'MSE', 'best k = 2']
+        """
+        return plotting.plot_misspecified(self, n, ax, function=function)
+
+
+#: Relative difference below which two predicted MSEs count as equal in MisspecifiedProfile.best_k:
+#: far above the rounding of the sums behind them (about 1e-15 per step), far below any real gap.
+_TIE_RTOL = 1e-12
 
 
 def misspecified_profile(table: TableLike, h: ArrayLike, p_x: ArrayLike, p_y: ArrayLike, *, max_steps: int,
