@@ -44,26 +44,33 @@ def r_rake_seconds(data, values, margins, steps):
         np.savetxt(d / "s.csv", np.column_stack([data[k] for k in LEVELS] + [values]), delimiter=",",
                    header=",".join(list(LEVELS) + ["h"]), comments="", fmt=["%d"] * 5 + ["%.17g"])
         for name in ("a", "b", "c"):
-            np.savetxt(d / f"{name}.csv", np.column_stack([np.arange(LEVELS[name]), margins[name]]), delimiter=",",
-                       header=f"{name},Freq", comments="", fmt=["%d", "%.17g"])
+            np.savetxt(d / f"{name}.csv", np.column_stack([np.arange(LEVELS[name]), margins[name]]),
+                       delimiter=",", header=f"{name},Freq", comments="", fmt=["%d", "%.17g"])
         de = margins[("d", "e")]
         np.savetxt(d / "de.csv", de, delimiter=",", fmt="%.17g")
         script = f"""suppressMessages(library(survey))
-s <- read.csv('{d}/s.csv'); for (v in c('a','b','c','d','e')) s[[v]] <- factor(s[[v]])
-m <- lapply(c('a','b','c'), function(v) {{ x <- read.csv(file.path('{d}', paste0(v, '.csv')));
-  x[[v]] <- factor(x[[v]], levels = levels(s[[v]])); x[!is.na(x[[v]]), ] }})
+s <- read.csv('{d}/s.csv')
+for (v in c('a', 'b', 'c', 'd', 'e')) s[[v]] <- factor(s[[v]])
+m <- lapply(c('a', 'b', 'c'), function(v) {{
+  x <- read.csv(file.path('{d}', paste0(v, '.csv')))
+  x[[v]] <- factor(x[[v]], levels = levels(s[[v]]))
+  x[!is.na(x[[v]]), ] }})
 de <- as.matrix(read.csv('{d}/de.csv', header = FALSE))
-tab <- xtabs(~d + e, s); tab[] <- de[cbind(as.integer(rownames(tab))[row(tab)] + 1, as.integer(colnames(tab))[col(tab)] + 1)]
+tab <- xtabs(~d + e, s)
+rows <- as.integer(rownames(tab)) + 1
+cols <- as.integer(colnames(tab)) + 1
+tab[, ] <- de[rows, cols]
 des <- suppressWarnings(svydesign(id = ~1, data = s))
 t0 <- Sys.time()
-r <- suppressWarnings(rake(des, list(~a, ~b, ~c, ~d + e), c(m, list(tab)), control = list(maxit = {steps // 4}, epsilon = 1e-300)))
+ctrl <- list(maxit = {steps // 4}, epsilon = 1e-300)
+r <- suppressWarnings(rake(des, list(~a, ~b, ~c, ~d + e), c(m, list(tab)), control = ctrl))
 est <- svymean(~h, r)
 cat(as.numeric(difftime(Sys.time(), t0, units = 'secs')), '\\n')
 """
         (d / "run.R").write_text(script)
         out = subprocess.run(["Rscript", str(d / "run.R")], capture_output=True, text=True)
         if out.returncode != 0:
-            return f"R failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else '?'}"
+            return f"R failed: {out.stderr.strip()[-300:]}"
         return float(out.stdout.split()[0])
 
 
@@ -92,7 +99,8 @@ def main():
     try:
         from threadpoolctl import threadpool_info
 
-        blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)" for i in threadpool_info())
+        blas = ", ".join(f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)"
+                         for i in threadpool_info())
     except ImportError:
         blas = "threadpoolctl not installed"
     small, small_values, _ = problem(args.r_n)

@@ -206,8 +206,10 @@ class BalancedEstimator:
     ...                    "region": rng.choice(["N", "S", "W"], 400)})
     >>> sex_age = pd.Series([.2, .3, .2, .3], index=pd.MultiIndex.from_product([["f", "m"], ["<40", "40+"]]))
     >>> fitted = BalancedEstimator({("sex", "age"): sex_age, "region": {"N": .5, "S": .3, "W": .2}}).fit(df)
-    >>> fitted
-    BalancedEstimator(margins=[('sex', 'age'), 'region']): converged after 13 half-steps; n = 400, effective sample size 319.2, weights 0.419 to 2.07 x mean
+    >>> fitted  # doctest: +ELLIPSIS
+    BalancedEstimator(margins=[('sex', 'age'), 'region']): converged after 13 half-steps; n = 400, ...
+    >>> round(fitted.diagnostics_.effective_sample_size, 1)
+    319.2
     >>> float(fitted.diagnostics_.margins[1].achieved[0].round(6))
     0.5
     """
@@ -383,7 +385,7 @@ def _encode(margins, data, names: list[str] | None) -> _Encoded:
     names = names or [f"margins[{key!r}]" for key, _ in specs]
     raw = [margins[key] for key, _ in specs]
     mapped = [_is_mapping(t) for t in raw]
-    parsed = [check.mapping_target(t, nm, len(cols)) if is_map else check.array_target(t, nm, len(cols))
+    parsed: list[Any] = [check.mapping_target(t, nm, len(cols)) if is_map else check.array_target(t, nm, len(cols))
               for t, nm, (_, cols), is_map in zip(raw, names, specs, mapped, strict=True)]
     position = {c: i for i, c in enumerate(columns)}
     users = {c: [j for j, (_, cols) in enumerate(specs) if c in cols] for c in columns}
@@ -506,7 +508,9 @@ def _bounded_rake(w, codes, targets, bounds, tol):
     n = len(w)
     targets = [t.ravel() * (n / t.sum()) for t in targets]
     errors = [np.inf]
-    for sweep in range(1, TRIM_SWEEPS + 1):
+    sweeps = 0
+    while sweeps < TRIM_SWEEPS:
+        sweeps += 1
         for c, t in zip(codes, targets, strict=True):
             mass = np.bincount(c, w, minlength=len(t))
             factor = np.divide(t, mass, out=np.zeros_like(t), where=mass > 0)
@@ -515,7 +519,7 @@ def _bounded_rake(w, codes, targets, bounds, tol):
                   for c, t in zip(codes, targets, strict=True)]
         if max(errors) <= tol:
             break
-    return w, errors, sweep
+    return w, errors, sweeps
 
 
 def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
