@@ -18,9 +18,9 @@ def test_quick_reproduction_writes_report_and_figures(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["reproduce", "--out", str(tmp_path), "--quick", "--seed", "3", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Summary" in out and "[5/5] coverage done" in out
+    assert "Summary" in out and "[6/6] many_margins done" in out
     report = (tmp_path / "report.md").read_text()
-    for name in ("variance_reduction", "spectrum", "misspecified", "k_versus_n", "coverage"):
+    for name in ("variance_reduction", "spectrum", "misspecified", "k_versus_n", "coverage", "many_margins"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
         assert f"({name}.png)" in report
     results = json.loads((tmp_path / "results.json").read_text())
@@ -40,8 +40,21 @@ def test_quick_reproduction_writes_report_and_figures(tmp_path, capsys):
         assert np.all(np.abs(np.array(d["coverage"]) - 0.95) < 4 * np.sqrt(0.95 * 0.05 / cov["reps"])), d
     # ... and a setting where balancing increases the MSE.
     assert any(max(r["mse"][1:]) > r["mse"][0] for r in results["misspecified"]["rows"])
+    # Three margins (one joint) at n = 10^4: every k = 0..9 within 3 Monte Carlo SE of sigma_k^2, counted
+    # in the report; IPF's per-sweep error factor is the sweep_rate of the table it converges to.
+    many = results["many_margins"]
+    row = next(r for r in many["rows"] if r["n"] == 10**4)
+    assert len(row["sigma2"]) == len(row["nmse"]) == many["K"] + 1 == 10
+    for k in range(10):
+        assert abs(row["nmse"][k] - row["sigma2"][k]) < 3 * row["nmse_se"][k], k
+    assert "), n = 10000** (150 replications; 100% of samples had every margin cell; " \
+           "k = 0..9 within 3 Monte Carlo SE of sigma_k^2: 10/10)" in report
+    for r in many["rows"]:
+        assert r["observed_rate"] == pytest.approx(r["predicted_rate"], rel=1e-3)
+    assert row["predicted_rate"] == pytest.approx(many["sweep_rate"], abs=0.02)
     # Parallel runs give the numbers of a serial call with the same seed (experiment i gets seed + i).
     assert json.dumps(results["spectrum"]) == json.dumps(reproduce.EXPERIMENTS["spectrum"](True, 3 + 1))
+    assert json.dumps(many) == json.dumps(reproduce.EXPERIMENTS["many_margins"](True, 3 + 5))
 
 
 @pytest.mark.parametrize("name", ["spectrum", "k_versus_n", "misspecified"])
@@ -146,3 +159,59 @@ def test_weak_dependence_table_matches_theory():
     from databalance import spectrum
 
     np.testing.assert_allclose(spectrum(P).max_correlation, 0.0408645, atol=1e-7)
+
+
+def test_many_margin_estimates_are_balance_margins_at_every_k():
+    """One-step calls on the previous iterate give balance_margins(counts, margins, steps=k)."""
+    P, h = reproduce.many_margins_table()
+    targets = {key: reproduce.margin_of(P, key) for key in reproduce.MANY_MARGINS}
+    counts = np.random.default_rng(4).multinomial(500, P.ravel()).reshape(P.shape) / 500
+    est = reproduce.margin_step_estimates(counts, targets, h, 7)
+    direct = [(counts * h).sum()] + [(databalance.balance_margins(counts, targets, steps=k).table * h).sum()
+                                     for k in range(1, 8)]
+    np.testing.assert_allclose(est, direct, rtol=1e-13)
+    assert list(targets) == [(0, 1), 2, 0]
+    np.testing.assert_allclose(targets[(0, 1)], P.sum(axis=2))
+
+
+def test_many_margin_samples_kept_only_when_balancing_is_defined():
+    """The filter agrees with balance_margins: a margin cell with a positive target and no sample is
+    refused by both."""
+    P, h = reproduce.many_margins_table()
+    targets = {key: reproduce.margin_of(P, key) for key in reproduce.MANY_MARGINS}
+    counts = np.random.default_rng(5).multinomial(1000, P.ravel()).reshape(P.shape) / 1000
+    assert reproduce.has_every_margin_cell(counts, targets)
+    counts[:, :, 3] = 0  # axis 2's category 3 is empty
+    assert not reproduce.has_every_margin_cell(counts, targets)
+    with pytest.raises(ValueError, match=r"Margin 2 cell 3 of `table` is empty .* no rescaling can reach"):
+        databalance.balance_margins(counts, targets, steps=2)
+    target = targets[2].copy()
+    target[3] = 0.0  # a target of 0 needs no sample
+    assert reproduce.has_every_margin_cell(counts, {2: target})
+
+
+def test_many_margin_table_and_its_profile_by_brute_force():
+    """The experiment's table has no tiny cell, and its sigma_k^2 and sigma_inf^2 equal explicit
+    conditional-mean projections on the full array (independent of variance_profile's code)."""
+    P, h = reproduce.many_margins_table()
+    assert P.shape == (3, 4, 5) and 0.003 < P.min() and P.sum() == pytest.approx(1)
+
+    def remove_mean(f, keep):  # C_j f = f - E[f | the margin's axes]
+        axes = tuple(a for a in range(3) if a not in keep)
+        return f - (P * f).sum(axis=axes, keepdims=True) / P.sum(axis=axes, keepdims=True)
+
+    keeps = [(0, 1), (2,), (0,)]
+    prof = databalance.variance_profile(P, h, max_steps=9, margins=list(reproduce.MANY_MARGINS))
+    for k in range(10):
+        f = h - (P * h).sum()
+        for j in reversed(range(k)):  # the last step's operator acts first
+            f = remove_mean(f, keeps[j % 3])
+        assert prof.sigma2[k] == pytest.approx((P * f**2).sum(), rel=1e-10), k
+    # sigma_inf^2: the weighted least-squares residual on functions of (x, y) plus functions of z.
+    rows = []
+    for keep in keeps:
+        codes = np.ravel_multi_index(np.indices(P.shape)[list(keep)], [P.shape[a] for a in keep]).ravel()
+        rows.append(np.eye(codes.max() + 1)[codes])
+    X, w = np.hstack(rows), np.sqrt(P.ravel())
+    coef = np.linalg.lstsq(X * w[:, None], h.ravel() * w, rcond=None)[0]
+    assert prof.sigma2_limit == pytest.approx((P.ravel() * (h.ravel() - X @ coef) ** 2).sum(), rel=1e-6)

@@ -20,7 +20,7 @@ def _figure(**kwargs):
 
 
 def draw(results, out) -> list[str]:
-    """Write the five PNG figures into the folder ``out``; return their file names.
+    """Write the six PNG figures into the folder ``out``; return their file names.
 
     Raises ImportError (naming matplotlib) when matplotlib is not installed.
     """
@@ -29,7 +29,7 @@ def draw(results, out) -> list[str]:
     names = []
     for name, fn in (("variance_reduction.png", _variance), ("spectrum.png", _spectrum),
                      ("misspecified.png", _misspecified), ("k_versus_n.png", _k_versus_n),
-                     ("coverage.png", _coverage)):
+                     ("coverage.png", _coverage), ("many_margins.png", _many_margins)):
         fn(results).savefig(out / name, dpi=110, bbox_inches="tight")
         names.append(name)
     return names
@@ -150,4 +150,38 @@ def _coverage(results):
     ax.set_ylim(0.85, 1.0)
     ax.set(xlabel="k", ylabel="coverage", title=f"95% intervals of balanced_mean (n = {res['n']})")
     ax.legend(fontsize=8)
+    return fig
+
+
+def _many_margins(results):
+    res = results["many_margins"]
+    rows = res["rows"]
+    K = len(res["margins"])
+    fig = _figure(figsize=(12, 4.4))
+    left, right = fig.subplots(1, 2)
+    sigma2 = np.array(rows[0]["sigma2"])
+    k = np.arange(len(sigma2))
+    left.plot(k, sigma2, "k-", lw=2, label=r"$\sigma_k^2$ (variance_profile)")
+    left.axhline(rows[0]["sigma2_limit"], color="gray", ls="--", lw=1, label=r"$\sigma_\infty^2$")
+    for j, r in enumerate(rows):
+        left.errorbar(k + 0.08 * (j - 1), r["nmse"], yerr=2 * np.array(r["nmse_se"]), fmt="o", ms=4, capsize=2,
+                      label=f"n = {r['n']:,} (Monte Carlo, ±2 SE)")
+    for end in range(K, len(k), K):
+        left.axvline(end, color="gray", lw=0.5, alpha=0.5)
+    left.set_yscale("log")
+    left.set(xlabel=f"k (half-steps; a sweep is {K}, thin lines end each sweep)", ylabel=r"$n \times$ MSE",
+             title="Variance of the k-step estimator, three margins (one joint)")
+    left.legend(fontsize=8)
+    floor = 1e-16  # float64 resolution
+    for r in rows:
+        err = np.array(r["error"])
+        sweeps = np.arange(len(err))
+        line, = right.semilogy(sweeps[err > floor], err[err > floor], "o", ms=3,
+                               label=f"n = {r['n']:,}: observed {r['observed_rate']:.4f} per sweep")
+        pred = err[2] * r["predicted_rate"] ** (sweeps[2:] - 2)  # anchored past the first sweeps
+        right.semilogy(sweeps[2:][pred > floor], pred[pred > floor], "-", color=line.get_color(), lw=1,
+                       label=f"sweep_rate {r['predicted_rate']:.4f}")
+    right.set(xlabel="sweep", ylabel="largest L1 marginal error (relative)",
+              title=f"One sample per n: IPF error (dots), sweep_rate (lines); P's is {res['sweep_rate']:.4f}")
+    right.legend(fontsize=8)
     return fig

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import binom
 
 from . import _report
-from .balance import balance_table, iterate_balance
+from .balance import balance_margins, balance_table, iterate_balance
 from .estimators import balanced_mean
 from .spectral import spectrum
 from .variance import misspecified_profile, variance_profile
@@ -258,12 +258,98 @@ def coverage(quick: bool, seed: int) -> dict:
     return {"steps": ["converged" if k is None else k for k in steps], "designs": designs, "reps": reps, "n": n}
 
 
+# -- many margins: a 3 x 4 x 5 table raked to a joint and two one-way margins ----------------------
+
+MANY_MARGINS = ((0, 1), 2, 0)  # the cycle order: the joint margin (0, 1), then axis 2, then axis 0
+
+
+def many_margins_table() -> tuple[np.ndarray, np.ndarray]:
+    """The 3 x 4 x 5 table P and the function h of the many-margin experiment.
+
+    log P(x, y, z) = 0.4 [(x - 1)(z - 2) + 0.8 (y - 1.5)(z - 2) + 0.7 (x - 1)(y - 1.5)] + const
+    (every pair of axes dependent; smallest cell 0.0031, so about 3 samples at n = 1000), and
+    h = x z / 4 + y + cos(x + y z), which no sum of functions of the margins reproduces.
+    """
+    x, y, z = np.meshgrid(np.arange(3), np.arange(4), np.arange(5), indexing="ij")
+    P = np.exp(0.4 * ((x - 1) * (z - 2) + 0.8 * (y - 1.5) * (z - 2) + 0.7 * (x - 1) * (y - 1.5)))
+    return P / P.sum(), x * z / 4 + y + np.cos(x + y * z)
+
+
+def margin_of(table, axes) -> np.ndarray:
+    """The sub-table of ``table`` on ``axes`` (an int or a sorted tuple), axes in that order."""
+    keep = (axes,) if isinstance(axes, int) else axes
+    return table.sum(axis=tuple(a for a in range(table.ndim) if a not in keep))
+
+
+def margin_step_estimates(table, targets, h, max_steps) -> np.ndarray:
+    """P_n^(k)(h) for k = 0..max_steps, where P_n^(k) is ``balance_margins(table, targets, steps=k)``.
+
+    Each half-step is one ``balance_margins`` call on the previous iterate with that step's margin
+    alone: the same numbers (to rounding; tests/test_reproduce.py checks it) for max_steps calls of
+    one step instead of max_steps calls of up to max_steps steps, each of which re-validates every
+    margin."""
+    keys = list(targets)
+    out = np.empty(max_steps + 1)
+    out[0] = (table * h).sum()
+    current = table
+    for k in range(1, max_steps + 1):
+        key = keys[(k - 1) % len(keys)]
+        current = balance_margins(current, {key: targets[key]}, steps=1).table
+        out[k] = (current * h).sum()
+    return out
+
+
+def has_every_margin_cell(counts, targets) -> bool:
+    """Whether every margin cell with a positive target holds a sample (otherwise no rescaling can
+    reach the target and the k-step estimator is undefined)."""
+    return all(bool(((margin_of(counts, key) > 0) | (target == 0)).all()) for key, target in targets.items())
+
+
+def sweep_decay(table, targets, h, sweeps) -> dict:
+    """Raking ``table`` for ``sweeps`` sweeps: the largest marginal error after each sweep, the
+    observed per-sweep factor (geometric mean over the last 5 sweeps above 1e-12, before the
+    floating-point floor), and ``sweep_rate`` of the limit, the table IPF converges to."""
+    K = len(targets)
+    errors = balance_margins(table, targets, steps=K * sweeps).marginal_error[::K].max(axis=1)
+    above = np.flatnonzero(errors > 1e-12)
+    a, b = above[-6], above[-1]
+    limit = balance_margins(table, targets).table
+    rate = variance_profile(limit, h, max_steps=0, margins=list(targets)).sweep_rate
+    return {"error": errors.tolist(), "observed_rate": float((errors[b] / errors[a]) ** (1 / (b - a))),
+            "predicted_rate": rate}
+
+
+def many_margins(quick: bool, seed: int) -> dict:
+    """Experiment 6: n * MSE of the k-step estimator raked to three margins (one joint) against
+    sigma_k^2, and the per-sweep decay of IPF's marginal errors against ``sweep_rate``."""
+    rng = np.random.default_rng(seed)
+    P, h = many_margins_table()
+    targets = {key: margin_of(P, key) for key in MANY_MARGINS}
+    K = 3 * len(MANY_MARGINS)  # three sweeps
+    prof = variance_profile(P, h, max_steps=K, margins=list(MANY_MARGINS))
+    truth = float((P * h).sum())
+    ns = [10**3, 10**4] if quick else [10**3, 10**4, 10**5]
+    reps = 150 if quick else 3000  # each replication costs K balance_margins calls of one step
+    rows = []
+    for n in ns:
+        counts = rng.multinomial(n, P.ravel(), size=reps).reshape(reps, *P.shape) / n
+        ok = np.array([has_every_margin_cell(c, targets) for c in counts])
+        est = np.array([margin_step_estimates(c, targets, h, K) for c in counts[ok]]).T
+        value, se = nmse(est, truth, n)
+        rows.append({"n": n, "reps": int(ok.sum()), "kept": float(ok.mean()), "nmse": value.tolist(),
+                     "nmse_se": se.tolist(), "sigma2": prof.sigma2.tolist(), "sigma2_limit": prof.sigma2_limit,
+                     **sweep_decay(counts[ok][0], targets, h, sweeps=30)})
+    return {"rows": rows, "K": K, "margins": [list(m) if isinstance(m, tuple) else [m] for m in MANY_MARGINS],
+            "shape": list(P.shape), "sweep_rate": prof.sweep_rate}
+
+
 EXPERIMENTS = {
     "variance_reduction": variance_reduction,
     "spectrum": spectrum_decay,
     "misspecified": misspecified,
     "k_versus_n": k_versus_n,
     "coverage": coverage,
+    "many_margins": many_margins,
 }
 
 
