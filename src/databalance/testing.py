@@ -19,10 +19,11 @@ hypothesis is imported here only, and only when this module is: install the ``te
 
 Examples
 --------
->>> from hypothesis import given
+>>> from hypothesis import given, settings
 >>> from databalance import balance_table
 >>> from databalance.testing import assert_balanced, balancing_problems
->>> @given(balancing_problems())
+>>> @settings(max_examples=20, deadline=None)
+... @given(balancing_problems(sparse=True))
 ... def test_converges(problem):
 ...     table, p_x, p_y = problem
 ...     assert_balanced(balance_table(table, p_x, p_y).table, (p_x, p_y))
@@ -349,7 +350,11 @@ def _default_tol(*arrays) -> float:
 def _margin_of(table, axes: tuple[int, ...]) -> np.ndarray:
     """The sums of ``table`` over every axis not in ``axes``, its axes in the order of ``axes``."""
     others = tuple(a for a in range(table.ndim) if a not in axes)
-    summed = table.sum(axis=others, dtype=np.float64) if others else np.asarray(table, dtype=np.float64)
+    if not others:  # the margin is the table itself
+        summed = table.toarray() if sp.issparse(table) else table
+    else:
+        summed = table.sum(axis=others, dtype=np.float64)
+    summed = np.asarray(summed, dtype=np.float64)
     return np.transpose(np.asarray(summed).reshape([table.shape[a] for a in sorted(axes)]),
                         np.argsort(np.argsort(axes)))
 
