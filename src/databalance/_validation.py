@@ -1062,7 +1062,7 @@ def function_column(function, count: int | None) -> int | None:
 def match_table(matches: Any) -> Any:
     """A document x concept match table as canonical CSR, checked entry by entry; never densified
     (a copy unless it is canonical CSR already, and the input is never modified)."""
-    if not sp.issparse(matches):
+    if not _sparse(matches):
         raise TypeError(
             f"`matches` must be a scipy.sparse matrix or array (documents x concepts); got {type(matches).__name__}. "
             "Wrap a small dense table with `scipy.sparse.csr_array(matches)`; build a large one sparse."
@@ -1080,6 +1080,11 @@ def match_table(matches: Any) -> Any:
         csr = csr.copy()
         csr.sum_duplicates()
     return csr
+
+
+def _sparse(table: Any) -> bool:
+    """``sp.issparse`` without its type narrowing (scipy-stubs' SparseABC lacks the array methods)."""
+    return bool(sp.issparse(table))
 
 
 def _match_entries(matches: Any) -> None:

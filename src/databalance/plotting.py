@@ -41,6 +41,12 @@ def _axes(ax: Axes | None) -> Axes:
     return fig.add_subplot()
 
 
+def _integer_steps(ax: Axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _margin_labels(result: Any, count: int) -> list[str]:
     keys = getattr(result, "keys", None)
     if isinstance(keys, tuple) and len(keys) == count:
@@ -74,7 +80,8 @@ def plot_balance(result: Any, ax: Axes | None = None, *, rate: float | None = No
     matplotlib Axes
         One line per margin (labelled p_x / p_y, or by the margin keys), x = k (half-steps from 0 to
         ``steps``), y = the result's ``marginal_error``. The margin a step has just fixed has an error
-        of 0 or of rounding size there: exact zeros cannot be shown on a log axis and leave gaps.
+        of 0 or of rounding size there: exact zeros cannot be shown on a log axis and leave gaps
+        (the line then shows as dots).
 
     Raises
     ------
@@ -105,7 +112,9 @@ def plot_balance(result: Any, ax: Axes | None = None, *, rate: float | None = No
         ax.plot(k, column, "o-", ms=3, label=label + (" (largest over the batch)" if batch else ""))
     if rate is not None:
         _draw_rate(ax, errors.max(axis=1), rate)
-    ax.set_yscale("log")
+    # Masked, not clipped: a clipped zero would draw a spike to the axis' floor, a value no run had.
+    ax.set_yscale("log", nonpositive="mask")
+    _integer_steps(ax)
     ax.set(xlabel="k (half-steps)", ylabel="marginal error", title="Marginal error of balancing")
     ax.legend(fontsize=8)
     return ax
@@ -139,6 +148,7 @@ def plot_spectrum(result: Any, ax: Axes | None = None) -> Axes:
         ax.plot([2], [s[1]], "o", ms=10, mfc="none", mec="C3", mew=2,
                 label=f"$s_2$ = {s[1]:.4g}")
     ax.set_ylim(0, 1.05)
+    _integer_steps(ax)
     title = "Spectrum of the conditional-mean operators"
     if result.n_components > 1:
         title += f" ({result.n_components} components)"
@@ -162,6 +172,7 @@ def plot_variance_profile(profile: Any, ax: Axes | None = None) -> Axes:
         line, = ax.plot(k, columns[:, i], "o-", ms=4, label=r"$\sigma_k^2$" + name)
         ax.axhline(limit[i], color=line.get_color(), ls="--", lw=1,
                    label=r"$\sigma_\infty^2$" + name + " (efficiency bound)")
+    _integer_steps(ax)
     ax.set(xlabel="k (half-steps)", ylabel=r"$n \times$ MSE (first order)",
            title="Variance of the k-step balanced estimator")
     ax.legend(fontsize=8)
@@ -187,6 +198,7 @@ def plot_misspecified(profile: Any, n: int, ax: Axes | None = None, *, function:
     ax.plot(k, variance, "^-", ms=4, label="variance / n")
     ax.plot(k, mse, "ko-", ms=4, lw=2, label="MSE")
     ax.axvline(best, color="C3", ls=":", label=f"best k = {best}")
+    _integer_steps(ax)
     ax.set(xlabel="k (half-steps)", ylabel="predicted MSE", title=f"Balancing towards wrong marginals, n = {n:,}")
     ax.legend(fontsize=8)
     return ax
