@@ -111,7 +111,7 @@ def metaclip_sample(matches, t: float, *, seed=None) -> CurationResult:
     -----
     One uniform number per document decides it, rather than MetaCLIP's one per (document, concept)
     pair: the kept set has the same distribution. The cost is a few passes over the nonzeros
-    (10^6 documents x 5 * 10^4 concepts with 3 * 10^6 matches: about 0.1 s; benchmarks/).
+    (10^6 documents x 5 * 10^4 concepts with 3 * 10^6 matches: about 0.3 s; benchmarks/bench_curation.py).
 
     ``q`` is the column scaling of one Y half-step of balancing (:func:`~databalance.balance_table`
     with ``start="y", steps=1``) of the 0/1 match table towards the capped counts
@@ -138,7 +138,8 @@ def metaclip_sample(matches, t: float, *, seed=None) -> CurationResult:
     counts = np.bincount(concepts, minlength=n_concepts)
     with np.errstate(divide="ignore"):  # q_c = 1 gives log 0 = -inf: the document is kept for sure
         log_skip = np.log1p(-np.minimum(1.0, cap / np.maximum(counts, 1)))
-    keep = -np.expm1(np.bincount(docs, weights=log_skip[concepts], minlength=n_docs))
+    # The log-sum is <= 0; abs(expm1) is 1 - prod exactly, and +0.0 (not -0.0) for a document with no concept.
+    keep = np.abs(np.expm1(np.bincount(docs, weights=log_skip[concepts], minlength=n_docs)))
     kept = rng.random(n_docs) < keep
     expected = np.bincount(concepts, weights=keep[docs], minlength=n_concepts)
     after = np.bincount(concepts[kept[docs]], minlength=n_concepts)

@@ -99,6 +99,11 @@ def _pattern(draw, *, min_side: int, max_side: int, zeros: bool, connected: bool
     return mask[draw(st.permutations(range(m)))][:, draw(st.permutations(range(l)))]
 
 
+def _sparse(table: Any) -> bool:
+    """``sp.issparse`` without its type narrowing (scipy-stubs' SparseABC lacks the array methods)."""
+    return bool(sp.issparse(table))
+
+
 def _filled(draw, mask: np.ndarray) -> np.ndarray:
     return draw(hnp.arrays(np.float64, mask.shape, elements=_MASS)) * mask
 
@@ -351,7 +356,7 @@ def _margin_of(table, axes: tuple[int, ...]) -> np.ndarray:
     """The sums of ``table`` over every axis not in ``axes``, its axes in the order of ``axes``."""
     others = tuple(a for a in range(table.ndim) if a not in axes)
     if not others:  # the margin is the table itself
-        summed = table.toarray() if sp.issparse(table) else table
+        summed = table.toarray() if _sparse(table) else table
     else:
         summed = table.sum(axis=others, dtype=np.float64)
     summed = np.asarray(summed, dtype=np.float64)
@@ -392,7 +397,7 @@ def assert_balanced(table, margins, tol: float | None = None) -> None:
     AssertionError: 1 of 1 margins off by more than tol = 1e-08:
       margins[1]: relative L1 error 0.25; largest deviation at cell (0,): achieved 0.375, target 0.5
     """
-    if not sp.issparse(table):
+    if not _sparse(table):
         table = np.asarray(table)
     names: list[str]
     if isinstance(margins, Mapping):
@@ -429,10 +434,10 @@ def _result_table(result):
 
 def _l1(a, b) -> tuple[float, float]:
     """``sum|a - b|`` and ``sum|b|``; a sparse table against a dense one is densified (test sizes)."""
-    if sp.issparse(a) and sp.issparse(b):
+    if _sparse(a) and _sparse(b):
         return float(abs(a - b).sum()), float(abs(b).sum())
-    a = a.toarray() if sp.issparse(a) else np.asarray(a)
-    b = b.toarray() if sp.issparse(b) else np.asarray(b)
+    a = a.toarray() if _sparse(a) else np.asarray(a)
+    b = b.toarray() if _sparse(b) else np.asarray(b)
     return float(np.abs(a.astype(np.float64) - b).sum()), float(np.abs(b.astype(np.float64)).sum())
 
 
