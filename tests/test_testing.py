@@ -256,3 +256,12 @@ def test_import_without_hypothesis_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == 'databalance.testing needs hypothesis, which is not installed. Install it with: pip install ' \
                   '"databalance[testing]"\n'
+
+
+def test_guide_page_examples_run():
+    import doctest
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "guide" / "testing.rst"
+    result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 5 and result.failed == 0
