@@ -233,3 +233,13 @@ def test_many_margins_on_a_small_table():
     for key, f in zip(keys, res.factors, strict=True):
         assert f.shape == tuple(shape[a] for a in ((key,) if isinstance(key, int) else key))
     assert list(itertools.islice(res.keys, 7)) == keys
+
+
+def test_overlapping_margins_can_conflict_on_a_full_support():
+    # Pairwise consistent, jointly impossible ("mostly X = Y, X = Z, Y != Z"): no zero entry anywhere.
+    same = np.array([[0.45, 0.05], [0.05, 0.45]])
+    other = np.array([[0.05, 0.45], [0.45, 0.05]])
+    margins = {(0, 1): same, (0, 2): same, (1, 2): other}
+    with pytest.raises(InfeasibleError, match="cannot carry the targets"):
+        balance_margins(np.ones((2, 2, 2)), margins)
+    assert balance_margins(np.ones((2, 2, 2)), margins, steps=3).feasible is False

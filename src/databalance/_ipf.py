@@ -129,7 +129,7 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
     sums = kernel.sums(j, state)
     for k in range(1, np.iinfo(np.int64).max):
         sums = kernel.rescale(j, margins[j], sums, state)
-        state.steps = k
+        state.steps, state.fixed = k, j
         errors = np.empty_like(errors)
         errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
         j = next(order)
@@ -160,26 +160,30 @@ class Outcome:
 
 
 def run(kernel: Kernel, problem: Problem, *, steps: int | None, tol: float, max_steps: int,
-        check_feasible_at: int | None = None, feasible=None, progress=None) -> Outcome:
+        check_feasible_at: int | None = None, feasible=None, progress=None,
+        trace: list | None = None) -> Outcome:
     """Consume the half-steps until the requested count, convergence, a stall or the budget.
 
     ``feasible()`` raises if the problem has no solution; for ``steps=None`` it is called at
     half-step ``check_feasible_at`` unless the run has converged before. ``progress``, a
-    (report, close) pair, hears of every step.
+    (report, close) pair, hears of every step. ``trace``, a list, receives the (exported-frame-free)
+    scaling each half-step sets, in order: what a linearisation at the iterates needs.
     """
     report, close = progress if progress is not None else (None, None)
     try:
-        return _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report)
+        return _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace)
     finally:
         if close is not None:
             close()
 
 
-def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report) -> Outcome:
+def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace) -> Outcome:
     history = History(kernel.batch, len(problem.margins))
     best, best_k = np.inf, 0
     for k, state, errors in half_steps(kernel, problem):
         history.append(errors)
+        if trace is not None and k > 0:
+            trace.append(state.factors[state.fixed].copy())
         if report is not None:
             report(k, errors)
         if steps is not None:

@@ -178,79 +178,67 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _iterate_factors(cells: Cells, targets: list[np.ndarray], steps: int) -> list[np.ndarray]:
-    """Margin ((j - 1) mod K)'s factor after half-step j = 1, ..., steps of balancing the cell masses
-    (normalised to total 1) towards the targets (each of total 1) in cycle order, starting from
-    factors 1: iterate j is t(c) times the product of every margin's latest factor."""
-    t = cells.mass / cells.mass.sum()
-    K = len(targets)
-    factors = [np.ones(size) for size in cells.sizes]
-    ratio = np.ones(len(t))
-    out = []
-    for j in range(1, steps + 1):
-        m = (j - 1) % K
-        others = _without(ratio, cells, factors, m)
-        factors[m] = _ratio(targets[m].ravel(), cells.margin_sums(m, others * t))
-        out.append(factors[m])
-        ratio = others * factors[m][cells.codes[m]]
-    return out
-
-
-def _without(ratio: np.ndarray, cells: Cells, factors: list[np.ndarray], m: int) -> np.ndarray:
-    """The cell product of every factor but margin m's: one division by m's gathered factor when it
-    has no zero (one gather instead of K - 1), else rebuilt from the other factors."""
-    if (factors[m] > 0).all():
-        return ratio / factors[m][cells.codes[m]]
-    out = np.ones(len(ratio))
-    for i, f in enumerate(factors):
-        if i != m:
-            out *= f[cells.codes[i]]
-    return out
-
-
 def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *, steps: int,
-                       at_iterates: bool) -> tuple[np.ndarray, np.ndarray]:
+                       at_iterates: bool, trace: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """Cell arrays (alpha, beta) with psi = alpha(c) h~ + beta(c) = L_1 ... L_k h~ at every sample.
 
-    Half-step j fixes margin (j - 1) mod K (the targets in cycle order, each of total 1). ``S``
-    (cells, d) holds the cell sums of the normalised design weights times h~ = h - estimate. With
-    ``at_iterates`` (the balanced linearisation), L_j g = w_j (g - E_{Q^(j-1)}[g | margin j]) with
-    w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect to
-    the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
+    Half-step j fixes margin m(j) = (j - 1) mod K (the targets in cycle order, each of total 1).
+    ``S`` (cells, d) holds the cell sums of the normalised design weights times h~ = h - estimate.
+    With ``at_iterates`` (the balanced linearisation), L_j g = w_j (g - E_{Q^(j-1)}[g | margin j])
+    with w_j = p_j / Q^(j-1)_{margin j}: the influence function of the k-step estimate with respect
+    to the sampling distribution. Without it, L_j = C_j under the starting measure Q^(0) and w_j = 1
     (R survey's convention: the result is to be multiplied by the balanced weights).
 
-    The iterates are carried as their per-margin factors (small), and the cell ratio Q^(j-1) / Q^(0)
-    is updated backwards one factor at a time: memory stays a few cell vectors whatever k is.
+    Backfitting form. Since w_j = q_j / q_(j-1) cell by cell (q_j the cell masses of iterate j,
+    total 1), unrolling the chain gives alpha = q_k / t and beta = -sum_j q_j mu_j[m(j)] / t, with
+
+        mu_j = (margin m(j)'s sums of D_j) / p_m(j),   D_j = q_k S / t - sum_(i > j) q_i mu_i[m(i)],
+
+    computed for j = k, ..., 1 with D updated in place: a step costs one sum per category, one
+    gather and one update of q. The iterates are rebuilt backwards from ``trace``
+    (``CellsResult.iterate_factors()``: the starting scalings, then the one each half-step set).
+    For R's convention q_j = t and p_m(j) is the starting measure's margin.
     """
     t = cells.mass / cells.mass.sum()
     K = len(targets)
-    alpha, beta = np.ones(len(t)), np.zeros(S.shape)
-    ratio = np.ones(len(t))
-    if at_iterates:
-        history = _iterate_factors(cells, targets, steps)
-        factors = [np.ones(size) for size in cells.sizes]
-        for j, f in enumerate(history):  # the factors of iterate k - 1: all but the last step's
-            if j < steps - 1 or steps == 0:
-                factors[j % K] = f
-        for f, c in zip(factors, cells.codes, strict=True):
-            ratio *= f[c]
+    one = S.ndim == 1
+    D = np.asfortranarray(S.reshape(len(t), -1), dtype=np.float64).copy(order="F")  # contiguous columns
+    if at_iterates and steps > 0:
+        history = [np.ravel(f) for f in trace[: K + steps]]
+        latest = history[:K]
+        for s in range(1, steps + 1):
+            latest[(s - 1) % K] = history[K + s - 1]
+        q = cells.mass * _gathered(latest, cells)  # iterate k, of total 1
+        alpha = q / t
+        D *= alpha[:, None]
+    else:
+        q, alpha, history = t, np.ones(len(t)), []
+    A = D.copy(order="F")
     for j in range(steps, 0, -1):  # the last step's operator acts first
         m = (j - 1) % K
         index = cells.codes[m]
-        if at_iterates and j < steps:  # Q^(j-1): undo step j's factor of margin m (set at step j)
-            earlier = history[j - 1 - K] if j - 1 - K >= 0 else np.ones(cells.sizes[m])
-            ratio = _without(ratio, cells, factors, m) * earlier[index]
-            factors[m] = earlier
-        mass = cells.margin_sums(m, ratio * t)
-        inner = S * alpha[:, None]
-        inner += beta * t[:, None]
-        inner *= ratio[:, None]
-        beta -= _ratio(cells.margin_sums(m, inner), mass)[index]
-        if at_iterates:
-            w = _ratio(targets[m].ravel(), mass)[index]
-            alpha *= w
-            beta *= w[:, None]
-    return alpha, beta
+        norm = targets[m].ravel() if history else cells.margin_sums(m, t)
+        for col in D.T:  # each a contiguous view
+            mu = _ratio(np.bincount(index, col, minlength=cells.sizes[m]), norm)
+            col -= q * mu[index]
+        if history and j > 1:  # q_(j-1): undo step j's change of margin m's scaling
+            before, after = history[j - 1], history[K + j - 1]
+            latest[m] = before
+            if (after > 0).all():
+                q = q * (before / after)[index]
+            else:  # a zero target emptied cells: rebuild iterate j - 1 from the scalings
+                q = cells.mass * _gathered(latest, cells)
+    D -= A
+    D /= t[:, None]
+    return alpha, D[:, 0] if one else np.ascontiguousarray(D)
+
+
+def _gathered(factors: list[np.ndarray], cells: Cells) -> np.ndarray:
+    """Per cell, the product of every margin's factor at the cell's category."""
+    out = np.ones(len(cells.mass))
+    for f, c in zip(factors, cells.codes, strict=True):
+        out *= f[c]
+    return out
 
 
 def limit_linearization(cells: Cells, S: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1053,7 +1053,7 @@ def function_column(function, count: int | None) -> int | None:
             raise ValueError(f"`function` selects one of several functions, but this profile holds one; "
                              f"leave it out (got {function!r}).")
         return None
-    if isinstance(function, bool) or not isinstance(function, numbers.Integral) or not 0 <= function < count:
+    if isinstance(function, bool) or not isinstance(function, numbers.Integral) or not 0 <= int(function) < count:
         raise ValueError(f"This profile holds {count} functions: pass `function` = an index in 0..{count - 1} "
                          f"to choose the one to plot; got {function!r}.")
     return int(function)

@@ -81,6 +81,14 @@ class _Outcome:
     def _describe(self) -> str:
         return f"shape {tuple(np.shape(self._input))}"
 
+    def plot(self, ax=None, *, rate: float | None = None):
+        """Draw every margin's error after each half-step on a log scale (needs matplotlib); ``rate``
+        draws a predicted decay per half-step (``s_2`` for two margins: see
+        :func:`databalance.plotting.plot_balance`). Returns the Axes."""
+        from . import plotting
+
+        return plotting.plot_balance(self, ax, rate=rate)
+
 
 @dataclass(frozen=True, eq=False, repr=False)
 class BalanceResult(_Outcome):
@@ -205,7 +213,7 @@ def _first(start: str) -> int:
     return 0 if start == "x" else 1
 
 
-def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing"):
+def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing", trace=None):
     """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
 
     ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists. Returns the outcome
@@ -214,7 +222,7 @@ def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, de
     report = _progress.reporter(progress, desc, total=steps if steps is not None else max_steps)
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                        check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit,
-                       progress=report)
+                       progress=report, trace=trace)
     if kernel.full_support():
         return outcome, True
     decided = steps is None and (outcome.converged or outcome.steps >= check_at)
@@ -692,6 +700,13 @@ class CellsResult(_Outcome):
     factors: tuple
     keys: tuple = field(repr=False)
     _codes: tuple = field(default=(), repr=False)
+    _trace: tuple = field(default=(), repr=False)  # the scaling each half-step set (up to a constant)
+
+    def iterate_factors(self) -> tuple:
+        """The starting scaling of every margin (K arrays), then the scaling each half-step set, in
+        order (step j sets margin ``(j - 1) mod K``'s), all in the loop's internal frame: there,
+        iterate j >= 1 is ``cell mass * prod of every margin's latest scaling``, of total 1."""
+        return self._trace
 
     def _describe(self) -> str:
         return f"{len(self._input)} occupied cells, margins {list(self.keys)}"
@@ -733,10 +748,11 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
 
+    trace: list = list(kernel.initial_state().factors)
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
-                            progress=progress, desc="raking")
+                            progress=progress, desc="raking", trace=trace)
     _ipf.warn_if_unconverged(outcome, tol)
     factors = kernel.export(outcome.state, problem.export_scales())
     return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                        factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
-                       _known_feasible=known, _codes=tuple(codes))
+                       _known_feasible=known, _codes=tuple(codes), _trace=tuple(trace))

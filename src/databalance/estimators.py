@@ -258,7 +258,7 @@ class BalancedEstimator:
                             else m.columns[0], m.name)
         d = np.ones(n) if design is None else design
         result, d, met = self._balance(cells, cell_of, d, targets, enc, steps, bounds)
-        w = d * _cell_ratio(result, cells)[cell_of]
+        w = d * _at_samples(_cell_ratio(result, cells), cell_of)
         w /= w.sum()
         self.balance_, self.weights_ = result, w
         self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
@@ -279,17 +279,17 @@ class BalancedEstimator:
         result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
         if bounds is None:
             return result, d, None
-        w = d * _cell_ratio(result, cells)[cell_of]
-        codes_n = [c[cell_of] for c in codes]
+        w = d * _at_samples(_cell_ratio(result, cells), cell_of)
+        codes_n = [_at_samples(c, cell_of) for c in codes]
         tol = check.tolerance(self.tol, np.dtype(np.float64))
         w, errors, sweeps = _bounded_rake(w * (len(w) / w.sum()), codes_n, targets, bounds, tol)
         # The bounded weights become the design weights of a last raking: it leaves them in place
         # when they meet the margins, and the standard error treats them as fixed.
-        cells.mass = np.bincount(cell_of, w, minlength=len(cells.mass))
+        cells.mass = _per_cell(w, cell_of, len(cells.mass))
         result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
         met = max(errors) <= tol
         if not met:
-            raked = w * _cell_ratio(result, cells)[cell_of]
+            raked = w * _at_samples(_cell_ratio(result, cells), cell_of)
             raked *= len(raked) / raked.sum()
             warnings.warn(check.bounds_not_met(bounds, float(raked.min()), float(raked.max()), max(errors), tol,
                                                sweeps), ConvergenceWarning, stacklevel=3)
@@ -326,8 +326,7 @@ class BalancedEstimator:
         """
         cells, cell_of = self._cells, self._cell_of
         d_norm = self._start_weights
-        S = np.column_stack([np.bincount(cell_of, d_norm * g[:, j], minlength=len(cells.mass))
-                             for j in range(g.shape[1])])
+        S = np.column_stack([_per_cell(d_norm * g[:, j], cell_of, len(cells.mass)) for j in range(g.shape[1])])
         balanced = self._linearization == "balanced"
         if self._if_steps is None:
             ratio = np.ones(len(cells.mass))
@@ -336,10 +335,11 @@ class BalancedEstimator:
                 ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
             _, beta = limit_linearization(cells, S, ratio)
         else:
-            _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced)
+            _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced,
+                                         trace=self.balance_.iterate_factors())
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
         z = g * self.weights_[:, None]
-        z += beta[cell_of] * (d_norm if balanced else self.weights_)[:, None]
+        z += _at_samples(beta, cell_of) * (d_norm if balanced else self.weights_)[:, None]
         return z
 
 
@@ -453,39 +453,50 @@ def _unlisted(listed, codes, shape, cols, levels, name) -> None:
         raise check.unlisted_combination(cols, labels, name, i)
 
 
-def _cells(enc: _Encoded, design: np.ndarray | None) -> tuple[Cells, np.ndarray]:
+def _cells(enc: _Encoded, design: np.ndarray | None) -> tuple[Cells, np.ndarray | None]:
     """The samples' occupied cells (distinct combinations of all the margins' columns) and each
-    sample's cell. Never the cross-product: a lookup table when it is small, else a sort."""
+    sample's cell. Never the cross-product: a lookup when the possible combinations number at most
+    DENSE_CELLS; beyond that, where most samples fall in a cell of their own, the samples
+    themselves are the cells (``None`` for the identity map: no sort, no copy of the codes), which
+    every computation treats alike, as a cell may hold several samples anyway."""
     sizes = [len(lev) for lev in enc.levels]
+    shapes = [enc.shape(j) for j in range(len(enc.margins))]
+    if float(np.prod(np.array(sizes, dtype=np.float64))) > DENSE_CELLS:
+        codes = [_margin_codes(enc, j, None) for j in range(len(enc.margins))]
+        mass = np.ones(len(codes[0])) if design is None else design.astype(np.float64, copy=True)
+        return Cells(codes, shapes, mass), None
     key = enc.codes[0].astype(np.int64, copy=True)
-    span = sizes[0]
     for c, s in zip(enc.codes[1:], sizes[1:], strict=True):
-        if span * s >= 2**62:  # the combined code would overflow: renumber the cells so far
-            key = np.unique(key, return_inverse=True)[1].ravel()
-            span = int(key.max()) + 1
         key *= s
         key += c
-        span *= s
-    if span <= DENSE_CELLS:
-        present = np.bincount(key, minlength=span) > 0
-        position = np.cumsum(present) - 1
-        cell_of = position[key]
-        n_cells = int(position[-1]) + 1
-    else:
-        _, cell_of = np.unique(key, return_inverse=True)
-        cell_of = cell_of.ravel()
-        n_cells = int(cell_of.max()) + 1
+    present = np.bincount(key, minlength=int(np.prod(sizes))) > 0
+    position = np.cumsum(present) - 1
+    cell_of = position[key]
+    n_cells = int(position[-1]) + 1
     del key
     first = np.empty(n_cells, dtype=np.int64)
     first[cell_of[::-1]] = np.arange(len(cell_of) - 1, -1, -1)  # a sample of every cell
-    codes, shapes = [], []
-    for j, m in enumerate(enc.margins):
-        shape = enc.shape(j)
-        parts = tuple(enc.codes[i][first] for i in m.index)
-        codes.append(parts[0] if len(parts) == 1 else np.ravel_multi_index(parts, shape))
-        shapes.append(shape)
+    codes = [_margin_codes(enc, j, first) for j in range(len(enc.margins))]
     mass = np.bincount(cell_of, weights=design, minlength=n_cells).astype(np.float64)
     return Cells(codes, shapes, mass), cell_of
+
+
+def _margin_codes(enc: _Encoded, j: int, rows: np.ndarray | None) -> np.ndarray:
+    """Margin j's flat category of the samples ``rows`` (all samples for None, not copied when the
+    margin is one column)."""
+    m = enc.margins[j]
+    parts = tuple(enc.codes[i] if rows is None else enc.codes[i][rows] for i in m.index)
+    return parts[0] if len(parts) == 1 else np.ravel_multi_index(parts, enc.shape(j))
+
+
+def _at_samples(per_cell: np.ndarray, cell_of: np.ndarray | None) -> np.ndarray:
+    return per_cell if cell_of is None else per_cell[cell_of]
+
+
+def _per_cell(per_sample: np.ndarray, cell_of: np.ndarray | None, n_cells: int) -> np.ndarray:
+    if cell_of is None:
+        return per_sample.astype(np.float64, copy=True)
+    return np.bincount(cell_of, per_sample, minlength=n_cells)
 
 
 def _cell_ratio(result: CellsResult, cells: Cells) -> np.ndarray:
@@ -525,7 +536,7 @@ def _bounded_rake(w, codes, targets, bounds, tol):
 def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
     n = len(w)
     deff = float(n * np.dot(w, w))
-    per_cell = np.bincount(cell_of, w, minlength=len(cells.mass))
+    per_cell = _per_cell(w, cell_of, len(cells.mass))
     checks = []
     for j, (m, t) in enumerate(zip(enc.margins, targets, strict=True)):
         achieved = cells.margin_sums(j, per_cell).reshape(t.shape) * t.sum()

@@ -40,6 +40,7 @@ class State:
     factors: list[np.ndarray]
     frame: Any = field(default=None)
     steps: int = 0
+    fixed: int = -1  # the margin the last half-step fixed
 
 
 class Kernel(Protocol):
@@ -80,7 +81,8 @@ class Kernel(Protocol):
         margin's mask is True."""
 
     def full_support(self) -> bool:
-        """Whether no entry is zero (then every pair of targets is feasible)."""
+        """Whether any targets are feasible without a check (no zero entry, and margins that cannot
+        conflict with each other)."""
 
     def support_size(self) -> int:
         """Entries a feasibility check would look at."""

@@ -13,8 +13,12 @@ from .dense import DenseKernel, ratio
 
 
 class CellKernel(DenseKernel):
-    """Margin j's sums gather every other margin's scaling at each cell (K - 1 gathers of the cell
-    list) and add the products up per category of margin j."""
+    """The state's frame holds every cell's current mass W = mass * prod_j factors[j][cell's
+    category]: margin j's sums are W's sums per category of j divided by its own factor (one pass
+    of the cells), and a step multiplies W by the change of one factor (one gather). W is rebuilt
+    from the factors every REBUILD steps, so rounding cannot drift."""
+
+    REBUILD = 64
 
     def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray):
         self.table = mass
@@ -25,43 +29,58 @@ class CellKernel(DenseKernel):
         self.codes = codes
         self.margin_shapes = shapes
         self.sizes = [int(np.prod(s)) for s in shapes]
+        self._input_sums: list[np.ndarray] | None = None
 
-    def _sums(self, j: int, factors) -> np.ndarray:
-        w = self.table
-        for i, f in enumerate(factors):
-            if i != j:
-                w = w * f.ravel()[self.codes[i]]
-        return np.bincount(self.codes[j], w, minlength=self.sizes[j]).reshape(self.margin_shapes[j])
+    def _sums_with(self, j: int, weights: np.ndarray) -> np.ndarray:
+        return np.bincount(self.codes[j], weights, minlength=self.sizes[j]).reshape(self.margin_shapes[j])
+
+    def _masses(self, factors) -> np.ndarray:
+        w = self.table.copy()
+        for f, c in zip(factors, self.codes, strict=True):
+            w *= f.ravel()[c]
+        return w
 
     def sums(self, j, state):
-        return self._sums(j, state.factors)
+        f = state.factors[j]
+        total = self._sums_with(j, state.frame)
+        return np.divide(total, f, out=np.zeros_like(total), where=f > 0)
 
     @property
     def frame_sums(self) -> list[np.ndarray]:
         return self.input_sums()
 
     def input_sums(self) -> list[np.ndarray]:
-        ones = [np.ones(s) for s in self.margin_shapes]
-        return [self._sums(j, ones) for j in range(len(self.codes))]
+        if self._input_sums is None:
+            self._input_sums = [self._sums_with(j, self.table) for j in range(len(self.codes))]
+        return self._input_sums
 
     def initial_state(self):
         from . import State
 
         total = float(self.table.sum())
         scale = np.exp2(np.round(-np.log2(total) / len(self.codes)))
-        return State([np.full(s, scale) for s in self.margin_shapes])
+        factors = [np.full(s, scale) for s in self.margin_shapes]
+        return State(factors, frame=self._masses(factors))
 
     def rescale(self, j, margin, sums, state):
-        state.factors[j] = ratio(margin.target, sums, margin.zero)
+        old = state.factors[j]
+        new = ratio(margin.target, sums, margin.zero)
+        state.factors[j] = new
+        if (state.steps + 1) % self.REBUILD == 0:
+            state.frame = self._masses(state.factors)
+        else:
+            change = np.divide(new, old, out=np.zeros_like(new), where=old > 0)
+            state.frame *= change.ravel()[self.codes[j]]
         return sums
 
     def nonempty(self, j, masks=None):
         if masks is None:
             return self.input_sums()[j] > 0
-        return self._sums(j, [m.astype(np.float64) for m in masks]) > 0
+        return self._sums_with(j, self._masses([m.astype(np.float64) for m in masks[:j] + [np.ones(
+            self.margin_shapes[j])] + masks[j + 1:]])) > 0
 
     def full_support(self) -> bool:
-        return len(self.table) == int(np.prod([s for s in self.sizes]))  # only for a single margin
+        return False  # decided by linear programming on the cells
 
     def support_size(self) -> int:
         return len(self.table)

@@ -123,5 +123,12 @@ class TensorKernel(DenseKernel):
             return self.input_sums()[j] > 0
         return self._contract(j, [m.astype(self.dtype) for m in masks]) > 0
 
+    def full_support(self) -> bool:
+        """No zero entry and no two margins sharing an axis: then the product of the targets is a
+        table with every margin, so any targets are feasible. Overlapping margins can conflict
+        even on a full support (X = Y, X = Z, Y != Z), which only the linear program decides."""
+        disjoint = len({a for ax in self.axes for a in ax}) == sum(len(ax) for ax in self.axes)
+        return self.lowest > 0 and disjoint
+
     def pattern(self, b) -> sp.csr_array:
         return sp.csr_array(self.table.reshape(1, -1) > 0)
