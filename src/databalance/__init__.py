@@ -7,6 +7,7 @@ iterative proportional fitting, raking, Sinkhorn-Knopp.
 from ._errors import ConvergenceWarning, InfeasibleError
 from .balance import (
     BalanceResult,
+    CellsResult,
     LogBalanceResult,
     MarginsResult,
     balance_logits,
@@ -14,7 +15,8 @@ from .balance import (
     balance_table,
     iterate_balance,
 )
-from .estimators import BalancedEstimate, BalancedEstimator, balanced_mean
+from .curation import CurationResult, metaclip_sample
+from .estimators import BalancedEstimate, BalancedEstimator, Diagnostics, MarginCheck, balanced_mean
 from .spectral import SpectrumResult, conditional_mean, spectrum
 from .variance import (
     MisspecifiedProfile,
@@ -25,15 +27,19 @@ from .variance import (
     variance_profile,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BalanceResult",
     "BalancedEstimate",
     "BalancedEstimator",
+    "CellsResult",
     "ConvergenceWarning",
+    "CurationResult",
+    "Diagnostics",
     "InfeasibleError",
     "LogBalanceResult",
+    "MarginCheck",
     "MarginsResult",
     "MisspecifiedProfile",
     "SpectrumResult",
@@ -45,6 +51,7 @@ __all__ = [
     "balanced_mean",
     "conditional_mean",
     "iterate_balance",
+    "metaclip_sample",
     "misspecified_profile",
     "spectrum",
     "variance_decomposition",

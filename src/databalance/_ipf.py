@@ -182,8 +182,8 @@ def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible
     best, best_k = np.inf, 0
     for k, state, errors in half_steps(kernel, problem):
         history.append(errors)
-        if trace is not None and k > 0:
-            trace.append(state.factors[state.fixed].copy())
+        if trace is not None:  # the starting scalings, then the one each half-step sets
+            trace.extend(f.copy() for f in (state.factors if k == 0 else state.factors[state.fixed:state.fixed + 1]))
         if report is not None:
             report(k, errors)
         if steps is not None:

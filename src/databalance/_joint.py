@@ -203,12 +203,13 @@ def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *
     K = len(targets)
     one = S.ndim == 1
     D = np.asfortranarray(S.reshape(len(t), -1), dtype=np.float64).copy(order="F")  # contiguous columns
+    buf = np.empty(len(t))  # one scratch vector: fresh temporaries of 10^7 cells cost page faults
     if at_iterates and steps > 0:
         history = [np.ravel(f) for f in trace[: K + steps]]
         latest = history[:K]
         for s in range(1, steps + 1):
             latest[(s - 1) % K] = history[K + s - 1]
-        q = cells.mass * _gathered(latest, cells)  # iterate k, of total 1
+        q = _gathered(latest, cells, buf)  # iterate k, of total 1
         alpha = q / t
         D *= alpha[:, None]
     else:
@@ -220,24 +221,26 @@ def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *
         norm = targets[m].ravel() if history else cells.margin_sums(m, t)
         for col in D.T:  # each a contiguous view
             mu = _ratio(np.bincount(index, col, minlength=cells.sizes[m]), norm)
-            col -= q * mu[index]
+            np.take(mu, index, out=buf, mode="clip")
+            buf *= q
+            col -= buf
         if history and j > 1:  # q_(j-1): undo step j's change of margin m's scaling
             before, after = history[j - 1], history[K + j - 1]
             latest[m] = before
             if (after > 0).all():
-                q = q * (before / after)[index]
+                q *= np.take(before / after, index, out=buf, mode="clip")
             else:  # a zero target emptied cells: rebuild iterate j - 1 from the scalings
-                q = cells.mass * _gathered(latest, cells)
+                q = _gathered(latest, cells, buf)
     D -= A
     D /= t[:, None]
     return alpha, D[:, 0] if one else np.ascontiguousarray(D)
 
 
-def _gathered(factors: list[np.ndarray], cells: Cells) -> np.ndarray:
-    """Per cell, the product of every margin's factor at the cell's category."""
-    out = np.ones(len(cells.mass))
+def _gathered(factors: list[np.ndarray], cells: Cells, buf: np.ndarray) -> np.ndarray:
+    """Per cell, the cell's mass times every margin's factor at its category (``buf``: scratch)."""
+    out = cells.mass.copy()
     for f, c in zip(factors, cells.codes, strict=True):
-        out *= f[c]
+        out *= np.take(f, c, out=buf, mode="clip")
     return out
 
 

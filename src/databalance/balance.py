@@ -748,7 +748,7 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
 
-    trace: list = list(kernel.initial_state().factors)
+    trace: list = []
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
                             progress=progress, desc="raking", trace=trace)
     _ipf.warn_if_unconverged(outcome, tol)

@@ -6,10 +6,23 @@ the data, never their cross-product.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
 import numpy as np
 import scipy.sparse as sp
 
 from .dense import DenseKernel, ratio
+
+
+#: Cell lists at least this long have several margins' sums computed in threads.
+PARALLEL_CELLS = 200_000
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="databalance")
 
 
 class CellKernel(DenseKernel):
@@ -37,12 +50,30 @@ class CellKernel(DenseKernel):
     def _masses(self, factors) -> np.ndarray:
         w = self.table.copy()
         for f, c in zip(factors, self.codes, strict=True):
-            w *= f.ravel()[c]
+            w *= np.take(f.ravel(), c, out=self._buffer(), mode="clip")
         return w
 
+    def _buffer(self) -> np.ndarray:
+        """A cell-sized scratch vector, allocated once: fresh 10^7-element temporaries cost more
+        in page faults than the arithmetic done in them."""
+        if not hasattr(self, "_scratch"):
+            self._scratch = np.empty(len(self.table))
+        return self._scratch
+
     def sums(self, j, state):
+        return self._without_own(j, self._sums_with(j, state.frame), state)
+
+    def sums_many(self, js, state) -> dict[int, np.ndarray]:
+        """The sums of several margins, their passes over the cells run in threads (bincount and
+        gathers release the GIL for large arrays)."""
+        if len(js) == 1 or len(self.table) < PARALLEL_CELLS:
+            return {j: self.sums(j, state) for j in js}
+        totals = _pool().map(lambda j: self._sums_with(j, state.frame), js)
+        return {j: self._without_own(j, s, state) for j, s in zip(js, totals, strict=True)}
+
+    @staticmethod
+    def _without_own(j, total, state):
         f = state.factors[j]
-        total = self._sums_with(j, state.frame)
         return np.divide(total, f, out=np.zeros_like(total), where=f > 0)
 
     @property
@@ -60,7 +91,7 @@ class CellKernel(DenseKernel):
         total = float(self.table.sum())
         scale = np.exp2(np.round(-np.log2(total) / len(self.codes)))
         factors = [np.full(s, scale) for s in self.margin_shapes]
-        return State(factors, frame=self._masses(factors))
+        return State(factors, frame=self.table * scale ** len(self.codes))  # exact: powers of two
 
     def rescale(self, j, margin, sums, state):
         old = state.factors[j]
@@ -70,7 +101,7 @@ class CellKernel(DenseKernel):
             state.frame = self._masses(state.factors)
         else:
             change = np.divide(new, old, out=np.zeros_like(new), where=old > 0)
-            state.frame *= change.ravel()[self.codes[j]]
+            state.frame *= np.take(change.ravel(), self.codes[j], out=self._buffer(), mode="clip")
         return sums
 
     def nonempty(self, j, masks=None):
