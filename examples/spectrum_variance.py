@@ -24,7 +24,9 @@ n, reps = 5000, 4000
 tables = rng.multinomial(n, P.ravel(), size=reps).reshape(reps, 3, 3) / n
 truth = (P * h).sum()
 for k in (0, 1, 2, 4):
-    est = (balance_table(tables, P.sum(1), P.sum(0), steps=k).table * h).sum(axis=(1, 2)) if k else (tables * h).sum(axis=(1, 2))
+    balanced = balance_table(tables, P.sum(1), P.sum(0), steps=k).table if k else tables
+    est = (balanced * h).sum(axis=(1, 2))
     sq = (est - truth) ** 2
     se = n * sq.std(ddof=1) / np.sqrt(reps)
-    print(f"k = {k}: simulated n MSE {n * sq.mean():.4f} +- {se:.4f} (MC SE)   predicted sigma_k^2 {profile.sigma2[k]:.4f}")
+    print(f"k = {k}: simulated n MSE {n * sq.mean():.4f} +- {se:.4f} (MC SE)   "
+          f"predicted sigma_k^2 {profile.sigma2[k]:.4f}")

@@ -15,7 +15,6 @@ import scipy.sparse as sp
 
 from .dense import DenseKernel, ratio
 
-
 #: Cell lists at least this long have several margins' sums computed in threads.
 PARALLEL_CELLS = 200_000
 
