@@ -1,4 +1,8 @@
-"""Balance a batch of CLIP-style logit matrices for k = 1, 2 steps, and the paper's losses.
+"""
+CLIP logits balanced for k = 1 and 2 steps
+==========================================
+
+Balance a batch of CLIP-style logit matrices for k = 1, 2 steps, and the paper's losses.
 
 Rows are images, columns are captions; the reference table of a batch is softmax over all cells
 and both targets are uniform. k = 1 balances rows only (each row a softmax: the usual CLIP loss
@@ -34,3 +38,18 @@ for k in (0, 1, 2):
     print(f"k = {k}: loss per batch {np.round(loss(k), 4)}")
 res = balance_logits(logits, uniform, uniform, steps=2)
 print(f"after 2 steps, dtype {res.log_table.dtype}, column sums {np.exp(res.log_table[0]).sum(axis=0)[:3]}")
+
+# %%
+# The column marginal of the first batch (times n, so 1 is uniform): k = 1 fixes only the rows,
+# k = 2 brings the columns to exactly uniform.
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+raw = np.exp(logits[0].astype(np.float64))
+ax.plot(n * (raw / raw.sum()).sum(axis=0), ".", label="k = 0 (softmax over all cells)")
+for k, marker in ((1, "x"), (2, "o")):
+    cols = np.exp(balance_logits(logits, uniform, uniform, steps=k).log_table[0]).sum(axis=0)
+    ax.plot(n * cols, marker, mfc="none", label=f"k = {k}")
+ax.set(xlabel="caption (column)", ylabel="n x column mass", title="Balancing the columns of one batch")
+ax.legend()
+plt.show()

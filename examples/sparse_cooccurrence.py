@@ -1,4 +1,8 @@
-"""Balance a large sparse caption x keyword co-occurrence table (MetaCLIP-style curation).
+"""
+A large sparse co-occurrence table (MetaCLIP-style curation)
+============================================================
+
+Balance a large sparse caption x keyword co-occurrence table (MetaCLIP-style curation).
 
 One Y-step rescales every keyword (column) to a capped count t, which flattens the keyword
 distribution; the induced caption (row) marginal says how to resample the captions. The table is
@@ -33,3 +37,18 @@ print(f"table: {table.shape[0]:,} x {table.shape[1]:,}, {table.nnz:,} nonzeros, 
 print(f"keyword counts before: max {counts.max():.0f}, median {np.median(counts):.0f}")
 print(f"keyword counts after one Y-step: max {balanced.sum(axis=0).max():.1f} (cap {t:.0f})")
 print(f"captions with the largest resampling weight keep {np.sort(sampling)[-1000:].sum():.1%} of the mass")
+
+# %%
+# Keyword counts by popularity rank before and after the Y-step: the heavy head is capped at t,
+# the tail is untouched.
+import matplotlib.pyplot as plt
+
+order = np.argsort(counts)[::-1]
+rank = np.arange(1, keywords + 1)
+fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
+ax.loglog(rank, counts[order], label="before")
+ax.loglog(rank, np.asarray(balanced.sum(axis=0)).ravel()[order], "--", label="after one Y-step")
+ax.axhline(t, color="grey", lw=0.8)
+ax.set(xlabel="keyword rank", ylabel="count", title="Keyword counts capped at t = 50")
+ax.legend()
+plt.show()

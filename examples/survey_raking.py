@@ -1,4 +1,8 @@
-"""Rake a survey sample to known population margins (one of them joint) and report estimates with
+"""
+Raking a survey sample to three margins, one of them joint
+==========================================================
+
+Rake a survey sample to known population margins (one of them joint) and report estimates with
 standard errors and the diagnostics a survey statistician checks before trusting the weights."""
 
 import numpy as np
@@ -34,3 +38,17 @@ print(f"effective sample size {d.effective_sample_size:.0f} of {n} (design effec
       f"weights {d.min_weight:.2f} to {d.max_weight:.2f} x their mean")
 for check in d.margins:
     print(f"  margin {check.key}: largest relative L1 error {check.error:.1e}")
+
+# %%
+# Estimates with 95% intervals: raking moves the estimate towards the population and widens the
+# interval by the design effect.
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 2.6), layout="constrained")
+for ax, (name, values) in zip(axes, (("income", income), ("owns home", owns_home))):
+    est = raking.mean(values)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(n)
+    ax.errorbar([values.mean(), est.estimate], [1, 0], xerr=[half, 1.96 * est.standard_error], fmt="o",
+                capsize=4)
+    ax.set(yticks=[1, 0], yticklabels=["sample mean", "raked"], ylim=(-0.6, 1.6), title=name)
+plt.show()
