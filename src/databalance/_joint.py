@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, lsqr, minres
 
 from . import _feasibility
+from ._kernels.cells import parallel
 
 __all__ = ["Cells", "Joint", "additive_fit", "additive_residual", "additive_shift", "limit_linearization",
            "step_linearization"]
@@ -179,7 +180,8 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *, steps: int,
-                       at_iterates: bool, trace: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+                       at_iterates: bool, trace: tuple = (), final: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Cell arrays (alpha, beta) with psi = alpha(c) h~ + beta(c) = L_1 ... L_k h~ at every sample.
 
     Half-step j fixes margin m(j) = (j - 1) mod K (the targets in cycle order, each of total 1).
@@ -196,8 +198,9 @@ def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *
 
     computed for j = k, ..., 1 with D updated in place: a step costs one sum per category, one
     gather and one update of q. The iterates are rebuilt backwards from ``trace``
-    (``CellsResult.iterate_factors()``: the starting scalings, then the one each half-step set).
-    For R's convention q_j = t and p_m(j) is the starting measure's margin.
+    (``CellsResult.iterate_factors()``: the starting scalings, then the one each half-step set);
+    ``final``, iterate k's cell masses when known, saves rebuilding it. For R's convention q_j = t
+    and p_m(j) is the starting measure's margin.
     """
     t = cells.mass / cells.mass.sum()
     K = len(targets)
@@ -209,31 +212,40 @@ def step_linearization(cells: Cells, S: np.ndarray, targets: list[np.ndarray], *
         latest = history[:K]
         for s in range(1, steps + 1):
             latest[(s - 1) % K] = history[K + s - 1]
-        q = _gathered(latest, cells, buf)  # iterate k, of total 1
+        q = _gathered(latest, cells, buf) if final is None else final / final.sum()  # iterate k
         alpha = q / t
         D *= alpha[:, None]
     else:
         q, alpha, history = t, np.ones(len(t)), []
     A = D.copy(order="F")
+    spare, gather = np.empty(len(t)), np.empty(len(t))
     for j in range(steps, 0, -1):  # the last step's operator acts first
         m = (j - 1) % K
         index = cells.codes[m]
         norm = targets[m].ravel() if history else cells.margin_sums(m, t)
+        previous = None
+        if history and j > 1:  # q_(j-1), computed in a thread while D is updated with q_j
+            before, after = history[j - 1], history[K + j - 1]
+            latest[m] = before
+            if (after > 0).all():
+                previous = parallel(_undo, q, before / after, index, gather, spare)
+            else:  # a zero target emptied cells: rebuild iterate j - 1 from the scalings
+                previous = parallel(_gathered, latest, cells, gather)
         for col in D.T:  # each a contiguous view
             mu = _ratio(np.bincount(index, col, minlength=cells.sizes[m]), norm)
             np.take(mu, index, out=buf, mode="clip")
             buf *= q
             col -= buf
-        if history and j > 1:  # q_(j-1): undo step j's change of margin m's scaling
-            before, after = history[j - 1], history[K + j - 1]
-            latest[m] = before
-            if (after > 0).all():
-                q *= np.take(before / after, index, out=buf, mode="clip")
-            else:  # a zero target emptied cells: rebuild iterate j - 1 from the scalings
-                q = _gathered(latest, cells, buf)
+        if previous is not None:
+            q, spare = previous.result(), q
     D -= A
     D /= t[:, None]
     return alpha, D[:, 0] if one else np.ascontiguousarray(D)
+
+
+def _undo(q: np.ndarray, change: np.ndarray, index: np.ndarray, buf: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``q * change[index]`` into ``out`` (``buf``: scratch for the gather)."""
+    return np.multiply(q, np.take(change, index, out=buf, mode="clip"), out=out)
 
 
 def _gathered(factors: list[np.ndarray], cells: Cells, buf: np.ndarray) -> np.ndarray:

@@ -700,7 +700,8 @@ class CellsResult(_Outcome):
     factors: tuple
     keys: tuple = field(repr=False)
     _codes: tuple = field(default=(), repr=False)
-    _trace: tuple = field(default=(), repr=False)  # the scaling each half-step set (up to a constant)
+    _trace: tuple = field(default=(), repr=False)  # the starting scalings, then each half-step's
+    _final: Any = field(default=None, repr=False)  # the last iterate's cell masses, of total 1
 
     def iterate_factors(self) -> tuple:
         """The starting scaling of every margin (K arrays), then the scaling each half-step set, in
@@ -713,10 +714,10 @@ class CellsResult(_Outcome):
 
     @cached_property
     def cell_masses(self) -> np.ndarray:
-        out = np.array(self._input, dtype=np.float64)
-        for f, c in zip(self.factors, self._codes, strict=True):
-            out *= f.ravel()[c]
-        return out
+        """The balanced mass of each cell (the targets' total)."""
+        if self.steps == 0:
+            return np.array(self._input, dtype=np.float64)
+        return self._final * float(np.sum(self._targets[0]))
 
     @cached_property
     def feasible(self) -> bool | None:  # type: ignore[override]
@@ -755,4 +756,5 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
     factors = kernel.export(outcome.state, problem.export_scales())
     return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                        factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
-                       _known_feasible=known, _codes=tuple(codes), _trace=tuple(trace))
+                       _known_feasible=known, _codes=tuple(codes), _trace=tuple(trace),
+                       _final=kernel.current_masses(outcome.state))

@@ -256,16 +256,17 @@ class BalancedEstimator:
                 targets[j] = _drop_empty(targets[j], counts.reshape(targets[j].shape))
             check.unsampled(counts, targets[j].ravel(), enc.label_of(j), m.columns if len(m.columns) > 1
                             else m.columns[0], m.name)
-        d = np.ones(n) if design is None else design
-        result, d, met = self._balance(cells, cell_of, d, targets, enc, steps, bounds)
-        w = d * _at_samples(_cell_ratio(result, cells), cell_of)
+        result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds)
+        w = _at_samples(_cell_ratio(result, cells), cell_of)
+        if d is not None:
+            w *= d
         w /= w.sum()
         self.balance_, self.weights_ = result, w
         self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
         self._cells, self._cell_of = cells, cell_of
         self._targets = [t / t.sum() for t in targets]
         self._linearization = linearization
-        self._start_weights = d / d.sum()
+        self._start_weights = 1.0 / n if d is None else d / d.sum()
         # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
         self._if_steps = result.steps if result.status == "completed" else None
         self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
@@ -279,7 +280,7 @@ class BalancedEstimator:
         result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
         if bounds is None:
             return result, d, None
-        w = d * _at_samples(_cell_ratio(result, cells), cell_of)
+        w = _at_samples(_cell_ratio(result, cells), cell_of) * (1.0 if d is None else d)
         codes_n = [_at_samples(c, cell_of) for c in codes]
         tol = check.tolerance(self.tol, np.dtype(np.float64))
         w, errors, sweeps = _bounded_rake(w * (len(w) / w.sum()), codes_n, targets, bounds, tol)
@@ -336,10 +337,11 @@ class BalancedEstimator:
             _, beta = limit_linearization(cells, S, ratio)
         else:
             _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced,
-                                         trace=self.balance_.iterate_factors())
+                                         trace=self.balance_.iterate_factors(), final=self.balance_.cell_masses)
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
         z = g * self.weights_[:, None]
-        z += _at_samples(beta, cell_of) * (d_norm if balanced else self.weights_)[:, None]
+        scale = d_norm if balanced else self.weights_
+        z += _at_samples(beta, cell_of) * (scale[:, None] if np.ndim(scale) else scale)
         return z
 
 
@@ -494,17 +496,16 @@ def _at_samples(per_cell: np.ndarray, cell_of: np.ndarray | None) -> np.ndarray:
 
 
 def _per_cell(per_sample: np.ndarray, cell_of: np.ndarray | None, n_cells: int) -> np.ndarray:
+    """Per-sample values summed per cell (the values themselves, not copied, when samples are cells)."""
     if cell_of is None:
-        return per_sample.astype(np.float64, copy=True)
+        return per_sample
     return np.bincount(cell_of, per_sample, minlength=n_cells)
 
 
 def _cell_ratio(result: CellsResult, cells: Cells) -> np.ndarray:
-    """Per cell, the product of the margins' factors: the balanced over the starting mass."""
-    out = np.ones(len(cells.mass))
-    for f, c in zip(result.factors, cells.codes, strict=True):
-        out *= f.ravel()[c]
-    return out
+    """Per cell, the balanced over the starting mass (up to a constant): the product of the
+    margins' factors."""
+    return result.cell_masses / cells.mass
 
 
 def _bounded_rake(w, codes, targets, bounds, tol):

@@ -7,7 +7,7 @@ the data, never their cross-product.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
@@ -22,6 +22,12 @@ PARALLEL_CELLS = 200_000
 @cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="databalance")
+
+
+def parallel(fn, *args) -> Future:
+    """Run ``fn(*args)`` in the library's thread pool (NumPy's gathers, arithmetic and bincount
+    release the GIL on large arrays, so two passes over the cells can overlap)."""
+    return _pool().submit(fn, *args)
 
 
 class CellKernel(DenseKernel):
@@ -51,6 +57,10 @@ class CellKernel(DenseKernel):
         for f, c in zip(factors, self.codes, strict=True):
             w *= np.take(f.ravel(), c, out=self._buffer(), mode="clip")
         return w
+
+    def current_masses(self, state) -> np.ndarray:
+        """Every cell's mass in the current iterate (of total 1 after the first half-step)."""
+        return state.frame
 
     def _buffer(self) -> np.ndarray:
         """A cell-sized scratch vector, allocated once: fresh 10^7-element temporaries cost more
