@@ -340,8 +340,8 @@ class BalancedEstimator:
                                          trace=self.balance_.iterate_factors(), final=self.balance_.cell_masses)
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
         z = g * self.weights_[:, None]
-        scale = d_norm if balanced else self.weights_
-        z += _at_samples(beta, cell_of) * (scale[:, None] if np.ndim(scale) else scale)
+        scale = np.reshape(d_norm if balanced else self.weights_, (-1, 1))  # (n, 1), or (1, 1) for 1/n
+        z += _at_samples(beta, cell_of) * scale
         return z
 
 
