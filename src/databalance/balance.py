@@ -729,14 +729,16 @@ class CellsResult(_Outcome):
 
 def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray, targets: list,
                   keys: list, *, steps: int | None = None, tol: float | None = None,
-                  max_steps: int | None = None, progress: bool | _progress.Progress = False) -> CellsResult:
+                  max_steps: int | None = None, progress: bool | _progress.Progress = False,
+                  margin_sums: list[np.ndarray] | None = None) -> CellsResult:
     """Balance a table given by its occupied cells (each cell's category in every margin, and its
-    mass) towards the margins' targets (validated arrays of ``shapes``), in the order given.
+    mass) towards the margins' targets (validated arrays of ``shapes``), in the order given;
+    ``margin_sums``, each margin's sums of ``mass`` when the caller has them.
 
     The sample-level form of :func:`balance_margins`: the same loop, on the cells only.
     """
     names = [f"margins[{k!r}]" for k in keys]
-    kernel = kernels.CellKernel(list(codes), list(shapes), np.asarray(mass, dtype=np.float64))
+    kernel = kernels.CellKernel(list(codes), list(shapes), np.asarray(mass, dtype=np.float64), margin_sums)
     tol = check.tolerance(tol, kernel.dtype)
     max_steps = 5000 * len(codes) if max_steps is None else check.positive_int(max_steps, "max_steps")
     total = check.common_total(targets, names)

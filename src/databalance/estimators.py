@@ -250,13 +250,13 @@ class BalancedEstimator:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
         cells, cell_of = _cells(enc, design)
         targets = list(enc.targets)
-        for j, m in enumerate(enc.margins):
-            counts = cells.margin_sums(j, cells.mass)
+        counts_of = [cells.margin_sums(j, cells.mass) for j in range(len(enc.margins))]
+        for j, (m, counts) in enumerate(zip(enc.margins, counts_of, strict=True)):
             if empty == "drop":
                 targets[j] = _drop_empty(targets[j], counts.reshape(targets[j].shape))
             check.unsampled(counts, targets[j].ravel(), enc.label_of(j), m.columns if len(m.columns) > 1
                             else m.columns[0], m.name)
-        result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds)
+        result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds, counts_of)
         w = _at_samples(_cell_ratio(result, cells), cell_of)
         if d is not None:
             w *= d
@@ -272,12 +272,13 @@ class BalancedEstimator:
         self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
         return self
 
-    def _balance(self, cells, cell_of, d, targets, enc, steps, bounds):
+    def _balance(self, cells, cell_of, d, targets, enc, steps, bounds, counts):
         """Rake (alternating with trimming when ``bounds`` are given); the result, the design
         weights of the last round and whether the bounds hold (None without bounds)."""
         keys = [m.key for m in enc.margins]
         codes, shapes = cells.codes, cells.shapes
-        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
+        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol,
+                               margin_sums=counts)
         if bounds is None:
             return result, d, None
         w = _at_samples(_cell_ratio(result, cells), cell_of) * (1.0 if d is None else d)

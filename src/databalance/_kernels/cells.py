@@ -38,7 +38,8 @@ class CellKernel(DenseKernel):
 
     REBUILD = 64
 
-    def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray):
+    def __init__(self, codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray,
+                 input_sums: list[np.ndarray] | None = None):
         self.table = mass
         self.lowest = 0.0
         self.dtype = mass.dtype
@@ -47,7 +48,8 @@ class CellKernel(DenseKernel):
         self.codes = codes
         self.margin_shapes = shapes
         self.sizes = [int(np.prod(s)) for s in shapes]
-        self._input_sums: list[np.ndarray] | None = None
+        self._input_sums = None if input_sums is None else [s.reshape(sh) for s, sh in zip(input_sums, shapes,
+                                                                                            strict=True)]
 
     def _sums_with(self, j: int, weights: np.ndarray) -> np.ndarray:
         return np.bincount(self.codes[j], weights, minlength=self.sizes[j]).reshape(self.margin_shapes[j])
