@@ -205,17 +205,7 @@ def margin_targets(margins, shape: tuple[int, ...]) -> tuple[list[tuple[int, ...
     ndim = len(shape)
     axes, keys, targets = [], [], []
     for key, target in margins.items():
-        ax = (key,) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key
-        if not isinstance(ax, tuple) or not ax or not all(
-                isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
-            raise TypeError(f"`margins` key {key!r} must be an axis (int) or a nonempty tuple of axes.")
-        normal = tuple(int(a) % ndim if -ndim <= a < ndim else ndim for a in ax)
-        if ndim in normal:
-            raise ValueError(f"`margins` key {key!r} names an axis outside 0..{ndim - 1} (`table` has {ndim}).")
-        if len(set(normal)) != len(normal):
-            raise ValueError(f"`margins` key {key!r} repeats an axis; a joint margin names each axis once.")
-        if tuple(sorted(normal)) in axes:
-            raise ValueError(f"`margins` names the axes {tuple(sorted(normal))} twice; give each margin once.")
+        normal = _margin_key(key, ndim, axes, "key")
         name = f"margins[{key!r}]"
         arr = as_array(target, name)
         if arr.dtype.kind not in "biuf":
@@ -939,19 +929,25 @@ def margin_axes(margins, ndim: int) -> list[tuple[int, ...]]:
         raise ValueError("`margins` is empty; give at least one margin.")
     out: list[tuple[int, ...]] = []
     for key in margins:
-        ax = (key,) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key
-        if not isinstance(ax, tuple) or not ax or not all(
-                isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
-            raise TypeError(f"`margins` entry {key!r} must be an axis (int) or a nonempty tuple of axes.")
-        normal = tuple(int(a) % ndim if -ndim <= a < ndim else ndim for a in ax)
-        if ndim in normal:
-            raise ValueError(f"`margins` entry {key!r} names an axis outside 0..{ndim - 1} (`table` has {ndim}).")
-        if len(set(normal)) != len(normal):
-            raise ValueError(f"`margins` entry {key!r} repeats an axis; a joint margin names each axis once.")
-        if tuple(sorted(normal)) in out:
-            raise ValueError(f"`margins` names the axes {tuple(sorted(normal))} twice; give each margin once.")
-        out.append(tuple(sorted(normal)))
+        out.append(tuple(sorted(_margin_key(key, ndim, out, "entry"))))
     return out
+
+
+def _margin_key(key, ndim: int, seen: list[tuple[int, ...]], word: str) -> tuple[int, ...]:
+    """One margin's axes as nonnegative ints in the key's order, checked: an int or a nonempty
+    tuple of ints, in range, none repeated, an axis set not in ``seen`` (sorted tuples)."""
+    ax = (key,) if isinstance(key, numbers.Integral) and not isinstance(key, bool) else key
+    if not isinstance(ax, tuple) or not ax or not all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
+        raise TypeError(f"`margins` {word} {key!r} must be an axis (int) or a nonempty tuple of axes.")
+    normal = tuple(int(a) % ndim if -ndim <= a < ndim else ndim for a in ax)
+    if ndim in normal:
+        raise ValueError(f"`margins` {word} {key!r} names an axis outside 0..{ndim - 1} (`table` has {ndim}).")
+    if len(set(normal)) != len(normal):
+        raise ValueError(f"`margins` {word} {key!r} repeats an axis; a joint margin names each axis once.")
+    if tuple(sorted(normal)) in seen:
+        raise ValueError(f"`margins` names the axes {tuple(sorted(normal))} twice; give each margin once.")
+    return normal
 
 
 def nd_table(table: Any, name: str = "table") -> np.ndarray:
