@@ -1137,6 +1137,35 @@ def not_a_result(kind: str) -> str:
             f"`table`; got {kind}.")
 
 
+def sample_value_columns(values) -> tuple[tuple | None, np.ndarray]:
+    """(the statistics' names or None, h as (n,) or (n, d) float64): ``values`` an array, a pandas
+    Series or DataFrame (names: its columns) or a mapping name -> 1-d array (names: its keys)."""
+    columns = getattr(values, "columns", None)
+    if columns is not None and getattr(values, "ndim", None) == 2:
+        return tuple(columns), sample_values(values)
+    if not hasattr(values, "items") or isinstance(values, np.ndarray) or hasattr(values, "to_numpy"):
+        return None, sample_values(values)
+    if len(values) == 0:
+        raise ValueError("`values` is an empty mapping; give at least one statistic (name -> array).")
+    arrays = {k: sample_array(v, f"values[{k!r}]", None) for k, v in values.items()}
+    lengths = {k: a.shape[0] for k, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"The statistics in `values` have different lengths {lengths}; give one entry per "
+                         "sample in every one.")
+    return tuple(arrays), sample_values(np.column_stack(list(arrays.values())))
+
+
+def misaligned_values() -> str:
+    return ("The index of `values` differs from that of the fitted data, so its rows would be matched to the "
+            "wrong samples. Align it first (e.g. `values.loc[data.index]`), or pass `values.to_numpy()` if "
+            "the order is right.")
+
+
+def summary_unavailable() -> str:
+    return ("This estimate was not made by BalancedEstimator.mean, so it has no fit to summarise; call "
+            "`summary()` on an estimate from `mean` or `balanced_mean`.")
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")

@@ -32,6 +32,7 @@ from scipy.special import ndtri
 from . import _validation as check
 from ._errors import ConvergenceWarning
 from ._joint import Cells, limit_linearization, step_linearization
+from ._summary import LabelledValues, MarginSummary, StatisticSummary, Summary
 from .balance import CellsResult, balance_cells
 
 __all__ = ["BalancedEstimate", "BalancedEstimator", "Diagnostics", "MarginCheck", "balanced_mean"]
@@ -51,35 +52,98 @@ class BalancedEstimate:
 
     Attributes
     ----------
-    estimate : float or ndarray (d,)
-        ``sum_i w_i h_i``.
-    standard_error : float or ndarray (d,)
+    estimate : float, ndarray (d,), pandas Series or LabelledValues
+        ``sum_i w_i h_i``: a float for one statistic; for several, an array (NumPy ``values``), a
+        pandas Series indexed by the column names (a DataFrame ``values``, or any labelled
+        ``values`` after a fit on a DataFrame) or a :class:`~databalance._summary.LabelledValues`
+        keyed by the names (``values`` a mapping name -> array, without pandas).
+    standard_error : like ``estimate``
         ``sqrt(n / (n - 1) * sum_i (z_i - mean z)^2)`` with ``z_i`` sample i's term of the
         linearised estimate (see :func:`balanced_mean`, Notes); the convention of survey software.
-    weights : ndarray (n,)
-        The balanced sample weights; they sum to 1.
+    weights : ndarray (n,) or pandas Series
+        The balanced sample weights; they sum to 1. A Series on the index of the fitted DataFrame
+        (or of the pandas input of :func:`balanced_mean`) when there was one.
     steps : int
         Half-steps of balancing performed.
     balance : CellsResult
         The balancing run of the sample's cells (status, every margin's error, factors).
     """
 
-    estimate: float | np.ndarray
-    standard_error: float | np.ndarray
-    weights: np.ndarray = field(repr=False)
+    estimate: Any
+    standard_error: Any
+    weights: Any = field(repr=False)
     steps: int
     balance: CellsResult = field(repr=False)
+    _names: tuple | None = field(default=None, repr=False)
+    _pandas: bool = field(default=False, repr=False)
+    # For summary(): the values (n, d) by reference (never copied), the normalised design weights
+    # (1/n without them) and the fit's diagnostics.
+    _values: np.ndarray | None = field(default=None, repr=False)
+    _start_weights: Any = field(default=None, repr=False)
+    _diagnostics: Diagnostics | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        est, se = _raw(self.estimate), _raw(self.standard_error)
+        n = len(self.weights)
+        run = f"{self.balance.status} after {self.steps} half-steps, n = {n}"
+        if isinstance(est, float):
+            return f"BalancedEstimate(estimate={est:.6g}, standard_error={se:.3g}; {run})"
+        names = self._names if self._names is not None else tuple(range(len(est)))
+        shown = ", ".join(f"{k!r}: {e:.6g} (SE {s:.3g})" for k, e, s in zip(names[:3], est, se, strict=False))
+        more = f", ... {len(est) - 3} more" if len(est) > 3 else ""
+        return f"BalancedEstimate({len(est)} statistics: {shown}{more};\n                 {run})"
 
     def confidence_interval(self, level: float = 0.95) -> tuple:
-        """Normal-approximation interval ``estimate -+ z * standard_error``, as (low, high)."""
+        """Normal-approximation interval ``estimate -+ z * standard_error``, as (low, high), labelled
+        like ``estimate``."""
         z = float(ndtri(0.5 + check.confidence_level(level) / 2))
-        return self.estimate - z * self.standard_error, self.estimate + z * self.standard_error
+        est, se = _raw(self.estimate), _raw(self.standard_error)
+        return self._label(est - z * se), self._label(est + z * se)
 
     @property
     def effective_sample_size(self) -> float:
         """Kish's ``(sum w)^2 / sum w^2``: the size of an unweighted sample as precise (for a
         constant-variance h) as this weighted one."""
-        return float(1.0 / np.dot(self.weights, self.weights))
+        w = np.asarray(self.weights)
+        return float(1.0 / np.dot(w, w))
+
+    def summary(self, level: float = 0.95) -> Summary:
+        """The fit and these estimates at a glance: see :meth:`BalancedEstimator.summary`.
+
+        The design effects are computed now from the ``values`` given to ``mean`` (held by
+        reference, not copied: change them in place and the design effects change too).
+
+        Examples
+        --------
+        Balancing on x and y removes the part of h they explain, so the balanced estimate's variance
+        is about half that of the plain mean (deff 0.52):
+
+        >>> import numpy as np
+        >>> from databalance import balanced_mean
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.integers(0, 2, 500), rng.integers(0, 3, 500)
+        >>> est = balanced_mean(x + y + rng.normal(size=500), x, y, [0.5, 0.5], [0.2, 0.3, 0.5])
+        >>> stat = est.summary().statistics[0]
+        >>> round(stat.standard_error, 4), round(stat.plain_standard_error, 4), round(stat.design_effect, 2)
+        (0.0439, 0.0609, 0.52)
+        """
+        level = check.confidence_level(level)
+        if self._diagnostics is None or self._values is None:
+            raise ValueError(check.summary_unavailable())
+        est, se = np.atleast_1d(_raw(self.estimate)), np.atleast_1d(_raw(self.standard_error))
+        z = float(ndtri(0.5 + level / 2))
+        plain = _plain_standard_error(self._values, self._start_weights)
+        names = self._names if self._names is not None else (
+            ("value",) if isinstance(_raw(self.estimate), float) else tuple(range(len(est))))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            deff = np.where(plain > 0, (se / np.where(plain > 0, plain, 1.0)) ** 2, np.nan)
+        stats = tuple(StatisticSummary(name, float(e), float(s), float(e - z * s), float(e + z * s), float(p),
+                                       float(f)) for name, e, s, p, f in zip(names, est, se, plain, deff,
+                                                                             strict=True))
+        return _summarise(self._diagnostics, self.balance, stats, level)
+
+    def _label(self, values):
+        return _labelled(values, self._names, self._pandas)
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +168,18 @@ class MarginCheck:
     achieved: np.ndarray = field(repr=False)
     target: np.ndarray = field(repr=False)
     error: float
+
+    def __repr__(self) -> str:
+        deviation = np.abs(self.achieved - self.target) / self.target.sum()
+        at = self._category(int(np.argmax(deviation)))
+        return (f"MarginCheck(key={self.key!r}, shape {self.target.shape}, error {self.error:.3g}, "
+                f"largest deviation {float(deviation.max(initial=0.0)):.3g} at {at!r})")
+
+    def _category(self, flat: int):
+        """The label of the target's flat entry ``flat`` (a tuple for a joint margin)."""
+        at = np.unravel_index(flat, self.target.shape)
+        labels = tuple(levels[i] for levels, i in zip(self.categories, at, strict=True))
+        return labels[0] if len(labels) == 1 else labels
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +210,13 @@ class Diagnostics:
     max_weight: float
     margins: tuple = field(repr=False)
     bounds_met: bool | None
+
+    def __repr__(self) -> str:
+        worst = max((m.error for m in self.margins), default=0.0)
+        bounds = "" if self.bounds_met is None else (", bounds met" if self.bounds_met else ", bounds NOT met")
+        return (f"Diagnostics(n={self.n}, effective sample size {self.effective_sample_size:.1f}, design effect "
+                f"{self.design_effect:.3g}, weights {self.min_weight:.3g} to {self.max_weight:.3g} x mean, "
+                f"{len(self.margins)} margins, largest error {worst:.2g}{bounds})")
 
 
 class BalancedEstimator:
@@ -176,8 +259,9 @@ class BalancedEstimator:
 
     Attributes
     ----------
-    weights_ : ndarray (n,)
-        The balanced weights (summing to 1), after :meth:`fit`.
+    weights_ : ndarray (n,) or pandas Series
+        The balanced weights (summing to 1), after :meth:`fit`: a Series on the DataFrame's index
+        when ``data`` was a DataFrame. pandas is never imported for other input.
     balance_ : CellsResult
         The balancing run on the sample's occupied cells: status, every margin's error after every
         half-step, the factors.
@@ -215,6 +299,7 @@ class BalancedEstimator:
     """
 
     _target_names: list[str] | None = None  # balanced_mean's p_x / p_y in messages
+    _index_of_fit: Any = None  # balanced_mean's pandas index (its data is a dict of arrays)
 
     def __init__(self, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
                  empty: str = "error", linearization: str = "balanced",
@@ -225,12 +310,70 @@ class BalancedEstimator:
     def __repr__(self) -> str:
         keys = list(self.margins.keys()) if hasattr(self.margins, "keys") else self.margins
         head = f"BalancedEstimator(margins={keys!r}" + (f", steps={self.steps}" if self.steps is not None else "")
-        if not hasattr(self, "weights_"):
+        if "_w" not in vars(self):
             return head + "): not fitted"
         b, d = self.balance_, self.diagnostics_
         bounds = "" if d.bounds_met is None else ("; bounds met" if d.bounds_met else "; bounds NOT met")
         return (f"{head}): {b.status} after {b.steps} half-steps{bounds}; n = {d.n}, effective sample size "
                 f"{d.effective_sample_size:.1f}, weights {d.min_weight:.3g} to {d.max_weight:.3g} x mean")
+
+    @property
+    def weights_(self) -> Any:
+        """The balanced weights (summing to 1): a pandas Series on the fitted DataFrame's index when
+        ``data`` was a DataFrame (built on each access, sharing the array), an ndarray otherwise."""
+        if "_w" not in vars(self):
+            raise AttributeError("`weights_` exists after fit(data); call fit first.")
+        return self._w if self._index is None else _as_series(self._w, self._index)
+
+    def summary(self, values: ArrayLike | Mapping | None = None, *, level: float = 0.95) -> Summary:
+        """The fit at a glance: status and steps, n, Kish's effective sample size and design
+        effect, the weights' range, every margin's achieved against target shares, and with
+        ``values`` every statistic's estimate, standard error, interval and variance design effect.
+
+        Parameters
+        ----------
+        values : array_like (n,) or (n, d), DataFrame or mapping, optional
+            As in :meth:`mean`; without it the summary has no statistics.
+        level : float
+            The intervals' confidence level.
+
+        Returns
+        -------
+        Summary
+            ``print()`` it for text; a notebook shows HTML tables; the numbers are attributes.
+            A statistic's ``design_effect`` is R survey's ``deff``: the variance of the balanced
+            estimate over that of the plain (design-weighted) mean of the same sample, each from
+            its linearisation (the plain mean's is its usual with-replacement standard error).
+
+        Raises
+        ------
+        RuntimeError
+            Before :meth:`fit`.
+        ValueError
+            ``level`` not strictly between 0 and 1; invalid ``values`` as in :meth:`mean`.
+
+        Examples
+        --------
+        >>> from databalance import BalancedEstimator
+        >>> data = {"x": ["a", "a", "b", "b", "b"], "y": [0, 1, 0, 1, 1]}
+        >>> fitted = BalancedEstimator({"x": {"a": .5, "b": .5}, "y": [.5, .5]}).fit(data)
+        >>> s = fitted.summary({"h": [1.0, 2.0, 3.0, 4.0, 4.0]})
+        >>> round(s.effective_sample_size, 3), round(s.weight_ratio, 3)
+        (4.663, 2.0)
+        >>> print(s)  # doctest: +ELLIPSIS
+        Balancing                     converged after ... half-steps
+        ...
+        Margin 'x': L1 error ..., largest deviation ... at ...
+          category  achieved  target  deviation
+          a              0.5     0.5  ...
+        ...
+        """
+        if "_w" not in vars(self):
+            raise RuntimeError("Call fit(data) before summary().")
+        level = check.confidence_level(level)
+        if values is None:
+            return _summarise(self.diagnostics_, self.balance_, (), level)
+        return self.mean(values).summary(level)
 
     def fit(self, data: Any, sample_weight: ArrayLike | None = None) -> BalancedEstimator:
         """Balance the samples' occupied cells to the margins; sets ``weights_``, ``balance_``,
@@ -261,7 +404,8 @@ class BalancedEstimator:
         if d is not None:
             w *= d
         w /= w.sum()
-        self.balance_, self.weights_ = result, w
+        self.balance_, self._w = result, w
+        self._index = _pandas_index(data) if self._index_of_fit is None else self._index_of_fit
         self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
         self._cells, self._cell_of = cells, cell_of
         self._targets = [t / t.sum() for t in targets]
@@ -297,27 +441,43 @@ class BalancedEstimator:
                                                sweeps), ConvergenceWarning, stacklevel=3)
         return result, w, met
 
-    def mean(self, values: ArrayLike) -> BalancedEstimate:
-        """The balanced estimate of E[h] from ``values`` = h at each fitted sample, (n,) or (n, d)."""
-        if not hasattr(self, "weights_"):
+    def mean(self, values: ArrayLike | Mapping) -> BalancedEstimate:
+        """The balanced estimate of E[h] from ``values`` = h at each fitted sample.
+
+        ``values`` is an array (n,) or (n, d), a pandas Series or DataFrame, or a mapping name -> 1-d
+        array (one statistic each). Several named statistics (DataFrame columns, mapping keys) give
+        estimates, standard errors and intervals keyed by name: pandas Series when pandas input was
+        given, :class:`~databalance._summary.LabelledValues` otherwise. pandas ``values`` must have
+        the fitted DataFrame's index (rows are matched by position, so a different index is refused).
+        """
+        if not hasattr(self, "_w"):
             raise RuntimeError("Call fit(data) before mean(values).")
-        h = check.sample_values(values)
-        n = self.weights_.shape[0]
+        names, h = check.sample_value_columns(values)
+        n = self._w.shape[0]
         if h.shape[0] != n:
             raise ValueError(f"`values` has {h.shape[0]} entries but {n} samples were fitted.")
-        h2 = h.reshape(n, -1)
+        index = _pandas_index(values)
+        if index is not None and self._index is not None and not index.equals(self._index):
+            raise ValueError(check.misaligned_values())
+        h2 = given = h.reshape(n, -1)
         scale = _power_of_two_scale(h2)
         if np.any(scale != 1.0):
             h2 = h2 / scale
-        estimate = self.weights_ @ h2
+        estimate = self._w @ h2
         z = self._contributions(h2 - estimate)
         z -= z.mean(axis=0)
         # A sum of squares cannot be negative, but say so: rounding must never give NaN from sqrt.
         se = np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
         estimate = estimate * scale
-        squeeze = (lambda a: float(a[0])) if h.ndim == 1 else (lambda a: a)
-        return BalancedEstimate(squeeze(estimate), squeeze(se), self.weights_, self.balance_.steps,
-                                self.balance_)
+        pandas = index is not None or self._index is not None
+        if h.ndim == 1:
+            estimate, se = float(estimate[0]), float(se[0])
+            name = getattr(values, "name", None) if index is not None else None
+            names = None if name is None else (name,)
+        elif names is not None:
+            estimate, se = _labelled(estimate, names, pandas), _labelled(se, names, pandas)
+        return BalancedEstimate(estimate, se, self.weights_, self.balance_.steps, self.balance_, names, pandas,
+                                given, self._start_weights, self.diagnostics_)
 
     def _contributions(self, g: np.ndarray) -> np.ndarray:
         """Each sample's term of the linearised estimate, omega_i psi_i, for g = h - estimate (n, d).
@@ -340,8 +500,8 @@ class BalancedEstimator:
             _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced,
                                          trace=self.balance_.iterate_factors(), final=self.balance_.cell_masses)
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
-        z = g * self.weights_[:, None]
-        scale = np.reshape(d_norm if balanced else self.weights_, (-1, 1))  # (n, 1), or (1, 1) for 1/n
+        z = g * self._w[:, None]
+        scale = np.reshape(d_norm if balanced else self._w, (-1, 1))  # (n, 1), or (1, 1) for 1/n
         z += _at_samples(beta, cell_of) * scale
         return z
 
@@ -563,6 +723,66 @@ def _power_of_two_scale(h: np.ndarray) -> np.ndarray:
     return np.where(extreme, np.exp2(np.floor(np.log2(np.where(extreme, top, 1.0)))), 1.0)
 
 
+# -- labels and summaries --------------------------------------------------------------------------
+
+
+def _pandas_index(obj: Any) -> Any:
+    """The index of a pandas object, by reference; None for anything else (pandas is not imported)."""
+    if type(obj).__module__.partition(".")[0] == "pandas" and hasattr(obj, "index"):
+        return obj.index
+    return None
+
+
+def _as_series(w: np.ndarray, index: Any) -> Any:
+    import pandas as pd  # only reached when the user passed pandas input
+
+    return pd.Series(w, index=index, name="weight", copy=False)
+
+
+def _labelled(values: Any, names: tuple | None, pandas: bool) -> Any:
+    """Several statistics' numbers keyed by their names: a pandas Series when the input was pandas,
+    a LabelledValues otherwise; unchanged when unnamed or a single float."""
+    if names is None or isinstance(values, float):
+        return values
+    if pandas:
+        import pandas as pd  # only reached when the user passed pandas input
+
+        return pd.Series(values, index=list(names))
+    return LabelledValues(names, values)
+
+
+def _raw(values: Any) -> Any:
+    """A float as itself, anything labelled as its float64 array."""
+    return values if isinstance(values, float) else np.asarray(values, dtype=np.float64)
+
+
+def _plain_standard_error(h: np.ndarray, d_norm: Any) -> np.ndarray:
+    """Per column of h (n, d), the usual with-replacement standard error of the plain
+    (design-weighted, weights d_norm summing to 1) mean: the k = 0 case of :meth:`mean`."""
+    n = h.shape[0]
+    scale = _power_of_two_scale(h)
+    g = h / scale if np.any(scale != 1.0) else h
+    weights = np.broadcast_to(np.asarray(d_norm, dtype=np.float64), (n,))
+    z = (g - weights @ g) * weights[:, None]
+    z -= z.mean(axis=0)
+    return np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
+
+
+def _summarise(d: Diagnostics, balance: CellsResult, statistics: tuple, level: float) -> Summary:
+    margins = []
+    for m in d.margins:
+        total = m.target.sum()
+        achieved, target = (m.achieved / total).ravel(), (m.target / total).ravel()
+        deviation = np.abs(achieved - target)
+        at = int(np.argmax(deviation))
+        cats = tuple(m._category(i) for i in range(target.size))
+        margins.append(MarginSummary(m.key, cats, achieved, target, float(deviation.sum()), float(deviation[at]),
+                                     cats[at]))
+    ratio = d.max_weight / d.min_weight if d.min_weight > 0 else np.inf
+    return Summary(balance.status, balance.steps, d.n, d.effective_sample_size, d.design_effect, d.min_weight,
+                   d.max_weight, float(ratio), d.bounds_met, tuple(margins), statistics, level)
+
+
 def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike | Mapping,
                   p_y: ArrayLike | Mapping, *, steps: int | None = None, start: str = "x",
                   tol: float | None = None, sample_weight: ArrayLike | None = None, empty: str = "error",
@@ -655,10 +875,12 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     (1.722, 0.044)
     """
     start = check.start_option(start)
-    n = check.sample_values(values).shape[0]
+    index = next((i for i in map(_pandas_index, (values, x, y)) if i is not None), None)
+    n = check.sample_value_columns(values)[1].shape[0]
     x = check.sample_array(x, "x", n)
     y = check.sample_array(y, "y", n)
     margins = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
     estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization)
     estimator._target_names = ["p_x", "p_y"] if start == "x" else ["p_y", "p_x"]
+    estimator._index_of_fit = index
     return estimator.fit({"x": x, "y": y}, sample_weight).mean(values)
