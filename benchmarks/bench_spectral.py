@@ -13,10 +13,10 @@ import tracemalloc
 
 import numpy as np
 import scipy.sparse as sp
+from bench_balance import dense_problem, interleaved, timed
 from threadpoolctl import threadpool_limits
 
 import databalance as db
-from bench_balance import dense_problem, interleaved, timed
 
 
 def cases(n):

@@ -662,3 +662,53 @@ def test_progress_bar_through_tqdm(capsys):
     T, p_x, p_y = rng_problem(3)
     balance_table(T, p_x, p_y, progress=True)
     assert "step" in capsys.readouterr().err  # tqdm draws on stderr
+
+
+# -- red-team regressions ------------------------------------------------------------------------------
+
+
+def test_a_plateau_at_a_large_error_is_not_a_stall():
+    # Entries spanning 120 orders of magnitude: the error sits near 0.4 for hundreds of half-steps
+    # while the scalings move; textbook IPF converges at half-step 609.
+    T = np.array([[1, 1e30], [1e120, 1]])
+    for res in (balance_table(T, [0.6, 0.4], [0.2, 0.8]), balance_logits(np.log(T), [0.6, 0.4], [0.2, 0.8])):
+        assert res.converged and res.marginal_error[-1].max() <= 1e-10
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_tolerance_below_resolution_is_never_certified(seed):
+    T = np.random.default_rng(seed).random((4, 5))
+    with pytest.warns(ConvergenceWarning, match="stalled"):
+        res = balance_table(T, np.full(4, 0.25), np.full(5, 0.2), tol=1e-300)
+    assert res.status == "stalled"
+
+
+@pytest.mark.parametrize("seed", [4, 16])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float32_convergence_is_checked_in_float64(seed, sparse):
+    rng = np.random.default_rng(seed)
+    T = rng.random((3, 100_000)).astype(np.float32)
+    p_x = rng.dirichlet(np.ones(3)).astype(np.float32)
+    p_y = rng.dirichlet(np.ones(100_000)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = balance_table(sp.csr_array(T) if sparse else T, p_x, p_y, tol=1e-6)
+    out = (res.table.toarray() if sparse else res.table).astype(np.float64)
+    total = p_x.astype(np.float64).sum()
+    true = [np.abs(out.sum(axis=1) - p_x).sum() / total, np.abs(out.sum(axis=0) - p_y).sum() / total]
+    np.testing.assert_allclose(res.marginal_error[-1], true, rtol=1e-6, atol=1e-12)
+    assert res.converged == (max(true) <= 1e-6)
+
+
+def test_scalings_beyond_float_range_fail_honestly_and_name_the_remedy():
+    with pytest.warns(ConvergenceWarning, match=r"failed.*balance_logits\(np.log\(table\)"):
+        res = balance_table(np.array([[1e-300, 1e-300], [1e30, 1e30]]), [0.5, 0.5], [0.5, 0.5])
+    assert res.status == "failed" and not res.converged
+
+
+def test_result_arrays_are_read_only_and_inputs_keep_their_flags():
+    T, p_x, p_y = rng_problem(0)
+    res = balance_table(T, p_x, p_y)
+    with pytest.raises(ValueError, match="read-only"):
+        res.row_scaling[0] = 100.0
+    assert T.flags.writeable and not res.marginal_error.flags.writeable

@@ -77,9 +77,9 @@ def components(pattern: sp.csr_array) -> tuple[int, np.ndarray]:
 
 
 #: Supports with more cells than this are not checked by linear programming (three or more
-#: margins): HiGHS takes about a second at this size. Larger problems report what the iteration
-#: shows.
-LP_CELLS = 200_000
+#: margins): with overlapping joint margins HiGHS's interior-point method takes about a second at
+#: 5 000 cells, 8 s at 13 000 and minutes at 40 000. Larger problems report what the iteration shows.
+LP_CELLS = 10_000
 
 
 def lp_deficit(codes: list[np.ndarray], targets: list[np.ndarray]) -> float | None:
@@ -103,8 +103,9 @@ def lp_deficit(codes: list[np.ndarray], targets: list[np.ndarray]) -> float | No
                      shape=(int(offsets[-1] + targets[-1].size), n))
     bounds = np.concatenate([p.ravel() for p in targets]) / total
     # HiGHS takes a sparse constraint matrix (scipy-stubs only lists dense ones).
+    # Interior point: 5x faster than HiGHS's simplex on these degenerate problems.
     res = linprog(-np.ones(n), A_ub=A, b_ub=bounds, bounds=(0, None),  # type: ignore[call-overload]
-                  method="highs")
+                  method="highs-ipm")
     return max(0.0, 1.0 + float(res.fun))
 
 

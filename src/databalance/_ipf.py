@@ -25,7 +25,8 @@ from ._errors import ConvergenceWarning
 from ._kernels import Kernel, State
 
 #: A run is stalled when its smallest marginal error, last improved at half-step k_best, has not
-#: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs).
+#: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs) and
+#: is within sqrt(eps) of 0: where the floating-point sums stop resolving progress.
 STALL_PATIENCE = 200
 
 
@@ -38,6 +39,7 @@ class Margin:
     target: np.ndarray
     name: str
     zero: tuple | None
+    exact: np.ndarray  # the target normalised in float64, for errors measured in float64
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,10 @@ class Problem:
     def from_targets(cls, targets, names, total, dtype, first: int = 0) -> Problem:
         margins = []
         for p, name in zip(targets, names, strict=True):
-            p = (p / np.reshape(total, total.shape + (1,) * (p.ndim - total.ndim))).astype(dtype)
+            exact = np.asarray(p, dtype=np.float64) / np.reshape(total, total.shape + (1,) * (np.ndim(p) - total.ndim))
+            p = exact.astype(dtype)
             zero = None if (p > 0).all() else np.nonzero(p == 0)
-            margins.append(Margin(p, name, zero))
+            margins.append(Margin(p, name, zero, exact))
         return cls(tuple(margins), first, total)
 
     def cycle(self) -> Iterator[int]:
@@ -178,8 +181,17 @@ def run(kernel: Kernel, problem: Problem, *, steps: int | None, tol: float, max_
 
 
 def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace) -> Outcome:
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported as status "failed"
+        return _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report,
+                                trace)
+
+
+def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report,
+                     trace) -> Outcome:
     history = History(kernel.batch, len(problem.margins))
     best, best_k = np.inf, 0
+    eps = float(np.finfo(kernel.dtype).eps)
+    certifiable = tol >= eps  # below the dtype's resolution no error can certify convergence
     for k, state, errors in half_steps(kernel, problem):
         history.append(errors)
         if trace is not None:  # the starting scalings, then the one each half-step sets
@@ -191,7 +203,7 @@ def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible
                 return Outcome(k, "completed", state, history.view())
             continue
         worst = history.worst()
-        if worst <= tol:
+        if certifiable and worst <= tol:
             return Outcome(k, "converged", state, history.view())
         if k == check_feasible_at and feasible is not None:
             feasible()
@@ -199,11 +211,29 @@ def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible
             return Outcome(k, "failed", state, history.view())
         if worst < best:
             best, best_k = worst, k
-        elif k - best_k >= max(STALL_PATIENCE, best_k):
+        elif k - best_k >= max(STALL_PATIENCE, best_k) and best <= np.sqrt(eps):
+            # Only near the floating-point floor: a plateau at a large error (a table spanning
+            # hundreds of orders of magnitude) still moves the scalings, and ends in convergence.
             return Outcome(k, "stalled", state, history.view())
         if k >= max_steps:
             return Outcome(k, "max_steps", state, history.view())
     raise AssertionError("unreachable")
+
+
+def remeasured(outcome: Outcome, problem: Problem, sums: list[np.ndarray], tol: float) -> Outcome:
+    """The outcome with its last errors measured from ``sums``, every margin's float64 sums of the
+    table the caller returns (in the targets' units): a run whose working sums looked converged
+    but whose returned table is not becomes "stalled" (more steps cannot help)."""
+    errors = np.array(outcome.errors)
+    nb = errors.ndim - 2
+    for j, (m, s) in enumerate(zip(problem.margins, sums, strict=True)):
+        total = np.reshape(problem.total, problem.total.shape + (1,) * (s.ndim - nb))
+        errors[..., -1, j] = l1(1.0, np.asarray(s, dtype=np.float64) / total, m.exact, nb)
+    errors.flags.writeable = False
+    status = outcome.status
+    if status == "converged" and not float(np.max(errors[..., -1, :])) <= tol:
+        status = "stalled"
+    return Outcome(outcome.steps, status, outcome.state, errors)
 
 
 def warn_if_unconverged(outcome: Outcome, tol: float, reason: str = "") -> None:

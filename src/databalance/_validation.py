@@ -124,10 +124,19 @@ def not_converged(status: str, steps: int, worst: float, tol: float, reason: str
         "max_steps": "Raise `max_steps`.",
         "stalled": "The error stopped decreasing: `tol` may be below what the floating-point sums resolve, "
                    "or the targets can be met only by driving some entries to zero (very slow convergence).",
-        "failed": "A scaling overflowed or became NaN; the result is not usable. Please report this input.",
+        "failed": "A scaling overflowed float's range (the table's entries span too many orders of magnitude "
+                  "for scaling vectors); the result is not usable. Balance the logs instead: "
+                  "balance_logits(np.log(table), ...).",
     }[status]
     return (f"Balancing stopped ({status}) after {steps} half-steps with marginal error {worst:.3g} > "
             f"tol = {tol:.3g}. {why}")
+
+
+def float32_resolution() -> str:
+    """Why a float32 run that looked converged is not."""
+    return ("Its float32 sums looked converged, but the returned table, summed in float64, is not within "
+            "`tol`: float32 cannot resolve this tolerance for this table. Pass the table as float64 or "
+            "raise `tol`.")
 
 
 def unrepresentable(magnitude: float) -> str:
@@ -203,7 +212,9 @@ def margin_targets(margins, shape: tuple[int, ...]) -> tuple[list[tuple[int, ...
     if len(margins) == 0:
         raise ValueError("`margins` is empty; give at least one margin to balance.")
     ndim = len(shape)
-    axes, keys, targets = [], [], []
+    axes: list[tuple[int, ...]] = []
+    keys: list = []
+    targets: list[np.ndarray] = []
     for key, target in margins.items():
         normal = _margin_key(key, ndim, axes, "key")
         name = f"margins[{key!r}]"

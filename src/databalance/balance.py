@@ -55,6 +55,14 @@ class _Outcome:
     _targets: tuple = field(default=(), repr=False)
     _known_feasible: bool | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        # Results are values: their arrays cannot be changed through them. The input table is
+        # referenced, not copied (it can be large): change it in place and `table` changes too.
+        for name, value in vars(self).items():
+            for array in value if isinstance(value, tuple) else (value,):
+                if isinstance(array, np.ndarray) and not name.startswith("_"):  # never the caller's arrays
+                    array.flags.writeable = False
+
     @property
     def converged(self) -> bool:
         return self.status == "converged"
@@ -102,8 +110,9 @@ class BalanceResult(_Outcome):
         Half-steps performed (k in the paper's notation; a sweep is two half-steps).
     status : str
         ``"completed"`` (``steps=k`` was requested and run), ``"converged"`` (every marginal within
-        ``tol``), ``"max_steps"`` (budget exhausted) or ``"stalled"`` (the marginal error stopped
-        decreasing, e.g. because ``tol`` is below what the floating-point sums resolve).
+        ``tol``), ``"max_steps"`` (budget exhausted), ``"stalled"`` (the marginal error stopped
+        decreasing near the floating-point floor, e.g. because ``tol`` is below what the sums
+        resolve) or ``"failed"`` (a scaling overflowed or became NaN: the result is not usable).
     marginal_error : ndarray, shape (..., steps + 1, 2)
         L1 distance of the row (``[..., k, 0]``) and column (``[..., k, 1]``) sums of iterate k from
         the targets, divided by the target total; ``k = 0`` is the input.
@@ -213,12 +222,16 @@ def _first(start: str) -> int:
     return 0 if start == "x" else 1
 
 
-def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing", trace=None):
+def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing", trace=None,
+           costly=False):
     """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
 
-    ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists. Returns the outcome
-    and whether the problem is then known to be feasible (``None``: not decided)."""
-    check_at = 0 if kernel.support_size() <= FEASIBILITY_EAGER_SIZE else FEASIBILITY_DEFERRED_TO
+    ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists; a ``costly`` one
+    (a linear program) runs only if the loop has not converged after FEASIBILITY_DEFERRED_TO
+    half-steps. Returns the outcome and whether the problem is then known to be feasible
+    (``None``: not decided)."""
+    eager = kernel.support_size() <= FEASIBILITY_EAGER_SIZE and not costly
+    check_at = 0 if eager else FEASIBILITY_DEFERRED_TO
     report = _progress.reporter(progress, desc, total=steps if steps is not None else max_steps)
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                        check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit,
@@ -293,10 +306,19 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     Warns
     -----
     ConvergenceWarning
-        When ``steps=None`` stops without reaching ``tol`` (status "max_steps" or "stalled").
+        When ``steps=None`` stops without reaching ``tol`` (status "max_steps", "stalled" or
+        "failed").
 
     Notes
     -----
+    The result refers to ``table`` rather than copying it: its ``table`` is computed on first
+    access, so modifying the input in place before then changes it (copy the input first if you
+    reuse its buffer). The result's own arrays are read-only. float32 tables are summed in float32
+    while iterating and checked in float64 at the end: a run is "converged" only if the returned
+    table is within ``tol``. A ``tol`` below the dtype's resolution cannot be certified (such runs
+    end "stalled"); status "failed" means a scaling overflowed, for tables whose entries span more
+    orders of magnitude than scalings can carry (use :func:`balance_logits` on their logs).
+
     Convergence is geometric with rate s_2^2 per half-step, s_2 the second singular value of
     ``D_p^-1/2 P D_q^-1/2`` (see :func:`databalance.spectrum`). When the targets can be met only by
     driving some positive entries to zero, the scalings diverge and convergence is sublinear; such
@@ -325,8 +347,9 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "table"), progress=progress,
                             desc="balance_table")
-    _ipf.warn_if_unconverged(outcome, tol)
     u, v = kernel.export(outcome.state, problem.export_scales())
+    outcome, reason = _float64_check(kernel, outcome, problem, tol, (u, v))
+    _ipf.warn_if_unconverged(outcome, tol, reason)
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                          _input=table if kernels.is_sparse(table) else kernel.table, _targets=tuple(targets),
                          _known_feasible=known)
@@ -406,24 +429,28 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
 
 def _as_returned(outcome, logits, f, g, problem, magnitude, tol):
     """The run's outcome with its last errors measured on the returned potentials, when rounding
-    ``logits + f + g`` in float64 could move them by more than a tenth of ``tol``.
+    ``logits + f + g`` in float64 could move them by more than a tenth of ``tol``, or when the
+    working sums were float32.
 
     Potentials of size F are rounded to about 1e-16 F, which moves every entry of the returned
     table by that relative amount: for logits near 1e15 the potentials cannot represent the
     balanced table at all. Such a run is not called converged ("stalled": no more steps help)."""
     eps = np.finfo(np.float64).eps
     bound = 4 * eps * (magnitude + np.abs(f).max(initial=0) + np.abs(g).max(initial=0))
-    if 2 * bound <= tol / 10:
+    if 2 * bound <= tol / 10 and logits.dtype == np.float64:
         return outcome
-    sums = kernels.log.exp_line_sums(logits, f, g)
-    errors = np.array(outcome.errors)
-    for j, (m, s) in enumerate(zip(problem.margins, sums, strict=True)):
-        errors[..., -1, j] = _ipf.l1(1.0, s / problem.total[..., None], m.target.astype(np.float64), logits.ndim - 2)
-    errors.flags.writeable = False
-    status = outcome.status
-    if status == "converged" and not float(np.max(errors[..., -1, :])) <= tol:
-        status = "stalled"
-    return _ipf.Outcome(outcome.steps, status, outcome.state, errors)
+    return _ipf.remeasured(outcome, problem, list(kernels.log.exp_line_sums(logits, f, g)), tol)
+
+
+def _float64_check(kernel, outcome, problem, tol, scalings):
+    """float32 tables are summed in float32 while iterating; their final errors are measured in
+    float64 on the table that is returned (``scalings`` exported), and a run is converged only if
+    that table is within ``tol``. Returns the outcome and the reason for a lost convergence."""
+    if kernel.dtype != np.float32 or outcome.steps == 0:
+        return outcome, ""
+    measured = _ipf.remeasured(outcome, problem, kernel.float64_sums(scalings), tol)
+    lost = outcome.converged and not measured.converged
+    return measured, check.float32_resolution() if lost else ""
 
 
 def iterate_balance(table: TableLike, p_x: Marginal, p_y: Marginal, *, start: str = "x") -> Iterator[BalanceResult]:
@@ -495,7 +522,7 @@ class MarginsResult(_Outcome):
     feasible : bool or None
         Whether a table with every target margin exists on the input's support: a max-flow for two
         one-way margins of a 2-D table, a linear program (HiGHS) otherwise when the support has at
-        most 200 000 cells; ``None`` when it is larger and the run did not converge.
+        most 10 000 cells; ``None`` when it is larger and the run did not converge.
     """
 
     factors: tuple
@@ -586,8 +613,10 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
         that disagree, a margin cell with a positive target and no mass.
     InfeasibleError
         With ``steps=None``, when no table on the support has these margins: a max-flow for two
-        one-way margins, a linear program otherwise (supports of at most 200 000 cells; larger ones
-        report what the iteration shows). Pairwise-consistent margins can still be infeasible.
+        one-way margins, a linear program otherwise (supports of at most 10 000 cells, run only if
+        the loop has not converged after 100 half-steps: convergence proves feasibility; larger
+        supports report what the iteration shows). Pairwise-consistent margins can still be
+        infeasible.
 
     Warns
     -----
@@ -641,11 +670,12 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
             raise check.infeasible_margins(lost, names)
 
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
-                            progress=progress, desc="balance_margins")
-    _ipf.warn_if_unconverged(outcome, tol)
+                            progress=progress, desc="balance_margins", costly=True)
+    exported = kernel.export(outcome.state, problem.export_scales())
+    outcome, reason = _float64_check(kernel, outcome, problem, tol, exported)
+    _ipf.warn_if_unconverged(outcome, tol, reason)
     user_axes = [_key_axes(k, len(shape)) for k in keys]
-    factors = [np.transpose(f, np.argsort(np.argsort(ax)))
-               for f, ax in zip(kernel.export(outcome.state, problem.export_scales()), user_axes, strict=True)]
+    factors = [np.transpose(f, np.argsort(np.argsort(ax))) for f, ax in zip(exported, user_axes, strict=True)]
     return MarginsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                          factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
                          _known_feasible=known, _axes=tuple(user_axes))
@@ -667,9 +697,10 @@ def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps, pr
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, ordered, "table"), progress=progress,
                             desc="balance_margins")
-    _ipf.warn_if_unconverged(outcome, tol)
-    back = np.argsort(order)  # kernel order -> the user's order
     factors = kernel.export(outcome.state, problem.export_scales())
+    outcome, reason = _float64_check(kernel, outcome, problem, tol, factors)
+    _ipf.warn_if_unconverged(outcome, tol, reason)
+    back = np.argsort(order)  # kernel order -> the user's order
     source = table if kernels.is_sparse(table) else kernel.table
     return MarginsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors[:, back],
                          factors=tuple(factors[i] for i in back), keys=tuple(keys), _input=source,
@@ -694,7 +725,7 @@ class CellsResult(_Outcome):
         The balanced mass of each occupied cell (the estimator's order of cells).
     feasible : bool or None
         Whether the targets can be met on the occupied cells (a max-flow for two margins, a linear
-        program for more when there are at most 200 000 cells; ``None`` when undecided).
+        program for more when there are at most 10 000 cells; ``None`` when undecided).
     """
 
     factors: tuple
@@ -753,7 +784,7 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
 
     trace: list = []
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
-                            progress=progress, desc="raking", trace=trace)
+                            progress=progress, desc="raking", trace=trace, costly=True)
     _ipf.warn_if_unconverged(outcome, tol)
     factors = kernel.export(outcome.state, problem.export_scales())
     return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,9 +18,17 @@ from .dense import DenseKernel, ratio
 PARALLEL_CELLS = 200_000
 
 
-@cache
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="databalance")
+    """This process's thread pool: a forked child (multiprocessing's default on Linux) inherits the
+    parent's pool object but not its threads, so each process makes its own."""
+    pid = os.getpid()
+    if pid not in _POOL:
+        _POOL.clear()
+        _POOL[pid] = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="databalance")
+    return _POOL[pid]
 
 
 def parallel(fn, *args) -> Future:

@@ -63,6 +63,20 @@ class DenseKernel:
     def sums_many(self, js, state) -> dict[int, np.ndarray]:
         return {j: self.sums(j, state) for j in js}
 
+    def float64_sums(self, scalings) -> list[np.ndarray]:
+        """Row and column sums, accumulated in float64, of the table ``scaled_table`` returns for
+        these (exported) scalings: computed exactly as it is, a block of rows at a time."""
+        u, v = scalings
+        rows = np.zeros(u.shape)
+        cols = np.zeros(v.shape)
+        step = max(1, (1 << 18) // max(1, self.shape[1]))
+        for i in range(0, self.shape[0], step):
+            block = np.multiply(self.table[..., i:i + step, :], u[..., i:i + step, None])
+            block *= v[..., None, :]
+            rows[..., i:i + step] = block.sum(axis=-1, dtype=np.float64)
+            cols += block.sum(axis=-2, dtype=np.float64)
+        return [rows, cols]
+
     @cached_property
     def frame_sums(self) -> list[np.ndarray]:
         """Row and column sums of the table as stored."""

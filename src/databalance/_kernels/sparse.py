@@ -42,6 +42,15 @@ class SparseKernel(DenseKernel):
     def full_support(self) -> bool:
         return self.table.count_nonzero() == self.shape[0] * self.shape[1]
 
+    def float64_sums(self, scalings) -> list[np.ndarray]:
+        """Row and column sums, accumulated in float64, of the table ``scaled_table`` returns."""
+        u, v = scalings
+        csr = self.table if self.table.format == "csr" else self.table.tocsr()
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(csr.indptr))
+        data = (csr.data * u.repeat(np.diff(csr.indptr)) * v[csr.indices]).astype(np.float64)
+        return [np.bincount(rows, data, minlength=self.shape[0]),
+                np.bincount(csr.indices, data, minlength=self.shape[1])]
+
     def support_size(self) -> int:
         return self.table.nnz
 

@@ -123,6 +123,18 @@ class TensorKernel(DenseKernel):
             return self.input_sums()[j] > 0
         return self._contract(j, [m.astype(self.dtype) for m in masks]) > 0
 
+    def float64_sums(self, scalings) -> list[np.ndarray]:
+        """Every margin's sums, accumulated in float64, of the table ``MarginsResult.table``
+        returns for these (exported, sorted-axes) scalings."""
+        out = np.array(self.table, copy=True)
+        for f, ax in zip(scalings, self.axes, strict=True):
+            shape = [1] * out.ndim
+            for a in ax:
+                shape[a] = out.shape[a]
+            out *= f.reshape(shape)
+        ndim = out.ndim
+        return [np.einsum(out, list(range(ndim)), list(ax), dtype=np.float64) for ax in self.axes]
+
     def full_support(self) -> bool:
         """No zero entry and no two margins sharing an axis: then the product of the targets is a
         table with every margin, so any targets are feasible. Overlapping margins can conflict
