@@ -763,7 +763,9 @@ def _plain_standard_error(h: np.ndarray, d_norm: Any) -> np.ndarray:
     scale = _power_of_two_scale(h)
     g = h / scale if np.any(scale != 1.0) else h
     weights = np.broadcast_to(np.asarray(d_norm, dtype=np.float64), (n,))
-    z = (g - weights @ g) * weights[:, None]
+    r = g - weights @ g
+    r -= weights @ r  # a second centring pass: a constant statistic then has a residual of exactly 0
+    z = r * weights[:, None]
     z -= z.mean(axis=0)
     return np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
 
