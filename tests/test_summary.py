@@ -274,7 +274,6 @@ def test_missing_labels_name_the_column_and_the_first_sample(kind, target, missi
 
 def test_missing_labels_in_a_joint_margin_and_pandas_nullable_columns():
     pd = pytest.importorskip("pandas")
-    n = 12
     df = pd.DataFrame({"a": pd.array([0, 1] * 6, dtype="Int64"), "b": pd.array(["p", "q", "r"] * 4, dtype="string")})
     df.loc[5, "a"] = pd.NA
     df.loc[3, "b"] = pd.NA
