@@ -295,3 +295,10 @@ def test_cyclic_rate_of_two_margins_is_s2_squared():
 def test_cyclic_rate_of_independent_margins_is_zero():
     P = np.einsum("i,j,k->ijk", [0.2, 0.8], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25])
     assert cyclic_rate(Cells.from_table(P, [(0,), (1,), (2,)])) < 1e-12
+
+
+def test_repr_is_short_and_names_s2():
+    small = repr(spectrum(P_A))
+    assert small == "SpectrumResult(singular values [1, 0.6135, 0.3532]; s_2 = 0.6135, 1 component(s), table 3 x 3)"
+    big = repr(spectrum(np.random.default_rng(0).random((300, 400)) + 0.01))
+    assert len(big.splitlines()) == 1 and len(big) < 200 and "... (300 in all)" in big and "table 300 x 400" in big

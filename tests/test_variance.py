@@ -763,3 +763,59 @@ def test_monte_carlo_nmse_matches_sigma2_with_three_margins():
 def test_margins_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# -- progress and short reprs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("margins", [None, [0, 1], [1, (0, 1), 0]])
+@pytest.mark.parametrize("max_steps", [0, 1, 2, 7, 400])
+def test_progress_reports_every_sigma2_once_in_growing_counts(margins, max_steps):
+    rng = np.random.default_rng(3)
+    P, h = rng.random((5, 6)) + 0.05, rng.normal(size=(5, 6, 2))
+    calls = []
+    prof = variance_profile(P, h, max_steps=max_steps, margins=margins,
+                            progress=lambda done, values: calls.append((done, np.array(values))))
+    done = [d for d, _ in calls]
+    assert done == sorted(set(done)) and (done[-1] if done else 0) == max_steps
+    # Each reported value is one of the profile's sigma_k^2 (k >= 1), before the scale is undone
+    # (h is of order 1 here, so there is none).
+    for _, values in calls:
+        assert np.any(np.all(np.isclose(prof.sigma2[1:], values, rtol=0, atol=0), axis=1))
+    silent = variance_profile(P, h, max_steps=max_steps, margins=margins)
+    np.testing.assert_array_equal(prof.sigma2, silent.sigma2)
+
+
+def test_progress_true_draws_on_stderr_and_bad_progress_is_a_type_error(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # no tqdm: the plain line
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    variance_profile(P_A, H_A, max_steps=20, progress=True)
+    err = capsys.readouterr().err
+    assert "variance_profile: sigma_k^2 known: step" in err and err.endswith("\n")
+    for bad in ("yes", 1, [print]):
+        with pytest.raises(TypeError, match=r"`progress` must be True, False or a callable f\(step, errors\); got"):
+            variance_profile(P_A, H_A, max_steps=3, progress=bad)
+
+
+def short_repr(obj, *facts):
+    text = repr(obj)
+    assert len(text.splitlines()) <= 3 and len(text) <= 300 and "array(" not in text, text
+    for fact in facts:
+        assert fact in text, (fact, text)
+
+
+def test_result_reprs_are_short():
+    rng = np.random.default_rng(4)
+    P = rng.random((60, 70))
+    H = rng.normal(size=(60, 70, 6))
+    short_repr(variance_profile(P_A, H_A, max_steps=8), "k = 0..8", "start='x'", "1 function",
+               "sigma_0^2 1.4", "sigma_8^2 0.5773")
+    short_repr(variance_profile(P, H, max_steps=200, start="y"), "k = 0..200", "6 functions", ", ...]")
+    short_repr(variance_profile(rng.random((2, 3, 4)), rng.normal(size=(2, 3, 4)), max_steps=5, margins=[2, (0, 1)]),
+               "margins [(2,), (0, 1)]")
+    short_repr(variance_decomposition(P, H[..., 0], max_steps=50), "k = 0..50", "70 directions", "s_2 = ",
+               "sigma_inf^2")
+    short_repr(misspecified_profile(np.array([[.3, .2], [.1, .4]]), [[1, 0], [0, 0]], [.6, .4], [.4, .6],
+                                    max_steps=4), "k = 0..4", "bias at k = 4 0.03103", "variance at k = 0 0.21")

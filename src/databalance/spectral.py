@@ -53,6 +53,12 @@ class SpectrumResult:
     y_functions: np.ndarray = field(repr=False)
     n_components: int = 1
 
+    def __repr__(self) -> str:
+        s = self.singular_values
+        head = ", ".join(f"{v:.4g}" for v in s[:4]) + (f", ... ({len(s)} in all)" if len(s) > 4 else "")
+        return (f"SpectrumResult(singular values [{head}]; s_2 = {self.max_correlation:.4g}, "
+                f"{self.n_components} component(s), table {self.x_functions.shape[0]} x {self.y_functions.shape[0]})")
+
     @property
     def max_correlation(self) -> float:
         """``s_2``: the maximal correlation between functions of X and of Y (0 if there is none)."""

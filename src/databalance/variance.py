@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.sparse.linalg import lsqr
 
-from . import _feasibility, plotting
+from . import _feasibility, _progress, plotting
 from . import _validation as check
 from ._errors import ConvergenceWarning
 from ._joint import Cells, Joint, additive_residual
@@ -75,6 +75,12 @@ class VarianceProfile:
     _cells: Cells | None = field(repr=False)
     _h: np.ndarray | None = field(repr=False)  # h - P(h) on the cells, scaled (margins only)
     _scale: np.ndarray = field(repr=False)
+
+    def __repr__(self) -> str:
+        steps = self.sigma2.shape[0] - 1
+        where = f"margins {list(self.margins)}" if self.margins is not None else f"start={self.start!r}"
+        return (f"VarianceProfile(k = 0..{steps}, {where}, {_functions(self.sigma2, 1)}: "
+                f"sigma_0^2 {_numbers(self.sigma2[0])}, sigma_{steps}^2 {_numbers(self.sigma2[-1])})")
 
     @property
     def reduction(self) -> np.ndarray:
@@ -170,7 +176,7 @@ class VarianceProfile:
 
 
 def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=None,
-                     start: str = "x") -> VarianceProfile:
+                     start: str = "x", progress: Any = None) -> VarianceProfile:
     """The exact first-order variance of the k-step balanced estimator for k = 0..max_steps.
 
     Parameters
@@ -194,6 +200,13 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=
     start : {"x", "y"}
         Without ``margins``: which marginal the first step fixes. With ``margins`` it must stay
         "x" (reorder ``margins`` instead).
+    progress : bool or callable, optional
+        For long profiles: a callable ``f(done, values)`` called each time another ``sigma_k^2``
+        is known, with ``done`` the number of k in 1..max_steps known so far (it only grows, up to
+        max_steps; the chains fill odd and even k, or each margin's k, in turn, and a converged
+        chain fills the rest of its k at once) and ``values`` the latest ``sigma_k^2`` (an array,
+        one per function); ``True`` for a progress bar (tqdm when installed, else a line on
+        stderr); ``False``/``None`` (default) for silence.
 
     Returns
     -------
@@ -208,7 +221,7 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=
         given per stored entry of a sparse table that stores a cell twice or is not CSR, CSC or
         COO; ``margins`` not a sequence, naming an axis out of range, repeating an axis within a
         margin or a margin twice; ``max_steps`` not an integer >= 0; ``start`` not "x" or "y", or
-        "y" with ``margins``.
+        "y" with ``margins``; ``progress`` neither a bool nor a callable (TypeError).
 
     Warns
     -----
@@ -249,10 +262,11 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=
     (0.1302, True)
     """
     max_steps = check.max_steps_option(max_steps)
+    check.progress_option(progress)
     if margins is not None:
         check.start_option(start)
         check.margins_start(start)
-        return _margins_profile(table, h, max_steps=max_steps, margins=margins)
+        return _margins_profile(table, h, max_steps=max_steps, margins=margins, progress=progress)
     start = check.start_option(start)
     T, tr, tc = check.joint_table(table)
     h = check.function_values(h, T, table=table)
@@ -260,11 +274,34 @@ def variance_profile(table: TableLike, h: TableLike, *, max_steps: int, margins=
     joint = Joint(T, tr, tc, h3)
     if start == "y":
         joint = joint.transpose()
-    sigma2 = _unscale_variance(_chains(joint, max_steps), scale)
+    with _Counter(progress, max_steps) as count:
+        sigma2 = _unscale_variance(_chains(joint, max_steps, count), scale)
     return VarianceProfile(sigma2[:, 0] if single else sigma2, start, None, joint, None, None, scale)
 
 
-def _margins_profile(table: TableLike, h: TableLike, *, max_steps: int, margins) -> VarianceProfile:
+class _Counter:
+    """Reports, through :func:`databalance._progress.reporter`, how many sigma_k^2 (k >= 1) are
+    known and the latest one (for an h near the float range, of h divided by its power-of-two
+    scale)."""
+
+    def __init__(self, progress: Any, total: int) -> None:
+        self.pair = _progress.reporter(progress, "variance_profile: sigma_k^2 known", total)
+        self.done = 0
+
+    def __call__(self, new: int, value: np.ndarray) -> None:
+        self.done += new
+        if self.pair is not None and new > 0:
+            self.pair[0](self.done, value)
+
+    def __enter__(self) -> _Counter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pair is not None:
+            self.pair[1]()
+
+
+def _margins_profile(table: TableLike, h: TableLike, *, max_steps: int, margins, progress: Any) -> VarianceProfile:
     """variance_profile on an N-d table seen through ``margins`` (see the module docstring)."""
     T = check.nd_table(table)
     axes = check.margin_axes(margins, T.ndim)
@@ -277,7 +314,8 @@ def _margins_profile(table: TableLike, h: TableLike, *, max_steps: int, margins)
     values, scale = _scaled_columns(values, np.ones(len(values), dtype=bool))
     p = cells.mass / cells.mass.sum()
     centred = values - p @ values
-    sigma2 = _unscale_variance(_cyclic_chains(cells, p, centred, max_steps), scale)
+    with _Counter(progress, max_steps) as count:
+        sigma2 = _unscale_variance(_cyclic_chains(cells, p, centred, max_steps, count), scale)
     return VarianceProfile(sigma2[:, 0] if single else sigma2, None, tuple(axes), None, cells, centred, scale)
 
 
@@ -322,7 +360,7 @@ def _unscale_variance(value: np.ndarray, scale: np.ndarray) -> np.ndarray:
 _TAIL = 1e-15
 
 
-def _chains(joint: Joint, K: int) -> np.ndarray:
+def _chains(joint: Joint, K: int, count: _Counter) -> np.ndarray:
     """sigma_k^2, k = 0..K, from two chains of (a, b) vectors (see the module docstring)."""
     p, q = joint.p, joint.q
     _, second, pr, qc = joint.moments
@@ -345,14 +383,16 @@ def _chains(joint: Joint, K: int) -> np.ndarray:
                 value = second - 2 * (pr * a).sum(0) + (p[:, None] * a**2).sum(0) - (q[:, None] * b**2).sum(0)
             if (t % 2 == 1) == (first == "x"):
                 sigma2[t] = value
+                count(1, value)
                 kept.append(value)
                 if len(kept) % 4 == 3 and _converged(kept, scale):  # cheap, but not free: every 4th
                     sigma2[t + 2 :: 2] = value
+                    count(len(sigma2[t + 2 :: 2]), value)
                     break
     return sigma2
 
 
-def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int) -> np.ndarray:
+def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int, count: _Counter) -> np.ndarray:
     """sigma_k^2, k = 0..K, for the margins of ``cells`` (p the cell probabilities, h centred,
     shape (cells, d)); see the module docstring."""
     n_margins = len(cells.codes)
@@ -376,9 +416,11 @@ def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int) -> np.nda
             if (t - first - 1) % n_margins == 0:
                 value = p @ g**2  # E[g] = 0 after a projection
                 sigma2[t] = value
+                count(1, value)
                 kept.append(value)
                 if len(kept) % 4 == 3 and _converged(kept, scale):
                     sigma2[t + n_margins :: n_margins] = value
+                    count(len(sigma2[t + n_margins :: n_margins]), value)
                     break
     return sigma2
 
@@ -406,6 +448,19 @@ def _span_residual(cells: Cells, h: np.ndarray) -> np.ndarray:
         residual = b - B @ x
         out[j] = residual @ residual
     return out
+
+
+def _functions(values: Any, ndim: int) -> str:
+    """'1 function' or 'd functions' for an array with ``ndim`` axes per function."""
+    d = 1 if np.ndim(values) == ndim else np.shape(values)[-1]
+    return f"{d} function" + ("s" if d > 1 else "")
+
+
+def _numbers(values: Any) -> str:
+    """A float, or the first three of several, in 4 significant digits."""
+    v = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    shown = ", ".join(f"{x:.4g}" for x in v[:3]) + (", ..." if len(v) > 3 else "")
+    return shown if len(v) == 1 else f"[{shown}]"
 
 
 def _converged(values, scale) -> bool:
@@ -448,6 +503,12 @@ class VarianceDecomposition:
     y_coordinates: np.ndarray
     sigma2_limit: float | np.ndarray
     terms: np.ndarray = field(repr=False)
+
+    def __repr__(self) -> str:
+        s = self.singular_values
+        return (f"VarianceDecomposition(k = 0..{self.terms.shape[0] - 1}, {len(s)} directions, s_2 = "
+                f"{s[1] if len(s) > 1 else 0.0:.4g}, {_functions(self.x_coordinates, 1)}: sigma_inf^2 "
+                f"{_numbers(self.sigma2_limit)})")
 
     @property
     def sigma2(self) -> np.ndarray:
@@ -558,6 +619,12 @@ class MisspecifiedProfile:
 
     bias: np.ndarray
     variance: np.ndarray
+
+    def __repr__(self) -> str:
+        steps = self.bias.shape[0] - 1
+        return (f"MisspecifiedProfile(k = 0..{steps}, {_functions(self.bias, 1)}: bias at k = {steps} "
+                f"{_numbers(self.bias[-1])}, variance at k = 0 {_numbers(self.variance[0])} and k = {steps} "
+                f"{_numbers(self.variance[-1])})")
 
     def mse(self, n: int) -> np.ndarray:
         """``bias^2 + variance / n``: the first-order mean squared error with n samples."""
