@@ -215,3 +215,37 @@ def test_many_margin_table_and_its_profile_by_brute_force():
     X, w = np.hstack(rows), np.sqrt(P.ravel())
     coef = np.linalg.lstsq(X * w[:, None], h.ravel() * w, rcond=None)[0]
     assert prof.sigma2_limit == pytest.approx((P.ravel() * (h.ravel() - X @ coef) ** 2).sum(), rel=1e-6)
+
+
+@pytest.fixture
+def instant_experiments(monkeypatch):
+    """Two instant experiments and no report or figures: only run()'s own bookkeeping is tested."""
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", {"first": lambda quick, seed: {"seed": seed},
+                                                   "second": lambda quick, seed: {"seed": seed}})
+    monkeypatch.setattr(reproduce, "_figures", lambda results, out: [])
+    monkeypatch.setattr(reproduce._report, "markdown", lambda *args, **kwargs: "report")
+    monkeypatch.setattr(reproduce._report, "summary", lambda results: "Summary")
+
+
+def test_progress_callback_and_bad_progress(tmp_path, instant_experiments):
+    calls = []
+    results = reproduce.run(tmp_path / "a", seed=4, log=lambda msg: None,
+                            progress=lambda done, values: calls.append((done, values.shape)))
+    assert results == {"first": {"seed": 4}, "second": {"seed": 5}}
+    assert calls == [(1, (1,)), (2, (1,))]
+    with pytest.raises(TypeError, match=r"`progress` must be True, False or a callable"):
+        reproduce.run(tmp_path / "b", log=lambda msg: None, progress="bar")
+    assert not (tmp_path / "b").exists()  # refused before anything is created
+
+
+def test_cli_progress_draws_on_stderr_and_keeps_the_lines_on_stdout(tmp_path, instant_experiments, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # without tqdm: the plain line
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert main(["reproduce", "--out", str(tmp_path), "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "reproduce: experiments done: step 2" in captured.err
+    assert "[2/2] second done" in captured.out and "Summary" in captured.out
+    assert main(["reproduce", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "[2/2] second done" in captured.out

@@ -9,7 +9,12 @@ from . import _validation
 
 
 def main(argv=None) -> int:
-    """Run the command line; argument errors exit with status 2 and one line on stderr."""
+    """Run the command line; argument errors exit with status 2 and one line on stderr.
+
+    ``databalance reproduce --out DIR [--quick] [--seed S] [--jobs J] [--progress]`` prints the plan,
+    one line per finished experiment and the summary on stdout; ``--progress`` adds a progress bar
+    (or line) on stderr through the same mechanism as the library's ``progress=`` options.
+    """
     parser = argparse.ArgumentParser(prog="databalance", description="Data balancing: reproduce the paper's claims.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the paper's experiments on synthetic data; write a report and figures")
@@ -17,6 +22,9 @@ def main(argv=None) -> int:
     rep.add_argument("--quick", action="store_true", help="fewer replications and sizes (seconds)")
     rep.add_argument("--seed", type=int, default=0, help="non-negative random seed (same seed, same numbers)")
     rep.add_argument("--jobs", type=int, default=1, help="experiments run in parallel processes")
+    rep.add_argument("--progress", action="store_true",
+                     help="also show a progress bar of the experiments on stderr (tqdm when installed, else a "
+                          "line); the per-experiment lines on stdout are printed either way")
     args = parser.parse_args(argv)
     try:
         seed = _validation.cli_seed(args.seed)
@@ -27,7 +35,7 @@ def main(argv=None) -> int:
         rep.exit(2, f"{rep.prog}: error: {err}\n")
     from .reproduce import run
 
-    run(out, quick=args.quick, seed=seed, jobs=jobs, log=lambda msg: print(msg, flush=True))
+    run(out, quick=args.quick, seed=seed, jobs=jobs, log=lambda msg: print(msg, flush=True), progress=args.progress)
     return 0
 
 

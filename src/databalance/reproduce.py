@@ -13,11 +13,12 @@ import pathlib
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 from scipy.stats import binom
 
-from . import _report
+from . import _progress, _report
 from .balance import balance_margins, balance_table, iterate_balance
 from .estimators import balanced_mean
 from .spectral import spectrum
@@ -366,7 +367,8 @@ def _run_one(args):
     return name, result, time.perf_counter() - t0
 
 
-def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1, log=print) -> dict:
+def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1, log=print,
+        progress: Any = None) -> dict:
     """Run every experiment, write ``out/report.md``, ``out/results.json`` and the figures.
 
     Parameters
@@ -380,12 +382,23 @@ def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1,
     jobs : int
         Experiments run in this many processes.
     log : callable
-        Receives the progress lines and the summary.
+        Receives the text lines: the plan, one line per finished experiment ("[i/6] name done in
+        s"), the summary and the report's path.
+    progress : bool or callable, optional
+        As everywhere in databalance (see :func:`balance_table`): a callable ``f(done, values)``
+        called after each experiment with the number done so far and an array holding that
+        experiment's seconds; ``True`` for a progress bar (tqdm when installed, else a line on
+        stderr); ``False``/``None`` (default) for none. Independent of ``log``.
 
     Returns
     -------
     dict
         Each experiment's numbers (what ``results.json`` holds), by experiment name.
+
+    Raises
+    ------
+    TypeError
+        ``progress`` neither a bool nor a callable (before anything runs).
 
     Examples
     --------
@@ -396,16 +409,23 @@ def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1,
     >>> [round(r["singular_values"][1], 3) for r in rows]
     [0.061, 0.184, 0.368, 0.552]
     """
+    tasks = [(name, quick, seed + i) for i, name in enumerate(EXPERIMENTS)]
+    reporter = _progress.reporter(progress, "reproduce: experiments done", len(tasks))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(name, quick, seed + i) for i, name in enumerate(EXPERIMENTS)]
     results, seconds = {}, {}
     log(f"Running {len(tasks)} experiments ({'quick' if quick else 'full'}, seed {seed}, {jobs} job(s))")
-    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext() as pool:
-        done = (pool.map if pool is not None else map)(_run_one, tasks)
-        for i, (name, result, sec) in enumerate(done, start=1):
-            results[name], seconds[name] = result, sec
-            log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
+    try:
+        with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+            done = (pool.map if pool is not None else map)(_run_one, tasks)
+            for i, (name, result, sec) in enumerate(done, start=1):
+                results[name], seconds[name] = result, sec
+                log(f"  [{i}/{len(tasks)}] {name} done in {sec:.1f} s")
+                if reporter is not None:
+                    reporter[0](i, np.array([sec]))
+    finally:
+        if reporter is not None:
+            reporter[1]()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     figures = _figures(results, out)
     (out / "report.md").write_text(_report.markdown(results, figures, quick=quick, seed=seed, seconds=seconds))
