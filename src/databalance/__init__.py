@@ -5,6 +5,7 @@ iterative proportional fitting, raking, Sinkhorn-Knopp.
 """
 
 from ._errors import ConvergenceWarning, InfeasibleError
+from ._summary import LabelledValues, MarginSummary, StatisticSummary, Summary
 from .balance import (
     BalanceResult,
     CellsResult,
@@ -38,11 +39,15 @@ __all__ = [
     "CurationResult",
     "Diagnostics",
     "InfeasibleError",
+    "LabelledValues",
     "LogBalanceResult",
     "MarginCheck",
+    "MarginSummary",
     "MarginsResult",
     "MisspecifiedProfile",
     "SpectrumResult",
+    "StatisticSummary",
+    "Summary",
     "VarianceDecomposition",
     "VarianceProfile",
     "balance_logits",

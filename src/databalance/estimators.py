@@ -55,7 +55,7 @@ class BalancedEstimate:
     estimate : float, ndarray (d,), pandas Series or LabelledValues
         ``sum_i w_i h_i``: a float for one statistic; for several, an array (NumPy ``values``), a
         pandas Series indexed by the column names (a DataFrame ``values``, or any labelled
-        ``values`` after a fit on a DataFrame) or a :class:`~databalance._summary.LabelledValues`
+        ``values`` after a fit on a DataFrame) or a :class:`~databalance.LabelledValues`
         keyed by the names (``values`` a mapping name -> array, without pandas).
     standard_error : like ``estimate``
         ``sqrt(n / (n - 1) * sum_i (z_i - mean z)^2)`` with ``z_i`` sample i's term of the
@@ -447,7 +447,7 @@ class BalancedEstimator:
         ``values`` is an array (n,) or (n, d), a pandas Series or DataFrame, or a mapping name -> 1-d
         array (one statistic each). Several named statistics (DataFrame columns, mapping keys) give
         estimates, standard errors and intervals keyed by name: pandas Series when pandas input was
-        given, :class:`~databalance._summary.LabelledValues` otherwise. pandas ``values`` must have
+        given, :class:`~databalance.LabelledValues` otherwise. pandas ``values`` must have
         the fitted DataFrame's index (rows are matched by position, so a different index is refused).
         """
         if not hasattr(self, "_w"):

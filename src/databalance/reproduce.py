@@ -410,7 +410,7 @@ def run(out: pathlib.Path, *, quick: bool = False, seed: int = 0, jobs: int = 1,
     [0.061, 0.184, 0.368, 0.552]
     """
     tasks = [(name, quick, seed + i) for i, name in enumerate(EXPERIMENTS)]
-    reporter = _progress.reporter(progress, "reproduce: experiments done", len(tasks))
+    reporter = _progress.reporter(progress, "reproduce: experiments done", len(tasks), what="seconds")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results, seconds = {}, {}

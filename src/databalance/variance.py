@@ -285,7 +285,8 @@ class _Counter:
     scale)."""
 
     def __init__(self, progress: Any, total: int) -> None:
-        self.pair = _progress.reporter(progress, "variance_profile: sigma_k^2 known", total)
+        self.pair = _progress.reporter(progress, "variance_profile: sigma_k^2 known", total,
+                                       what="largest sigma_k^2")
         self.done = 0
 
     def __call__(self, new: int, value: np.ndarray) -> None:
