@@ -60,3 +60,19 @@ def tables_with_margins():
     """A strictly positive 3-d table and feasible one- and two-way margins in random order, keys
     with random axis orders."""
     return margin_problems(min_ndim=3, max_ndim=3, max_side=4)
+
+
+@st.composite
+def joint_distributions(draw, min_dim: int = 2):
+    """A strictly positive m x l joint distribution (total 1), 2 <= m, l <= 6 by default."""
+    m, l = draw(st.integers(min_dim, 6)), draw(st.integers(min_dim, 6))
+    P = draw(hnp.arrays(np.float64, (m, l), elements=st.floats(0.05, 5.0)))
+    return P / P.sum()
+
+
+@st.composite
+def tables_and_functions(draw, min_dim: int = 1):
+    """A strictly positive joint distribution and a function h on its cells, values in [-3, 3]."""
+    P = draw(joint_distributions(min_dim))
+    h = draw(hnp.arrays(np.float64, P.shape, elements=st.floats(-3, 3)))
+    return P, h

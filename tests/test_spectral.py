@@ -6,22 +6,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from hypothesis import given
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from databalance import balance_table, conditional_mean, spectrum
 from databalance._joint import Cells
 from databalance.spectral import cyclic_rate
 
+from .strategies import joint_distributions
+
 P_A = np.array([[0.10, 0.05, 0.05], [0.05, 0.20, 0.05], [0.05, 0.05, 0.40]])
-
-
-@st.composite
-def positive_tables(draw, min_dim=2):
-    m = draw(st.integers(min_dim, 6))
-    l = draw(st.integers(min_dim, 6))
-    P = draw(hnp.arrays(np.float64, (m, l), elements=st.floats(0.05, 5.0)))
-    return P / P.sum()
 
 
 def assert_valid_triplets(spec, P, atol=1e-9):
@@ -71,7 +63,7 @@ def test_independence_has_no_correlation():
     assert spec.predicted_steps(1e-10) == 1
 
 
-@given(positive_tables())
+@given(joint_distributions())
 def test_spectrum_is_orthonormal_with_top_value_one(P):
     spec = spectrum(P)
     assert_valid_triplets(spec, P)

@@ -6,7 +6,6 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from databalance import (
     balance_margins,
@@ -16,6 +15,8 @@ from databalance import (
     variance_decomposition,
     variance_profile,
 )
+
+from .strategies import tables_and_functions
 
 P_A = np.array([[0.10, 0.05, 0.05], [0.05, 0.20, 0.05], [0.05, 0.05, 0.40]])
 H_A = np.array([[1.0, 0, 2], [0, 3, 1], [2, 1, 0]])
@@ -60,15 +61,6 @@ def finite_difference_variance(P, h, p_x, p_y, k, start="x", eps=1e-6):
         direction[cell] += 1.0
         psi[cell] = (phi(P + eps * direction) - phi(P - eps * direction)) / (2 * eps)
     return (P * psi**2).sum() - (P * psi).sum() ** 2
-
-
-@st.composite
-def tables_and_functions(draw, min_dim=1):
-    m = draw(st.integers(min_dim, 6))
-    l = draw(st.integers(min_dim, 6))
-    P = draw(hnp.arrays(np.float64, (m, l), elements=st.floats(0.05, 5.0)))
-    h = draw(hnp.arrays(np.float64, (m, l), elements=st.floats(-3, 3)))
-    return P / P.sum(), h
 
 
 # -- reference numbers (theory page) ---------------------------------------------------------------
