@@ -557,57 +557,6 @@ def sample_weights(weights, n: int) -> np.ndarray:
     return arr
 
 
-def encode(labels: np.ndarray, target, name: str, target_name: str):
-    """Integer codes of the samples' categories and the target masses aligned with them.
-
-    ``target`` is a mapping label -> mass (dict, pandas Series) or an array indexed by integer codes.
-    Returns (codes, masses, categories).
-    """
-    missing_labels(labels, name, target_name)
-    if hasattr(target, "items") and not isinstance(target, np.ndarray):
-        categories = list(target.keys())
-        masses = _mapping_masses(target, categories, target_name)
-        index = {c: i for i, c in enumerate(categories)}
-        if len(index) != len(categories):
-            raise ValueError(f"`{target_name}` lists a category twice.")
-        uniques: list
-        try:
-            sorted_uniques, inverse = np.unique(labels, return_inverse=True)
-            uniques = list(sorted_uniques)
-        except TypeError:  # labels of mixed types cannot be sorted, but can still be looked up
-            uniques = list(dict.fromkeys(labels.tolist()))
-            position = {u: j for j, u in enumerate(uniques)}
-            inverse = np.fromiter((position[v] for v in labels.tolist()), np.int64, count=len(labels))
-        lookup = np.empty(len(uniques), dtype=np.int64)
-        for j, u in enumerate(uniques):
-            key = u.item() if isinstance(u, np.generic) else u
-            if key not in index:
-                raise ValueError(
-                    f"`{name}` has the label {_show(u)}, which `{target_name}` does not list. Give it a "
-                    f"target mass (0 removes those samples' weight) or recode the samples."
-                )
-            lookup[j] = index[key]
-        return lookup[inverse.ravel()], masses, categories
-    masses = np.asarray(target)
-    if masses.dtype.kind not in "biuf":
-        raise TypeError(f"`{target_name}` must hold real numbers; got dtype {masses.dtype}.")
-    masses = masses.astype(np.float64)
-    if masses.ndim != 1:
-        raise ValueError(f"`{target_name}` must be 1-D (or a mapping label -> mass); got shape {masses.shape}.")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(
-            f"`{name}` holds labels of dtype {labels.dtype}, but `{target_name}` is an array: give "
-            f"`{name}` as integer codes 0..{len(masses) - 1}, or `{target_name}` as a mapping label -> mass."
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= len(masses)):
-        i = _first_index((labels < 0) | (labels >= len(masses)))[0]
-        raise ValueError(
-            f"`{name}` has code {int(labels[i])} at sample {i}, outside 0..{len(masses) - 1} "
-            f"(the length of `{target_name}`)."
-        )
-    return labels.astype(np.int64, copy=False), masses, list(range(len(masses)))
-
-
 def empty_policy(value) -> str:
     if value not in ("error", "drop"):
         raise ValueError(f"`empty` must be 'error' or 'drop'; got {value!r}.")
