@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -890,3 +891,63 @@ def test_estimation_guide_examples_run():
     result = doctest.testfile(str(guide), module_relative=False,
                               optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 10
+
+
+# -- review regressions ----------------------------------------------------------------------------
+
+
+def test_pandas_inputs_with_different_indexes_are_refused():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x": rng.integers(0, 2, 40), "y": rng.integers(0, 2, 40), "h": rng.normal(size=40)},
+                      index=np.arange(100, 140))
+    shuffled = df.sample(frac=1, random_state=0)
+    with pytest.raises(ValueError, match="`x` has a different pandas index from `values`"):
+        balanced_mean(df.h, shuffled.x, shuffled.y, [0.5, 0.5], [0.5, 0.5])
+    with pytest.raises(ValueError, match="`sample_weight` has a different pandas index from `data`"):
+        BalancedEstimator({"x": [0.5, 0.5], "y": [0.5, 0.5]}).fit(df, sample_weight=shuffled.h.abs() + 1)
+    fitted = BalancedEstimator({"x": [0.5, 0.5], "y": [0.5, 0.5]}).fit(df)
+    with pytest.raises(ValueError, match="index"):
+        fitted.mean({"h": shuffled.h})
+    assert balanced_mean(df.h, df.x, df.y, [0.5, 0.5], [0.5, 0.5]).estimate == pytest.approx(fitted.mean(df.h).estimate)
+
+
+def test_bounds_keep_zero_target_weights_at_zero():
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fitted = BalancedEstimator({"x": [0.5, 0.5, 0.0], "y": [0.2, 0.3, 0.5]}, bounds=(0.3, 3.0))
+        fitted.fit({"x": x, "y": y})
+    w = np.asarray(fitted.weights_)
+    assert fitted.diagnostics_.bounds_met and np.all(w[x == 2] == 0)
+    kept = w[x != 2] / w[x != 2].mean()
+    assert kept.min() >= 0.3 * (1 - 1e-9) and kept.max() <= 3.0 * (1 + 1e-9)
+
+
+def test_bounds_that_never_bind_change_nothing_in_the_summary():
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 2, 400), rng.integers(0, 3, 400)
+    h = x + y + rng.normal(size=400)
+    margins = {"x": [0.5, 0.5], "y": [0.2, 0.3, 0.5]}
+    plain = BalancedEstimator(margins).fit({"x": x, "y": y}).mean(h).summary()
+    bounded = BalancedEstimator(margins, bounds=(0.01, 100.0)).fit({"x": x, "y": y}).mean(h).summary()
+    stat_plain, stat_bounded = plain.statistics[0], bounded.statistics[0]
+    assert stat_bounded.plain_standard_error == pytest.approx(stat_plain.plain_standard_error, rel=1e-9)
+    assert stat_bounded.design_effect == pytest.approx(stat_plain.design_effect, rel=1e-6)
+
+
+def test_drop_that_breaks_a_shared_margin_is_named():
+    rng = np.random.default_rng(3)
+    x, y, z = rng.integers(0, 2, 300), rng.integers(0, 3, 300), rng.integers(0, 2, 300)
+    keep = ~((x == 1) & (y == 2))
+    pxy = np.full((2, 3), 1 / 6)
+    with pytest.raises(ValueError, match=r"after empty='drop'.*disagree"):
+        BalancedEstimator({("x", "y"): pxy, "y": pxy.sum(0), "z": [0.5, 0.5]}, empty="drop").fit(
+            {"x": x[keep], "y": y[keep], "z": z[keep]})
+
+
+def test_weights_are_read_only():
+    fitted = BalancedEstimator({"x": [0.5, 0.5], "y": [0.5, 0.5]}).fit({"x": [0, 1, 0, 1], "y": [0, 0, 1, 1]})
+    with pytest.raises(ValueError, match="read-only"):
+        fitted.weights_[0] = 1.0

@@ -1126,6 +1126,13 @@ def summary_unavailable() -> str:
             "`summary()` on an estimate from `mean` or `balanced_mean`.")
 
 
+def misaligned_inputs(first: str, other: str) -> ValueError:
+    return ValueError(
+        f"`{other}` has a different pandas index from `{first}`: rows are matched by position, so they would "
+        f"be misaligned. Reindex `{other}` like `{first}` (e.g. `{other}.reindex({first}.index)`) or pass arrays."
+    )
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")

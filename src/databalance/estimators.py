@@ -200,7 +200,8 @@ class Diagnostics:
     margins : tuple of MarginCheck
         Every margin's achieved table against its target, in cycle order.
     bounds_met : bool or None
-        With ``bounds``: whether the weights lie within them; ``None`` without bounds.
+        With ``bounds``: whether weights clipped to them met every margin within ``tol``;
+        ``None`` without bounds.
     """
 
     n: int
@@ -250,12 +251,14 @@ class BalancedEstimator:
         :func:`balanced_mean`.
     bounds : (float, float), optional
         ``(low, high)`` bounds on the weights relative to their mean, as R's ``trimWeights`` and
-        ``calibrate(bounds=)``; needs ``steps=None``. Raking and trimming (clipping the weights to
-        the bounds) alternate until the raked weights lie within the bounds; if they cannot (bounds
-        too tight for the margins), a :class:`~databalance.ConvergenceWarning` says so with the
-        errors achieved, ``diagnostics_.bounds_met`` is False, and the weights returned meet the
-        margins. The standard error treats the trimmed weights of the last round as fixed design
-        weights (the trimming itself is not linearised), as R's does.
+        ``calibrate(bounds=)``; needs ``steps=None``. The weights are clipped to the bounds after
+        every half-step of raking (weights a zero target empties stay 0), until the clipped weights
+        meet every margin within ``tol``; if they cannot (bounds too tight for the margins), a
+        :class:`~databalance.ConvergenceWarning` says so with the errors achieved,
+        ``diagnostics_.bounds_met`` is False, and the weights returned meet the margins. The
+        trimmed weights then become the design weights of a last raking, which ``balance_``
+        describes; the standard error treats them as fixed (the trimming itself is not
+        linearised), as R's does.
 
     Attributes
     ----------
@@ -386,6 +389,8 @@ class BalancedEstimator:
         empty = check.empty_policy(self.empty)
         linearization = check.linearization_option(self.linearization)
         bounds = check.weight_bounds(self.bounds, steps)
+        if self._index_of_fit is None:
+            _common_index({"data": data, "sample_weight": sample_weight})
         enc = _encode(self.margins, data, self._target_names)
         n = len(enc.codes[0])
         design = None if sample_weight is None else check.sample_weights(sample_weight, n)
@@ -399,11 +404,18 @@ class BalancedEstimator:
                 targets[j] = _drop_empty(targets[j], counts.reshape(targets[j].shape))
             check.unsampled(counts, targets[j].ravel(), enc.label_of(j), m.columns if len(m.columns) > 1
                             else m.columns[0], m.name)
+        if empty == "drop":  # dropping from one margin can break its agreement with another
+            axes = [tuple(sorted(m.index)) for m in enc.margins]
+            check.consistent_margins(axes, [np.transpose(t, np.argsort(m.index)) for t, m in
+                                            zip(targets, enc.margins, strict=True)],
+                                     [m.name + " (after empty='drop')" for m in enc.margins],
+                                     float(sum(targets[0].ravel())))
         result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds, counts_of)
         w = _at_samples(_cell_ratio(result, cells), cell_of)
         if d is not None:
             w *= d
         w /= w.sum()
+        w.flags.writeable = False  # shared by weights_ and every estimate: read-only
         self.balance_, self._w = result, w
         self._index = _pandas_index(data) if self._index_of_fit is None else self._index_of_fit
         self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
@@ -411,6 +423,7 @@ class BalancedEstimator:
         self._targets = [t / t.sum() for t in targets]
         self._linearization = linearization
         self._start_weights = 1.0 / n if d is None else d / d.sum()
+        self._design_weights = 1.0 / n if design is None else design / design.sum()
         # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
         self._if_steps = result.steps if result.status == "completed" else None
         self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
@@ -456,7 +469,7 @@ class BalancedEstimator:
         n = self._w.shape[0]
         if h.shape[0] != n:
             raise ValueError(f"`values` has {h.shape[0]} entries but {n} samples were fitted.")
-        index = _pandas_index(values)
+        index = _common_index(dict(values) if isinstance(values, Mapping) else {"values": values})
         if index is not None and self._index is not None and not index.equals(self._index):
             raise ValueError(check.misaligned_values())
         h2 = given = h.reshape(n, -1)
@@ -477,7 +490,7 @@ class BalancedEstimator:
         elif names is not None:
             estimate, se = _labelled(estimate, names, pandas), _labelled(se, names, pandas)
         return BalancedEstimate(estimate, se, self.weights_, self.balance_.steps, self.balance_, names, pandas,
-                                given, self._start_weights, self.diagnostics_)
+                                given, self._design_weights, self.diagnostics_)
 
     def _contributions(self, g: np.ndarray) -> np.ndarray:
         """Each sample's term of the linearised estimate, omega_i psi_i, for g = h - estimate (n, d).
@@ -666,7 +679,8 @@ def _per_cell(per_sample: np.ndarray, cell_of: np.ndarray | None, n_cells: int) 
 def _cell_ratio(result: CellsResult, cells: Cells) -> np.ndarray:
     """Per cell, the balanced over the starting mass (up to a constant): the product of the
     margins' factors."""
-    return result.cell_masses / cells.mass
+    masses = result.cell_masses
+    return np.divide(masses, cells.mass, out=np.zeros_like(masses), where=cells.mass > 0)  # 0: trimmed out
 
 
 def _bounded_rake(w, codes, targets, bounds, tol):
@@ -687,7 +701,8 @@ def _bounded_rake(w, codes, targets, bounds, tol):
         for c, t in zip(codes, targets, strict=True):
             mass = np.bincount(c, w, minlength=len(t))
             factor = np.divide(t, mass, out=np.zeros_like(t), where=mass > 0)
-            w = np.clip(w * factor[c], low, high)
+            w = w * factor[c]
+            np.clip(w, low, high, out=w, where=w > 0)  # a weight a zero target emptied stays 0
         errors = [float(np.abs(np.bincount(c, w, minlength=len(t)) - t).sum() / n)
                   for c, t in zip(codes, targets, strict=True)]
         if max(errors) <= tol:
@@ -754,6 +769,17 @@ def _labelled(values: Any, names: tuple | None, pandas: bool) -> Any:
 def _raw(values: Any) -> Any:
     """A float as itself, anything labelled as its float64 array."""
     return values if isinstance(values, float) else np.asarray(values, dtype=np.float64)
+
+
+def _common_index(inputs: dict):
+    """The pandas index the named inputs share (None without pandas input); inputs with different
+    indexes are refused: rows are matched by position, so they would be silently misaligned."""
+    found = [(name, _pandas_index(value)) for name, value in inputs.items() if value is not None]
+    found = [(name, index) for name, index in found if index is not None]
+    for name, index in found[1:]:
+        if not index.equals(found[0][1]):
+            raise ValueError(check.misaligned_inputs(found[0][0], name))
+    return found[0][1] if found else None
 
 
 def _plain_standard_error(h: np.ndarray, d_norm: Any) -> np.ndarray:
@@ -877,7 +903,7 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     (1.722, 0.044)
     """
     start = check.start_option(start)
-    index = next((i for i in map(_pandas_index, (values, x, y)) if i is not None), None)
+    index = _common_index({"values": values, "x": x, "y": y, "sample_weight": sample_weight})
     n = check.sample_value_columns(values)[1].shape[0]
     x = check.sample_array(x, "x", n)
     y = check.sample_array(y, "y", n)
