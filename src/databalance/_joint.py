@@ -12,6 +12,7 @@ with S the cell sums of h and t the cell masses.
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 
 import numpy as np
@@ -19,6 +20,8 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, lsqr, minres
 
 from . import _feasibility
+from . import _validation as check
+from ._errors import ConvergenceWarning
 from ._kernels.cells import parallel
 
 __all__ = ["Cells", "Joint", "additive_fit", "additive_residual", "additive_shift", "limit_linearization",
@@ -95,29 +98,21 @@ class Joint:
 def additive_residual(joint: Joint) -> np.ndarray:
     """min over a, b of E[(h~ - a(x) - b(y))^2] = E[h~^2] - E[h~ (a + b)] at the optimum."""
     _, second, pr, qc = joint.moments
-    a, b = additive_shift(joint, pr, qc, steps=None)
+    a, b = additive_shift(joint, pr, qc)
     return second - (pr * a).sum(axis=0) - (qc * b).sum(axis=0)
 
 
-def additive_shift(joint: Joint, pr, qc, *, steps, start="x"):
-    """(a, b) such that C_1 ... C_k g = g - a(x) - b(y) under the joint distribution.
+def additive_shift(joint: Joint, pr, qc):
+    """(a, b) of the weighted least-squares fit a(x) + b(y) of g under the joint distribution.
 
     ``pr = p * E[g | X]`` and ``qc = q * E[g | Y]`` (shape (m, d), (l, d)) are all that is needed of
-    g. ``steps=None`` gives the limit: the weighted least-squares fit of g on additive functions,
-    from the normal equations in symmetric form
-    [[I, M], [M^T, I]] [sqrt(p) a; sqrt(q) b] = [pr / sqrt(p); qc / sqrt(q)], solved by MINRES.
+    g: the normal equations in symmetric form
+    [[I, M], [M^T, I]] [sqrt(p) a; sqrt(q) b] = [pr / sqrt(p); qc / sqrt(q)], solved by MINRES (a
+    ConvergenceWarning if it stops short).
     """
     p, q = joint.p, joint.q
     m, l = len(p), len(q)
-    r, c = pr / p[:, None], qc / q[:, None]
-    a, b = np.zeros((m, r.shape[1])), np.zeros((l, r.shape[1]))
-    if steps is not None:
-        for j in range(steps, 0, -1):  # the last step's projection acts first
-            if (j % 2 == 1) == (start == "x"):
-                a = r - joint.given_x(b)
-            else:
-                b = c - joint.given_y(a)
-        return a, b
+    a, b = np.zeros((m, pr.shape[1])), np.zeros((l, pr.shape[1]))
     sp_, sq = np.sqrt(p), np.sqrt(q)
     rt, ct = np.sqrt(joint.tr), np.sqrt(joint.tc)
     T = joint.T
@@ -127,8 +122,10 @@ def additive_shift(joint: Joint, pr, qc, *, steps, start="x"):
         return np.concatenate([x + (T @ (y / ct)) / rt, y + (T.T @ (x / rt)) / ct])
 
     op = LinearOperator((m + l, m + l), matvec=matvec, rmatvec=matvec, dtype=np.float64)
-    for j in range(r.shape[1]):
-        z, _ = minres(op, np.concatenate([pr[:, j] / sp_, qc[:, j] / sq]), rtol=1e-14, maxiter=50 * (m + l))
+    for j in range(pr.shape[1]):
+        z, info = minres(op, np.concatenate([pr[:, j] / sp_, qc[:, j] / sq]), rtol=1e-14, maxiter=50 * (m + l))
+        if info > 0:
+            warnings.warn(check.solver_stopped("MINRES", info), ConvergenceWarning, stacklevel=3)
         a[:, j], b[:, j] = z[:m] / sp_, z[m:] / sq
     return a, b
 

@@ -1133,6 +1133,12 @@ def misaligned_inputs(first: str, other: str) -> ValueError:
     )
 
 
+def solver_stopped(solver: str, iterations: int) -> str:
+    return (f"{solver} stopped after {iterations} iterations before reaching its tolerance: the least-squares "
+            "fit behind sigma_inf^2 / the converged standard error may be inaccurate (a nearly disconnected "
+            "support makes it ill-conditioned).")
+
+
 def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
