@@ -40,7 +40,6 @@ __all__ = [
 FEASIBILITY_EAGER_SIZE = 10**6
 FEASIBILITY_DEFERRED_TO = 100
 
-STALL_PATIENCE = _ipf.STALL_PATIENCE
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
