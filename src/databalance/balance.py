@@ -41,7 +41,6 @@ FEASIBILITY_EAGER_SIZE = 10**6
 FEASIBILITY_DEFERRED_TO = 100
 
 
-
 @dataclass(frozen=True, eq=False, kw_only=True)
 class _Outcome:
     """What both result classes share: the run's length and status, the marginal errors of every
