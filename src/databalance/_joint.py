@@ -22,6 +22,7 @@ from scipy.sparse.linalg import LinearOperator, lsqr, minres
 from . import _feasibility
 from . import _validation as check
 from ._errors import ConvergenceWarning
+from ._kernels import is_sparse
 from ._kernels.cells import parallel
 
 __all__ = ["Cells", "Joint", "additive_fit", "additive_residual", "additive_shift", "limit_linearization",
@@ -36,7 +37,7 @@ class Joint:
         self.T, self.tr, self.tc = T, row_sums, col_sums
         self.total = row_sums.sum()
         self.p, self.q = row_sums / self.total, col_sums / self.total
-        self.sparse = sp.issparse(T)
+        self.sparse = is_sparse(T)
         if h is not None:
             self.h = h if h.ndim == (2 if self.sparse else 3) else h[..., None]
 

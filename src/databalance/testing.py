@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import _validation as check
+from ._kernels import is_sparse
 
 try:
     from hypothesis import strategies as st
@@ -100,8 +101,8 @@ def _pattern(draw, *, min_side: int, max_side: int, zeros: bool, connected: bool
 
 
 def _sparse(table: Any) -> bool:
-    """``sp.issparse`` without its type narrowing (scipy-stubs' SparseABC lacks the array methods)."""
-    return bool(sp.issparse(table))
+    """The kernels' dispatch test (a plain bool: scipy-stubs' narrowing lacks the array methods)."""
+    return bool(is_sparse(table))
 
 
 def _filled(draw, mask: np.ndarray) -> np.ndarray:
