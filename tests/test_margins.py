@@ -259,3 +259,13 @@ def test_the_linear_program_waits_for_the_iteration(monkeypatch):
     Q /= Q.sum()
     res = balance_margins(T, {(0, 1): Q.sum(2), (1, 2): Q.sum(0), (0, 2): Q.sum(1)})
     assert res.converged and res.feasible is True and (calls == []) == (res.steps < 100)
+
+
+def test_an_oscillation_no_check_caught_ends_stalled(monkeypatch):
+    import databalance._feasibility as feas
+
+    monkeypatch.setattr(feas, "LP_CELLS", 1)  # the LP declines: only the iteration can tell
+    T = np.repeat(np.array([[1.0, 1.0], [0.0, 1.0]])[:, :, None], 3, axis=2)
+    with pytest.warns(ConvergenceWarning, match=r"stalled|failed.*cannot be met on this zero pattern"):
+        res = balance_margins(T, {0: [0.2, 0.8], 1: [0.9, 0.1], 2: [0.3, 0.3, 0.4]})
+    assert res.status in ("stalled", "failed") and res.steps < 3 * 5000 and res.feasible is None

@@ -25,8 +25,9 @@ from ._errors import ConvergenceWarning
 from ._kernels import Kernel, State
 
 #: A run is stalled when its smallest marginal error, last improved at half-step k_best, has not
-#: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs) and
-#: is within sqrt(eps) of 0: where the floating-point sums stop resolving progress.
+#: improved for max(STALL_PATIENCE, k_best) half-steps (progress can come in widening stairs) when
+#: it is within sqrt(eps) of 0 (where the floating-point sums stop resolving progress), or for ten
+#: times as long above that (a long plateau, or an oscillation no feasibility check has caught).
 STALL_PATIENCE = 200
 
 
@@ -211,9 +212,10 @@ def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, 
             return Outcome(k, "failed", state, history.view())
         if worst < best:
             best, best_k = worst, k
-        elif k - best_k >= max(STALL_PATIENCE, best_k) and best <= np.sqrt(eps):
-            # Only near the floating-point floor: a plateau at a large error (a table spanning
-            # hundreds of orders of magnitude) still moves the scalings, and ends in convergence.
+        elif k - best_k >= max(STALL_PATIENCE, best_k) * (1 if best <= np.sqrt(eps) else 10):
+            # Near the floating-point floor the usual patience; above it ten times as much: a
+            # plateau at a large error (a table spanning a hundred orders of magnitude) can last
+            # hundreds of half-steps while the scalings move, and then converge.
             return Outcome(k, "stalled", state, history.view())
         if k >= max_steps:
             return Outcome(k, "max_steps", state, history.view())

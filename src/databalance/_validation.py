@@ -124,9 +124,10 @@ def not_converged(status: str, steps: int, worst: float, tol: float, reason: str
         "max_steps": "Raise `max_steps`.",
         "stalled": "The error stopped decreasing: `tol` may be below what the floating-point sums resolve, "
                    "or the targets can be met only by driving some entries to zero (very slow convergence).",
-        "failed": "A scaling overflowed float's range (the table's entries span too many orders of magnitude "
-                  "for scaling vectors); the result is not usable. Balance the logs instead: "
-                  "balance_logits(np.log(table), ...).",
+        "failed": "A scaling overflowed float's range; the result is not usable. Either the table's entries "
+                  "span too many orders of magnitude for scaling vectors (balance the logs instead: "
+                  "balance_logits(np.log(table), ...)), or the targets cannot be met on this zero pattern and "
+                  "the scalings diverge (see the result's `feasible`).",
     }[status]
     return (f"Balancing stopped ({status}) after {steps} half-steps with marginal error {worst:.3g} > "
             f"tol = {tol:.3g}. {why}")

@@ -109,8 +109,9 @@ class BalanceResult(_Outcome):
     status : str
         ``"completed"`` (``steps=k`` was requested and run), ``"converged"`` (every marginal within
         ``tol``), ``"max_steps"`` (budget exhausted), ``"stalled"`` (the marginal error stopped
-        decreasing near the floating-point floor, e.g. because ``tol`` is below what the sums
-        resolve) or ``"failed"`` (a scaling overflowed or became NaN: the result is not usable).
+        decreasing: near the floating-point floor, e.g. because ``tol`` is below what the sums
+        resolve, or for a long time above it) or ``"failed"`` (a scaling overflowed or became
+        NaN: the result is not usable).
     marginal_error : ndarray, shape (..., steps + 1, 2)
         L1 distance of the row (``[..., k, 0]``) and column (``[..., k, 1]``) sums of iterate k from
         the targets, divided by the target total; ``k = 0`` is the input.
@@ -224,20 +225,20 @@ def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, de
            costly=False):
     """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
 
-    ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists; a ``costly`` one
-    (a linear program) runs only if the loop has not converged after FEASIBILITY_DEFERRED_TO
-    half-steps. Returns the outcome and whether the problem is then known to be feasible
-    (``None``: not decided)."""
+    ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists and returns False
+    when it could not decide (a support too large for the linear program); a ``costly`` one runs
+    only if the loop has not converged after FEASIBILITY_DEFERRED_TO half-steps. Returns the
+    outcome and whether the problem is then known to be feasible (``None``: not decided)."""
     eager = kernel.support_size() <= FEASIBILITY_EAGER_SIZE and not costly
     check_at = 0 if eager else FEASIBILITY_DEFERRED_TO
     report = _progress.reporter(progress, desc, total=steps if steps is not None else max_steps)
+    checked: list[bool] = []
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                       check_feasible_at=None if kernel.full_support() else check_at, feasible=deficit,
-                       progress=report, trace=trace)
-    if kernel.full_support():
+                       check_feasible_at=None if kernel.full_support() else check_at,
+                       feasible=lambda: checked.append(deficit() is not False), progress=report, trace=trace)
+    if kernel.full_support() or outcome.converged or any(checked):
         return outcome, True
-    decided = steps is None and (outcome.converged or outcome.steps >= check_at)
-    return outcome, True if decided else None
+    return outcome, None
 
 
 def _max_flow_check(kernel, targets, name):
@@ -666,6 +667,7 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
         lost = _lp_lost(_feasibility.support_codes(kernel.table, axes), targets)
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names)
+        return lost is not None
 
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
                             progress=progress, desc="balance_margins", costly=True)
@@ -779,6 +781,7 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
         lost = _lp_lost(list(codes), targets)
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
+        return lost is not None
 
     trace: list = []
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
