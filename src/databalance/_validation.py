@@ -422,18 +422,9 @@ def function_values(h: Any, P: Any, name: str = "h", *, table: Any = None) -> np
     matrix read on P's entries, or one value per stored entry of ``table`` in *its* storage order
     (the order of ``table.data``), returned in P's order.
     """
-    if sp.issparse(P):
-        values = _sparse_function(h, P, name) if sp.issparse(h) else _entry_function(h, P, table, name)
-    else:
-        if sp.issparse(h):
-            raise TypeError(f"`{name}` is sparse but `table` is dense; pass a dense array.")
-        values = _real_values(h, name)
-        m, l = P.shape
-        if values.shape[:2] != (m, l) or values.ndim not in (2, 3):
-            raise ValueError(
-                f"`{name}` has shape {values.shape} but `table` has shape {(m, l)}: give h(x, y) as an "
-                f"array of shape {(m, l)}, or {(m, l)} + (d,) for d functions at once."
-            )
+    if not sp.issparse(P):
+        return nd_function_values(h, P.shape, name)
+    values = _sparse_function(h, P, name) if sp.issparse(h) else _entry_function(h, P, table, name)
     if not np.isfinite(values).all():
         raise ValueError(f"`{name}` contains NaN or inf, first at index {_first_index(~np.isfinite(values))}.")
     return values
