@@ -286,6 +286,9 @@ def additive_fit(cells: Cells, measure: np.ndarray, weighted: np.ndarray) -> np.
     fit = np.zeros(weighted.shape)
     for j in range(weighted.shape[1]):
         rhs = weighted[keep, j] / root
-        coef = lsqr(B, rhs, atol=1e-15, btol=1e-15, conlim=1e12, iter_lim=20 * B.shape[1] + 100)[0]
+        coef, stop, iterations = lsqr(B, rhs, atol=1e-15, btol=1e-15, conlim=1e12,
+                                      iter_lim=20 * B.shape[1] + 100)[:3]
+        if stop == 7:  # the iteration limit: the fit (and what is computed from it) may be off
+            warnings.warn(check.solver_stopped("LSQR", iterations), ConvergenceWarning, stacklevel=3)
         fit[keep, j] = A @ (scale * coef)
     return fit

@@ -24,23 +24,20 @@ the results multiplied back: an overflow then ends in inf, never in inf - inf = 
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.sparse.linalg import lsqr
 
 from . import _feasibility, _progress, plotting
 from . import _validation as check
-from ._errors import ConvergenceWarning
-from ._joint import Cells, Joint, additive_residual
+from ._joint import Cells, Joint, additive_fit, additive_residual
 from ._kernels import is_sparse, support_pattern
 from ._typing import TableLike
 from .balance import iterate_balance
-from .spectral import cyclic_rate, scaled_indicators
+from .spectral import cyclic_rate
 
 __all__ = [
     "MisspecifiedProfile",
@@ -426,29 +423,13 @@ def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int, count: _C
     return sigma2
 
 
-#: Relative tolerance and iteration budget (a multiple of the number of categories) of the LSQR
-#: solve for sigma_inf^2 with many margins.
-_LSQR_TOL = 1e-14
-_LSQR_ITERATIONS = 20
-
-
 def _span_residual(cells: Cells, h: np.ndarray) -> np.ndarray:
     """min over sums a_1(g_1) + ... + a_K(g_K) of E[(h - sum)^2] for each column of h (centred):
-    weighted least squares on the margins' indicator columns, by LSQR on the sparse matrix with
-    rows scaled by sqrt(P) and columns by the categories' masses (which also preconditions it)."""
-    B = scaled_indicators(cells)
-    w = np.sqrt(cells.mass / cells.mass.sum())
-    out = np.empty(h.shape[1])
-    for j in range(h.shape[1]):
-        b = w * h[:, j]
-        x, stop, iterations = lsqr(B, b, atol=_LSQR_TOL, btol=_LSQR_TOL, conlim=0,
-                                   iter_lim=_LSQR_ITERATIONS * B.shape[1])[:3]
-        if stop == 7:
-            warnings.warn(f"LSQR for sigma2_limit stopped after {iterations} iterations without reaching its "
-                          "tolerance; the value may be too large.", ConvergenceWarning, stacklevel=3)
-        residual = b - B @ x
-        out[j] = residual @ residual
-    return out
+    the residual of the weighted least-squares fit of the estimators' linearisation
+    (:func:`databalance._joint.additive_fit`, LSQR on the scaled sparse indicator columns)."""
+    q = cells.mass / cells.mass.sum()
+    fit = additive_fit(cells, cells.mass, q[:, None] * h)
+    return (q[:, None] * (h - fit) ** 2).sum(axis=0)
 
 
 def _functions(values: Any, ndim: int) -> str:
