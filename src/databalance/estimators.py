@@ -477,10 +477,7 @@ class BalancedEstimator:
         if np.any(scale != 1.0):
             h2 = h2 / scale
         estimate = self._w @ h2
-        z = self._contributions(h2 - estimate)
-        z -= z.mean(axis=0)
-        # A sum of squares cannot be negative, but say so: rounding must never give NaN from sqrt.
-        se = np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
+        se = _standard_error(self._contributions(h2 - estimate)) * scale
         estimate = estimate * scale
         pandas = index is not None or self._index is not None
         if h.ndim == 1:
@@ -791,9 +788,16 @@ def _plain_standard_error(h: np.ndarray, d_norm: Any) -> np.ndarray:
     weights = np.broadcast_to(np.asarray(d_norm, dtype=np.float64), (n,))
     r = g - weights @ g
     r -= weights @ r  # a second centring pass: a constant statistic then has a residual of exactly 0
-    z = r * weights[:, None]
+    return _standard_error(r * weights[:, None]) * scale
+
+
+def _standard_error(z: np.ndarray) -> np.ndarray:
+    """sqrt(n / (n - 1) * sum_i (z_i - mean z)^2) per column of the linearised terms z (n, d), the
+    survey convention (centred in place)."""
+    n = z.shape[0]
     z -= z.mean(axis=0)
-    return np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0)) * scale
+    # A sum of squares cannot be negative, but say so: rounding must never give NaN from sqrt.
+    return np.sqrt(np.maximum(n / (n - 1) * np.einsum("ij,ij->j", z, z), 0.0))
 
 
 def _summarise(d: Diagnostics, balance: CellsResult, statistics: tuple, level: float) -> Summary:
