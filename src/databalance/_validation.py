@@ -1135,3 +1135,107 @@ def confidence_level(level) -> float:
     if not isinstance(level, numbers.Real) or not 0 < float(level) < 1:
         raise ValueError(f"`level` must be a number strictly between 0 and 1; got {level!r}.")
     return float(level)
+
+
+# -- issue 12: Dask collections (estimators, row-partitioned tables) ---------------------------------
+
+
+def in_partition(message: str, partition: int) -> str:
+    """A message raised while computing one Dask partition, saying which (sample numbers in it count
+    from the partition's first row)."""
+    return f"{message} [Dask partition {partition}; sample numbers count from its first row]"
+
+
+def partition_weights(weights, n: int) -> np.ndarray:
+    """One partition's design weights: real, finite, nonnegative (a partition may hold only zeros)."""
+    arr = np.asarray(weights)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"`sample_weight` has {arr.shape[0] if arr.ndim else 0} entries in this partition but the "
+                         f"data has {n}; give one weight per sample, partitioned like the data.")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"`sample_weight` must hold real numbers; got dtype {arr.dtype}.")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"`sample_weight` contains NaN or inf, first at sample {_first_index(~np.isfinite(arr))[0]}.")
+    if (arr < 0).any():
+        i = _first_index(arr < 0)[0]
+        raise ValueError(f"`sample_weight` must be nonnegative; sample {i} has weight {float(arr[i])!r}.")
+    return arr
+
+
+def dask_mixed_input(name: str, kind: str) -> str:
+    return (f"`{name}` is a {kind} but other inputs are Dask collections: give every per-sample input as a Dask "
+            "array, Series or DataFrame column with the same partitions (e.g. `dask.array.from_array(x, "
+            "chunks=data_chunks)`), or compute them all first.")
+
+
+def dask_lengths_differ(first: str, n_first: int, other: str, n_other: int) -> str:
+    return f"`{other}` has {n_other} rows but `{first}` has {n_first}; give one entry per sample in every input."
+
+
+def dask_partitions_differ(first: str, p_first: int, other: str, p_other: int) -> str:
+    return (f"`{other}` has {p_other} partitions but `{first}` has {p_first}, and their lengths are unknown, so "
+            f"rows cannot be matched. Take both from one Dask DataFrame, or compute their lengths "
+            f"(`.to_dask_array(lengths=True)`).")
+
+
+def dask_block_lengths(lengths: list[int], columns: list) -> str:
+    return (f"The columns {columns!r} of `data` have {lengths} rows in one partition; every column must be "
+            "partitioned like the others.")
+
+
+def dask_values_length(n_values: int, n_data: int) -> str:
+    return (f"`values` has {n_values} rows in a partition where the fitted data has {n_data}; give `values` the "
+            "fitted data's partitions (e.g. a column of the same Dask DataFrame).")
+
+
+def dask_data_changed() -> str:
+    return ("The fitted data has a category combination that the fit did not see: the Dask collection changed "
+            "between fit and mean (e.g. a Parquet dataset rewritten). Fit again.")
+
+
+def dask_fit_mismatch(fitted_dask: bool) -> str:
+    if fitted_dask:
+        return ("This estimator was fitted on Dask collections: give `values` as a Dask array, Series or DataFrame "
+                "partitioned like the fitted data.")
+    return ("This estimator was fitted in memory: give `values` as an in-memory array (e.g. `values.compute()`), "
+            "or fit on the Dask collections.")
+
+
+def dask_bounds() -> str:
+    return ("`bounds` (trimming) is not available for Dask input: it clips every sample's weight, which needs the "
+            "samples in memory. Fit without bounds, or compute the columns first.")
+
+
+def dask_too_many_combinations(sizes: list[int]) -> str:
+    return (f"The margins' columns have {sizes} categories: their combinations exceed 2^63, so the samples' cells "
+            "cannot be keyed by one integer. Merge rare categories.")
+
+
+def dask_unlisted_combination(columns: tuple, labels: tuple, target_name: str) -> ValueError:
+    return ValueError(
+        f"Some sample has ({', '.join(f'`{c}`' for c in columns)}) = {labels!r}, which `{target_name}` does not list. "
+        "Give that combination a target mass (0 removes those samples' weight) or recode the samples."
+    )
+
+
+def dask_table(table) -> None:
+    """A Dask table for balance_table: 2-D, real, partitioned along its rows only."""
+    if table.ndim != 2:
+        raise ValueError(f"`table` must be 2-D when it is a Dask array (batches are not supported); got shape "
+                         f"{table.shape}.")
+    if any(np.isnan(c) for c in table.chunks[0]):
+        raise ValueError("`table` has unknown chunk sizes along its rows; call `table.compute_chunk_sizes()` first.")
+
+
+def dask_column_chunks(n_chunks: int) -> str:
+    return (f"`table` is split into {n_chunks} chunks along its columns; it is rechunked to one chunk per row "
+            "block (`table.rechunk({1: -1})`), so each block holds whole rows. Chunk it along rows only to "
+            "avoid this copy.")
+
+
+def dask_missing_column(column, listed: list) -> ValueError:
+    return ValueError(
+        f"`margins` names the column {column!r}, which `data` lacks (its columns: {listed!r}). Add the column or fix "
+        "the margin's key."
+    )

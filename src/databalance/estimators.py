@@ -81,10 +81,12 @@ class BalancedEstimate:
     _values: np.ndarray | None = field(default=None, repr=False)
     _start_weights: Any = field(default=None, repr=False)
     _diagnostics: Diagnostics | None = field(default=None, repr=False)
+    # Dask estimates: the plain mean's standard error, from the per-cell moments (no values kept).
+    _plain: np.ndarray | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         est, se = _raw(self.estimate), _raw(self.standard_error)
-        n = len(self.weights)
+        n = self._diagnostics.n if self._diagnostics is not None else len(self.weights)
         run = f"{self.balance.status} after {self.steps} half-steps, n = {n}"
         if isinstance(est, float):
             return f"BalancedEstimate(estimate={est:.6g}, standard_error={se:.3g}; {run})"
@@ -104,6 +106,8 @@ class BalancedEstimate:
     def effective_sample_size(self) -> float:
         """Kish's ``(sum w)^2 / sum w^2``: the size of an unweighted sample as precise (for a
         constant-variance h) as this weighted one."""
+        if self._plain is not None and self._diagnostics is not None:  # lazy Dask weights: the fit's sums
+            return self._diagnostics.effective_sample_size
         w = np.asarray(self.weights)
         return float(1.0 / np.dot(w, w))
 
@@ -128,11 +132,11 @@ class BalancedEstimate:
         (0.0439, 0.0609, 0.52)
         """
         level = check.confidence_level(level)
-        if self._diagnostics is None or self._values is None:
+        if self._diagnostics is None or (self._values is None and self._plain is None):
             raise ValueError(check.summary_unavailable())
         est, se = np.atleast_1d(_raw(self.estimate)), np.atleast_1d(_raw(self.standard_error))
         z = float(ndtri(0.5 + level / 2))
-        plain = _plain_standard_error(self._values, self._start_weights)
+        plain = self._plain if self._plain is not None else _plain_standard_error(self._values, self._start_weights)
         names = self._names if self._names is not None else (
             ("value",) if isinstance(_raw(self.estimate), float) else tuple(range(len(est))))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -389,6 +393,8 @@ class BalancedEstimator:
         empty = check.empty_policy(self.empty)
         linearization = check.linearization_option(self.linearization)
         bounds = check.weight_bounds(self.bounds, steps)
+        if _is_dask(data, sample_weight):
+            return self._fit_dask(data, sample_weight, steps, empty, linearization, bounds)
         if self._index_of_fit is None:
             _common_index({"data": data, "sample_weight": sample_weight})
         enc = _encode(self.margins, data, self._target_names)
@@ -397,6 +403,85 @@ class BalancedEstimator:
         if n < 2:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
         cells, cell_of = _cells(enc, design)
+        result, targets, d, met = self._rake(cells, cell_of, design, enc, steps, empty, bounds)
+        w = _at_samples(_cell_ratio(result, cells), cell_of)
+        if d is not None:
+            w *= d
+        w /= w.sum()
+        w.flags.writeable = False  # shared by weights_ and every estimate: read-only
+        self.balance_, self._w, self._dask_fit = result, w, None
+        self._index = _pandas_index(data) if self._index_of_fit is None else self._index_of_fit
+        self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
+        self._cells, self._cell_of = cells, cell_of
+        self._targets = [t / t.sum() for t in targets]
+        self._linearization = linearization
+        self._start_weights = 1.0 / n if d is None else d / d.sum()
+        self._design_weights = 1.0 / n if design is None else design / design.sum()
+        # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
+        self._if_steps = result.steps if result.status == "completed" else None
+        self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
+        return self
+
+    def _fit_dask(self, data, sample_weight, steps, empty, linearization, bounds) -> BalancedEstimator:
+        """The fit of Dask collections: one pass reduces the samples to their occupied cells (count,
+        and with design weights the sums of d and d^2 and the extreme d); the rest runs on the cells,
+        and ``weights_`` is a lazy Dask array with the data's partitions."""
+        from . import _dask
+
+        if bounds is not None:
+            raise ValueError(check.dask_bounds())
+        plan = _plan(self.margins, self._target_names)
+        plan.check_totals()
+        if not hasattr(data, "keys") or not hasattr(data, "__getitem__"):
+            check.sample_data(data, plan.columns)  # raises: not a DataFrame or mapping
+        arrays = {}
+        for c in plan.columns:
+            if c not in data:
+                raise check.dask_missing_column(c, list(data.keys()))
+            arrays[("column", c)] = _dask.rows(data[c], str(c))
+        if sample_weight is not None:
+            arrays[("weight",)] = _dask.rows(sample_weight, "sample_weight")
+        named = _dask.aligned({_input_name(k): a for k, a in arrays.items()})
+        columns = [named[_input_name(("column", c))] for c in plan.columns]
+        design = named.get("sample_weight")
+        sizes = [len(lev) for lev in plan.levels]
+        if float(np.prod(np.array(sizes, dtype=np.float64))) >= 2.0**63:
+            raise ValueError(check.dask_too_many_combinations(sizes))
+        strides = [int(np.prod(sizes[i + 1:], dtype=np.int64)) for i in range(len(sizes))]
+        stats = _dask.cell_statistics(plan, columns, design, strides, int(np.prod(sizes, dtype=np.int64)))
+        n, keys = int(stats["n"]), stats["keys"]
+        if n < 2:
+            raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
+        if design is not None and not stats["d"].sum() > 0:
+            raise ValueError("`sample_weight` sums to 0; at least one sample needs positive weight.")
+        column_codes = [np.asarray(c, dtype=np.int64) for c in np.unravel_index(keys, sizes)]
+        plan.check_listed(column_codes, samples=False)
+        enc = _Encoded(plan.columns, column_codes, plan.levels, plan.margins, plan.targets)
+        mass = (stats["count"] if design is None else stats["d"]).astype(np.float64)
+        cells = Cells([_margin_codes(enc, j, None) for j in range(len(enc.margins))],
+                      [enc.shape(j) for j in range(len(enc.margins))], mass)
+        result, targets, _, met = self._rake(cells, None, None, enc, steps, empty, None)
+        ratio = _cell_ratio(result, cells)
+        factor = ratio / float(ratio @ mass)  # a sample's weight: factor[its cell] * d
+        self.balance_, self._index = result, None
+        self._w = _dask.lazy_weights(plan, columns, design, strides, keys, factor)
+        self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
+        self._cells, self._cell_of = cells, None
+        self._targets = [t / t.sum() for t in targets]
+        self._linearization = linearization
+        self._if_steps = result.steps if result.status == "completed" else None
+        second = stats["count"] if design is None else stats["d2"]
+        sampled = stats["count"] > 0
+        low = factor if design is None else factor * stats["dmin"]
+        high = factor if design is None else factor * stats["dmax"]
+        self.diagnostics_ = _diagnostics_of(n, float(factor**2 @ second), float(low[sampled].min()),
+                                            float(high[sampled].max()), factor * mass, cells, targets, enc, met)
+        self._dask_fit = _DaskFit(plan, columns, design, strides, keys, n)
+        return self
+
+    def _rake(self, cells, cell_of, design, enc, steps, empty, bounds):
+        """Check the margins against the cells and balance them: the result, the targets (reduced
+        by ``empty="drop"``), the design weights of the last round and whether bounds hold."""
         targets = list(enc.targets)
         counts_of = [cells.margin_sums(j, cells.mass) for j in range(len(enc.margins))]
         for j, (m, counts) in enumerate(zip(enc.margins, counts_of, strict=True)):
@@ -411,23 +496,7 @@ class BalancedEstimator:
                                      [m.name + " (after empty='drop')" for m in enc.margins],
                                      float(sum(targets[0].ravel())))
         result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds, counts_of)
-        w = _at_samples(_cell_ratio(result, cells), cell_of)
-        if d is not None:
-            w *= d
-        w /= w.sum()
-        w.flags.writeable = False  # shared by weights_ and every estimate: read-only
-        self.balance_, self._w = result, w
-        self._index = _pandas_index(data) if self._index_of_fit is None else self._index_of_fit
-        self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
-        self._cells, self._cell_of = cells, cell_of
-        self._targets = [t / t.sum() for t in targets]
-        self._linearization = linearization
-        self._start_weights = 1.0 / n if d is None else d / d.sum()
-        self._design_weights = 1.0 / n if design is None else design / design.sum()
-        # A run stopped early (max_steps, stalled) is treated as converged: its limit is the target.
-        self._if_steps = result.steps if result.status == "completed" else None
-        self.diagnostics_ = _diagnostics(w, cells, cell_of, targets, enc, met)
-        return self
+        return result, targets, d, met
 
     def _balance(self, cells, cell_of, d, targets, enc, steps, bounds, counts):
         """Rake (alternating with trimming when ``bounds`` are given); the result, the design
@@ -465,6 +534,11 @@ class BalancedEstimator:
         """
         if not hasattr(self, "_w"):
             raise RuntimeError("Call fit(data) before mean(values).")
+        fitted_dask = vars(self).get("_dask_fit") is not None
+        if _is_dask(values) != fitted_dask:
+            raise TypeError(check.dask_fit_mismatch(fitted_dask))
+        if fitted_dask:
+            return self._mean_dask(values)
         names, h = check.sample_value_columns(values)
         n = self._w.shape[0]
         if h.shape[0] != n:
@@ -489,6 +563,69 @@ class BalancedEstimator:
         return BalancedEstimate(estimate, se, self.weights_, self.balance_.steps, self.balance_, names, pandas,
                                 given, self._design_weights, self.diagnostics_)
 
+    def _mean_dask(self, values) -> BalancedEstimate:
+        """One pass over the fitted data and ``values`` for their per-cell moments; the estimate, its
+        standard error and the plain mean's from those (see :func:`_from_moments`)."""
+        from . import _dask
+
+        fit = self._dask_fit
+        names, h, frame = _dask_values(values, _dask)
+        h = _dask.aligned({"data": fit.columns[0], "values": h})["values"]
+        moments = _dask.value_statistics(fit.plan, fit.columns, fit.design, h, fit.strides, fit.keys)
+        estimate, se, plain = self._from_moments(moments, fit.n)
+        if h.ndim == 1:
+            estimate, se = float(estimate[0]), float(se[0])
+        elif names is not None:
+            estimate, se = _labelled(estimate, names, frame), _labelled(se, names, frame)
+        return BalancedEstimate(estimate, se, self._w, self.balance_.steps, self.balance_, names, frame, None, None,
+                                self.diagnostics_, plain)
+
+    def _from_moments(self, moments: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimate, standard error, plain mean's standard error) per statistic from the per-cell
+        sums of d h, d^2 h, d^2 and M2 = sum d^2 (h - m_c)^2 (m_c the d^2-weighted cell mean).
+
+        Sample i's linearised term is d_i (a_c g_i + b_c) with g = h - estimate, a_c = the cell's
+        weight factor and b_c from the cell's beta (see :meth:`_contributions`), so per cell
+        ``sum z = a S_dg + b sum d`` and ``sum z^2 = a^2 M2 + sum d^2 (a (m_c - estimate) + b)^2``: a
+        sum of nonnegative terms, with no difference of large sums.
+        """
+        cells = self._cells
+        mass = cells.mass
+        ratio = _cell_ratio(self.balance_, cells)
+        a = ratio / float(ratio @ mass)
+        top = moments["top"]
+        scale = _power_of_two_scale(np.vstack([top, -top]))
+        dh, d2h = moments["dh"] / scale[:, None], moments["d2h"] / scale[:, None]
+        m2, w2 = moments["m2"] / (scale**2)[:, None], moments["w2"]
+        total = float(mass.sum())
+        estimate = dh @ a
+        centred = dh - estimate[:, None] * mass  # sum d (h - estimate) per cell
+        beta = self._beta(np.ascontiguousarray((centred / total).T)).T
+        b = beta / total if self._linearization == "balanced" else beta * a
+        mean2 = np.divide(d2h, w2, out=np.zeros_like(d2h), where=w2 > 0)
+        sum_z = (a * centred + b * mass).sum(axis=1)
+        sum_z2 = (a**2 * m2 + w2 * (a * (mean2 - estimate[:, None]) + b) ** 2).sum(axis=1)
+        se = np.sqrt(np.maximum(n / (n - 1) * (sum_z2 - sum_z**2 / n), 0.0))
+        plain_mean = dh.sum(axis=1) / total
+        plain_z = (dh.sum(axis=1) - plain_mean * total) / total
+        plain_z2 = (m2 + w2 * (mean2 - plain_mean[:, None]) ** 2).sum(axis=1) / total**2
+        plain = np.sqrt(np.maximum(n / (n - 1) * (plain_z2 - plain_z**2 / n), 0.0))
+        return estimate * scale, se * scale, plain * scale
+
+    def _beta(self, S: np.ndarray) -> np.ndarray:
+        """Per cell and statistic, beta of psi = alpha h~ + beta (``S``: cell sums of the normalised
+        design weights times h~, (cells, d))."""
+        cells = self._cells
+        if self._if_steps is None:
+            ratio = np.ones(len(cells.mass))
+            if self._linearization == "balanced":
+                ratio = _cell_ratio(self.balance_, cells)
+                ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
+            return limit_linearization(cells, S, ratio)[1]
+        return step_linearization(cells, S, self._targets, steps=self._if_steps,
+                                  at_iterates=self._linearization == "balanced",
+                                  trace=self.balance_.iterate_factors(), final=self.balance_.cell_masses)[1]
+
     def _contributions(self, g: np.ndarray) -> np.ndarray:
         """Each sample's term of the linearised estimate, omega_i psi_i, for g = h - estimate (n, d).
 
@@ -500,20 +637,54 @@ class BalancedEstimator:
         d_norm = self._start_weights
         S = np.column_stack([_per_cell(d_norm * g[:, j], cell_of, len(cells.mass)) for j in range(g.shape[1])])
         balanced = self._linearization == "balanced"
-        if self._if_steps is None:
-            ratio = np.ones(len(cells.mass))
-            if balanced:
-                ratio = _cell_ratio(self.balance_, cells)
-                ratio *= cells.mass.sum() / (ratio * cells.mass).sum()
-            _, beta = limit_linearization(cells, S, ratio)
-        else:
-            _, beta = step_linearization(cells, S, self._targets, steps=self._if_steps, at_iterates=balanced,
-                                         trace=self.balance_.iterate_factors(), final=self.balance_.cell_masses)
+        beta = self._beta(S)
         # omega_i alpha(c_i) is the balanced weight w_i in both conventions.
         z = g * self._w[:, None]
         scale = np.reshape(d_norm if balanced else self._w, (-1, 1))  # (n, 1), or (1, 1) for 1/n
         z += _at_samples(beta, cell_of) * scale
         return z
+
+
+@dataclass(frozen=True)
+class _DaskFit:
+    """What a ``mean`` of Dask values needs from a Dask fit: the plan, the (lazy) columns and design
+    weights, the key strides and the occupied cells' keys, the number of samples."""
+
+    plan: Any
+    columns: list
+    design: Any
+    strides: list[int]
+    keys: np.ndarray
+    n: int
+
+
+def _is_dask(*inputs: Any) -> bool:
+    """Whether any input (or any value of a mapping input) is a Dask collection; dask is not imported."""
+    for obj in inputs:
+        if type(obj).__module__.partition(".")[0] == "dask":
+            return True
+        if isinstance(obj, Mapping) and any(type(v).__module__.partition(".")[0] == "dask" for v in obj.values()):
+            return True
+    return False
+
+
+def _input_name(key: tuple) -> str:
+    return "sample_weight" if key[0] == "weight" else f"data[{key[1]!r}]"
+
+
+def _dask_values(values, _dask) -> tuple[tuple | None, Any, bool]:
+    """(the statistics' names or None, h as a Dask array (n,) or (n, d), whether ``values`` is a Dask
+    DataFrame, whose names label the results as pandas Series)."""
+    if hasattr(values, "columns") and getattr(values, "ndim", None) == 2:
+        return tuple(values.columns), _dask.rows(values, "values", max_ndim=2), True
+    if isinstance(values, Mapping):
+        if len(values) == 0:
+            raise ValueError("`values` is an empty mapping; give at least one statistic (name -> array).")
+        arrays = _dask.aligned({f"values[{k!r}]": _dask.rows(v, f"values[{k!r}]") for k, v in values.items()})
+        import dask.array as da  # only reached with Dask values
+
+        return tuple(values), da.stack(list(arrays.values()), axis=1), False
+    return None, _dask.rows(values, "values", max_ndim=2), False
 
 
 @dataclass(frozen=True)
@@ -549,12 +720,49 @@ def _is_mapping(target) -> bool:
     return hasattr(target, "items") and not isinstance(target, np.ndarray)
 
 
-def _encode(margins, data, names: list[str] | None) -> _Encoded:
-    """Validate the margins against ``data`` and encode every column once: codes into the union of
-    the categories the margins list for it (or 0..n-1 for array targets)."""
+@dataclass(frozen=True)
+class _Plan:
+    """The margins validated without the data: the columns, their categories, the targets, and how
+    each column's labels become codes (kept picklable: Dask ships it to every partition)."""
+
+    columns: list
+    levels: list[list]
+    margins: list[_Margin]
+    targets: list[np.ndarray]
+    mapped: list[bool]  # per column: labels looked up (mapping targets) or integer codes (arrays)
+    first: list[str]  # per column: the first target naming it, for messages
+    listed: list[np.ndarray | None]  # per margin: its listed flat categories (None: all of them)
+
+    def column_codes(self, i: int, labels: np.ndarray) -> np.ndarray:
+        """Column i's labels as codes 0..len(levels[i]) - 1 (an unlisted label is an error)."""
+        name, lev = str(self.columns[i]), self.levels[i]
+        if self.mapped[i]:
+            return check.lookup_labels(labels, {v: k for k, v in enumerate(lev)}, name, self.first[i])
+        return check.integer_codes(labels, len(lev), name, self.first[i])
+
+    def check_listed(self, codes: list[np.ndarray], *, samples: bool = True) -> None:
+        """Every code combination of a mapping margin is one it lists (``codes``: per column, of the
+        samples, or of the distinct cells when ``samples`` is False)."""
+        for j, m in enumerate(self.margins):
+            if self.listed[j] is not None:
+                shape = tuple(len(self.levels[i]) for i in m.index)
+                _unlisted(self.listed[j], [codes[i] for i in m.index], shape, m.columns,
+                          [self.levels[i] for i in m.index], m.name, samples)
+
+    def check_totals(self) -> None:
+        """The targets' totals agree, and so do margins sharing columns."""
+        names = [m.name for m in self.margins]
+        total = check.common_total(self.targets, names)
+        axes = [tuple(sorted(m.index)) for m in self.margins]
+        check.consistent_margins(axes, [np.transpose(t, np.argsort(m.index)) for t, m in
+                                        zip(self.targets, self.margins, strict=True)], names, total)
+
+
+def _plan(margins, names: list[str] | None) -> _Plan:
+    """Validate the margins: the union of the categories the margins list for every column (or
+    0..n-1 for array targets) and the targets over them (totals: :meth:`_Plan.check_totals`)."""
     specs = check.sample_margin_keys(margins)
     columns = list(dict.fromkeys(c for _, cols in specs for c in cols))
-    arrays = check.sample_data(data, columns)
     names = names or [f"margins[{key!r}]" for key, _ in specs]
     raw = [margins[key] for key, _ in specs]
     mapped = [_is_mapping(t) for t in raw]
@@ -579,17 +787,11 @@ def _encode(margins, data, names: list[str] | None) -> _Encoded:
                 if size != sizes[0][1]:
                     raise check.category_counts_differ(c, names[sizes[0][0]], sizes[0][1], names[j], size)
             levels.append(list(range(sizes[0][1])))
-    codes = []
-    for c, lev in zip(columns, levels, strict=True):
-        first = names[users[c][0]]
-        if mapped[users[c][0]]:
-            codes.append(check.lookup_labels(arrays[c], {v: i for i, v in enumerate(lev)}, str(c), first))
-        else:
-            codes.append(check.integer_codes(arrays[c], len(lev), str(c), first))
-    out_margins, targets = [], []
+    out_margins, targets, listed_of = [], [], []
     for j, (key, cols) in enumerate(specs):
         index = tuple(position[c] for c in cols)
         shape = tuple(len(levels[i]) for i in index)
+        listed_j = None
         if mapped[j]:
             cats, masses = parsed[j]
             lookups = [{v: i for i, v in enumerate(levels[k])} for k in index]
@@ -600,22 +802,30 @@ def _encode(margins, data, names: list[str] | None) -> _Encoded:
             target.flat[flat] = masses
             listed = np.zeros(int(np.prod(shape)), bool)
             listed[flat] = True
-            if not listed.all():
-                _unlisted(listed, [codes[i] for i in index], shape, cols, [levels[i] for i in index], names[j])
+            listed_j = None if listed.all() else listed
         else:
             target = parsed[j]
         out_margins.append(_Margin(key, tuple(cols), index, names[j]))
         targets.append(target)
-    total = check.common_total(targets, names)
-    axes = [tuple(sorted(m.index)) for m in out_margins]
-    check.consistent_margins(axes, [np.transpose(t, np.argsort(m.index)) for t, m in zip(targets, out_margins,
-                                                                                          strict=True)],
-                             names, total)
-    return _Encoded(columns, codes, levels, out_margins, targets)
+        listed_of.append(listed_j)
+    first = [names[users[c][0]] for c in columns]
+    return _Plan(columns, levels, out_margins, targets, [mapped[users[c][0]] for c in columns], first, listed_of)
 
 
-def _unlisted(listed, codes, shape, cols, levels, name) -> None:
-    """A sample whose category (combination) a mapping target does not list."""
+def _encode(margins, data, names: list[str] | None) -> _Encoded:
+    """Validate the margins against ``data`` and encode every column once: codes into the union of
+    the categories the margins list for it (or 0..n-1 for array targets)."""
+    plan = _plan(margins, names)
+    arrays = check.sample_data(data, plan.columns)
+    codes = [plan.column_codes(i, arrays[c]) for i, c in enumerate(plan.columns)]
+    plan.check_listed(codes)
+    plan.check_totals()
+    return _Encoded(plan.columns, codes, plan.levels, plan.margins, plan.targets)
+
+
+def _unlisted(listed, codes, shape, cols, levels, name, samples: bool = True) -> None:
+    """A sample whose category (combination) a mapping target does not list (``codes`` of the
+    samples, or of the distinct cells when ``samples`` is False: then no sample number is known)."""
     flat = codes[0] if len(codes) == 1 else np.ravel_multi_index(tuple(codes), shape)
     bad = ~listed[flat]
     if bad.any():
@@ -623,6 +833,8 @@ def _unlisted(listed, codes, shape, cols, levels, name) -> None:
         labels = tuple(lev[c[i]] for lev, c in zip(levels, codes, strict=True))
         if len(cols) == 1:
             raise check.unlisted_label(str(cols[0]), labels[0], name)
+        if not samples:
+            raise check.dask_unlisted_combination(cols, labels, name)
         raise check.unlisted_combination(cols, labels, name, i)
 
 
@@ -708,15 +920,20 @@ def _bounded_rake(w, codes, targets, bounds, tol):
 
 
 def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
-    n = len(w)
-    deff = float(n * np.dot(w, w))
-    per_cell = _per_cell(w, cell_of, len(cells.mass))
+    return _diagnostics_of(len(w), float(np.dot(w, w)), float(w.min()), float(w.max()),
+                           _per_cell(w, cell_of, len(cells.mass)), cells, targets, enc, met)
+
+
+def _diagnostics_of(n, sum_w2, lowest, highest, per_cell, cells, targets, enc, met) -> Diagnostics:
+    """The diagnostics from the weights' sum of squares, extremes and sums per cell (weights of
+    total 1)."""
+    deff = float(n * sum_w2)
     checks = []
     for j, (m, t) in enumerate(zip(enc.margins, targets, strict=True)):
         achieved = cells.margin_sums(j, per_cell).reshape(t.shape) * t.sum()
         checks.append(MarginCheck(m.key, tuple(enc.levels[i] for i in m.index), achieved, t,
                                   float(np.abs(achieved - t).sum() / t.sum())))
-    return Diagnostics(n, deff, n / deff, float(w.min() * n), float(w.max() * n), tuple(checks), met)
+    return Diagnostics(n, deff, n / deff, lowest * n, highest * n, tuple(checks), met)
 
 
 def _drop_empty(target, mass):
@@ -907,6 +1124,11 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     (1.722, 0.044)
     """
     start = check.start_option(start)
+    if _is_dask(values, x, y, sample_weight):  # one pass for the fit, one for the mean
+        margins = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
+        estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization)
+        estimator._target_names = ["p_x", "p_y"] if start == "x" else ["p_y", "p_x"]
+        return estimator.fit({"x": x, "y": y}, sample_weight).mean(values)
     index = _common_index({"values": values, "x": x, "y": y, "sample_weight": sample_weight})
     n = check.sample_value_columns(values)[1].shape[0]
     x = check.sample_array(x, "x", n)
