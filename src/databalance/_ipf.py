@@ -77,12 +77,15 @@ class Problem:
         return [share] * (K - 1) + [self.total[..., None] / share ** (K - 1)]
 
 
-def l1(scaling, sums, target, batch_ndim: int, scratch=None) -> np.ndarray:
+def l1(scaling, sums, target, batch_ndim: int, scratch=None, xp=None) -> np.ndarray:
     """L1 distance of the margin sums ``scaling * sums`` from a target of total 1, per problem
     (the trailing axes after the ``batch_ndim`` leading ones are the margin's cells).
 
-    ``scratch`` (never handed out) avoids allocating, and page-faulting, a vector per step.
+    ``scratch`` (never handed out) avoids allocating, and page-faulting, a vector per step. ``xp``,
+    an array-API namespace: computed there, functionally, in the working dtype, on the device.
     """
+    if xp is not None:
+        return xp.sum(xp.abs(scaling * sums - target), axis=tuple(range(batch_ndim, sums.ndim)))
     d = np.multiply(scaling, sums, out=scratch)
     d -= target
     np.abs(d, out=d)
@@ -114,6 +117,35 @@ class History:
         return float(np.max(self._buf[..., self.length - 1, :]))
 
 
+class DeviceHistory:
+    """The :class:`History` of an array-API kernel: one device array per iterate, stacked when
+    viewed (no host copy); :meth:`worst` is the loop's one host read per half-step."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.rows: list = []
+
+    @property
+    def length(self) -> int:
+        return len(self.rows)
+
+    def append(self, errors) -> None:
+        self.rows.append(errors)
+
+    def view(self):
+        return self.xp.stack(self.rows, axis=-2)
+
+    def worst(self) -> float:
+        from ._kernels.arrayapi import to_numpy
+
+        return float(to_numpy(self.xp.max(self.rows[-1])))
+
+
+def new_history(kernel: Kernel, n_margins: int) -> History | DeviceHistory:
+    xp = getattr(kernel, "xp", None)
+    return History(kernel.batch, n_margins) if xp is None else DeviceHistory(xp)
+
+
 def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, np.ndarray]]:
     """Yield (k, state, errors) for k = 0, 1, 2, ...; ``errors`` has one column per margin.
 
@@ -122,31 +154,47 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
     """
     margins = problem.margins
     nb = len(kernel.batch)
+    xp = getattr(kernel, "xp", None)  # an array-API kernel: functional, errors stacked per iterate
     state = kernel.initial_state()
-    errors = np.empty(kernel.batch + (len(margins),))
+    errors = np.empty(kernel.batch + (len(margins),)) if xp is None else _DeviceRow(xp, len(margins))
     for j, (m, s) in enumerate(zip(margins, kernel.input_sums(), strict=True)):
-        errors[..., j] = l1(1.0, s, m.target, nb)
-    yield 0, state, errors
-    scratch = [np.empty_like(f) for f in state.factors]
+        errors[..., j] = l1(1.0, s, m.target, nb, xp=xp)
+    yield 0, state, errors if xp is None else errors.stacked()
+    scratch = [np.empty_like(f) for f in state.factors] if xp is None else [None] * len(margins)
     order = problem.cycle()
     j = next(order)
     sums = kernel.sums(j, state)
     for k in range(1, np.iinfo(np.int64).max):
         sums = kernel.rescale(j, margins[j], sums, state)
         state.steps, state.fixed = k, j
-        errors = np.empty_like(errors)
-        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
+        errors = np.empty_like(errors) if xp is None else _DeviceRow(xp, len(margins))
+        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
         j = next(order)
         if len(margins) == 2:  # the next margin's sums are all that is needed: the shortcut
             sums = kernel.sums(j, state)
-            errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j])
+            errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
         else:
             needed = [(j + s) % len(margins) for s in range(max(1, len(margins) - 1))]
             many = kernel.sums_many(needed, state)
             sums = many[j]
             for i in needed:
-                errors[..., i] = l1(state.factors[i], many[i], margins[i].target, nb, scratch[i])
-        yield k, state, errors
+                errors[..., i] = l1(state.factors[i], many[i], margins[i].target, nb, scratch[i], xp)
+        yield k, state, errors if xp is None else errors.stacked()
+
+
+class _DeviceRow:
+    """One iterate's errors for an array-API kernel: filled like ``errors[..., j] = e`` (as the
+    NumPy row), stacked into one device array of shape ``batch + (K,)`` (arrays there may be
+    immutable, and must be for autodiff)."""
+
+    def __init__(self, xp, n: int):
+        self.xp, self.cols = xp, [None] * n
+
+    def __setitem__(self, key, value) -> None:
+        self.cols[key[-1]] = value
+
+    def stacked(self):
+        return self.xp.stack(self.cols, axis=-1)
 
 
 @dataclass
@@ -189,7 +237,7 @@ def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible
 
 def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report,
                      trace) -> Outcome:
-    history = History(kernel.batch, len(problem.margins))
+    history = new_history(kernel, len(problem.margins))
     best, best_k = np.inf, 0
     eps = float(np.finfo(kernel.dtype).eps)
     certifiable = tol >= eps  # below the dtype's resolution no error can certify convergence
