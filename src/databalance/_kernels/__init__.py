@@ -9,6 +9,7 @@ and :func:`support_pattern` turn a result's data back into arrays of the input's
 * :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
 * :class:`.tensor.TensorKernel` -- a dense N-d table with one- and multi-way margins.
 * :class:`.cells.CellKernel` -- a sparse N-d table given as its occupied cells (samples' cells).
+* :class:`.chunked.ChunkedKernel` -- a 2-D Dask array partitioned along rows (imported lazily).
 
 Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
 that the loop owns and passes in; kernels keep only their input and workspace.
@@ -96,8 +97,17 @@ def is_sparse(table) -> bool:
     return sp.issparse(table)
 
 
+def is_dask_array(table) -> bool:
+    """Whether ``table`` is a Dask array (without importing dask): :mod:`.chunked` balances it."""
+    return type(table).__module__.partition(".")[0] == "dask" and hasattr(table, "chunks")
+
+
 def kernel_for(table) -> Kernel:
     """The kernel of a nonnegative table (validated by the kernel)."""
+    if is_dask_array(table):  # partitioned along rows (imports dask)
+        from .chunked import ChunkedKernel
+
+        return ChunkedKernel.from_input(table)
     return SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
 
 
@@ -105,6 +115,10 @@ def scaled_table(table, u: np.ndarray, v: np.ndarray):
     """``diag(u) @ table @ diag(v)`` (over the last two axes); sparse tables keep format and pattern."""
     if sp.issparse(table):
         return scaled_sparse(table, u, v)
+    if is_dask_array(table):  # lazy, block by block
+        from .chunked import scaled_chunked
+
+        return scaled_chunked(table, u, v)
     out = np.multiply(table, u[..., :, None])
     out *= v[..., None, :]
     return out
@@ -112,4 +126,8 @@ def scaled_table(table, u: np.ndarray, v: np.ndarray):
 
 def support_pattern(table) -> sp.csr_array:
     """The strictly positive entries of a 2-D dense or sparse table as a sorted CSR pattern."""
+    if is_dask_array(table):  # gathered from the blocks
+        from .chunked import support_pattern_chunked
+
+        return support_pattern_chunked(table)
     return support_pattern_sparse(table) if sp.issparse(table) else support_pattern_dense(table)
