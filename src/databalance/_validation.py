@@ -1239,3 +1239,108 @@ def dask_missing_column(column, listed: list) -> ValueError:
         f"`margins` names the column {column!r}, which `data` lacks (its columns: {listed!r}). Add the column or fix "
         "the margin's key."
     )
+
+
+# -- issue 10: arrays of the Python array API standard (PyTorch, JAX, CuPy, array-api-strict) --------
+
+
+def _kind(x) -> str:
+    root = type(x).__module__.split(".")[0]
+    return {"jaxlib": "jax", "builtins": "Python"}.get(root, root)
+
+
+def api_table(xp, arr, name: str) -> None:
+    """A table or logits of another namespace: real floating (float32 or float64), at least 2-D."""
+    if arr.dtype not in (xp.float32, xp.float64):
+        raise TypeError(
+            f"`{name}` is a {_kind(arr)} array of dtype {arr.dtype}; arrays other than NumPy's are balanced in "
+            "their own dtype, which must be float32 or float64 (integer, complex and half-precision arrays "
+            f"are not). Convert it first, e.g. `{name}.float()` in PyTorch or `{name}.astype(jnp.float32)`."
+        )
+    if arr.ndim < 2:
+        raise ValueError(f"`{name}` must have at least 2 dimensions (rows are X, columns are Y, leading axes are "
+                         f"a batch); got shape {tuple(arr.shape)}.")
+
+
+def api_target(p, name: str, xp, table, table_name: str, length: int, batch: tuple[int, ...]) -> np.ndarray:
+    """A target given in NumPy (or a list) or in the table's namespace on its device, checked like
+    :func:`marginal`; returned as a host copy (targets are vectors, read once before the loop)."""
+    from ._kernels import arrayapi
+
+    if arrayapi.is_array_api(p):
+        if arrayapi.namespace(p) is not xp:
+            raise TypeError(
+                f"`{name}` is a {_kind(p)} array but `{table_name}` is a {_kind(table)} array; give the targets "
+                f"in `{table_name}`'s namespace (on its device) or as NumPy arrays."
+            )
+        if arrayapi.device(p) != arrayapi.device(table):
+            raise ValueError(
+                f"`{name}` is on device {arrayapi.device(p)} but `{table_name}` is on {arrayapi.device(table)}; "
+                f"move `{name}` to `{table_name}`'s device (e.g. `{name}.to({table_name}.device)`)."
+            )
+        if p.dtype not in (xp.float32, xp.float64):
+            raise TypeError(f"`{name}` is a {_kind(p)} array of dtype {p.dtype}; give float32 or float64 targets.")
+        if arrayapi.requires_grad(p) or arrayapi.is_traced(p):
+            raise TypeError(
+                f"`{name}` requires gradients (or is traced by JAX); gradients with respect to the targets "
+                f"are not supported. Pass a constant: `{name}.detach()` in PyTorch, or close over a concrete "
+                "array in JAX."
+            )
+        p = arrayapi.to_numpy(p)
+    return marginal(p, name, length, batch)
+
+
+def api_entries(xp, arr, name: str, *, log: bool) -> bool:
+    """Value checks of a table (nonnegative, finite) or of logits (no NaN, no +inf), from three
+    reductions read in one transfer; returns whether a structural zero (0, or -inf) is present.
+    The offending index is searched on the host on the error path only."""
+    from ._kernels import arrayapi
+
+    if int(np.prod(tuple(arr.shape))) == 0:
+        return False
+    x = arrayapi.stop_gradient(arr)
+    lo, hi, nan = (float(v) for v in arrayapi.to_numpy(xp.stack([
+        xp.min(x), xp.max(x), xp.astype(xp.any(xp.isnan(x)), x.dtype)])))
+    if nan or (log and hi == np.inf) or (not log and (lo < 0 or hi == np.inf)):
+        host = arrayapi.to_numpy(x)
+        if log:
+            logits_entries(host, name)
+        else:
+            nonnegative(host, name)
+            finite_sums(np.array([np.inf]), host, name)
+    return lo == (-np.inf if log else 0.0)
+
+
+def api_finite_sums(sums, name: str) -> None:
+    from ._kernels import arrayapi
+
+    if not np.isfinite(arrayapi.to_numpy(arrayapi.stop_gradient(sums))).all():
+        raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
+
+
+def api_traced(name: str) -> TypeError:
+    """``steps=None`` needs to read the marginal error; JAX tracers under ``jax.jit`` cannot be read."""
+    return TypeError(
+        f"`{name}` is traced by jax.jit, but `steps=None` reads the marginal error after every half-step "
+        "to decide when to stop. Under jit pass `steps=k` (the k-step map, differentiable), or call the "
+        "function outside jit (jax.grad works there: the converged result is differentiated implicitly)."
+    )
+
+
+def api_adjoint_unsolved(iterations: int, residual: float) -> str:
+    return (f"The adjoint system of the converged balance (implicit differentiation) was solved to a relative "
+            f"residual of {residual:.2g} after {iterations} conjugate-gradient iterations; the gradient is "
+            "approximate. Balance with a smaller `tol`, or differentiate `steps=k` instead.")
+
+
+# -- issue 11: fused kernels (numba) and accelerated convergence ------------------------------------------
+
+
+def kernel_choice(variable: str, value: str) -> str:
+    return (f"The environment variable {variable} is {value!r}; it must be 'auto' (numba for large tables when "
+            "installed), 'numpy' or 'numba'.")
+
+
+def numba_missing(variable: str) -> str:
+    return (f"{variable}=numba asks for the numba kernels, but numba is not installed: "
+            "`pip install databalance[fast]`, or unset the variable.")

@@ -78,7 +78,7 @@ class _Outcome:
 
     def __repr__(self) -> str:
         """One line: status, steps, each margin's final error (the largest over a batch), shape."""
-        final = np.asarray(self.marginal_error)[..., -1, :]
+        final = _host(self.marginal_error)[..., -1, :]
         worst = final.reshape(-1, final.shape[-1]).max(axis=0)
         errors = ", ".join(f"{e:.2g}" for e in worst)
         return (f"{type(self).__name__}(status={self.status!r}, steps={self.steps}, "
@@ -155,17 +155,115 @@ class LogBalanceResult(_Outcome):
 
         In float32 its entries carry the rounding of their own size (about 1e-3 for values near
         1e4); :attr:`table` is exponentiated from float64 sums and carries none of it."""
+        if kernels.is_array_api(self._input):
+            from ._kernels import arrayapi
+
+            xp = arrayapi.namespace(self._input)
+            return arrayapi.add_potentials(xp, self._input, self.row_potential, self.col_potential)
         return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential,
                                           out=np.empty_like(self._input))
 
     @cached_property
     def table(self) -> np.ndarray:
         """``exp(log_table)``, exponentiated in one pass from float64 sums."""
+        if kernels.is_array_api(self._input):
+            from ._kernels import arrayapi
+
+            return arrayapi.namespace(self._input).exp(self.log_table)
         return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential,
                                           out=np.empty_like(self._input), fn=np.exp)
 
     def _pattern(self, b):
         return kernels.support_pattern(self._input[b] > -np.inf)
+
+
+def _host(errors) -> np.ndarray:
+    """A result's marginal errors on the host (array-API results keep them on the device)."""
+    if isinstance(errors, np.ndarray):
+        return errors
+    from ._kernels.arrayapi import to_numpy
+
+    return to_numpy(errors)
+
+
+def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, progress):
+    """:func:`balance_table` / :func:`balance_logits` of an array of another array-API namespace
+    (options validated): the same loop on an array-API kernel, in the array's namespace and on its
+    device. ``steps=k`` is differentiated through the unrolled steps by the framework; with
+    ``steps=None`` the loop runs on a detached input and :mod:`databalance._implicit` attaches the
+    derivative of the fixed point. Value checks read three scalars (and the line sums) once before
+    the loop; under ``jax.jit`` (traced values) they are skipped."""
+    from . import _implicit
+    from ._kernels import arrayapi as api
+
+    name = "logits" if log else "table"
+    xp = api.namespace(data)
+    check.api_table(xp, data, name)
+    batch, (m, l) = tuple(data.shape[:-2]), tuple(data.shape[-2:])
+    targets = [check.api_target(p, n, xp, data, name, size, batch)
+               for p, n, size in ((p_x, "p_x", m), (p_y, "p_y", l))]
+    traced = api.is_traced(data)
+    has_zeros = True if traced else check.api_entries(xp, data, name, log=log)
+    tol = check.tolerance(tol, api.numpy_dtype(xp, data.dtype))
+    first = _first(start)
+
+    def solve(arr):
+        concrete = not api.is_traced(arr)
+        if steps is None and not concrete:
+            raise check.api_traced(name)
+        kernel: Any = (api.ApiLogKernel(arr, xp, first, has_zeros, traced=not concrete) if log
+                       else api.ApiDenseKernel(arr, xp, has_zeros))
+        if concrete:
+            if not log:
+                check.api_finite_sums(kernel.frame_sums[0], name)
+            problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=first, steps=steps,
+                               name=name)
+        else:
+            problem = _ipf.Problem.from_targets(targets, ["p_x", "p_y"], check.matching_totals(*targets),
+                                                kernel.dtype, first)
+        problem = kernel.adopt(problem)
+        outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+                                deficit=_max_flow_check(kernel, targets, name), progress=progress,
+                                desc="balance_logits" if log else "balance_table")
+        factors = kernel.export(outcome.state, problem.export_scales())
+        outcome, reason = _api_remeasured(kernel, arr, factors, problem, outcome, tol, log)
+        return factors, (outcome, known, reason)
+
+    if steps is None and _implicit.needs_gradient(data):
+        (a, b), (outcome, known, reason) = _implicit.converged(data, solve, log=log)
+    else:
+        (a, b), (outcome, known, reason) = solve(data)
+    if outcome.status in ("max_steps", "stalled", "failed"):
+        _ipf.warn_if_unconverged(_ipf.Outcome(outcome.steps, outcome.status, outcome.state, _host(outcome.errors)),
+                                 tol, reason)
+    result = LogBalanceResult if log else BalanceResult
+    return result(a, b, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors, _input=data,
+                  _targets=tuple(targets), _known_feasible=known)
+
+
+def _api_remeasured(kernel, arr, factors, problem, outcome, tol, log):
+    """After ``steps=None``, the last errors measured on the table the result returns (as
+    :func:`_as_returned` and :func:`_float64_check` do for NumPy), on the device in the working
+    dtype: a run whose working sums looked converged but whose returned table is not is "stalled"."""
+    from ._kernels import arrayapi as api
+
+    if outcome.status == "completed" or outcome.steps == 0 or not (log or kernel.dtype == np.float32):
+        return outcome, ""
+    xp = kernel.xp
+    sums = api.returned_sums(xp, arr, *factors) if log else [
+        kernel.row_sums(factors[1]) * factors[0], kernel.col_sums(factors[0]) * factors[1]]
+    total = kernel.asarray(problem.total)[..., None]
+    last = xp.stack([_ipf.l1(1.0, s / total, mg.target, len(kernel.batch), xp=xp)
+                     for s, mg in zip(sums, problem.margins, strict=True)], axis=-1)
+    errors = xp.concat([outcome.errors[..., :-1, :], last[..., None, :]], axis=-2)
+    status = outcome.status
+    lost = status == "converged" and not float(api.to_numpy(xp.max(last))) <= tol
+    reason = ""
+    if lost:
+        status = "stalled"
+        reason = check.float32_resolution() if kernel.dtype == np.float32 else check.unrepresentable(
+            float(api.to_numpy(xp.max(xp.abs(xp.where(xp.isinf(arr), 0.0, arr))))))
+    return _ipf.Outcome(outcome.steps, status, outcome.state, errors), reason
 
 
 def _first_deficit(pattern, batch, p_x, p_y):
@@ -188,7 +286,8 @@ def _problem(kernel, targets: list, names: list[str], lines: list[str], *, first
     K = len(targets)
     if total is None:  # two targets with a batch
         total = check.matching_totals(*targets)
-    check.finite_sums(kernel.frame_sums[0], kernel.table, name)
+    if getattr(kernel, "xp", None) is None:  # array-API tables are checked on their device
+        check.finite_sums(kernel.frame_sums[0], kernel.table, name)
     n_steps = np.inf if steps is None else steps
     masks = [p > 0 for p in targets]
     for t in range(K if steps is None else min(K, steps)):
@@ -339,6 +438,9 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
     check.progress_option(progress)
+    if kernels.is_array_api(table):
+        return _api_balance(table, p_x, p_y, log=False, steps=steps, start=start, tol=tol, max_steps=max_steps,
+                            progress=progress)
     kernel = kernels.kernel_for(table)
     tol = check.tolerance(tol, kernel.dtype)
     targets = _two_targets(kernel, p_x, p_y)
@@ -405,6 +507,9 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
     check.progress_option(progress)
+    if kernels.is_array_api(logits):
+        return _api_balance(logits, p_x, p_y, log=True, steps=steps, start=start, tol=tol, max_steps=max_steps,
+                            progress=progress)
     arr = check.dense_array(logits, "logits", min_ndim=2)
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)

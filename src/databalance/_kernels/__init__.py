@@ -9,6 +9,8 @@ and :func:`support_pattern` turn a result's data back into arrays of the input's
 * :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
 * :class:`.tensor.TensorKernel` -- a dense N-d table with one- and multi-way margins.
 * :class:`.cells.CellKernel` -- a sparse N-d table given as its occupied cells (samples' cells).
+* :class:`.arrayapi.ApiDenseKernel`, :class:`.arrayapi.ApiLogKernel` -- PyTorch, JAX, CuPy (any
+  array-API) tables and logits, computed in their namespace and on their device (imported lazily).
 * :class:`.chunked.ChunkedKernel` -- a 2-D Dask array partitioned along rows (imported lazily).
 
 Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
@@ -30,7 +32,7 @@ from .sparse import SparseKernel, scaled_sparse, support_pattern_sparse
 from .tensor import TensorKernel
 
 __all__ = ["CellKernel", "DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "TensorKernel", "is_sparse",
-           "kernel_for", "scaled_table", "support_pattern"]
+           "is_array_api", "kernel_for", "scaled_table", "support_pattern"]
 
 
 @dataclass
@@ -111,10 +113,21 @@ def kernel_for(table) -> Kernel:
     return SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
 
 
+def is_array_api(table) -> bool:
+    """Whether ``table`` is an array of another array-API namespace (PyTorch, JAX, CuPy, ...)."""
+    from .arrayapi import is_array_api as check
+
+    return check(table)
+
+
 def scaled_table(table, u: np.ndarray, v: np.ndarray):
     """``diag(u) @ table @ diag(v)`` (over the last two axes); sparse tables keep format and pattern."""
     if sp.issparse(table):
         return scaled_sparse(table, u, v)
+    if is_array_api(table):
+        from . import arrayapi
+
+        return arrayapi.scaled(arrayapi.namespace(table), table, u, v)
     if is_dask_array(table):  # lazy, block by block
         from .chunked import scaled_chunked
 
@@ -130,4 +143,8 @@ def support_pattern(table) -> sp.csr_array:
         from .chunked import support_pattern_chunked
 
         return support_pattern_chunked(table)
+    if is_array_api(table):
+        from .arrayapi import to_numpy
+
+        table = to_numpy(table)
     return support_pattern_sparse(table) if sp.issparse(table) else support_pattern_dense(table)
