@@ -298,11 +298,13 @@ class ApiLogKernel(ApiDenseKernel):
             return [xp.exp(xp.log(r) - pot), xp.exp(xp.log(self.col_sums(weights)) - shift)]
         return [xp.exp(xp.log(self.row_sums(weights)) - shift), xp.exp(xp.log(c) - pot)]
 
-    def line_sums(self):
-        """Row and column masses of the logits for the checks: > 0 where a line has a finite entry."""
+    def nonempty(self, j, masks=None):
+        """Lines with a finite logit (the buffer may underflow where the logits do not), counting
+        only cells where the other margin's mask is True."""
         xp = self.xp
-        support = xp.astype(~xp.isinf(self.logits), self.xdtype)
-        return [xp.sum(support, axis=-1), xp.sum(support, axis=-2)]
+        support = xp.astype(~xp.isinf(stop_gradient(self.logits)), self.xdtype)
+        w = self.ones(self.shape[1 - j]) if masks is None else self.asarray(masks[1 - j])
+        return to_numpy(matvec(xp, support, w) if j == 0 else vecmat(xp, w, support)) > 0
 
     def rescale(self, j, margin, sums, state):
         xp = self.xp
