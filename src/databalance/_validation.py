@@ -1333,6 +1333,29 @@ def api_adjoint_unsolved(iterations: int, residual: float) -> str:
             "approximate. Balance with a smaller `tol`, or differentiate `steps=k` instead.")
 
 
+def loss_logits(logits, name: str = "logits") -> None:
+    """A batch's logit matrix (or a batch of them): square over the last two axes (pair i is row i
+    and column i)."""
+    shape = tuple(logits.shape)
+    if len(shape) < 2 or shape[-1] != shape[-2] or shape[-1] == 0:
+        raise ValueError(f"`{name}` must be a square matrix of pairs (..., n, n): row i and column i are the "
+                         f"two views of sample i; got shape {shape}.")
+
+
+def loss_steps(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"`k` must be an integer >= 0 (half-steps of balancing: 0 is the joint softmax, 1 "
+                         f"the CLIP loss, 2 the double-balanced loss); got {k!r}.")
+    return int(k)
+
+
+def loss_reduction(reduction) -> str:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"`reduction` must be 'mean' (one number) or 'none' (one per matrix of the batch); "
+                         f"got {reduction!r}.")
+    return str(reduction)
+
+
 # -- issue 11: fused kernels (numba) and accelerated convergence ------------------------------------------
 
 
