@@ -12,7 +12,8 @@ Statistics per cell c of the fit: the sample count, the design weights' sum, sum
 minimum and maximum. Of a ``mean``, for every statistic h: ``sum d h``, ``sum d^2 h`` and
 ``M2 = sum d^2 (h - m_c)^2`` around the cell's ``d^2``-weighted mean ``m_c``, merged between
 partitions by Chan's formula (so that the standard error never subtracts two large sums), and
-``max |h|``.
+``max |h|``; the sums are in units of ``2^exponent`` (per statistic), so that squares of huge
+values cannot overflow.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from . import _validation as check
 
 #: Partials merged per node of the tree reductions.
 SPLIT_EVERY = 8
+
+#: The scaling exponent of a column whose values are all 0 (in a partition): below any other.
+NO_EXPONENT = -100_000
 
 
 def rows(obj: Any, name: str, *, max_ndim: int = 1) -> da.Array:
@@ -239,18 +243,24 @@ def _mean_chunk(p, *blocks, keys, plan, strides, ncols, weighted):
         h = check.sample_values(np.asarray(h))
     except (ValueError, TypeError) as error:
         raise type(error)(check.in_partition(str(error), p)) from None
-    h = h.reshape(len(h), -1)
+    h = h[:, None] if h.ndim == 1 else h
     if len(h) != len(inverse):
         raise ValueError(check.in_partition(check.dask_values_length(len(h), len(inverse)), p))
     d = _design(blocks[ncols + 1], len(h), p) if weighted else None
-    part = _moments(inverse, h, d, len(keys))
-    part["top"] = np.abs(h).max(axis=0, initial=0.0)
-    part["zero"] = np.zeros(h.shape[1])
+    top = np.abs(h).max(axis=0, initial=0.0)
+    # Each column divided by a power of two near its largest |h| (exact): squares of values near
+    # 1e200 would overflow. The partials carry their exponent; the merge rescales them to the largest.
+    exponent = np.where(top > 0, np.frexp(top)[1] - 1, NO_EXPONENT)
+    part = _moments(inverse, np.ldexp(h, -exponent), d, len(keys))
+    part["top"], part["exponent"] = top, exponent
     return _wrap(part)
 
 
 def _mean_combine(parts: list[dict]) -> dict:
-    """Chan's merge of the per-cell moments: M2 = sum M2_b + sum w2_b (m_b - m)^2."""
+    """Chan's merge of the per-cell moments: M2 = sum M2_b + sum w2_b (m_b - m)^2, after bringing
+    every partial to the largest exponent (``sum d h`` of partial b is ``dh_b * 2^exponent_b``)."""
+    exponent = np.max([q["exponent"] for q in parts], axis=0)
+    parts = [_rescaled(q, exponent) for q in parts]
     w2 = sum(q["w2"] for q in parts)
     d2h = sum(q["d2h"] for q in parts)
     mean = np.divide(d2h, w2, out=np.zeros_like(d2h), where=w2 > 0)
@@ -259,7 +269,15 @@ def _mean_combine(parts: list[dict]) -> dict:
         mb = np.divide(q["d2h"], q["w2"], out=np.zeros_like(q["d2h"]), where=q["w2"] > 0)
         m2 = m2 + q["w2"] * (mb - mean) ** 2
     return {"w2": w2, "dh": sum(q["dh"] for q in parts), "d2h": d2h, "m2": m2,
-            "top": np.max([q["top"] for q in parts], axis=0), "zero": parts[0]["zero"]}
+            "top": np.max([q["top"] for q in parts], axis=0), "exponent": exponent}
+
+
+def _rescaled(part: dict, exponent: np.ndarray) -> dict:
+    if np.array_equal(part["exponent"], exponent):
+        return part
+    shift = np.maximum(part["exponent"] - exponent, -2000)[:, None]  # <= 0; far below: underflows to 0
+    return dict(part, dh=np.ldexp(part["dh"], shift), d2h=np.ldexp(part["d2h"], shift),
+                m2=np.ldexp(part["m2"], 2 * shift), exponent=exponent)
 
 
 def value_statistics(plan, columns: list[da.Array], design: da.Array | None, values: da.Array, strides: list[int],

@@ -136,7 +136,8 @@ class BalancedEstimate:
             raise ValueError(check.summary_unavailable())
         est, se = np.atleast_1d(_raw(self.estimate)), np.atleast_1d(_raw(self.standard_error))
         z = float(ndtri(0.5 + level / 2))
-        plain = self._plain if self._plain is not None else _plain_standard_error(self._values, self._start_weights)
+        plain = self._plain if self._plain is not None else _plain_standard_error(np.asarray(self._values),
+                                                                                  self._start_weights)
         names = self._names if self._names is not None else (
             ("value",) if isinstance(_raw(self.estimate), float) else tuple(range(len(est))))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -306,6 +307,8 @@ class BalancedEstimator:
     """
 
     _target_names: list[str] | None = None  # balanced_mean's p_x / p_y in messages
+    _w: Any  # the weights: an ndarray, or a lazy Dask array after a fit on Dask collections
+    _dask_fit: _DaskFit | None
     _index_of_fit: Any = None  # balanced_mean's pandas index (its data is a dict of arrays)
 
     def __init__(self, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
@@ -432,12 +435,11 @@ class BalancedEstimator:
             raise ValueError(check.dask_bounds())
         plan = _plan(self.margins, self._target_names)
         plan.check_totals()
-        if not hasattr(data, "keys") or not hasattr(data, "__getitem__"):
-            check.sample_data(data, plan.columns)  # raises: not a DataFrame or mapping
-        arrays = {}
+        listed = list(data.columns) if hasattr(data, "columns") else list(data.keys())
+        arrays: dict[tuple, Any] = {}
         for c in plan.columns:
-            if c not in data:
-                raise check.dask_missing_column(c, list(data.keys()))
+            if c not in listed:
+                raise check.dask_missing_column(c, listed)
             arrays[("column", c)] = _dask.rows(data[c], str(c))
         if sample_weight is not None:
             arrays[("weight",)] = _dask.rows(sample_weight, "sample_weight")
@@ -569,9 +571,12 @@ class BalancedEstimator:
         from . import _dask
 
         fit = self._dask_fit
+        assert fit is not None  # mean() dispatches here only after a Dask fit
         names, h, frame = _dask_values(values, _dask)
         h = _dask.aligned({"data": fit.columns[0], "values": h})["values"]
         moments = _dask.value_statistics(fit.plan, fit.columns, fit.design, h, fit.strides, fit.keys)
+        estimate: Any
+        se: Any
         estimate, se, plain = self._from_moments(moments, fit.n)
         if h.ndim == 1:
             estimate, se = float(estimate[0]), float(se[0])
@@ -595,8 +600,10 @@ class BalancedEstimator:
         a = ratio / float(ratio @ mass)
         top = moments["top"]
         scale = _power_of_two_scale(np.vstack([top, -top]))
-        dh, d2h = moments["dh"] / scale[:, None], moments["d2h"] / scale[:, None]
-        m2, w2 = moments["m2"] / (scale**2)[:, None], moments["w2"]
+        # The sums come in units of 2^exponent per statistic; bring them to units of scale (exactly).
+        shift = (moments["exponent"] - np.log2(scale).astype(np.int64))[:, None]
+        dh, d2h = np.ldexp(moments["dh"], shift), np.ldexp(moments["d2h"], shift)
+        m2, w2 = np.ldexp(moments["m2"], 2 * shift), moments["w2"]
         total = float(mass.sum())
         estimate = dh @ a
         centred = dh - estimate[:, None] * mass  # sum d (h - estimate) per cell

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from functools import cached_property
+from typing import Any
 
 import dask
 import dask.array as da
@@ -28,6 +29,12 @@ from .sparse import scaled_sparse, support_pattern_sparse
 #: Partials summed per node of the column sums' tree reduction.
 SPLIT_EVERY = 8
 
+_delayed: Any = dask.delayed  # typed loosely: dask's stubs expect collections, not functions
+
+
+def _csr(block: Any) -> Any:
+    return sp.csr_array(block)
+
 
 class ChunkedWarning(UserWarning):
     """A Dask table chunked along its columns was rechunked to whole rows."""
@@ -37,7 +44,7 @@ def _block_summary(block, offset: int, working):
     """One block's check (finite, nonnegative; errors name the table's row) and its row sums, column
     sums, smallest entry and stored entries, in the working dtype."""
     if sp.issparse(block):
-        block = sp.csr_array(block).astype(working, copy=False)
+        block = _csr(block).astype(working, copy=False)
         try:
             check.sparse_entries(block)
         except ValueError as error:
@@ -60,7 +67,7 @@ def _block_summary(block, offset: int, working):
 def _prepared(block, working):
     """A block as the kernel keeps it: CSR for sparse, a NumPy array otherwise, in the working dtype."""
     if sp.issparse(block):
-        return sp.csr_array(block).astype(working, copy=False)
+        return _csr(block).astype(working, copy=False)
     return np.asarray(block).astype(working, copy=False)
 
 
@@ -102,11 +109,11 @@ class ChunkedKernel(DenseKernel):
             table = table.rechunk({1: -1})
         working = check.working_dtype(np.dtype(table.dtype), "table")
         sparse = sp.issparse(getattr(table, "_meta", None))
-        prepared = table.map_blocks(_prepared, working, dtype=working, meta=table._meta)
+        prepared = da.map_blocks(_prepared, table, working, dtype=working, meta=table._meta)
         prepared = prepared.persist()  # once: the blocks stay where they were computed
         blocks = list(prepared.to_delayed().ravel())
         offsets = np.concatenate([[0], np.cumsum(prepared.chunks[0])]).astype(np.int64)
-        parts = dask.compute(*[dask.delayed(_block_summary)(b, int(o), working)
+        parts = dask.compute(*[_delayed(_block_summary)(b, int(o), working)
                                for b, o in zip(blocks, offsets[:-1], strict=True)])
         summary = {
             "rows": np.concatenate([p["rows"] for p in parts]).astype(working, copy=False),
@@ -120,16 +127,16 @@ class ChunkedKernel(DenseKernel):
     # -- products: one map over the blocks each ----------------------------------------------------
 
     def row_sums(self, v):
-        shared = dask.delayed(np.asarray(v, self.dtype), pure=True)
-        parts = [da.from_delayed(dask.delayed(_row_sums, pure=True)(b, shared), shape=(int(stop - start),),
+        shared = _delayed(np.asarray(v, self.dtype), pure=True)
+        parts = [da.from_delayed(_delayed(_row_sums, pure=True)(b, shared), shape=(int(stop - start),),
                                  dtype=self.dtype)
                  for b, start, stop in zip(self.blocks, self.offsets[:-1], self.offsets[1:], strict=True)]
         (out,) = dask.compute(da.concatenate(parts))
         return out.astype(self.dtype, copy=False)
 
     def col_sums(self, u):
-        shared = dask.delayed(np.asarray(u, self.dtype), pure=True)
-        parts = [da.from_delayed(dask.delayed(_col_partial, pure=True)(b, shared, int(start), int(stop)),
+        shared = _delayed(np.asarray(u, self.dtype), pure=True)
+        parts = [da.from_delayed(_delayed(_col_partial, pure=True)(b, shared, int(start), int(stop)),
                                  shape=(1, self.shape[1]), dtype=self.dtype)
                  for b, start, stop in zip(self.blocks, self.offsets[:-1], self.offsets[1:], strict=True)]
         (out,) = dask.compute(da.concatenate(parts).sum(axis=0, split_every=SPLIT_EVERY, dtype=self.dtype))
@@ -137,8 +144,8 @@ class ChunkedKernel(DenseKernel):
 
     def float64_sums(self, scalings) -> list[np.ndarray]:
         u, v = (np.asarray(s) for s in scalings)
-        su, sv = dask.delayed(u, pure=True), dask.delayed(v, pure=True)
-        parts = dask.compute(*[dask.delayed(_float64_partial, pure=True)(b, su, sv, int(start), int(stop))
+        su, sv = _delayed(u, pure=True), _delayed(v, pure=True)
+        parts = dask.compute(*[_delayed(_float64_partial, pure=True)(b, su, sv, int(start), int(stop))
                                for b, start, stop in zip(self.blocks, self.offsets[:-1], self.offsets[1:],
                                                          strict=True)])
         return [np.concatenate([p[0] for p in parts]), np.sum([p[1] for p in parts], axis=0)]
@@ -171,7 +178,7 @@ def support_pattern_chunked(table: da.Array) -> sp.csr_array:
 def _scaled_block(block, u, v, block_info=None):
     start, stop = block_info[0]["array-location"][0]
     if sp.issparse(block):
-        return scaled_sparse(sp.csr_array(block), u[start:stop], v)
+        return scaled_sparse(_csr(block), u[start:stop], v)
     out = np.multiply(block, u[start:stop, None])
     out *= v[None, :]
     return out
@@ -180,4 +187,4 @@ def _scaled_block(block, u, v, block_info=None):
 def scaled_chunked(table: da.Array, u: np.ndarray, v: np.ndarray) -> da.Array:
     """``diag(u) @ table @ diag(v)`` as a lazy Dask array with the table's blocks (sparse blocks stay
     sparse)."""
-    return table.map_blocks(_scaled_block, u, v, dtype=np.result_type(table.dtype, u.dtype), meta=table._meta)
+    return da.map_blocks(_scaled_block, table, u, v, dtype=np.result_type(table.dtype, u.dtype), meta=table._meta)

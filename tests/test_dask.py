@@ -1,0 +1,391 @@
+"""Dask collections: estimators from per-cell sufficient statistics and row-partitioned tables,
+checked against the in-memory paths on the threaded scheduler and on a two-process LocalCluster."""
+
+import pathlib
+import runpy
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+dd = pytest.importorskip("dask.dataframe")
+pd = pytest.importorskip("pandas")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from databalance import BalancedEstimator, InfeasibleError, balance_table, balanced_mean  # noqa: E402
+from databalance._kernels.chunked import ChunkedWarning  # noqa: E402
+
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+    client = distributed.Client(lc, set_as_default=False)
+    try:
+        yield client
+    finally:
+        client.close()
+        lc.close()
+
+
+@pytest.fixture(params=["threads", "cluster"])
+def scheduler(request):
+    """Run the test body on the threaded scheduler, then with the LocalCluster's client active."""
+    if request.param == "threads":
+        with dask.config.set(scheduler="threads"):
+            yield "threads"
+    else:
+        client = request.getfixturevalue("cluster")
+        with client.as_current(), dask.config.set(scheduler=client):
+            yield "cluster"
+
+
+def close(a, b, rtol=RTOL):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=0)
+
+
+def sample(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, n)
+    y = rng.integers(0, 4, n)
+    h = np.column_stack([x + y + rng.normal(size=n) + 100.0, (rng.random(n) < 0.3 + 0.1 * x).astype(float)])
+    d = rng.uniform(0.5, 2.0, n)
+    return x, y, h, d
+
+
+PX, PY = [0.2, 0.3, 0.5], [0.1, 0.2, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_balanced_mean_equals_in_memory(scheduler, steps, linearization, weighted):
+    x, y, h, d = sample()
+    sw = d if weighted else None
+    chunks = (700,)  # uneven: the last partition is shorter
+    ref = balanced_mean(h, x, y, PX, PY, steps=steps, sample_weight=sw, linearization=linearization)
+    got = balanced_mean(da.from_array(h, chunks=chunks + (-1,)), da.from_array(x, chunks=chunks),
+                        da.from_array(y, chunks=chunks), PX, PY, steps=steps, linearization=linearization,
+                        sample_weight=None if sw is None else da.from_array(sw, chunks=chunks))
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+    assert got.steps == ref.steps and got.balance.status == ref.balance.status
+    assert isinstance(got.weights, da.Array) and got.weights.chunks == ((700,) * 5 + (500,),)
+    close(got.weights.compute(), ref.weights, rtol=1e-12)
+    ours, theirs = got.summary().statistics, ref.summary().statistics
+    for a, b in zip(ours, theirs, strict=True):
+        close(a.plain_standard_error, b.plain_standard_error)
+        close(a.design_effect, b.design_effect)
+    close(got.effective_sample_size, ref.effective_sample_size, rtol=1e-12)
+
+
+def survey_frame(n=3000, seed=1):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "age": rng.choice(["18-34", "35-54", "55+"], n, p=[0.5, 0.3, 0.2]),
+        "region": np.where(rng.random(n) < 0.7, "urban", "rural"),
+        "sex": np.where(rng.random(n) < 0.45, "F", "M"),
+        "income": 30 + rng.normal(0, 12, n),
+        "owns": (rng.random(n) < 0.4).astype(float),
+        "w": rng.uniform(0.2, 3.0, n),
+    })
+
+
+MARGINS = {
+    "age": {"18-34": 0.30, "35-54": 0.35, "55+": 0.35},
+    "region": {"urban": 0.55, "rural": 0.45},
+    ("sex", "region"): {("F", "urban"): 0.28, ("M", "urban"): 0.27, ("F", "rural"): 0.23, ("M", "rural"): 0.22},
+}
+
+
+@pytest.mark.parametrize("steps", [None, 5])
+def test_estimator_dataframe_equals_pandas(scheduler, steps):
+    df = survey_frame()
+    ref = BalancedEstimator(MARGINS, steps=steps).fit(df, df["w"])
+    ddf = dd.from_pandas(df, npartitions=4)
+    fitted = BalancedEstimator(MARGINS, steps=steps).fit(ddf, ddf["w"])
+    got, want = fitted.mean(ddf[["income", "owns"]]), ref.mean(df[["income", "owns"]])
+    assert list(got.estimate.index) == ["income", "owns"]  # a Dask DataFrame gives pandas Series
+    close(got.estimate, want.estimate)
+    close(got.standard_error, want.standard_error)
+    close(fitted.weights_.compute(), ref.weights_.to_numpy(), rtol=1e-12)
+    a, b = fitted.diagnostics_, ref.diagnostics_
+    assert a.n == b.n
+    close([a.design_effect, a.min_weight, a.max_weight], [b.design_effect, b.min_weight, b.max_weight], rtol=1e-12)
+    for m, r in zip(a.margins, b.margins, strict=True):
+        close(m.achieved, r.achieved, rtol=1e-12)
+    one = fitted.mean(ddf["income"])
+    close(one.estimate, want.estimate["income"])
+    named = fitted.mean({"inc": ddf["income"]})
+    close(np.asarray(named.standard_error), [want.standard_error["income"]])
+
+
+def test_empty_partitions_and_repeated_means():
+    df = survey_frame(1200)
+    ddf = dd.from_pandas(df, npartitions=3)
+    empty = ddf[ddf["income"] > 1e9]  # every partition empty
+    with_empty = dd.concat([ddf.partitions[0], empty.partitions[1], ddf.partitions[1], ddf.partitions[2],
+                            empty.partitions[0]])
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator(MARGINS).fit(with_empty)
+        got = fitted.mean(with_empty["income"])
+        w = fitted.weights_.compute()
+    want = BalancedEstimator(MARGINS).fit(df).mean(df["income"])
+    close(got.estimate, want.estimate)
+    close(got.standard_error, want.standard_error)
+    close(w, want.weights.to_numpy(), rtol=1e-12)
+
+
+def test_many_margins_integer_codes_equal_in_memory():
+    rng = np.random.default_rng(3)
+    n = 6000
+    data = {"a": rng.integers(0, 5, n), "b": rng.integers(0, 7, n), "c": rng.integers(0, 3, n)}
+    h = data["a"] * 0.3 - data["b"] * 0.1 + rng.normal(size=n)
+    margins = {"a": np.full(5, 0.2), ("b", "c"): rng.dirichlet(np.ones(21)).reshape(7, 3)}
+    ref = BalancedEstimator(margins, steps=None).fit(data).mean(h)
+    with dask.config.set(scheduler="threads"):
+        lazy = {k: da.from_array(v, chunks=1000) for k, v in data.items()}
+        got = BalancedEstimator(margins).fit(lazy).mean(da.from_array(h, chunks=1000))
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+
+
+def test_large_values_scaled_exactly():
+    """Values near 1e200 (squares overflow) give the in-memory estimate and SE."""
+    x, y, h, _ = sample(1000)
+    big = h[:, 0] * 1e200
+    ref = balanced_mean(big, x, y, PX, PY)
+    with dask.config.set(scheduler="threads"):
+        got = balanced_mean(da.from_array(big, chunks=300), da.from_array(x, chunks=300),
+                            da.from_array(y, chunks=300), PX, PY)
+    close(got.estimate, ref.estimate)
+    assert np.isfinite(got.standard_error)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_unseen_label_raises_at_compute_naming_column_and_label():
+    df = survey_frame(600)
+    df.loc[450, "age"] = "90+"
+    ddf = dd.from_pandas(df, npartitions=3)
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"`age` has the label '90\+', which `margins\['age'\]` does not list.*Dask partition 2"):
+        BalancedEstimator(MARGINS).fit(ddf)
+
+
+def test_unlisted_joint_combination_named():
+    df = survey_frame(600)
+    margins = dict(MARGINS)
+    margins[("sex", "region")] = {k: v for k, v in MARGINS[("sex", "region")].items() if k != ("M", "rural")}
+    margins["region"] = {"urban": 0.55, "rural": 0.45}
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"Some sample has \(`sex`, `region`\) = \('M', 'rural'\)"):
+        # the totals disagree first unless the joint target still sums to the others' total
+        margins[("sex", "region")][("F", "rural")] = 0.45
+        BalancedEstimator(margins).fit(dd.from_pandas(df, npartitions=2))
+
+
+def test_nan_in_values_raises():
+    x, y, h, _ = sample(900)
+    h = h[:, 0].copy()
+    h[700] = np.nan
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"`values` contains NaN or inf, first at sample 100.*Dask partition 2"):
+        balanced_mean(da.from_array(h, chunks=300), da.from_array(x, chunks=300), da.from_array(y, chunks=300),
+                      PX, PY)
+
+
+def test_missing_label_and_bad_codes_raise():
+    x, y, h, d = sample(900)
+    labels = np.array(["a", "b", "c"], dtype=object)[x]
+    labels[310] = None
+    with dask.config.set(scheduler="threads"):
+        with pytest.raises(ValueError, match=r"`x` has a missing label \(None\) at sample 10.*partition 1"):
+            balanced_mean(da.from_array(h[:, 0], chunks=300), da.from_array(labels, chunks=300),
+                          da.from_array(y, chunks=300), dict(zip("abc", PX, strict=True)), PY)
+        with pytest.raises(ValueError, match=r"`y` has code 4 at sample \d+, outside 0..3"):
+            balanced_mean(da.from_array(h[:, 0], chunks=300), da.from_array(x, chunks=300),
+                          da.from_array(np.where(np.arange(900) == 5, 4, y), chunks=300), PX, PY)
+        d = d.copy()
+        d[400] = -1.0
+        with pytest.raises(ValueError, match=r"`sample_weight` must be nonnegative; sample 100.*partition 1"):
+            balanced_mean(da.from_array(h[:, 0], chunks=300), da.from_array(x, chunks=300),
+                          da.from_array(y, chunks=300), PX, PY, sample_weight=da.from_array(d, chunks=300))
+
+
+def test_input_errors_before_any_work():
+    x, y, h, _ = sample(900)
+    X, Y, H = (da.from_array(a, chunks=300) for a in (x, y, h[:, 0]))
+    with pytest.raises(ValueError, match=r"`bounds` \(trimming\) is not available for Dask input"):
+        BalancedEstimator({"x": PX, "y": PY}, bounds=(0.5, 2.0)).fit({"x": X, "y": Y})
+    with pytest.raises(TypeError, match=r"`x` is a ndarray but other inputs are Dask collections"):
+        balanced_mean(H, x, Y, PX, PY)
+    with pytest.raises(ValueError, match=r"`margins` names the column 'z', which `data` lacks"):
+        BalancedEstimator({"x": PX, "z": PY}).fit({"x": X, "y": Y})
+    with pytest.raises(ValueError, match=r"`data\['y'\]` has 899 rows but `data\['x'\]` has 900"):
+        BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y[:-1]})
+    unknown = dd.from_pandas(pd.Series(y), npartitions=2)
+    with pytest.raises(ValueError, match=r"`data\['y'\]` has 2 partitions but `data\['x'\]` has 3"):
+        BalancedEstimator({"x": PX, "y": PY}).fit({"x": dd.from_pandas(pd.Series(x), npartitions=3), "y": unknown})
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y})
+        with pytest.raises(TypeError, match=r"fitted on Dask collections: give `values` as a Dask array"):
+            fitted.mean(h[:, 0])
+    in_memory = BalancedEstimator({"x": PX, "y": PY}).fit({"x": x, "y": y})
+    with pytest.raises(TypeError, match=r"fitted in memory: give `values` as an in-memory array"):
+        in_memory.mean(H)
+
+
+def test_rechunked_inputs_align():
+    """Inputs with known but different chunks are rechunked to the data's: same result."""
+    x, y, h, _ = sample(1000)
+    ref = balanced_mean(h[:, 0], x, y, PX, PY)
+    with dask.config.set(scheduler="threads"):
+        got = balanced_mean(da.from_array(h[:, 0], chunks=170), da.from_array(x, chunks=250),
+                            da.from_array(y, chunks=400), PX, PY)
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+
+def random_table(rng, m, n, zeros=0.3):
+    T = rng.random((m, n))
+    T[T < zeros] = 0.0
+    T[np.arange(m), rng.integers(0, n, m)] = 1.0  # no empty row
+    T[rng.integers(0, m, n), np.arange(n)] = 1.0  # no empty column
+    return T
+
+
+def sparse_blocks(T, rows):
+    """A Dask array of CSR blocks, each built by its own task."""
+    parts = []
+    for i in range(0, T.shape[0], rows):
+        block = dask.delayed(lambda a, b: sp.csr_matrix(T[a:b]))(i, min(i + rows, T.shape[0]))
+        parts.append(da.from_delayed(block, shape=(min(rows, T.shape[0] - i), T.shape[1]), dtype=T.dtype,
+                                     meta=sp.csr_matrix((0, 0), dtype=T.dtype)))
+    return da.concatenate(parts)
+
+
+@pytest.mark.parametrize("steps", [None, 5])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_chunked_table_equals_in_memory(scheduler, steps, kind):
+    rng = np.random.default_rng(5)
+    T = random_table(rng, 250, 30)
+    p, q = rng.dirichlet(np.ones(250)), rng.dirichlet(np.ones(30))
+    ref = balance_table(sp.csr_array(T) if kind == "sparse" else T, p, q, steps=steps, start="y")
+    table = sparse_blocks(T, 60) if kind == "sparse" else da.from_array(T, chunks=(60, 30))
+    got = balance_table(table, p, q, steps=steps, start="y")
+    assert (got.status, got.steps) == (ref.status, ref.steps)
+    close(got.row_scaling, ref.row_scaling, rtol=1e-12)
+    close(got.col_scaling, ref.col_scaling, rtol=1e-12)
+    np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
+    assert isinstance(got.table, da.Array)
+    dense = got.table.compute()
+    if kind == "sparse":
+        assert sp.issparse(dense)
+        dense = dense.toarray()
+    close(dense, ref.table.toarray() if kind == "sparse" else ref.table, rtol=1e-12)
+
+
+def test_float32_table_stays_float32():
+    rng = np.random.default_rng(2)
+    T = random_table(rng, 80, 12).astype(np.float32)
+    p, q = rng.dirichlet(np.ones(80)), rng.dirichlet(np.ones(12))
+    with dask.config.set(scheduler="threads"):
+        got = balance_table(da.from_array(T, chunks=(20, 12)), p, q, steps=6)
+        out = got.table.compute()
+    ref = balance_table(T, p, q, steps=6)
+    assert out.dtype == np.float32 and got.row_scaling.dtype == np.float32
+    np.testing.assert_allclose(out, ref.table, rtol=1e-5)
+
+
+def test_column_chunks_rechunked_with_warning():
+    rng = np.random.default_rng(4)
+    T = random_table(rng, 60, 20)
+    p, q = rng.dirichlet(np.ones(60)), rng.dirichlet(np.ones(20))
+    with dask.config.set(scheduler="threads"):
+        with pytest.warns(ChunkedWarning, match=r"split into 4 chunks along its columns; it is rechunked"):
+            got = balance_table(da.from_array(T, chunks=(15, 5)), p, q)
+    close(got.row_scaling, balance_table(T, p, q).row_scaling, rtol=1e-12)
+
+
+def test_chunked_table_errors():
+    T = np.ones((40, 6))
+    T[33, 2] = -1.0
+    p, q = np.full(40, 1 / 40), np.full(6, 1 / 6)
+    with dask.config.set(scheduler="threads"):
+        with pytest.raises(ValueError, match=r"`table` must be nonnegative; found -1.0 at index \(13, 2\).*"
+                                             r"block starting at row 20"):
+            balance_table(da.from_array(T, chunks=(20, 6)), p, q)
+        with pytest.raises(ValueError, match=r"`table` must be 2-D when it is a Dask array"):
+            balance_table(da.ones((2, 4, 4), chunks=2), np.full(4, .25), np.full(4, .25))
+        # a zero pattern that cannot carry the targets: the same InfeasibleError as in memory
+        bad = np.ones((4, 4))
+        bad[:2, 2:] = bad[2:, :2] = 0
+        with pytest.raises(InfeasibleError):
+            balance_table(da.from_array(bad, chunks=(2, 4)), [.4, .4, .1, .1], [.25] * 4)
+        empty_row = np.ones((4, 4))
+        empty_row[1] = 0
+        with pytest.raises(ValueError, match=r"Row 1 of `table` is empty"):
+            balance_table(da.from_array(empty_row, chunks=(2, 4)), [.25] * 4, [.25] * 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(2, 30), n=st.integers(2, 8), rows=st.integers(1, 12), steps=st.integers(0, 6),
+       seed=st.integers(0, 2**31))
+def test_chunked_equals_dense_property(m, n, rows, steps, seed):
+    rng = np.random.default_rng(seed)
+    T = rng.random((m, n)) + 0.01
+    p, q = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(n))
+    with dask.config.set(scheduler="sync"):
+        got = balance_table(da.from_array(T, chunks=(rows, n)), p, q, steps=steps)
+    ref = balance_table(T, p, q, steps=steps)
+    close(got.row_scaling, ref.row_scaling, rtol=1e-12)
+    close(got.col_scaling, ref.col_scaling, rtol=1e-12)
+
+
+# -- without dask, and the example ------------------------------------------------------------------
+
+
+def test_library_works_without_dask():
+    code = ("import sys; sys.modules['dask'] = None; sys.modules['distributed'] = None\n"
+            "import numpy as np; from databalance import balanced_mean, balance_table\n"
+            "r = np.random.default_rng(0); x, y = r.integers(0, 2, 50), r.integers(0, 3, 50)\n"
+            "e = balanced_mean(x + y + r.normal(size=50), x, y, [.5, .5], [.2, .3, .5])\n"
+            "b = balance_table(np.ones((3, 3)), [.2, .3, .5], [.3, .3, .4])\n"
+            "assert np.isfinite(e.standard_error) and b.converged\n"
+            "assert 'dask' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parquet_example_runs(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("matplotlib")
+    path = pathlib.Path(__file__).parents[1] / "examples" / "parquet_raking.py"
+    main = runpy.run_path(str(path))["main"]
+    results = main(n=3000, partitions=3, folder=str(tmp_path), plot=False)
+    out = capsys.readouterr().out
+    assert "raked" in out and "income" in out
+    # the same samples in memory give the same estimates
+    df = pd.read_parquet(tmp_path)
+    margins = {"age": {"18-34": 0.30, "35-54": 0.35, "55+": 0.35}, "region": {"urban": 0.55, "rural": 0.45},
+               ("sex", "region"): {("F", "urban"): 0.28, ("M", "urban"): 0.27, ("F", "rural"): 0.23,
+                                   ("M", "rural"): 0.22}}
+    ref = BalancedEstimator(margins).fit(df).mean(df["income"])
+    close(results["income"], (ref.estimate, ref.standard_error))
