@@ -26,12 +26,12 @@ import dask.array as da
 import numpy as np
 
 from . import _validation as check
+from .estimators import _cell_moments, _exponents
 
 #: Partials merged per node of the tree reductions.
 SPLIT_EVERY = 8
 
-#: The scaling exponent of a column whose values are all 0 (in a partition): below any other.
-NO_EXPONENT = -100_000
+
 
 
 def rows(obj: Any, name: str, *, max_ndim: int = 1) -> da.Array:
@@ -208,30 +208,23 @@ def cell_statistics(plan, columns: list[da.Array], design: da.Array | None, stri
 
 
 def _cells_of(plan, blocks, strides, keys, p) -> np.ndarray:
+    """Each sample's cell (its position in the sorted ``keys``): a lookup table when the key space is
+    at most a few times the block, else a binary search."""
     key = _key(_codes_of(plan, blocks, p), strides)
-    where = np.searchsorted(keys, key)
-    if len(key) and (where.max(initial=0) >= len(keys) or not np.array_equal(keys[np.minimum(where, len(keys) - 1)],
-                                                                             key)):
+    product = int(strides[0]) * len(plan.levels[0])
+    if not len(key):
+        return key
+    if product <= 4 * len(key):
+        position = np.full(product, -1, dtype=np.int64)
+        position[keys] = np.arange(len(keys))
+        where = position[key]
+        lost = where.min() < 0
+    else:
+        where = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+        lost = not np.array_equal(keys[where], key)
+    if lost:
         raise ValueError(check.in_partition(check.dask_data_changed(), p))
     return where
-
-
-def _moments(inverse, h, d, size):
-    """Per cell and column of h (n, s): sum d h, sum d^2 h, M2 around the cell's d^2-weighted mean,
-    and the cells' sum of d^2 (d None: every d is 1)."""
-    w2 = np.bincount(inverse, None if d is None else d * d, minlength=size).astype(np.float64)
-    s = h.shape[1]
-    dh, d2h, m2 = np.zeros((s, size)), np.zeros((s, size)), np.zeros((s, size))
-    d2 = None if d is None else d * d
-    for j in range(s):
-        col = h[:, j]
-        dh[j] = np.bincount(inverse, col if d is None else d * col, minlength=size)
-        d2h[j] = dh[j] if d is None else np.bincount(inverse, d2 * col, minlength=size)
-        mean = np.divide(d2h[j], w2, out=np.zeros(size), where=w2 > 0)
-        r = col - mean[inverse]
-        r *= r
-        m2[j] = np.bincount(inverse, r if d2 is None else d2 * r, minlength=size)
-    return {"w2": w2, "dh": dh, "d2h": d2h, "m2": m2}
 
 
 def _mean_chunk(p, *blocks, keys, plan, strides, ncols, weighted):
@@ -247,12 +240,12 @@ def _mean_chunk(p, *blocks, keys, plan, strides, ncols, weighted):
     if len(h) != len(inverse):
         raise ValueError(check.in_partition(check.dask_values_length(len(h), len(inverse)), p))
     d = _design(blocks[ncols + 1], len(h), p) if weighted else None
-    top = np.abs(h).max(axis=0, initial=0.0)
     # Each column divided by a power of two near its largest |h| (exact): squares of values near
     # 1e200 would overflow. The partials carry their exponent; the merge rescales them to the largest.
-    exponent = np.where(top > 0, np.frexp(top)[1] - 1, NO_EXPONENT)
-    part = _moments(inverse, np.ldexp(h, -exponent), d, len(keys))
-    part["top"], part["exponent"] = top, exponent
+    top, exponent = _exponents(h)
+    cells, local = _group(inverse, len(keys))  # only the partition's own cells: partials stay small
+    part = _cell_moments(local, np.ldexp(h, -exponent), d, len(cells))
+    part["cells"], part["top"], part["exponent"] = cells, top, exponent
     return _wrap(part)
 
 
@@ -261,14 +254,24 @@ def _mean_combine(parts: list[dict]) -> dict:
     every partial to the largest exponent (``sum d h`` of partial b is ``dh_b * 2^exponent_b``)."""
     exponent = np.max([q["exponent"] for q in parts], axis=0)
     parts = [_rescaled(q, exponent) for q in parts]
-    w2 = sum(q["w2"] for q in parts)
-    d2h = sum(q["d2h"] for q in parts)
+    cells, inverse = np.unique(np.concatenate([q["cells"] for q in parts]), return_inverse=True)
+    inverse = inverse.ravel()
+    size = len(cells)
+
+    def summed(name):
+        stacked = np.concatenate([q[name] for q in parts], axis=-1)
+        if stacked.ndim == 1:
+            return np.bincount(inverse, stacked, minlength=size)
+        return np.stack([np.bincount(inverse, row, minlength=size) for row in stacked])
+
+    w2, d2h, m2 = summed("w2"), summed("d2h"), summed("m2")
     mean = np.divide(d2h, w2, out=np.zeros_like(d2h), where=w2 > 0)
-    m2 = sum(q["m2"] for q in parts)
-    for q in parts:
-        mb = np.divide(q["d2h"], q["w2"], out=np.zeros_like(q["d2h"]), where=q["w2"] > 0)
-        m2 = m2 + q["w2"] * (mb - mean) ** 2
-    return {"w2": w2, "dh": sum(q["dh"] for q in parts), "d2h": d2h, "m2": m2,
+    part_w2 = np.concatenate([q["w2"] for q in parts])
+    part_d2h = np.concatenate([q["d2h"] for q in parts], axis=-1)
+    part_mean = np.divide(part_d2h, part_w2, out=np.zeros_like(part_d2h), where=part_w2 > 0)
+    spread = part_w2 * (part_mean - mean[:, inverse]) ** 2
+    m2 += np.stack([np.bincount(inverse, row, minlength=size) for row in spread])
+    return {"cells": cells, "w2": w2, "dh": summed("dh"), "d2h": d2h, "m2": m2,
             "top": np.max([q["top"] for q in parts], axis=0), "exponent": exponent}
 
 
@@ -297,7 +300,12 @@ def value_statistics(plan, columns: list[da.Array], design: da.Array | None, val
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     (out,) = dask.compute(_tree(objs, _mean_combine))
-    return out
+    dense = {"top": out["top"], "exponent": out["exponent"], "w2": np.zeros(len(keys))}
+    dense["w2"][out["cells"]] = out["w2"]
+    for name in ("dh", "d2h", "m2"):
+        dense[name] = np.zeros((out[name].shape[0], len(keys)))
+        dense[name][:, out["cells"]] = out[name]
+    return dense
 
 
 def _mean_chunk_positional(p, *blocks, plan, strides, ncols, weighted):

@@ -548,13 +548,8 @@ class BalancedEstimator:
         index = _common_index(dict(values) if isinstance(values, Mapping) else {"values": values})
         if index is not None and self._index is not None and not index.equals(self._index):
             raise ValueError(check.misaligned_values())
-        h2 = given = h.reshape(n, -1)
-        scale = _power_of_two_scale(h2)
-        if np.any(scale != 1.0):
-            h2 = h2 / scale
-        estimate = self._w @ h2
-        se = _standard_error(self._contributions(h2 - estimate)) * scale
-        estimate = estimate * scale
+        given = h.reshape(n, -1)
+        estimate, se, _ = self._from_moments(_sample_moments(given, self._start_weights, self._cells, self._cell_of), n)
         pandas = index is not None or self._index is not None
         if h.ndim == 1:
             estimate, se = float(estimate[0]), float(se[0])
@@ -663,6 +658,51 @@ class _DaskFit:
     strides: list[int]
     keys: np.ndarray
     n: int
+
+
+#: The scaling exponent of a statistic whose values are all 0: below any other.
+NO_EXPONENT = -100_000
+
+
+def _cell_moments(inverse: np.ndarray | None, h: np.ndarray, d: np.ndarray | None, size: int) -> dict:
+    """Per cell and column of h (n, s): sums of d h and d^2 h, M2 = sum d^2 (h - m_c)^2 around the
+    cell's d^2-weighted mean m_c, and the cells' sums of d^2 (d None: every d is 1; ``inverse``
+    None: every sample is its own cell)."""
+    s = h.shape[1]
+    if inverse is None:
+        w2 = np.ones(len(h)) if d is None else d * d
+        dh = h.T.copy() if d is None else (h * d[:, None]).T
+        d2h = dh if d is None else (h * w2[:, None]).T
+        return {"w2": w2, "dh": dh, "d2h": d2h, "m2": np.zeros((s, len(h)))}
+    w2 = np.bincount(inverse, None if d is None else d * d, minlength=size).astype(np.float64)
+    dh, d2h, m2 = np.zeros((s, size)), np.zeros((s, size)), np.zeros((s, size))
+    d2 = None if d is None else d * d
+    for j in range(s):
+        col = h[:, j]
+        dh[j] = np.bincount(inverse, col if d is None else d * col, minlength=size)
+        d2h[j] = dh[j] if d is None else np.bincount(inverse, d2 * col, minlength=size)
+        mean = np.divide(d2h[j], w2, out=np.zeros(size), where=w2 > 0)
+        r = col - mean[inverse]
+        r *= r
+        m2[j] = np.bincount(inverse, r if d2 is None else d2 * r, minlength=size)
+    return {"w2": w2, "dh": dh, "d2h": d2h, "m2": m2}
+
+
+def _exponents(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max |h|, the exponent of a power of two near it) per column of h (n, s): dividing by it is
+    exact and keeps squares of huge or tiny values in range."""
+    top = np.abs(h).max(axis=0, initial=0.0)
+    return top, np.where(top > 0, np.frexp(top)[1] - 1, NO_EXPONENT)
+
+
+def _sample_moments(h: np.ndarray, start_weights: Any, cells: Cells, cell_of: np.ndarray | None) -> dict:
+    """The per-cell moments of in-memory values (n, s), as a Dask partition computes them; the
+    design weights are ``start_weights`` scaled to the cells' masses (None for 1/n)."""
+    d = None if np.ndim(start_weights) == 0 else np.asarray(start_weights) * float(cells.mass.sum())
+    top, exponent = _exponents(h)
+    moments = _cell_moments(cell_of, np.ldexp(h, -exponent), d, len(cells.mass))
+    moments["top"], moments["exponent"] = top, exponent
+    return moments
 
 
 def _is_dask(*inputs: Any) -> bool:

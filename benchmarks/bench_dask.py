@@ -1,0 +1,230 @@
+"""Dask benchmarks (issue 12): raked estimates of lazily generated samples on a LocalCluster against
+the in-memory estimator, and row-partitioned balancing of a sparse table against the in-memory
+sparse kernel.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_dask.py samples --n 10000000
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_dask.py table --nnz 50000000
+
+``samples``: four margins (a, b of 100 levels, c of 1000, the joint (e, f) of 20 x 50), the samples
+generated chunk by chunk on the workers from a seed (never materialised on the client); a fit with
+``steps=12`` and one ``mean`` with its standard error. Reports samples per second per core of the
+in-memory path (same samples, one process) and of the cluster (2 worker processes x 1 thread),
+their ratio, and the peak resident memory of every process (``ru_maxrss``). ``--cluster-only``
+skips the in-memory run (for sizes one process cannot hold).
+
+``table``: a sparse table with ``--nnz`` stored entries, each row block built by a task on the
+workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array and on the
+same table as one in-memory CSR matrix, and the largest relative difference of the scalings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import numpy as np
+
+#: The issue's margins (1e10 possible cells: at n samples about n occupied ones) and a survey-sized
+#: configuration (4e4 possible cells) where the cell table is small.
+CONFIGS = {"bar": {"a": 100, "b": 100, "c": 1000, "e": 20, "f": 50},
+           "small": {"a": 10, "b": 10, "c": 20, "e": 4, "f": 5}}
+SIZES = dict(CONFIGS["bar"])
+COLUMNS = list(SIZES)
+
+
+def generate(block: int, rows: int, seed: int) -> np.ndarray:
+    """Block ``block`` of the samples: codes of a, b, c, e, f (int32) as columns, biased so that the
+    sample's margins differ from the (uniform) targets."""
+    rng = np.random.default_rng([seed, block])
+    out = np.empty((rows, len(COLUMNS)), dtype=np.int32)
+    for j, (name, size) in enumerate(SIZES.items()):
+        out[:, j] = rng.integers(0, size, rows, dtype=np.int32)
+        if name in "ab":  # the smaller of two draws: low codes over-represented
+            np.minimum(out[:, j], rng.integers(0, size, rows, dtype=np.int32), out=out[:, j])
+    return out
+
+
+def values_of(codes: np.ndarray, block: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, block, 1])
+    return (codes[:, 0] / SIZES["a"] + codes[:, 2] / SIZES["c"] - codes[:, 3] / SIZES["e"]
+            + rng.normal(size=len(codes)))
+
+
+def margins() -> dict:
+    s = SIZES
+    return {"a": np.full(s["a"], 1 / s["a"]), "b": np.full(s["b"], 1 / s["b"]), "c": np.full(s["c"], 1 / s["c"]),
+            ("e", "f"): np.full((s["e"], s["f"]), 1 / (s["e"] * s["f"]))}
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_memory(n: int, chunk: int, seed: int, steps: int) -> tuple[float, tuple]:
+    from databalance import BalancedEstimator
+
+    blocks = [generate(i, min(chunk, n - i * chunk), seed) for i in range((n + chunk - 1) // chunk)]
+    h = np.concatenate([values_of(b, i, seed) for i, b in enumerate(blocks)])
+    codes = np.concatenate(blocks)
+    del blocks
+    data = {c: codes[:, j] for j, c in enumerate(COLUMNS)}
+    start = time.perf_counter()
+    est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
+    return time.perf_counter() - start, (est.estimate, est.standard_error)
+
+
+def on_cluster(client, n: int, chunk: int, seed: int, steps: int) -> tuple[float, tuple]:
+    import dask.array as da
+
+    from databalance import BalancedEstimator
+
+    nblocks = (n + chunk - 1) // chunk
+    rows = tuple(min(chunk, n - i * chunk) for i in range(nblocks))
+    ids = da.arange(nblocks, chunks=1)
+    codes = da.map_blocks(lambda b: generate(int(b[0]), rows[int(b[0])], seed), ids, dtype=np.int32,
+                          chunks=(rows, (len(COLUMNS),)), new_axis=1)
+    h = codes.map_blocks(lambda c, block_id=None: values_of(c, block_id[0], seed), dtype=np.float64,
+                         drop_axis=1, chunks=(rows,))
+    data = {c: codes[:, j] for j, c in enumerate(COLUMNS)}
+    start = time.perf_counter()
+    est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
+    return time.perf_counter() - start, (est.estimate, est.standard_error)
+
+
+def samples(args) -> None:
+    import distributed
+    from threadpoolctl import threadpool_info
+
+    SIZES.update(CONFIGS[args.config])
+    print(f"margins {args.config}: {SIZES}, steps={args.steps}")
+
+    print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
+    results = {}
+    if not args.cluster_only:
+        times = []
+        for _ in range(args.repeat):
+            t, ref = in_memory(args.n, args.chunk, args.seed, args.steps)
+            times.append(t)
+        results["memory"] = statistics.median(times)
+        print(f"in memory: n = {args.n:.3g}, median {results['memory']:.2f} s of {times}, "
+              f"{args.n / results['memory']:.3g} samples/s (one process), peak {peak_mb():.0f} MB; "
+              f"estimate {ref[0]:.10g} SE {ref[1]:.6g}")
+    # The workers get SIZES with the generator: cloudpickle sends a script's functions by value.
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit="2GiB",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        times = []
+        for _ in range(args.repeat):
+            t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps)
+            times.append(t)
+        workers = client.run(peak_mb)
+        results["cluster"] = statistics.median(times)
+    per_core = args.n / results["cluster"] / 2
+    print(f"cluster (2 workers x 1 thread): median {results['cluster']:.2f} s of {times}, "
+          f"{per_core:.3g} samples/s/core; estimate {got[0]:.10g} SE {got[1]:.6g}")
+    print(f"peak memory: client {peak_mb():.0f} MB, workers " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+    if "memory" in results:
+        print(f"samples/s/core, cluster / in memory (one core): {per_core / (args.n / results['memory']):.2f}; "
+              f"relative differences: estimate {abs(got[0] / ref[0] - 1):.2g}, SE {abs(got[1] / ref[1] - 1):.2g}")
+
+
+def sparse_block(block: int, rows: int, cols: int, per_row: int, seed: int):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng([seed, block])
+    indices = rng.integers(0, cols, rows * per_row).astype(np.int32)
+    data = rng.random(rows * per_row) + 0.1
+    indptr = np.arange(0, rows * per_row + 1, per_row, dtype=np.int64)
+    out = sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
+    out.sum_duplicates()
+    return out
+
+
+def _per_sweep(run, sweeps: int, repeat: int) -> tuple[float, float, object]:
+    """(median seconds of a run with 0 steps, median seconds per sweep beyond it, the last result):
+    the setup (validation, the Dask blocks' build and persist) is what the 0-step runs time."""
+    zero, full = [], []
+    result = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(0)
+        zero.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        result = run(2 * sweeps)
+        full.append(time.perf_counter() - start)
+    return statistics.median(zero), (statistics.median(full) - statistics.median(zero)) / sweeps, result
+
+
+def table(args) -> None:
+    import dask
+    import dask.array as da
+    import distributed
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_info
+
+    from databalance import balance_table
+
+    print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
+    rows = args.nnz // args.per_row
+    nblocks = (rows + args.block_rows - 1) // args.block_rows
+    sizes = [min(args.block_rows, rows - i * args.block_rows) for i in range(nblocks)]
+    p = np.full(rows, 1 / rows)
+    q = np.random.default_rng(1).dirichlet(np.ones(args.cols))
+    parts = [da.from_delayed(dask.delayed(sparse_block)(i, r, args.cols, args.per_row, args.seed),
+                             shape=(r, args.cols), dtype=np.float64, meta=sp.csr_matrix((0, 0)))
+             for i, r in enumerate(sizes)]
+    lazy = da.concatenate(parts)
+    print(f"sparse table {rows} x {args.cols}, {args.nnz:.3g} nnz in {nblocks} row blocks; {args.sweeps} sweeps")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit=args.memory,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        setup, sweep, got = _per_sweep(lambda k: balance_table(lazy, p, q, steps=k), args.sweeps, args.repeat)
+        workers = client.run(peak_mb)
+    print(f"  dask (2 workers x 1 thread): setup (build, persist, checks) {setup:.2f} s, per sweep {sweep:.3f} s; "
+          "workers' peak " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+    if args.cluster_only:
+        return
+    csr = sp.csr_array(sp.vstack([sparse_block(i, r, args.cols, args.per_row, args.seed) for i, r in
+                                  enumerate(sizes)], format="csr"))
+    setup_m, sweep_m, ref = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps, args.repeat)
+    print(f"  in memory (one process): setup {setup_m:.2f} s, per sweep {sweep_m:.3f} s; peak {peak_mb():.0f} MB")
+    rel = max(np.abs(got.row_scaling / ref.row_scaling - 1).max(), np.abs(got.col_scaling / ref.col_scaling - 1).max())
+    print(f"  per sweep, dask / in memory: {sweep / sweep_m:.2f}; largest relative difference of the scalings "
+          f"{rel:.2g}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("samples")
+    s.add_argument("--n", type=int, default=10**7)
+    s.add_argument("--chunk", type=int, default=10**6)
+    s.add_argument("--steps", type=int, default=12)
+    s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cluster-only", action="store_true")
+    s.add_argument("--config", choices=list(CONFIGS), default="bar")
+    t = sub.add_parser("table")
+    t.add_argument("--nnz", type=int, default=5 * 10**7)
+    t.add_argument("--per-row", type=int, default=50)
+    t.add_argument("--cols", type=int, default=100_000)
+    t.add_argument("--block-rows", type=int, default=100_000)
+    t.add_argument("--sweeps", type=int, default=10)
+    t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--memory", default="4GiB", help="memory limit per worker")
+    t.add_argument("--cluster-only", action="store_true")
+    args = parser.parse_args()
+    samples(args) if args.what == "samples" else table(args)
+
+
+if __name__ == "__main__":
+    main()
