@@ -83,7 +83,7 @@ def in_memory(n: int, chunk: int, seed: int, steps: int) -> tuple[float, tuple]:
     return time.perf_counter() - start, (est.estimate, est.standard_error)
 
 
-def on_cluster(client, n: int, chunk: int, seed: int, steps: int) -> tuple[float, tuple]:
+def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool = False) -> tuple[float, tuple]:
     import dask.array as da
 
     from databalance import BalancedEstimator
@@ -96,6 +96,11 @@ def on_cluster(client, n: int, chunk: int, seed: int, steps: int) -> tuple[float
     h = codes.map_blocks(lambda c, block_id=None: values_of(c, block_id[0], seed), dtype=np.float64,
                          drop_axis=1, chunks=(rows,))
     data = {c: codes[:, j] for j, c in enumerate(COLUMNS)}
+    if persist:  # generated once, held by the workers: the estimator's own throughput
+        import distributed
+
+        data, h = client.persist(data), client.persist(h)
+        distributed.wait([*data.values(), h])
     start = time.perf_counter()
     est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
     return time.perf_counter() - start, (est.estimate, est.standard_error)
@@ -124,12 +129,12 @@ def samples(args) -> None:
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         times = []
         for _ in range(args.repeat):
-            t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps)
+            t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps, args.persist)
             times.append(t)
         workers = client.run(peak_mb)
         results["cluster"] = statistics.median(times)
     per_core = args.n / results["cluster"] / 2
-    print(f"cluster (2 workers x 1 thread): median {results['cluster']:.2f} s of {times}, "
+    print(f"cluster (2 workers x 1 thread, {'persisted' if args.persist else 'generated lazily in every pass'}): median {results['cluster']:.2f} s of {times}, "
           f"{per_core:.3g} samples/s/core; estimate {got[0]:.10g} SE {got[1]:.6g}")
     print(f"peak memory: client {peak_mb():.0f} MB, workers " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
     if "memory" in results:
@@ -212,6 +217,8 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cluster-only", action="store_true")
     s.add_argument("--config", choices=list(CONFIGS), default="bar")
+    s.add_argument("--persist", action="store_true", help="generate the samples once and persist them on the "
+                   "workers before timing (else they are generated lazily in every pass)")
     t = sub.add_parser("table")
     t.add_argument("--nnz", type=int, default=5 * 10**7)
     t.add_argument("--per-row", type=int, default=50)

@@ -374,6 +374,15 @@ def test_library_works_without_dask():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_guide_page_examples_run():
+    import doctest
+
+    page = pathlib.Path(__file__).parents[1] / "docs" / "guide" / "dask.rst"
+    result = doctest.testfile(str(page), module_relative=False,
+                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_parquet_example_runs(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     pytest.importorskip("matplotlib")
