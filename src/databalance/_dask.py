@@ -74,6 +74,23 @@ def aligned(arrays: dict[str, da.Array]) -> dict[str, da.Array]:
     return out
 
 
+def shared(array: np.ndarray) -> da.Array:
+    """A client-side array every partition's task reads, as a one-chunk Dask array: scattered to
+    the workers once under an active ``distributed`` client (a cell table's keys can be tens of MB,
+    too much to embed in every graph), embedded in the graph otherwise."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
+        return da.from_array(array, chunks=-1)
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed") and \
+            dask.config.get("scheduler", None) is not client:
+        return da.from_array(array, chunks=-1)
+    future = client.scatter(array, broadcast=True, hash=False)
+    return da.from_delayed(future, shape=array.shape, dtype=array.dtype, meta=array[:0])
+
+
 def _partition_ids(arr: da.Array) -> da.Array:
     return da.arange(arr.numblocks[0], chunks=1)
 
@@ -293,7 +310,7 @@ def value_statistics(plan, columns: list[da.Array], design: da.Array | None, val
     args += [values, "ij" if values.ndim == 2 else "i"]
     if design is not None:
         args += [design, "i"]
-    args += [da.from_array(keys, chunks=-1), "k"]
+    args += [shared(keys), "k"]
     objs = da.blockwise(_mean_chunk_positional, "i", *args, dtype=object, align_arrays=False, concatenate=True,
                         plan=plan, strides=strides, ncols=len(columns), weighted=design is not None,
                         meta=np.empty(0, dtype=object))
@@ -333,7 +350,7 @@ def lazy_weights(plan, columns: list[da.Array], design: da.Array | None, strides
     args = [_partition_ids(columns[0]), "i"]
     for c in columns + ([design] if design is not None else []):
         args += [c, "i"]
-    args += [da.from_array(keys, chunks=-1), "k", da.from_array(factor, chunks=-1), "l"]
+    args += [shared(keys), "k", shared(factor), "l"]
     return da.blockwise(_weights_chunk, "i", *args, dtype=np.float64, align_arrays=False, concatenate=True,
                         adjust_chunks={"i": tuple(columns[0].chunks[0])}, plan=plan, strides=strides,
                         ncols=len(columns), weighted=design is not None, meta=np.empty(0, dtype=np.float64))
