@@ -5,6 +5,7 @@ iterative proportional fitting, raking, Sinkhorn-Knopp.
 """
 
 from ._errors import ConvergenceWarning, InfeasibleError
+from ._kernels.fused import which_kernel
 from ._summary import LabelledValues, MarginSummary, StatisticSummary, Summary
 from .balance import (
     BalanceResult,
@@ -61,4 +62,5 @@ __all__ = [
     "spectrum",
     "variance_decomposition",
     "variance_profile",
+    "which_kernel",
 ]

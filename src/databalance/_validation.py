@@ -1367,3 +1367,11 @@ def kernel_choice(variable: str, value: str) -> str:
 def numba_missing(variable: str) -> str:
     return (f"{variable}=numba asks for the numba kernels, but numba is not installed: "
             "`pip install databalance[fast]`, or unset the variable.")
+
+
+def acceleration_option(value) -> str:
+    """``acceleration`` of balance_table / balance_logits."""
+    choices = ("auto", "overrelax", "none")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`acceleration` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _feasibility, _ipf, _progress
+from . import _accelerate, _feasibility, _ipf, _progress
 from . import _kernels as kernels
 from . import _validation as check
 from ._errors import ConvergenceWarning, InfeasibleError
@@ -49,6 +49,7 @@ class _Outcome:
     steps: int
     status: str
     marginal_error: np.ndarray = field(repr=False)
+    passes: int | None = field(default=None, repr=False)
     _input: Any = field(default=None, repr=False)
     _targets: tuple = field(default=(), repr=False)
     _known_feasible: bool | None = field(default=None, repr=False)
@@ -115,6 +116,9 @@ class BalanceResult(_Outcome):
     marginal_error : ndarray, shape (..., steps + 1, 2)
         L1 distance of the row (``[..., k, 0]``) and column (``[..., k, 1]``) sums of iterate k from
         the targets, divided by the target total; ``k = 0`` is the input.
+    passes : int or None
+        Passes over the table the iteration made (products with it, or fused sweeps that read it
+        once for two half-steps; setup and checks not counted); None for array-API inputs.
     feasible : bool
         Whether the fully balanced table exists (the zero pattern can carry the targets). Known
         without extra work after ``steps=None``; after ``steps=k`` it is computed (a max-flow on
@@ -142,7 +146,7 @@ class LogBalanceResult(_Outcome):
     ----------
     row_potential, col_potential : ndarray
         ``f`` and ``g`` with ``log_table == f[..., :, None] + logits + g[..., None, :]``.
-    steps, status, marginal_error, feasible
+    steps, status, marginal_error, passes, feasible
         As in :class:`BalanceResult`.
     """
 
@@ -353,7 +357,7 @@ def _max_flow_check(kernel, targets, name):
 
 def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int | None = None,
                   start: str = "x", tol: float | None = None, max_steps: int = 10_000,
-                  progress: bool | _progress.Progress = False) -> BalanceResult:
+                  progress: bool | _progress.Progress = False, acceleration: str = "auto") -> BalanceResult:
     """Rescale a nonnegative table so that its row and column sums match target marginals.
 
     Alternately rescales the rows to ``p_x`` and the columns to ``p_y`` (iterative proportional
@@ -381,6 +385,13 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     progress : bool or callable
         ``True`` shows a progress bar (tqdm when installed, else a line on stderr); a callable
         ``f(step, errors)`` is called after every half-step with that step's marginal errors.
+    acceleration : {"auto", "overrelax", "none"}
+        For ``steps=None`` only (``steps=k`` always runs plain half-steps). ``"auto"`` runs plain
+        IPF for a few sweeps, estimates its rate per sweep, and when that is slow (at least 0.5)
+        over-relaxes the scalings with the factor that rate calls for, refined as it runs, falling
+        back to plain IPF if that does not beat it; ``"overrelax"`` does so whatever the rate;
+        ``"none"`` is plain IPF. Errors are measured on the iterates, so convergence means the
+        same (see :doc:`/guide/performance`). NumPy and scipy.sparse inputs only.
 
     Returns
     -------
@@ -438,6 +449,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
     check.progress_option(progress)
+    acceleration = check.acceleration_option(acceleration)
     if kernels.is_array_api(table):
         return _api_balance(table, p_x, p_y, log=False, steps=steps, start=start, tol=tol, max_steps=max_steps,
                             progress=progress)
@@ -445,20 +457,22 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     tol = check.tolerance(tol, kernel.dtype)
     targets = _two_targets(kernel, p_x, p_y)
     problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps)
-    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+    runner = _accelerate.wrap(kernel, acceleration, steps, _first(start))
+    outcome, known = _solve(runner, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "table"), progress=progress,
                             desc="balance_table")
     u, v = kernel.export(outcome.state, problem.export_scales())
     outcome, reason = _float64_check(kernel, outcome, problem, tol, (u, v))
     _ipf.warn_if_unconverged(outcome, tol, reason)
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
+                         passes=runner.passes,
                          _input=table if kernels.is_sparse(table) else kernel.table, _targets=tuple(targets),
                          _known_feasible=known)
 
 
 def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = None, start: str = "x",
                    tol: float | None = None, max_steps: int = 10_000,
-                   progress: bool | _progress.Progress = False) -> LogBalanceResult:
+                   progress: bool | _progress.Progress = False, acceleration: str = "auto") -> LogBalanceResult:
     """Balance ``exp(logits)`` without leaving log space: stable for logits spanning +-1e4.
 
     Parameters
@@ -466,7 +480,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     logits : array_like, shape (..., m, l)
         Log masses (float32 or float64); ``-inf`` marks a structural zero and stays ``-inf``.
         Leading axes are a batch (e.g. per-batch CLIP logit matrices).
-    p_x, p_y, steps, start, tol, max_steps, progress
+    p_x, p_y, steps, start, tol, max_steps, progress, acceleration
         As in :func:`balance_table`.
 
     Returns
@@ -507,6 +521,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     start = check.start_option(start)
     max_steps = check.positive_int(max_steps, "max_steps")
     check.progress_option(progress)
+    acceleration = check.acceleration_option(acceleration)
     if kernels.is_array_api(logits):
         return _api_balance(logits, p_x, p_y, log=True, steps=steps, start=start, tol=tol, max_steps=max_steps,
                             progress=progress)
@@ -515,11 +530,12 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     arr = arr.astype(dtype, copy=False)
     has_zeros, magnitude = check.logits_entries(arr, "logits")
     tol = check.tolerance(tol, dtype)
-    kernel = kernels.LogKernel(arr, _first(start), has_zeros)
+    kernel = kernels.log_kernel(arr, _first(start), has_zeros)
     targets = _two_targets(kernel, p_x, p_y)
     problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps,
                        name="logits")
-    outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
+    runner = _accelerate.wrap(kernel, acceleration, steps, _first(start))
+    outcome, known = _solve(runner, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "logits"), progress=progress,
                             desc="balance_logits")
     f, g = kernel.export(outcome.state, problem.export_scales())
@@ -528,7 +544,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     outcome = measured
     _ipf.warn_if_unconverged(outcome, tol, check.unrepresentable(magnitude) if lost else "")
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
-                            _input=arr, _targets=tuple(targets), _known_feasible=known)
+                            passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known)
 
 
 def _as_returned(outcome, logits, f, g, problem, magnitude, tol):

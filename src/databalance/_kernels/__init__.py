@@ -32,7 +32,7 @@ from .sparse import SparseKernel, scaled_sparse, support_pattern_sparse
 from .tensor import TensorKernel
 
 __all__ = ["CellKernel", "DenseKernel", "Kernel", "LogKernel", "SparseKernel", "State", "TensorKernel", "is_sparse",
-           "is_array_api", "kernel_for", "scaled_table", "support_pattern"]
+           "is_array_api", "kernel_for", "log_kernel", "scaled_table", "support_pattern"]
 
 
 @dataclass
@@ -44,6 +44,7 @@ class State:
     frame: Any = field(default=None)
     steps: int = 0
     fixed: int = -1  # the margin the last half-step fixed
+    cache: Any = field(default=None)  # a kernel's results kept for a later call (.fused)
 
 
 class Kernel(Protocol):
@@ -105,12 +106,23 @@ def is_dask_array(table) -> bool:
 
 
 def kernel_for(table) -> Kernel:
-    """The kernel of a nonnegative table (validated by the kernel)."""
+    """The kernel of a nonnegative table (validated by the kernel); the fused numba form when
+    :func:`.fused.which_kernel` chooses it."""
     if is_dask_array(table):  # partitioned along rows (imports dask)
         from .chunked import ChunkedKernel
 
         return ChunkedKernel.from_input(table)
-    return SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
+    from . import fused
+
+    kernel = SparseKernel.from_input(table) if sp.issparse(table) else DenseKernel.from_input(table)
+    return fused.accelerated(kernel)
+
+
+def log_kernel(logits: np.ndarray, first: int, has_zeros: bool = True) -> LogKernel:
+    """The kernel of validated logits (fused when :func:`.fused.which_kernel` chooses it)."""
+    from . import fused
+
+    return fused.log_kernel(logits, first, has_zeros)
 
 
 def is_array_api(table) -> bool:

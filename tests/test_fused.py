@@ -1,0 +1,262 @@
+"""The fused numba kernels against the NumPy path; which kernel runs; the library without numba."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import databalance as db
+from databalance import _kernels as kernels
+from databalance._kernels import fused
+
+numba = pytest.importorskip("numba")
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@contextlib.contextmanager
+def kernel_choice(value: str | None):
+    """Set DATABALANCE_KERNEL for the block (hypothesis cannot take function-scoped fixtures)."""
+    old = os.environ.get(fused.ENV)
+    if value is None:
+        os.environ.pop(fused.ENV, None)
+    else:
+        os.environ[fused.ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(fused.ENV, None)
+        else:
+            os.environ[fused.ENV] = old
+
+
+def both(fn, *args, **kwargs):
+    """``fn`` run on the NumPy kernels and on the fused ones."""
+    with kernel_choice("numpy"):
+        a = fn(*args, **kwargs)
+    with kernel_choice("numba"):
+        b = fn(*args, **kwargs)
+    return a, b
+
+
+def tolerance(dtype) -> float:
+    return 1e-12 if dtype == np.float64 else 2e-5
+
+
+def assert_same(a, b, names, dtype):
+    assert a.steps == b.steps
+    assert a.status == b.status
+    rtol = tolerance(dtype)
+    for name in names:
+        x, y = getattr(a, name), getattr(b, name)
+        finite = np.isfinite(x)
+        np.testing.assert_array_equal(y[~finite], x[~finite])  # -inf potentials of zero targets
+        scale = np.max(np.abs(x[finite]), initial=0)
+        np.testing.assert_allclose(y[finite], x[finite], rtol=rtol, atol=rtol * scale, err_msg=name)
+    np.testing.assert_allclose(b.marginal_error, a.marginal_error, rtol=rtol, atol=rtol * 10)
+
+
+@st.composite
+def problems(draw, batch: bool = False, holes: bool = False):
+    """A table (positive, or with holes: structural zeros) and targets built as the margins of a
+    random table on the same support (so feasible), some of them zero; in float32 or float64."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    m, l = draw(st.integers(1, 70)), draw(st.integers(1, 40))
+    shape = ((draw(st.integers(1, 3)),) if batch else ()) + (m, l)
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    support = rng.random(shape) < (0.6 if holes else 2.0)
+    support[..., 0, :] = support[..., :, 0] = True
+    table = np.where(support, rng.random(shape) + 0.05, 0.0)
+    witness = np.where(support, rng.random(shape) + 0.05, 0.0)
+    if draw(st.booleans()) and m > 1:  # a zero row target
+        witness[..., rng.integers(1, m), :] = 0.0
+    if draw(st.booleans()) and l > 1:  # a zero column target
+        witness[..., :, rng.integers(1, l)] = 0.0
+    witness *= rng.uniform(0.5, 50.0) / witness.sum(axis=(-2, -1), keepdims=True)
+    return table.astype(dtype), witness.sum(axis=-1), witness.sum(axis=-2)
+
+
+STEPS = st.one_of(st.none(), st.integers(1, 9))
+
+
+@SETTINGS
+@given(problems(), STEPS, st.sampled_from("CF"), st.sampled_from("xy"))
+def test_dense_matches_numpy(problem, steps, order, start):
+    table, p, q = problem
+    table = np.asarray(table, order=order)
+    a, b = both(db.balance_table, table, p, q, steps=steps, start=start)
+    assert_same(a, b, ["row_scaling", "col_scaling"], table.dtype)
+
+
+@SETTINGS
+@given(problems(batch=True), STEPS, st.sampled_from("CF"))
+def test_batched_matches_numpy(problem, steps, order):
+    table, p, q = problem
+    if order == "F":  # each problem's columns contiguous
+        table = np.ascontiguousarray(np.swapaxes(table, -1, -2)).swapaxes(-1, -2)
+    a, b = both(db.balance_table, table, p, q, steps=steps)
+    assert_same(a, b, ["row_scaling", "col_scaling"], table.dtype)
+
+
+@SETTINGS
+@given(problems(holes=True), STEPS, st.sampled_from(["csr", "csc"]))
+def test_sparse_matches_numpy(problem, steps, fmt):
+    table, p, q = problem
+    S = sp.csr_array(table).asformat(fmt)
+    a, b = both(db.balance_table, S, p, q, steps=steps)
+    assert_same(a, b, ["row_scaling", "col_scaling"], table.dtype)
+    assert b.table.format == fmt
+
+
+@SETTINGS
+@given(problems(batch=True, holes=True), STEPS, st.sampled_from("xy"), st.floats(0.5, 3.0))
+def test_logits_match_numpy(problem, steps, start, spread):
+    table, p, q = problem
+    holes = table == 0
+    with np.errstate(divide="ignore"):
+        logits = (np.log(table.astype(np.float64)) * spread).astype(table.dtype)
+    a, b = both(db.balance_logits, logits, p, q, steps=steps, start=start)
+    assert_same(a, b, ["row_potential", "col_potential"], table.dtype)
+    assert np.isneginf(b.log_table)[holes].all()
+    np.testing.assert_array_equal(np.isneginf(b.log_table), np.isneginf(a.log_table))
+
+
+def test_fused_pass_reads_the_table_once_per_sweep():
+    rng = np.random.default_rng(0)
+    T = rng.random((40, 30))
+    problem = db._ipf.Problem.from_targets([np.full(40, 1 / 40), np.full(30, 1 / 30)], ["p_x", "p_y"], np.ones(()),
+                                          T.dtype)
+    with kernel_choice("numba"):
+        kernel = kernels.kernel_for(T)
+    assert isinstance(kernel, fused.FusedDenseKernel)
+    it = db._ipf.half_steps(kernel, problem)
+    for _ in range(41):  # iterate 0 and 40 half-steps
+        next(it)
+    # the first row step's sums come from the frame's; one plain read for the first column step;
+    # then one fused read per sweep (the last serves the error of iterate 40)
+    assert kernel.reads == 1 + 20
+
+
+def test_thread_counts_agree():
+    rng = np.random.default_rng(1)
+    T = rng.random((3, 67, 45))
+    p, q = np.full(67, 1 / 67), np.full(45, 1 / 45)
+    results = []
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        with kernel_choice("numba"):
+            results.append(db.balance_table(T, p, q, steps=11))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    np.testing.assert_allclose(results[0].row_scaling, results[1].row_scaling, rtol=1e-13)
+    np.testing.assert_allclose(results[0].col_scaling, results[1].col_scaling, rtol=1e-13)
+
+
+def test_power_law_rows_and_empty_rows_sparse():
+    """Blocks of equal nonzeros: one row holding most entries, rows with none (zero targets)."""
+    rng = np.random.default_rng(2)
+    T = np.zeros((60, 50))
+    T[7] = rng.random(50) + 0.1
+    T[rng.random((60, 50)) < 0.05] = 1.0
+    T[:, 0] += 0.5
+    T[[3, 11]] = 0.0
+    witness = T * rng.uniform(0.5, 2.0, T.shape)  # targets a table on this support has: feasible
+    p, q = witness.sum(axis=1), witness.sum(axis=0)
+    a, b = both(db.balance_table, sp.csr_array(T), p, q)
+    assert b.converged
+    assert_same(a, b, ["row_scaling", "col_scaling"], np.float64)
+
+
+def test_infeasible_stays_unconverged_with_fused_kernels():
+    T = np.ones((64, 64))
+    T[:32, 32:] = 0.0
+    T[32:, :32] = 0.0
+    T[0, 40] = 1e-3  # one link: feasible only through it, so the scalings diverge slowly
+    p = np.full(64, 1 / 64)
+    q = np.r_[np.full(32, 0.25 / 32), np.full(32, 0.75 / 32)]
+    with kernel_choice("numba"), pytest.raises(db.InfeasibleError):
+        db.balance_table(T, p, q)
+
+
+def test_which_kernel_and_the_environment_variable():
+    big = np.ones((300, 300))
+    with kernel_choice(None):
+        assert db.which_kernel(np.ones((3, 3))) == "numpy"
+        assert db.which_kernel(big) == "numba"
+        assert db.which_kernel(sp.random(1000, 1000, density=0.1, format="csr")) == "numba"
+        assert db.which_kernel(sp.random(1000, 1000, density=0.1, format="coo")) == "numpy"
+        assert db.which_kernel(big[:, ::2]) == "numpy"  # neither order: the NumPy kernel
+    with kernel_choice("numpy"):
+        assert db.which_kernel(big) == "numpy"
+        assert type(kernels.kernel_for(big)) is kernels.DenseKernel
+    with kernel_choice("numba"):
+        assert db.which_kernel(np.ones((3, 3))) == "numba"
+        assert db.which_kernel(np.ones((3, 3), dtype=np.int64)) == "numba"
+        assert db.which_kernel(np.asfortranarray(big)) == "numba"
+    with kernel_choice("fast"), pytest.raises(ValueError, match="DATABALANCE_KERNEL is 'fast'.*'auto'"):
+        db.which_kernel(big)
+
+
+def test_relaxed_ratio_decreases_the_dual_objective():
+    rng = np.random.default_rng(3)
+    old = rng.uniform(0.01, 100, 500)
+    s = rng.uniform(0.01, 100, 500)
+    p = rng.uniform(0.0, 1.0, 500)
+    p[:20] = 0
+    zero = np.nonzero(p == 0)
+    for omega in (1.0, 1.5, 1.9):
+        new = fused.relaxed_ratio(old, p, s, zero, omega)
+        pos = p > 0
+
+        def dual(x, pos=pos):
+            return s[pos] * x[pos] - p[pos] * np.log(x[pos])
+
+        assert (dual(new) <= dual(old) + 1e-12 * np.abs(dual(old))).all()
+        assert (new[~pos] == 0).all()
+    np.testing.assert_array_equal(fused.relaxed_ratio(old, p, s, zero, None)[p > 0], (p / s)[p > 0])
+
+
+def run_without_numba(code: str, env_value: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop(fused.ENV, None)
+    if env_value is not None:
+        env[fused.ENV] = env_value
+    prelude = "import sys\nsys.modules['numba'] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_library_works_without_numba():
+    out = run_without_numba("""
+        import numpy as np, scipy.sparse as sp
+        import databalance as db
+        T = np.random.default_rng(0).random((400, 300))
+        assert db.which_kernel(T) == "numpy"
+        r = db.balance_table(T, np.full(400, 1 / 400), np.full(300, 1 / 300))
+        s = db.balance_table(sp.csr_array(T), np.full(400, 1 / 400), np.full(300, 1 / 300))
+        g = db.balance_logits(np.log(T), np.full(400, 1 / 400), np.full(300, 1 / 300))
+        assert r.converged and s.converged and g.converged
+        assert "numba" not in sys.modules or sys.modules["numba"] is None
+        print("ok")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_forcing_numba_without_numba_is_a_clear_error():
+    out = run_without_numba("""
+        import numpy as np
+        import databalance as db
+        db.balance_table(np.ones((3, 3)), [1, 1, 1], [1, 1, 1])
+    """, env_value="numba")
+    assert out.returncode != 0
+    assert "DATABALANCE_KERNEL=numba asks for the numba kernels, but numba is not installed" in out.stderr
