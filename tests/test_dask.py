@@ -333,6 +333,9 @@ def test_chunked_table_errors():
         with pytest.raises(ValueError, match=r"`table` must be nonnegative; found -1.0 at index \(13, 2\).*"
                                              r"block starting at row 20"):
             balance_table(da.from_array(T, chunks=(20, 6)), p, q)
+        T[33, 2] = np.inf
+        with pytest.raises(ValueError, match=r"`table` contains an infinite value, first at index \(13, 2\)"):
+            balance_table(da.from_array(T, chunks=(20, 6)), p, q)
         with pytest.raises(ValueError, match=r"`table` must be 2-D when it is a Dask array"):
             balance_table(da.ones((2, 4, 4), chunks=2), np.full(4, .25), np.full(4, .25))
         # a zero pattern that cannot carry the targets: the same InfeasibleError as in memory

@@ -56,6 +56,8 @@ def _block_summary(block, offset: int, working):
         block = np.asarray(block).astype(working, copy=False)
         try:
             lowest = check.nonnegative(block, "table")
+            if not np.isfinite(block.max(initial=0.0)):
+                check.finite_sums(np.array([np.inf]), block, "table")  # raises, naming the entry
         except ValueError as error:
             raise ValueError(f"{error} [index within the Dask block starting at row {offset}]") from None
         nnz = block.size
