@@ -57,7 +57,11 @@ def test_converged_result_equals_plain_ipf(eps, controllers):
     assert plain.converged and fast.converged
     assert controllers[-1].relaxed_from is not None and not controllers[-1].fell_back
     assert fast.steps < plain.steps / 3
-    assert fast.passes == fast.steps + 1 and plain.passes == plain.steps + 1
+    for res in (fast, plain):  # one read per half-step; a fused kernel reads once per sweep
+        if db.which_kernel(T) == "numpy":
+            assert res.passes == res.steps + 1
+        else:
+            assert res.passes <= res.steps // 2 + 3
     assert l1_errors(fast.table, p, p) <= 1e-10
     # both within tol of the same limit: their tables differ by about tol (relative to the mass)
     assert np.abs(fast.table - plain.table).sum() <= 4e-10
