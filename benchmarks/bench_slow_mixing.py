@@ -72,7 +72,8 @@ def main():
     args = ap.parse_args()
     n = args.n
     numba.set_num_threads(args.threads)
-    info = ", ".join(f"{d['internal_api']} {d.get('architecture')}" for d in threadpool_info() if d["user_api"] == "blas")
+    info = ", ".join(f"{d['internal_api']} {d.get('architecture')}" for d in threadpool_info()
+                     if d["user_api"] == "blas")
     print(f"n = {n}, tol = {TOL:g}, {args.threads} threads (BLAS {info}; numba kernel: "
           f"{db.which_kernel(np.ones((n, n)))}); medians of {args.repeats} interleaved repeats\n")
     print("| table | s_2 | solver | status | table reads | reads vs plain | seconds | time vs plain | final L1 error |")
@@ -108,8 +109,8 @@ def main():
                 return go
 
             solvers["POT sinkhorn"] = pot(ot.sinkhorn)
-            solvers["POT sinkhorn_epsilon_scaling"] = pot(lambda a, b, M, reg, **kw: ot.bregman.sinkhorn_epsilon_scaling(
-                a, b, M, reg, numInnerItermax=100, **kw))
+            solvers["POT sinkhorn_epsilon_scaling"] = pot(
+                lambda a, b, M, reg, **kw: ot.bregman.sinkhorn_epsilon_scaling(a, b, M, reg, numInnerItermax=100, **kw))
         elif ot is not None:  # POT on the table itself: its kernel is the table (M = -log T, reg = 1)
             Mt = -np.log(T)
 

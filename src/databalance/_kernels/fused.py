@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any, cast
@@ -271,24 +272,6 @@ def _csr_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
                     a[indices[k]] += data[k] * ui
 
 
-def _add_rows(acc, groups, out):
-    """``out[g, j] = sum of acc[g * per + t, j]`` over t (per = acc rows per group), threaded over
-    column blocks."""
-    G, n = out.shape
-    per = acc.shape[0] // G
-    nblocks = max(1, min(64, n // 4096))
-    for q in prange(G * nblocks):
-        g = q // nblocks
-        t = q % nblocks
-        lo = t * n // nblocks
-        hi = (t + 1) * n // nblocks
-        for j in range(lo, hi):
-            s = 0.0
-            for k in range(per):
-                s += acc[g * per + k, j]
-            out[g, j] = s
-
-
 @cache
 def _compiled(name: str):
     """The numba-compiled form of one of the functions above (numba imported here, once)."""
@@ -307,11 +290,31 @@ _rule_py = _rule
 _JITTED: dict = {}
 
 
+#: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others
+#: costs more than it saves (far more on a machine busy with other work).
+PER_THREAD = 1 << 20
+
+
 def threads() -> int:
     """numba's current thread count (``numba.set_num_threads``)."""
     import numba
 
     return int(numba.get_num_threads())
+
+
+@contextmanager
+def _using(n: int):
+    """Run a parallel region on ``n`` of numba's threads."""
+    import numba
+
+    old = numba.get_num_threads()
+    if n != old:
+        numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            numba.set_num_threads(old)
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
@@ -415,7 +418,8 @@ class FusedDenseKernel(_Fused, DenseKernel):
     def _pass(self, x, old, p, omega):
         T = self._work
         B, m, l = T.shape
-        nblocks = max(1, min(m, -(-threads() // B)))
+        nt = min(threads(), max(1, T.size // PER_THREAD))
+        nblocks = max(1, min(m, -(-nt // B)))
         lead_shape = self.batch + (m,)
         r = np.empty((B, m), self.dtype)
         u = np.empty((B, m), self.dtype)
@@ -423,15 +427,14 @@ class FusedDenseKernel(_Fused, DenseKernel):
         zero = self.dtype.type(0)
         w = np.broadcast_to(np.float64(1.0) if omega is None else np.asarray(omega, np.float64)[..., 0],
                             self.batch).reshape(B)
-        _compiled("_dense_pass")(T, np.ascontiguousarray(x).reshape(B, l), np.ascontiguousarray(old).reshape(B, m),
-                                 np.ascontiguousarray(np.broadcast_to(p, lead_shape)).reshape(B, m),
-                                 np.ascontiguousarray(w), nblocks, zero, r, u, acc)
-        if nblocks == 1:
-            c = acc.astype(self.dtype)
-        else:
-            c = np.empty((B, l))
-            _compiled("_add_rows")(acc, B, c)
-            c = c.astype(self.dtype, copy=False)
+        with _using(nt):
+            _compiled("_dense_pass")(T, np.ascontiguousarray(x).reshape(B, l),
+                                     np.ascontiguousarray(old).reshape(B, m),
+                                     np.ascontiguousarray(np.broadcast_to(p, lead_shape)).reshape(B, m),
+                                     np.ascontiguousarray(w), nblocks, zero, r, u, acc)
+        # the blocks' accumulators added up here, not in a second parallel region: waking the
+        # threads again costs more than adding a few vectors
+        c = acc.reshape(B, nblocks, l).sum(axis=1).astype(self.dtype, copy=False)
         return (r.reshape(lead_shape), u.reshape(lead_shape), c.reshape(self.batch + (l,)))
 
     @cached_property
@@ -462,7 +465,7 @@ class FusedSparseKernel(_Fused, SparseKernel):
 
     def _pass(self, x, old, p, omega):
         T = self.table
-        nblocks = max(1, threads())
+        nblocks = min(threads(), max(1, T.nnz // PER_THREAD))
         bounds = self._bounds.get(nblocks)
         if bounds is None:
             bounds = self._bounds[nblocks] = _block_bounds(T.indptr, nblocks)
@@ -471,13 +474,9 @@ class FusedSparseKernel(_Fused, SparseKernel):
         u = np.empty(m, self.dtype)
         acc = np.empty((nblocks, l))
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
-        _compiled("_csr_pass")(T.indptr, T.indices, T.data, x, old, np.ascontiguousarray(p), w, bounds, r, u, acc)
-        if nblocks == 1:
-            c = acc[0].astype(self.dtype)
-        else:
-            c2 = np.empty((1, l))
-            _compiled("_add_rows")(acc, 1, c2)
-            c = c2[0].astype(self.dtype)
+        with _using(nblocks):
+            _compiled("_csr_pass")(T.indptr, T.indices, T.data, x, old, np.ascontiguousarray(p), w, bounds, r, u, acc)
+        c = (acc[0] if nblocks == 1 else acc.sum(axis=0)).astype(self.dtype)
         return r, u, c
 
 
