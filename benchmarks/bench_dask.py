@@ -70,17 +70,26 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_memory(n: int, chunk: int, seed: int, steps: int) -> tuple[float, tuple]:
+def in_memory(n: int, chunk: int, seed: int, steps: int, local: str | None = None) -> tuple[float, tuple]:
+    """The in-memory estimator on the samples; with ``local`` (a Dask scheduler name) the Dask path
+    on the same in-memory samples wrapped as Dask arrays, on that scheduler in this process."""
+    import dask
+    import dask.array as da
+
     from databalance import BalancedEstimator
 
     blocks = [generate(i, min(chunk, n - i * chunk), seed) for i in range((n + chunk - 1) // chunk)]
     h = np.concatenate([values_of(b, i, seed) for i, b in enumerate(blocks)])
     codes = np.concatenate(blocks)
     del blocks
-    data = {c: codes[:, j] for j, c in enumerate(COLUMNS)}
-    start = time.perf_counter()
-    est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
-    return time.perf_counter() - start, (est.estimate, est.standard_error)
+    data = {c: np.ascontiguousarray(codes[:, j]) for j, c in enumerate(COLUMNS)}
+    if local is not None:
+        data = {c: da.from_array(v, chunks=chunk) for c, v in data.items()}
+        h = da.from_array(h, chunks=chunk)
+    with dask.config.set(scheduler=local or "threads"):
+        start = time.perf_counter()
+        est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
+        return time.perf_counter() - start, (est.estimate, est.standard_error)
 
 
 def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool = False) -> tuple[float, tuple]:
@@ -125,6 +134,11 @@ def samples(args) -> None:
         print(f"in memory: n = {args.n:.3g}, median {results['memory']:.2f} s of {times}, "
               f"{args.n / results['memory']:.3g} samples/s (one process), peak {peak_mb():.0f} MB; "
               f"estimate {ref[0]:.10g} SE {ref[1]:.6g}")
+        if args.local:
+            times = [in_memory(args.n, args.chunk, args.seed, args.steps, args.local)[0] for _ in range(args.repeat)]
+            local = statistics.median(times)
+            print(f"Dask path, scheduler {args.local!r}, same samples as in-memory Dask arrays: median {local:.2f} s "
+                  f"of {times}; in memory / Dask = {results['memory'] / local:.2f}")
     # The workers get SIZES with the generator: cloudpickle sends a script's functions by value.
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit="2GiB",
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
@@ -135,7 +149,8 @@ def samples(args) -> None:
         workers = client.run(peak_mb)
         results["cluster"] = statistics.median(times)
     per_core = args.n / results["cluster"] / 2
-    print(f"cluster (2 workers x 1 thread, {'persisted' if args.persist else 'generated lazily in every pass'}): median {results['cluster']:.2f} s of {times}, "
+    how = "persisted" if args.persist else "generated lazily in every pass"
+    print(f"cluster (2 workers x 1 thread, samples {how}): median {results['cluster']:.2f} s of {times}, "
           f"{per_core:.3g} samples/s/core; estimate {got[0]:.10g} SE {got[1]:.6g}")
     print(f"peak memory: client {peak_mb():.0f} MB, workers " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
     if "memory" in results:
@@ -222,6 +237,8 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cluster-only", action="store_true")
     s.add_argument("--config", choices=list(CONFIGS), default="bar")
+    s.add_argument("--local", choices=["sync", "threads"], help="also time the Dask path in this process on "
+                   "the in-memory samples with this scheduler (no cluster: the per-core cost of the path itself)")
     s.add_argument("--persist", action="store_true", help="generate the samples once and persist them on the "
                    "workers before timing (else they are generated lazily in every pass)")
     t = sub.add_parser("table")

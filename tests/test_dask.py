@@ -175,6 +175,40 @@ def test_large_values_scaled_exactly():
     assert np.isfinite(got.standard_error)
 
 
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(6, 60), parts=st.integers(1, 5), steps=st.sampled_from([0, 1, 2, 5, None]),
+       value=st.floats(-1e6, 1e6), seed=st.integers(0, 2**31))
+def test_constant_and_equality_property(n, parts, steps, value, seed):
+    """A constant's balanced mean is the constant with SE 0; any h gives the in-memory result."""
+    rng = np.random.default_rng(seed)
+    x, y = np.arange(n) % 2, (np.arange(n) // 2) % 3  # every category sampled
+    h = rng.normal(size=n)
+    chunks = max(1, -(-n // parts))
+    X, Y = da.from_array(x, chunks=chunks), da.from_array(y, chunks=chunks)
+    with dask.config.set(scheduler="sync"):
+        const = balanced_mean(da.full(n, value, chunks=chunks), X, Y, [0.3, 0.7], [0.2, 0.3, 0.5], steps=steps)
+        got = balanced_mean(da.from_array(h, chunks=chunks), X, Y, [0.3, 0.7], [0.2, 0.3, 0.5], steps=steps)
+    assert const.estimate == pytest.approx(value, rel=1e-12, abs=1e-12)
+    assert const.standard_error <= 1e-9 * max(1.0, abs(value))
+    ref = balanced_mean(h, x, y, [0.3, 0.7], [0.2, 0.3, 0.5], steps=steps)
+    close(got.estimate, ref.estimate, rtol=1e-9)
+    close(got.standard_error, ref.standard_error, rtol=1e-9)
+
+
+def test_empty_drop_and_steps_zero():
+    df = survey_frame(800)
+    margins = dict(MARGINS, age={"18-34": 0.3, "35-54": 0.3, "55+": 0.3, "90+": 0.1})
+    ddf = dd.from_pandas(df, npartitions=2)
+    with dask.config.set(scheduler="threads"):
+        got = BalancedEstimator(margins, empty="drop").fit(ddf).mean(ddf["income"])
+        plain = BalancedEstimator(MARGINS, steps=0).fit(ddf).mean(ddf["income"])
+    ref = BalancedEstimator(margins, empty="drop").fit(df).mean(df["income"])
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+    close(plain.estimate, df["income"].mean())
+    close(plain.standard_error, df["income"].std(ddof=1) / np.sqrt(len(df)))
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
