@@ -284,6 +284,17 @@ def test_input_errors_before_any_work():
         in_memory.mean(H)
 
 
+def test_many_cells_warn(monkeypatch):
+    from databalance import estimators
+
+    monkeypatch.setattr(estimators, "MANY_CELLS", 10)
+    rng = np.random.default_rng(0)
+    data = {c: da.from_array(rng.permutation(np.arange(200) % 50), chunks=50) for c in ("a", "b")}
+    with dask.config.set(scheduler="threads"), pytest.warns(UserWarning, match=r"The 200 samples fall into \d+ "
+                                                                              r"distinct cells"):
+        BalancedEstimator({"a": np.full(50, 0.02), "b": np.full(50, 0.02)}).fit(data)
+
+
 def test_rechunked_inputs_align():
     """Inputs with known but different chunks are rechunked to the data's: same result."""
     x, y, h, _ = sample(1000)

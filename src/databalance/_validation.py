@@ -1333,6 +1333,11 @@ def api_adjoint_unsolved(iterations: int, residual: float) -> str:
             "approximate. Balance with a smaller `tol`, or differentiate `steps=k` instead.")
 
 
+def api_acceleration(name: str) -> ValueError:
+    return ValueError(f"`acceleration='overrelax'` is available for NumPy and scipy.sparse inputs only; `{name}` is "
+                      "an array of another namespace, balanced by plain IPF (`acceleration='auto'` or 'none').")
+
+
 def loss_logits(logits, name: str = "logits") -> None:
     """A batch's logit matrix (or a batch of them): square over the last two axes (pair i is row i
     and column i)."""
@@ -1375,3 +1380,9 @@ def acceleration_option(value) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`acceleration` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
+
+
+def dask_many_cells(cells: int, n: int) -> str:
+    return (f"The {n} samples fall into {cells} distinct cells (combinations of the margins' columns): the cell "
+            "table, held in memory, is nearly as large as the data, and every pass ships it to the workers. Merge "
+            "rare categories, or fit on the columns of fewer margins, to keep it small.")

@@ -41,6 +41,9 @@ __all__ = ["BalancedEstimate", "BalancedEstimator", "Diagnostics", "MarginCheck"
 #: sort of the n samples); above it, by ``np.unique``.
 DENSE_CELLS = 4 * 10**6
 
+#: A Dask fit warns when its samples fill more cells than this and than a quarter of the samples.
+MANY_CELLS = 10**6
+
 #: Sweeps of raking with the weights clipped to ``bounds`` before reporting that the bounds and the
 #: margins cannot both hold.
 TRIM_SWEEPS = 2000
@@ -452,6 +455,8 @@ class BalancedEstimator:
         strides = [int(np.prod(sizes[i + 1:], dtype=np.int64)) for i in range(len(sizes))]
         stats = _dask.cell_statistics(plan, columns, design, strides, int(np.prod(sizes, dtype=np.int64)))
         n, keys = int(stats["n"]), stats["keys"]
+        if len(keys) > MANY_CELLS and len(keys) > n / 4:
+            warnings.warn(check.dask_many_cells(len(keys), n), UserWarning, stacklevel=3)
         if n < 2:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
         if design is not None and not stats["d"].sum() > 0:
