@@ -1380,9 +1380,3 @@ def acceleration_option(value) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`acceleration` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
-
-
-def dask_many_cells(cells: int, n: int) -> str:
-    return (f"The {n} samples fall into {cells} distinct cells (combinations of the margins' columns): the cell "
-            "table, held in memory, is nearly as large as the data, and every pass ships it to the workers. Merge "
-            "rare categories, or fit on the columns of fewer margins, to keep it small.")

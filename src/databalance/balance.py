@@ -190,7 +190,7 @@ def _host(errors) -> np.ndarray:
     return to_numpy(errors)
 
 
-def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, progress):
+def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, progress, acceleration="none"):
     """:func:`balance_table` / :func:`balance_logits` of an array of another array-API namespace
     (options validated): the same loop on an array-API kernel, in the array's namespace and on its
     device. ``steps=k`` is differentiated through the unrolled steps by the framework; with
@@ -201,6 +201,8 @@ def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, pro
     from ._kernels import arrayapi as api
 
     name = "logits" if log else "table"
+    if acceleration == "overrelax":  # "auto" means plain IPF here
+        raise check.api_acceleration(name)
     xp = api.namespace(data)
     check.api_table(xp, data, name)
     batch, (m, l) = tuple(data.shape[:-2]), tuple(data.shape[-2:])
@@ -452,7 +454,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     acceleration = check.acceleration_option(acceleration)
     if kernels.is_array_api(table):
         return _api_balance(table, p_x, p_y, log=False, steps=steps, start=start, tol=tol, max_steps=max_steps,
-                            progress=progress)
+                            progress=progress, acceleration=acceleration)
     kernel = kernels.kernel_for(table)
     tol = check.tolerance(tol, kernel.dtype)
     targets = _two_targets(kernel, p_x, p_y)
@@ -524,7 +526,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     acceleration = check.acceleration_option(acceleration)
     if kernels.is_array_api(logits):
         return _api_balance(logits, p_x, p_y, log=True, steps=steps, start=start, tol=tol, max_steps=max_steps,
-                            progress=progress)
+                            progress=progress, acceleration=acceleration)
     arr = check.dense_array(logits, "logits", min_ndim=2)
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)
