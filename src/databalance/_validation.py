@@ -1241,6 +1241,12 @@ def dask_missing_column(column, listed: list) -> ValueError:
     )
 
 
+def dask_many_cells(cells: int, n: int) -> str:
+    return (f"The {n} samples fall into {cells} distinct cells (combinations of the margins' columns): the cell "
+            "table, held in memory, is nearly as large as the data, and every pass ships it to the workers. Merge "
+            "rare categories, or fit on the columns of fewer margins, to keep it small.")
+
+
 # -- issue 10: arrays of the Python array API standard (PyTorch, JAX, CuPy, array-api-strict) --------
 
 
