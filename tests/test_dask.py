@@ -295,6 +295,22 @@ def test_many_cells_warn(monkeypatch):
         BalancedEstimator({"a": np.full(50, 0.02), "b": np.full(50, 0.02)}).fit(data)
 
 
+@pytest.mark.parametrize("levels", [3, 40])  # a lookup table, a search among the cells' keys
+def test_data_changed_between_fit_and_mean(levels):
+    rng = np.random.default_rng(0)
+    x, y = np.arange(400) % 2, np.arange(400) % levels
+    x[y == 1] = 0  # the combination (1, 1) never occurs
+    state = {"x": x}  # X reads it whenever it is computed
+    X = da.arange(4, chunks=1).map_blocks(lambda b: state["x"][100 * b[0]:100 * (b[0] + 1)], chunks=((100,) * 4,),
+                                          dtype=x.dtype)
+    Y = da.from_array(y, chunks=100)
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator({"x": [0.5, 0.5], "y": np.full(levels, 1 / levels)}, steps=4).fit({"x": X, "y": Y})
+        state["x"] = np.where(np.arange(400) == 1, 1, x)  # now sample 1 is in the unseen cell (1, 1)
+        with pytest.raises(ValueError, match=r"combination that the fit did not see.*Dask partition 0"):
+            fitted.mean(da.from_array(rng.normal(size=400), chunks=100))
+
+
 def test_rechunked_inputs_align():
     """Inputs with known but different chunks are rechunked to the data's: same result."""
     x, y, h, _ = sample(1000)

@@ -224,43 +224,45 @@ def cell_statistics(plan, columns: list[da.Array], design: da.Array | None, stri
 # -- a mean: per-cell moments of the values -------------------------------------------------------
 
 
-def _cells_of(plan, blocks, strides, keys, p) -> np.ndarray:
-    """Each sample's cell (its position in the sorted ``keys``): a lookup table when the key space is
-    at most a few times the block, else a binary search."""
+def _locate(plan, blocks, strides, keys, p) -> tuple[np.ndarray, np.ndarray]:
+    """(the partition's distinct cells as positions in the sorted ``keys``, each sample's index
+    among them): through a lookup table when the key space is at most a few times the block, else by
+    sorting the block's keys and searching only the distinct ones (sorted queries: a random search
+    per sample into millions of keys costs several times more)."""
     key = _key(_codes_of(plan, blocks, p), strides)
     product = int(strides[0]) * len(plan.levels[0])
     if not len(key):
-        return key
+        return key, key
     if product <= 4 * len(key):
         position = np.full(product, -1, dtype=np.int64)
         position[keys] = np.arange(len(keys))
         where = position[key]
-        lost = where.min() < 0
-    else:
-        where = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-        lost = not np.array_equal(keys[where], key)
-    if lost:
+        if where.min() < 0:
+            raise ValueError(check.in_partition(check.dask_data_changed(), p))
+        return _group(where, len(keys))
+    distinct, local = np.unique(key, return_inverse=True)
+    cells = np.minimum(np.searchsorted(keys, distinct), len(keys) - 1)
+    if not np.array_equal(keys[cells], distinct):
         raise ValueError(check.in_partition(check.dask_data_changed(), p))
-    return where
+    return cells, local.ravel()
 
 
 def _mean_chunk(p, *blocks, keys, plan, strides, ncols, weighted):
     p = int(np.asarray(p).ravel()[0])
     keys = np.asarray(keys)
-    inverse = _cells_of(plan, blocks[:ncols], strides, keys, p)
+    cells, local = _locate(plan, blocks[:ncols], strides, keys, p)  # only the partition's own cells
     h = blocks[ncols]
     try:
         h = check.sample_values(np.asarray(h))
     except (ValueError, TypeError) as error:
         raise type(error)(check.in_partition(str(error), p)) from None
     h = h[:, None] if h.ndim == 1 else h
-    if len(h) != len(inverse):
-        raise ValueError(check.in_partition(check.dask_values_length(len(h), len(inverse)), p))
+    if len(h) != len(local):
+        raise ValueError(check.in_partition(check.dask_values_length(len(h), len(local)), p))
     d = _design(blocks[ncols + 1], len(h), p) if weighted else None
     # Each column divided by a power of two near its largest |h| (exact): squares of values near
     # 1e200 would overflow. The partials carry their exponent; the merge rescales them to the largest.
     top, exponent = _exponents(h)
-    cells, local = _group(inverse, len(keys))  # only the partition's own cells: partials stay small
     part = _cell_moments(local, np.ldexp(h, -exponent), d, len(cells))
     part["cells"], part["top"], part["exponent"] = cells, top, exponent
     return _wrap(part)
@@ -337,8 +339,8 @@ def _mean_chunk_positional(p, *blocks, plan, strides, ncols, weighted):
 def _weights_chunk(p, *blocks, plan, strides, ncols, weighted):
     p = int(np.asarray(p).ravel()[0])
     keys, factor = blocks[-2], blocks[-1]
-    inverse = _cells_of(plan, blocks[:ncols], strides, np.asarray(keys), p)
-    w = np.asarray(factor)[inverse]
+    cells, local = _locate(plan, blocks[:ncols], strides, np.asarray(keys), p)
+    w = np.asarray(factor)[cells][local]
     if weighted:
         w = w * _design(blocks[ncols], len(w), p)
     return w
