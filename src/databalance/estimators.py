@@ -554,6 +554,8 @@ class BalancedEstimator:
         if index is not None and self._index is not None and not index.equals(self._index):
             raise ValueError(check.misaligned_values())
         given = h.reshape(n, -1)
+        estimate: Any
+        se: Any
         estimate, se, _ = self._from_moments(_sample_moments(given, self._start_weights, self._cells, self._cell_of), n)
         pandas = index is not None or self._index is not None
         if h.ndim == 1:
