@@ -81,7 +81,7 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             times: dict[str, list[float]] = {name: [] for name in fns}
-            for name, fn in fns.items():  # warm-up
+            for fn in fns.values():  # warm-up
                 timed(fn, L)
             for _ in range(args.repeats):
                 for name, fn in fns.items():
@@ -90,7 +90,8 @@ def main():
                      "balanced_contrastive_loss": "torch loop, both starts"}
             for name, ts in times.items():
                 peer = pairs.get(name)
-                ratio = "" if peer is None else f"{statistics.median(a / b for a, b in zip(ts, times[peer])):.2f}"
+                ratios = [] if peer is None else [a / b for a, b in zip(ts, times[peer], strict=True)]
+                ratio = f"{statistics.median(ratios):.2f}" if ratios else ""
                 print(f"| {threads} | {k} | {name} | {statistics.median(ts):.3f} | {ratio} |")
         print()
 

@@ -37,8 +37,9 @@ nitpicky = False
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
-    # Run every script, not only plot_*.py, but parquet_raking.py (it writes files and needs dask).
-    "filename_pattern": r"^(?!.*parquet_raking\.py$).*\.py$",
+    # Run every script, not only plot_*.py, but parquet_raking.py (it writes files and needs dask) and the
+    # two PyTorch examples (the docs build does not install torch; tests/test_examples.py runs them).
+    "filename_pattern": r"^(?!.*(parquet_raking|swav_self_labelling|contrastive_training)\.py$).*\.py$",
     "capture_repr": (),  # show what the scripts print, not the value of their last expression
     "download_all_examples": False,
     "remove_config_comments": True,

@@ -126,3 +126,14 @@ def test_bad_input_is_named():
         balanced_contrastive_loss(np.zeros((3, 3)), 1, reduction="sum")
     with pytest.raises(ValueError, match=r"`logits` contains NaN"):
         balanced_contrastive_loss(np.full((2, 2), np.nan), 1)
+
+
+def test_guide_page_examples_run():
+    import doctest
+    import pathlib
+
+    pytest.importorskip("torch")
+    page = pathlib.Path(__file__).parents[1] / "docs" / "guide" / "array_api.rst"
+    result = doctest.testfile(str(page), module_relative=False,
+                              optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -19,6 +19,7 @@ from .balance import (
 )
 from .curation import CurationResult, metaclip_sample
 from .estimators import BalancedEstimate, BalancedEstimator, Diagnostics, MarginCheck, balanced_mean
+from .losses import balanced_contrastive_loss
 from .spectral import SpectrumResult, conditional_mean, spectrum
 from .variance import (
     MisspecifiedProfile,
@@ -54,6 +55,7 @@ __all__ = [
     "balance_logits",
     "balance_margins",
     "balance_table",
+    "balanced_contrastive_loss",
     "balanced_mean",
     "conditional_mean",
     "iterate_balance",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,7 @@ def new_history(kernel: Kernel, n_margins: int) -> History | DeviceHistory:
     return History(kernel.batch, n_margins) if xp is None else DeviceHistory(xp)
 
 
-def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, np.ndarray]]:
+def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, Any]]:
     """Yield (k, state, errors) for k = 0, 1, 2, ...; ``errors`` has one column per margin.
 
     The error of the margin a step fixes comes from its sums before the step (O(lines), one
@@ -156,7 +157,7 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, n
     nb = len(kernel.batch)
     xp = getattr(kernel, "xp", None)  # an array-API kernel: functional, errors stacked per iterate
     state = kernel.initial_state()
-    errors = np.empty(kernel.batch + (len(margins),)) if xp is None else _DeviceRow(xp, len(margins))
+    errors: Any = np.empty(kernel.batch + (len(margins),)) if xp is None else _DeviceRow(xp, len(margins))
     for j, (m, s) in enumerate(zip(margins, kernel.input_sums(), strict=True)):
         errors[..., j] = l1(1.0, s, m.target, nb, xp=xp)
     yield 0, state, errors if xp is None else errors.stacked()

@@ -370,7 +370,9 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     ----------
     table : array_like, shape (..., m, l), or scipy.sparse matrix/array, shape (m, l)
         Nonnegative counts or weights; rows are X, columns are Y; need not be normalised. Leading
-        axes of a dense array are a batch of independent problems. Zeros are structural.
+        axes of a dense array are a batch of independent problems. Zeros are structural. A
+        PyTorch, JAX, CuPy (any array-API) float32/float64 array is balanced in its namespace, on
+        its device, differentiably (:doc:`/guide/array_api`).
     p_x, p_y : array_like, shape (m,) and (l,) (or broadcastable with the batch)
         Nonnegative target marginals with equal totals; the balanced table carries that total.
     steps : int, optional
@@ -481,7 +483,9 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     ----------
     logits : array_like, shape (..., m, l)
         Log masses (float32 or float64); ``-inf`` marks a structural zero and stays ``-inf``.
-        Leading axes are a batch (e.g. per-batch CLIP logit matrices).
+        Leading axes are a batch (e.g. per-batch CLIP logit matrices). PyTorch, JAX, CuPy (any
+        array-API) arrays are balanced in their namespace, on their device, differentiably; their
+        potentials keep the logits' dtype (:doc:`/guide/array_api`).
     p_x, p_y, steps, start, tol, max_steps, progress, acceleration
         As in :func:`balance_table`.
 
