@@ -372,7 +372,9 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
         Nonnegative counts or weights; rows are X, columns are Y; need not be normalised. Leading
         axes of a dense array are a batch of independent problems. Zeros are structural. A
         PyTorch, JAX, CuPy (any array-API) float32/float64 array is balanced in its namespace, on
-        its device, differentiably (:doc:`/guide/array_api`).
+        its device, differentiably (:doc:`/guide/array_api`). A 2-D Dask array partitioned along
+        its rows (blocks NumPy or scipy.sparse) is balanced block by block on its workers, and
+        ``table`` of the result is a lazy Dask array (:doc:`/guide/dask`).
     p_x, p_y : array_like, shape (m,) and (l,) (or broadcastable with the batch)
         Nonnegative target marginals with equal totals; the balanced table carries that total.
     steps : int, optional

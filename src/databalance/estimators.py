@@ -394,6 +394,9 @@ class BalancedEstimator:
 
         ``data`` is a pandas DataFrame or a mapping from column name to a 1-d array holding every
         column the margins name (other columns are ignored); ``sample_weight`` the design weights.
+        A Dask DataFrame (or a mapping of Dask arrays or Series) is reduced to its occupied cells in
+        one pass, and ``weights_`` is then a lazy Dask array with its partitions (user guide,
+        "Samples and tables on Dask"; ``bounds`` is refused there).
         """
         steps = check.steps_option(self.steps)
         empty = check.empty_policy(self.empty)
@@ -538,6 +541,8 @@ class BalancedEstimator:
         estimates, standard errors and intervals keyed by name: pandas Series when pandas input was
         given, :class:`~databalance.LabelledValues` otherwise. pandas ``values`` must have
         the fitted DataFrame's index (rows are matched by position, so a different index is refused).
+        After a fit on Dask collections, ``values`` is a Dask array, Series or DataFrame partitioned
+        like the data (one more pass over it).
         """
         if not hasattr(self, "_w"):
             raise RuntimeError("Call fit(data) before mean(values).")
@@ -1102,7 +1107,9 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     x, y : array_like (n,)
         Each sample's categories: integer codes (with array targets) or any hashable labels (with
         mapping targets); pandas Series and Categoricals are accepted. Missing labels (None, NaN)
-        are an error.
+        are an error. ``values``, ``x``, ``y`` and ``sample_weight`` may all be Dask arrays or
+        Series with the same partitions: two passes over them, no sample collected (user guide,
+        "Samples and tables on Dask").
     p_x, p_y : array_like or mapping
         The known marginals: arrays indexed by integer codes, or mappings label -> mass (dict,
         pandas Series). Totals need not be 1 but must agree.
