@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -108,23 +108,26 @@ class History:
         self._buf[..., self.length, :] = errors
         self.length += 1
 
-    def view(self) -> np.ndarray:
-        out = self._buf[..., : self.length, :]
+    def view(self, upto: int | None = None) -> np.ndarray:
+        """The errors of iterates 0..``upto`` (default: all)."""
+        out = self._buf[..., : self.length if upto is None else upto + 1, :]
         out.flags.writeable = False
         return out
 
-    def worst(self) -> float:
-        """The largest error of the last iterate, NaN if any is NaN (never mistaken for small)."""
-        return float(np.max(self._buf[..., self.length - 1, :]))
+    def worst(self, which: int = -1) -> float:
+        """The largest error of the last iterate (or of ``which``, counted from the end), NaN if
+        any is NaN (never mistaken for small)."""
+        return float(np.max(self._buf[..., self.length + which, :]))
 
 
 class DeviceHistory:
     """The :class:`History` of an array-API kernel: one device array per iterate, stacked when
-    viewed (no host copy); :meth:`worst` is the loop's one host read per half-step."""
+    viewed (no host copy); :meth:`worst` is the loop's host read (one per sweep)."""
 
     def __init__(self, xp):
         self.xp = xp
         self.rows: list = []
+        self._read: tuple[int, float] | None = None  # (iterates then, the last one's largest error)
 
     @property
     def length(self) -> int:
@@ -133,12 +136,21 @@ class DeviceHistory:
     def append(self, errors) -> None:
         self.rows.append(errors)
 
-    def view(self):
-        return self.xp.stack(self.rows, axis=-2)
+    def view(self, upto: int | None = None):
+        return self.xp.stack(self.rows if upto is None else self.rows[:upto + 1], axis=-2)
 
-    def worst(self) -> float:
+    def worst(self, which: int = -1) -> float:
+        """The largest error of the last iterate (``which=-1``) or of the one before (-2). Asked for
+        -2, both are read in one transfer and the last is kept for the call that follows."""
         from ._kernels.arrayapi import to_numpy
 
+        if which == -1 and self._read is not None and self._read[0] == len(self.rows):
+            return self._read[1]
+        if which == -2:
+            xp = self.xp
+            both = to_numpy(xp.stack([xp.max(self.rows[-2]), xp.max(self.rows[-1])]))
+            self._read = (len(self.rows), float(both[1]))
+            return float(both[0])
         return float(to_numpy(self.xp.max(self.rows[-1])))
 
 
@@ -242,6 +254,12 @@ def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, 
     best, best_k = np.inf, 0
     eps = float(np.finfo(kernel.dtype).eps)
     certifiable = tol >= eps  # below the dtype's resolution no error can certify convergence
+    # An array-API kernel's errors live on its device: an odd iterate is decided together with the
+    # next one (its state kept: the kernels are functional, so a shallow copy is a snapshot), so
+    # that deciding costs one host read per sweep. The decisions, and the step a run stops at, are
+    # the same as reading every iterate.
+    paired = isinstance(history, DeviceHistory)
+    pending = None
     for k, state, errors in half_steps(kernel, problem):
         history.append(errors)
         if trace is not None:  # the starting scalings, then the one each half-step sets
@@ -252,22 +270,31 @@ def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, 
             if k == steps:
                 return Outcome(k, "completed", state, history.view())
             continue
-        worst = history.worst()
-        if certifiable and worst <= tol:
-            return Outcome(k, "converged", state, history.view())
-        if k == check_feasible_at and feasible is not None:
-            feasible()
-        if k > 0 and not np.isfinite(worst):  # iterate 0 of huge logits may have infinite sums
-            return Outcome(k, "failed", state, history.view())
-        if worst < best:
-            best, best_k = worst, k
-        elif k - best_k >= max(STALL_PATIENCE, best_k) * (1 if best <= np.sqrt(eps) else 10):
-            # Near the floating-point floor the usual patience; above it ten times as much: a
-            # plateau at a large error (a table spanning a hundred orders of magnitude) can last
-            # hundreds of half-steps while the scalings move, and then converge.
-            return Outcome(k, "stalled", state, history.view())
-        if k >= max_steps:
-            return Outcome(k, "max_steps", state, history.view())
+        if paired and k % 2 == 1 and k < max_steps:
+            pending = (k, replace(state, factors=list(state.factors),
+                                  frame=None if state.frame is None else list(state.frame)))
+            continue
+        if pending is None:
+            decide = [(k, state, history.worst())]
+        else:
+            decide = [(pending[0], pending[1], history.worst(-2)), (k, state, history.worst())]
+            pending = None
+        for kk, st, worst in decide:
+            if certifiable and worst <= tol:
+                return Outcome(kk, "converged", st, history.view(kk))
+            if kk == check_feasible_at and feasible is not None:
+                feasible()
+            if kk > 0 and not np.isfinite(worst):  # iterate 0 of huge logits may have infinite sums
+                return Outcome(kk, "failed", st, history.view(kk))
+            if worst < best:
+                best, best_k = worst, kk
+            elif kk - best_k >= max(STALL_PATIENCE, best_k) * (1 if best <= np.sqrt(eps) else 10):
+                # Near the floating-point floor the usual patience; above it ten times as much: a
+                # plateau at a large error (a table spanning a hundred orders of magnitude) can last
+                # hundreds of half-steps while the scalings move, and then converge.
+                return Outcome(kk, "stalled", st, history.view(kk))
+            if kk >= max_steps:
+                return Outcome(kk, "max_steps", st, history.view(kk))
     raise AssertionError("unreachable")
 
 
