@@ -10,6 +10,11 @@ shortcut); with more margins every other margin's error costs one more product p
 Targets are normalised to total 1 inside the loop and the kernel starts from scalings that bring
 the table's total near 1, so the problem's scale never overflows or underflows the scalings; the
 result's scalings are scaled back when exported.
+
+Array-API kernels (PyTorch, JAX, CuPy: :mod:`databalance._kernels.arrayapi`) run in this same loop.
+Their errors are computed on the device (:func:`l1` with ``xp``), one row per iterate, and stacked
+when the history is viewed; ``steps=k`` never reads them, ``steps=None`` reads one scalar per
+sweep (an odd iterate is decided together with the next).
 """
 
 from __future__ import annotations

@@ -111,21 +111,6 @@ def numpy_dtype(xp, dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == xp.float32 else np.dtype(np.float64)
 
 
-def has_float64(xp, where) -> bool:
-    """Whether the namespace offers float64 on this device (not on Apple MPS, nor JAX without x64)."""
-    try:
-        dtypes = xp.__array_namespace_info__().dtypes(device=where, kind="real floating")
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - older namespaces
-        return True
-    if "float64" not in dtypes:
-        return False
-    if type(xp.ones(1)).__module__.startswith("jax"):  # listed even when x64 is disabled
-        import jax
-
-        return bool(jax.config.read("jax_enable_x64"))
-    return True
-
-
 def ratio(xp, p, s, positive):
     """p / s, with 0 on the lines whose target is 0 (``positive`` masks the others, or None)."""
     if positive is None:
@@ -371,7 +356,3 @@ def returned_sums(xp, logits, f, g) -> list:
     t = xp.exp(add_potentials(xp, logits, f, g))
     return [xp.sum(t, axis=-1), xp.sum(t, axis=-2)]
 
-
-def stack_errors(xp, rows: list):
-    """The error history, shape ``batch + (k + 1, K)``, from one row per iterate."""
-    return xp.stack(rows, axis=-2)
