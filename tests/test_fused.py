@@ -260,3 +260,29 @@ def test_forcing_numba_without_numba_is_a_clear_error():
     """, env_value="numba")
     assert out.returncode != 0
     assert "DATABALANCE_KERNEL=numba asks for the numba kernels, but numba is not installed" in out.stderr
+
+
+def _steps_in_child(seed: int) -> tuple[str, int]:
+    T = np.random.default_rng(seed).random((300, 250))
+    r = db.balance_table(T, np.full(300, 1 / 300), np.full(250, 1 / 250))
+    return db.which_kernel(T), r.steps
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_workers_after_parallel_kernels():
+    """A child forked after the parent ran numba's threads (GNU OpenMP cannot start threads there)
+    balances with a kernel that works, and gets the parent's numbers."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    with kernel_choice("numba"):
+        db.balance_table(np.random.default_rng(0).random((3, 67, 45)), np.full(67, 1 / 67), np.full(45, 1 / 45),
+                         steps=5)
+        expected = _steps_in_child(1)[1]
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_steps_in_child, [1, 1]))
+    layer = numba.threading_layer()
+    for kernel, steps in results:
+        assert steps == expected
+        assert kernel == ("numpy" if layer == "omp" else "numba")

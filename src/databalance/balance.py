@@ -229,16 +229,24 @@ def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, pro
                                                 kernel.dtype, first)
         problem = kernel.adopt(problem)
         outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
-                                deficit=_max_flow_check(kernel, targets, name), progress=progress,
+                                deficit=_max_flow_check(kernel, targets, name), progress=on_host,
                                 desc="balance_logits" if log else "balance_table")
         factors = kernel.export(outcome.state, problem.export_scales())
         outcome, reason = _api_remeasured(kernel, arr, factors, problem, outcome, tol, log)
         return factors, (outcome, known, reason)
 
-    if steps is None and _implicit.needs_gradient(data):
-        (a, b), (outcome, known, reason) = _implicit.converged(data, solve, log=log)
-    else:
-        (a, b), (outcome, known, reason) = solve(data)
+    # progress hears host copies of the errors (one transfer per half-step, only when asked for)
+    reporter = _progress.reporter(progress, "balance_logits" if log else "balance_table",
+                                  total=steps if steps is not None else max_steps)
+    on_host = None if reporter is None else (lambda k, errors: reporter[0](k, api.to_numpy(errors)))
+    try:
+        if steps is None and _implicit.needs_gradient(data):
+            (a, b), (outcome, known, reason) = _implicit.converged(data, solve, log=log)
+        else:
+            (a, b), (outcome, known, reason) = solve(data)
+    finally:
+        if reporter is not None:
+            reporter[1]()
     if outcome.status in ("max_steps", "stalled", "failed"):
         _ipf.warn_if_unconverged(_ipf.Outcome(outcome.steps, outcome.status, outcome.state, _host(outcome.errors)),
                                  tol, reason)
@@ -359,7 +367,7 @@ def _max_flow_check(kernel, targets, name):
 
 def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int | None = None,
                   start: str = "x", tol: float | None = None, max_steps: int = 10_000,
-                  progress: bool | _progress.Progress = False, acceleration: str = "auto") -> BalanceResult:
+                  progress: bool | _progress.Progress = False, acceleration: str = "none") -> BalanceResult:
     """Rescale a nonnegative table so that its row and column sums match target marginals.
 
     Alternately rescales the rows to ``p_x`` and the columns to ``p_y`` (iterative proportional
@@ -391,13 +399,15 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     progress : bool or callable
         ``True`` shows a progress bar (tqdm when installed, else a line on stderr); a callable
         ``f(step, errors)`` is called after every half-step with that step's marginal errors.
-    acceleration : {"auto", "overrelax", "none"}
-        For ``steps=None`` only (``steps=k`` always runs plain half-steps). ``"auto"`` runs plain
-        IPF for a few sweeps, estimates its rate per sweep, and when that is slow (at least 0.5)
-        over-relaxes the scalings with the factor that rate calls for, refined as it runs, falling
-        back to plain IPF if that does not beat it; ``"overrelax"`` does so whatever the rate;
-        ``"none"`` is plain IPF. Errors are measured on the iterates, so convergence means the
-        same (see :doc:`/guide/performance`). NumPy and scipy.sparse inputs only.
+    acceleration : {"none", "auto", "overrelax"}
+        For ``steps=None`` only (``steps=k`` always runs plain half-steps). ``"none"`` is plain
+        IPF. ``"auto"`` runs plain IPF for a few sweeps, estimates its rate per sweep and, when
+        that is slow (at least 0.5), over-relaxes the scalings with the factor that rate calls for,
+        falling back to plain IPF if that does not beat it: 10-27x fewer passes over slowly mixing
+        tables (s_2 of 0.99-0.999). ``"overrelax"`` relaxes whatever the rate. The limit is the
+        same and errors are measured on the iterates, so "converged" means the same; ``steps``
+        counts the half-steps taken (see :doc:`/guide/performance`). NumPy and scipy.sparse
+        inputs only.
 
     Returns
     -------
@@ -478,7 +488,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
 
 def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = None, start: str = "x",
                    tol: float | None = None, max_steps: int = 10_000,
-                   progress: bool | _progress.Progress = False, acceleration: str = "auto") -> LogBalanceResult:
+                   progress: bool | _progress.Progress = False, acceleration: str = "none") -> LogBalanceResult:
     """Balance ``exp(logits)`` without leaving log space: stable for logits spanning +-1e4.
 
     Parameters

@@ -94,7 +94,10 @@ def which_kernel(table) -> str:
     for :func:`~databalance.balance_logits`). The choice follows the environment variable
     ``DATABALANCE_KERNEL``: ``numpy`` never uses numba, ``numba`` always does for float32/float64
     tables in C or Fortran order (CSR or CSC when sparse), and ``auto`` (the default) does so
-    for such tables with at least ``MIN_SIZE`` entries when numba is installed.
+    for such tables with at least ``MIN_SIZE`` entries when numba is installed. A process forked
+    after this one ran numba's kernels under GNU OpenMP (numba's usual threading layer on Linux)
+    gets ``"numpy"``: OpenMP cannot start threads there. Set ``NUMBA_THREADING_LAYER=workqueue``
+    (or install tbb), or start workers with "spawn", to keep numba in such workers.
 
     Examples
     --------
@@ -104,7 +107,7 @@ def which_kernel(table) -> str:
     'numpy'
     """
     choice = requested()
-    if choice == "numpy":
+    if choice == "numpy" or _FORK_UNSAFE:
         return "numpy"
     if not sp.issparse(table):
         table = np.asarray(table)
@@ -295,6 +298,21 @@ _JITTED: dict = {}
 PER_THREAD = 1 << 20
 
 
+#: numba's threading layer once a parallel region has run in this process (None before).
+_LAYER: str | None = None
+#: Whether this process was forked from one that ran a parallel region under GNU OpenMP: such a
+#: child cannot start OpenMP threads (it dies), so it balances with the NumPy kernels.
+_FORK_UNSAFE = False
+
+
+def _after_fork() -> None:
+    global _FORK_UNSAFE
+    _FORK_UNSAFE = _FORK_UNSAFE or _LAYER == "omp"
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def threads() -> int:
     """numba's current thread count (``numba.set_num_threads``)."""
     import numba
@@ -315,6 +333,9 @@ def _using(n: int):
     finally:
         if n != old:
             numba.set_num_threads(old)
+        global _LAYER
+        if _LAYER is None:
+            _LAYER = numba.threading_layer()
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
