@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="dense,sparse,log")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--nnz", default="1e7,5e7", help="sparse sizes, comma-separated")
     args = ap.parse_args()
     only = args.only.split(",")
     info = ", ".join(f"{d['internal_api']} {d.get('architecture')} ({d['num_threads']} threads max)"
@@ -198,7 +199,8 @@ def main():
         bench_dense([1000] if args.quick else [4000, 8000], args.repeats, 10)
         print()
     if "sparse" in only:
-        bench_sparse(10**5 if args.quick else 10**6, [10**6] if args.quick else [10**7, 5 * 10**7], args.repeats, 5)
+        sizes = [10**6] if args.quick else [int(float(x)) for x in args.nnz.split(",")]
+        bench_sparse(10**5 if args.quick else 10**6, sizes, args.repeats, 5)
         print()
     if "log" in only:
         bench_log(1000 if args.quick else 4000, args.repeats)

@@ -94,7 +94,8 @@ def which_kernel(table) -> str:
     for :func:`~databalance.balance_logits`). The choice follows the environment variable
     ``DATABALANCE_KERNEL``: ``numpy`` never uses numba, ``numba`` always does for float32/float64
     tables in C or Fortran order (CSR or CSC when sparse), and ``auto`` (the default) does so
-    for such tables with at least ``MIN_SIZE`` entries when numba is installed. A process forked
+    for such dense tables and logits with at least ``MIN_SIZE`` entries when numba is installed
+    (sparse tables keep scipy's products, which measured faster than the fused sparse pass). A process forked
     after this one ran numba's kernels under GNU OpenMP (numba's usual threading layer on Linux)
     gets ``"numpy"``: OpenMP cannot start threads there. Set ``NUMBA_THREADING_LAYER=workqueue``
     (or install tbb), or start workers with "spawn", to keep numba in such workers.
@@ -119,8 +120,9 @@ def which_kernel(table) -> str:
         if not numba_installed():
             raise ImportError(check.numba_missing(ENV))
         return "numba"
-    size = cast(Any, table).nnz if sp.issparse(table) else table.size
-    return "numba" if size >= MIN_SIZE and numba_installed() else "numpy"
+    if sp.issparse(table):  # measured slower than scipy's two products (benchmarks/RESULTS.md)
+        return "numpy"
+    return "numba" if table.size >= MIN_SIZE and numba_installed() else "numpy"
 
 
 def accelerated(kernel):
@@ -495,8 +497,11 @@ class FusedSparseKernel(_Fused, SparseKernel):
         u = np.empty(m, self.dtype)
         acc = np.empty((nblocks, l))
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
+        # unsigned indices spare numba's wraparound test of every gathered index (1.7x faster)
+        indptr, indices = (a.view(np.uint32 if a.dtype == np.int32 else np.uint64) for a in (T.indptr, T.indices))
         with _using(nblocks):
-            _compiled("_csr_pass")(T.indptr, T.indices, T.data, x, old, np.ascontiguousarray(p), w, bounds, r, u, acc)
+            _compiled("_csr_pass")(indptr, indices, T.data, x, old, np.ascontiguousarray(p), w,
+                                   bounds.view(np.uint64), r, u, acc)
         c = (acc[0] if nblocks == 1 else acc.sum(axis=0)).astype(self.dtype)
         return r, u, c
 
