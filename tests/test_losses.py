@@ -38,6 +38,9 @@ def by_hand(L, k):
 
 logit_matrices = st.integers(1, 7).flatmap(
     lambda n: hnp.arrays(np.float64, st.sampled_from([(n, n), (2, n, n)]), elements=st.floats(-30, 30)))
+#: JAX compiles every operation anew for each shape: the namespaces are compared on a few shapes.
+few_shapes = st.sampled_from([(1, 1), (4, 4), (2, 4, 4)]).flatmap(
+    lambda shape: hnp.arrays(np.float64, shape, elements=st.floats(-30, 30)))
 
 
 @given(L=logit_matrices, k=st.integers(0, 4))
@@ -67,8 +70,8 @@ def frameworks():
     return out
 
 
-@settings(max_examples=8)
-@given(L=logit_matrices, k=st.integers(0, 3))
+@settings(max_examples=10)
+@given(L=few_shapes, k=st.integers(0, 3))
 def test_every_namespace_gives_the_numpy_loss(L, k):
     from databalance._kernels.arrayapi import to_numpy
 
