@@ -90,15 +90,36 @@ def _lead(table: np.ndarray) -> int | None:
 def which_kernel(table) -> str:
     """Which kernel balances ``table``: ``"numba"`` (fused, threaded) or ``"numpy"``.
 
-    ``table`` is a dense array or a scipy.sparse matrix as the balancing functions take it (logits
-    for :func:`~databalance.balance_logits`). The choice follows the environment variable
-    ``DATABALANCE_KERNEL``: ``numpy`` never uses numba, ``numba`` always does for float32/float64
-    tables in C or Fortran order (CSR or CSC when sparse), and ``auto`` (the default) does so
-    for such dense tables and logits with at least ``MIN_SIZE`` entries when numba is installed
-    (sparse tables keep scipy's products, which measured faster than the fused sparse pass). A process forked
-    after this one ran numba's kernels under GNU OpenMP (numba's usual threading layer on Linux)
-    gets ``"numpy"``: OpenMP cannot start threads there. Set ``NUMBA_THREADING_LAYER=workqueue``
-    (or install tbb), or start workers with "spawn", to keep numba in such workers.
+    The choice follows the environment variable ``DATABALANCE_KERNEL``: ``numpy`` never uses
+    numba; ``numba`` always does for float32/float64 tables in C or Fortran order (CSR or CSC when
+    sparse); ``auto`` (the default) does for such dense tables and logits with at least
+    ``MIN_SIZE`` (65 536) entries when numba is installed, and keeps scipy's products for sparse
+    tables (they measured faster than the fused sparse pass).
+
+    Parameters
+    ----------
+    table : array_like or scipy.sparse matrix
+        A table as :func:`~databalance.balance_table` takes it, or logits as
+        :func:`~databalance.balance_logits` takes them.
+
+    Returns
+    -------
+    str
+        ``"numba"`` or ``"numpy"``.
+
+    Raises
+    ------
+    ValueError
+        ``DATABALANCE_KERNEL`` is not one of ``auto``, ``numpy``, ``numba``.
+    ImportError
+        ``DATABALANCE_KERNEL=numba`` and numba is not installed.
+
+    Notes
+    -----
+    A process forked after this one ran numba's kernels under GNU OpenMP (numba's usual threading
+    layer on Linux) gets ``"numpy"``: OpenMP cannot start threads there. Set
+    ``NUMBA_THREADING_LAYER=workqueue`` (or install tbb), or start workers with "spawn", to keep
+    numba in such workers.
 
     Examples
     --------
