@@ -156,6 +156,8 @@ class ApiDenseKernel:
         self.device = device(table)
         self.shape = tuple(table.shape[-2:])
         self.batch = tuple(table.shape[:-2])
+        self.first = 0  # the side whose frame sums give the total (the log kernel's first step's)
+        self._start = None  # the starting scaling, once initial_state has set it
 
     def asarray(self, x):
         """A NumPy value (a target, a scale) as an array of the working dtype on the device."""
@@ -181,6 +183,8 @@ class ApiDenseKernel:
         return vecmat(self.xp, u, self.table)
 
     def sums(self, j, state):
+        if state.steps == 0 and self._start is not None:  # the equal starting scalings: no product
+            return self.frame_sum(j) * self._start  # a power of two, so exactly the product's value
         return self.row_sums(state.factors[1]) if j == 0 else self.col_sums(state.factors[0])
 
     def sums_many(self, js, state) -> dict:
@@ -189,13 +193,16 @@ class ApiDenseKernel:
     def ones(self, n: int):
         return self.xp.ones(self.batch + (n,), dtype=self.xdtype, device=self.device)
 
+    def frame_sum(self, j: int):
+        """Margin ``j``'s sums of the table as stored (computed once)."""
+        cache = self.__dict__.setdefault("_frame_sum_cache", {})
+        if j not in cache:
+            cache[j] = self.row_sums(self.ones(self.shape[1])) if j == 0 else self.col_sums(self.ones(self.shape[0]))
+        return cache[j]
+
     @property
     def frame_sums(self) -> list:
-        cached = self.__dict__.get("_frame_sums")
-        if cached is None:
-            cached = self.__dict__["_frame_sums"] = [self.row_sums(self.ones(self.shape[1])),
-                                                     self.col_sums(self.ones(self.shape[0]))]
-        return cached
+        return [self.frame_sum(0), self.frame_sum(1)]
 
     def input_sums(self) -> list:
         return self.frame_sums
@@ -211,8 +218,9 @@ class ApiDenseKernel:
         from . import State
 
         xp = self.xp
-        total = stop_gradient(xp.sum(self.frame_sums[0], axis=-1, keepdims=True))
+        total = stop_gradient(xp.sum(self.frame_sum(self.first), axis=-1, keepdims=True))
         scale = 2.0 ** xp.round(-xp.log2(total) / len(self.shape))
+        self._start = scale
         return State([self.ones(n) * scale for n in self.shape])
 
     def rescale(self, j, margin, sums, state):
@@ -263,7 +271,7 @@ class ApiLogKernel(ApiDenseKernel):
         self._frame = [centre, zero] if first == 0 else [zero, centre]
         # exp(L + centre) without adding the zero potential: one pass fewer over the table
         self.table = xp.exp(logits + (centre[..., :, None] if first == 0 else centre[..., None, :]))
-        self.frame_sums  # noqa: B018 -- in the initial frame, before any step moves it
+        self.frame_sum(first)  # in the initial frame, before any step moves the buffer
 
     def _exponentiate(self, frame):
         return self.xp.exp(add_potentials(self.xp, self.logits, frame[0], frame[1]))
@@ -276,13 +284,12 @@ class ApiLogKernel(ApiDenseKernel):
     def input_sums(self):
         """Row and column sums of exp(L), undone from the first frame in log space (as LogKernel)."""
         xp = self.xp
-        r, c = self.frame_sums
         pot = self.centre
         shift = xp.min(pot, axis=-1, keepdims=True)
         weights = xp.exp(shift - pot)
         if self.first == 0:
-            return [xp.exp(xp.log(r) - pot), xp.exp(xp.log(self.col_sums(weights)) - shift)]
-        return [xp.exp(xp.log(self.row_sums(weights)) - shift), xp.exp(xp.log(c) - pot)]
+            return [xp.exp(xp.log(self.frame_sum(0)) - pot), xp.exp(xp.log(self.col_sums(weights)) - shift)]
+        return [xp.exp(xp.log(self.row_sums(weights)) - shift), xp.exp(xp.log(self.frame_sum(1)) - pot)]
 
     def nonempty(self, j, masks=None):
         """Lines with a finite logit (the buffer may underflow where the logits do not), counting
