@@ -9,9 +9,9 @@ and :func:`support_pattern` turn a result's data back into arrays of the input's
 * :class:`.log.LogKernel` -- logits, balanced through a stabilised exponentiated buffer.
 * :class:`.tensor.TensorKernel` -- a dense N-d table with one- and multi-way margins.
 * :class:`.cells.CellKernel` -- a sparse N-d table given as its occupied cells (samples' cells).
+* :class:`.chunked.ChunkedKernel` -- a 2-D Dask array partitioned along rows (imported lazily).
 * :class:`.arrayapi.ApiDenseKernel`, :class:`.arrayapi.ApiLogKernel` -- PyTorch, JAX, CuPy (any
   array-API) tables and logits, computed in their namespace and on their device (imported lazily).
-* :class:`.chunked.ChunkedKernel` -- a 2-D Dask array partitioned along rows (imported lazily).
 
 Mutable loop state (the scalings, and the log kernel's potentials) lives in a :class:`State`
 that the loop owns and passes in; kernels keep only their input and workspace.
@@ -136,14 +136,14 @@ def scaled_table(table, u: np.ndarray, v: np.ndarray):
     """``diag(u) @ table @ diag(v)`` (over the last two axes); sparse tables keep format and pattern."""
     if sp.issparse(table):
         return scaled_sparse(table, u, v)
-    if is_array_api(table):
-        from . import arrayapi
-
-        return arrayapi.scaled(arrayapi.namespace(table), table, u, v)
     if is_dask_array(table):  # lazy, block by block
         from .chunked import scaled_chunked
 
         return scaled_chunked(table, u, v)
+    if is_array_api(table):
+        from . import arrayapi
+
+        return arrayapi.scaled(arrayapi.namespace(table), table, u, v)
     out = np.multiply(table, u[..., :, None])
     out *= v[..., None, :]
     return out
