@@ -40,9 +40,11 @@ def deficit(pattern: sp.csr_array, p_x: np.ndarray, p_y: np.ndarray) -> Deficit 
     m, l = pattern.shape
     p_x = np.asarray(p_x, dtype=np.float64)
     p_y = np.asarray(p_y, dtype=np.float64)
-    scale = (_GRID - m - l - 2) / p_x.sum()
-    cap_rows = np.floor(p_x * scale).astype(np.int32)
-    cap_cols = np.ceil(p_y * scale).astype(np.int32)
+    # Each target on the grid of its own total: the totals agree only to their dtype's rounding
+    # (float32 targets of total 1 differ by ~1e-8, tens of grid units), which is not a deficit.
+    grid = _GRID - m - l - 2
+    cap_rows = np.floor(p_x * (grid / p_x.sum())).astype(np.int32)
+    cap_cols = np.ceil(p_y * (grid / p_y.sum())).astype(np.int32)
     source, sink = m + l, m + l + 1
     nnz = pattern.indptr[-1]
     indptr = np.concatenate([pattern.indptr, nnz + 1 + np.arange(l), [nnz + l + m] * 2]).astype(np.int32)

@@ -62,7 +62,11 @@ class Problem:
     def from_targets(cls, targets, names, total, dtype, first: int = 0) -> Problem:
         margins = []
         for p, name in zip(targets, names, strict=True):
-            exact = np.asarray(p, dtype=np.float64) / np.reshape(total, total.shape + (1,) * (np.ndim(p) - total.ndim))
+            # Each target over its own total: the targets' totals were checked to agree up to their
+            # dtype's rounding (float32 thirds total 1 +- 3e-8), a gap no table could close.
+            exact = np.asarray(p, dtype=np.float64)
+            own = exact.sum(axis=tuple(range(total.ndim, exact.ndim)), keepdims=True)
+            exact = exact / np.where(own > 0, own, 1.0)
             p = exact.astype(dtype)
             zero = None if (p > 0).all() else np.nonzero(p == 0)
             margins.append(Margin(p, name, zero, exact))

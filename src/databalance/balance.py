@@ -385,6 +385,8 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
         ``table`` of the result is a lazy Dask array (:doc:`/guide/dask`).
     p_x, p_y : array_like, shape (m,) and (l,) (or broadcastable with the batch)
         Nonnegative target marginals with equal totals; the balanced table carries that total.
+        Totals that differ only by their dtype's rounding (float32 thirds) are each met over their
+        own total: the table carries ``p_x``'s.
     steps : int, optional
         Run exactly this many half-steps (status ``"completed"``). Half-step 1 fixes the rows when
         ``start="x"``, half-step 2 the columns, and so on. ``None`` iterates until every marginal
