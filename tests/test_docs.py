@@ -10,7 +10,8 @@ import pathlib
 import pytest
 
 GUIDE = pathlib.Path(__file__).parents[1] / "docs" / "guide"
-PAGES = ["which_function.rst", "many_margins.rst", "from_r_survey.rst", "from_ipfn.rst", "from_pot.rst", "performance.rst"]
+PAGES = ["which_function.rst", "many_margins.rst", "from_r_survey.rst", "from_ipfn.rst", "from_pot.rst",
+         "performance.rst"]
 
 
 @pytest.mark.parametrize("page", PAGES)

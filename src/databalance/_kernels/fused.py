@@ -594,17 +594,4 @@ class FusedLogKernel(_Fused, LogKernel):
     _work = FusedDenseKernel.__dict__["_work"]
     _pass = FusedDenseKernel._pass
 
-    def _install(self, j, margin, new, sums, state):
-        """:meth:`LogKernel.rescale` with the new scaling given."""
-        p = margin.target
-        other = state.factors[1 - j]
-        if np.min(sums, where=p > 0, initial=np.inf) < self.tiny:
-            return self._exact_step(j, p, state)
-        if not (self._out_of_range(new, p > 0) or self._out_of_range(other, other > 0)):
-            state.factors[j] = new
-            return sums
-        with np.errstate(divide="ignore"):
-            state.frame[j] = state.frame[j] + np.log(new)
-            state.frame[1 - j] = state.frame[1 - j] + np.log(other)
-        self._reset(state)
-        return new * sums
+    _install = LogKernel._install  # the safeguards, with the fused pass's scaling

@@ -121,11 +121,18 @@ class LogKernel(DenseKernel):
             return [np.exp(np.log(self.row_sums(weights)) - shift), np.exp(np.log(c) - pot)]
 
     def rescale(self, j, margin, sums, state):
+        return self._install(j, margin, None, sums, state)
+
+    def _install(self, j, margin, new, sums, state):
+        """Set margin ``j``'s scaling to ``new`` (``None``: target / sums) through the safeguards:
+        an exact log-sum-exp step when a sum has underflowed, absorption into the potentials when
+        a scaling leaves ``[1/tau, tau]``."""
         p = margin.target
         other = state.factors[1 - j]
         if np.min(sums, where=p > 0, initial=np.inf) < self.tiny:
             return self._exact_step(j, p, state)
-        new = ratio(p, sums, margin.zero)
+        if new is None:
+            new = ratio(p, sums, margin.zero)
         if not (self._out_of_range(new, p > 0) or self._out_of_range(other, other > 0)):
             state.factors[j] = new
             return sums
