@@ -531,8 +531,9 @@ def sample_values(values) -> np.ndarray:
     return arr
 
 
-def sample_weights(weights, n: int) -> np.ndarray:
-    arr = sample_array(weights, "sample_weight", n)
+def _real_nonnegative_weights(arr: np.ndarray) -> np.ndarray:
+    """Design weights as float64: real, finite and nonnegative (the checks shared by in-memory
+    samples and each Dask partition)."""
     if arr.dtype.kind not in "biuf":
         raise TypeError(
             f"`sample_weight` must hold real numbers; got dtype {arr.dtype}. Convert it first, e.g. "
@@ -544,6 +545,11 @@ def sample_weights(weights, n: int) -> np.ndarray:
     if (arr < 0).any():
         i = _first_index(arr < 0)[0]
         raise ValueError(f"`sample_weight` must be nonnegative; sample {i} has weight {float(arr[i])!r}.")
+    return arr
+
+
+def sample_weights(weights, n: int) -> np.ndarray:
+    arr = _real_nonnegative_weights(sample_array(weights, "sample_weight", n))
     if not arr.sum() > 0:
         raise ValueError("`sample_weight` sums to 0; at least one sample needs positive weight.")
     return arr
@@ -1152,15 +1158,7 @@ def partition_weights(weights, n: int) -> np.ndarray:
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"`sample_weight` has {arr.shape[0] if arr.ndim else 0} entries in this partition but the "
                          f"data has {n}; give one weight per sample, partitioned like the data.")
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"`sample_weight` must hold real numbers; got dtype {arr.dtype}.")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"`sample_weight` contains NaN or inf, first at sample {_first_index(~np.isfinite(arr))[0]}.")
-    if (arr < 0).any():
-        i = _first_index(arr < 0)[0]
-        raise ValueError(f"`sample_weight` must be nonnegative; sample {i} has weight {float(arr[i])!r}.")
-    return arr
+    return _real_nonnegative_weights(arr)
 
 
 def dask_mixed_input(name: str, kind: str) -> str:
@@ -1325,19 +1323,32 @@ def api_finite_sums(sums, name: str) -> None:
         raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
-def api_traced(name: str) -> TypeError:
-    """``steps=None`` needs to read the marginal error; JAX tracers under ``jax.jit`` cannot be read."""
-    return TypeError(
-        f"`{name}` is traced by jax.jit, but `steps=None` reads the marginal error after every half-step "
-        "to decide when to stop. Under jit pass `steps=k` (the k-step map, differentiable), or call the "
-        "function outside jit (jax.grad works there: the converged result is differentiated implicitly)."
-    )
-
-
 def api_adjoint_unsolved(iterations: int, residual: float) -> str:
     return (f"The adjoint system of the converged balance (implicit differentiation) was solved to a relative "
             f"residual of {residual:.2g} after {iterations} conjugate-gradient iterations; the gradient is "
             "approximate. Balance with a smaller `tol`, or differentiate `steps=k` instead.")
+
+
+def api_implicit_unconverged(name: str, status: str, steps: int, tol: float) -> RuntimeError:
+    """The backward of ``steps=None`` when the forward run did not converge: the implicit
+    derivative holds at the fixed point only, so it would be silently wrong."""
+    return RuntimeError(
+        f"The gradient of balancing `{name}` with `steps=None` is the implicit derivative at the converged "
+        f"result, but the forward run stopped with status {status!r} after {steps} half-steps (tol={tol:g}), "
+        "short of the fixed point, where that derivative does not hold. Differentiate the exact k-step map "
+        "with `steps=k`, or let the run converge (a larger `max_steps`, or a larger `tol`)."
+    )
+
+
+def api_traced(name: str) -> TypeError:
+    """``steps=None`` needs to read the marginal error; traced JAX values cannot be read."""
+    return TypeError(
+        f"`{name}` is traced by JAX (under jax.jit, jax.vmap or another transformation that traces), but "
+        "`steps=None` reads the marginal error after every sweep to decide when to stop. Under such a "
+        "transformation pass `steps=k` (the k-step map, differentiable), or call the function on concrete "
+        "arrays (jax.grad works there: the converged result is differentiated implicitly; for a batch, pass "
+        "the stacked arrays: leading axes are a batch of problems)."
+    )
 
 
 def api_acceleration(name: str) -> ValueError:
