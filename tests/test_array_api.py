@@ -342,8 +342,14 @@ def test_overrelaxation_is_numpy_only():
 
 def test_steps_none_under_jit_is_refused():
     jax = pytest.importorskip("jax")
-    with pytest.raises(TypeError, match="`logits` is traced by jax.jit, but `steps=None`"):
+    with pytest.raises(TypeError, match="`logits` is traced by JAX .*jax.jit.*`steps=None`"):
         jax.jit(lambda x: balance_logits(x, [0.5, 0.5], [0.5, 0.5]).log_table)(jax.numpy.zeros((2, 2)))
+
+
+def test_steps_none_under_vmap_is_refused_naming_the_batch_alternative():
+    jax = pytest.importorskip("jax")
+    with pytest.raises(TypeError, match="`logits` is traced by JAX .*jax.vmap.*stacked arrays"):
+        jax.vmap(lambda x: balance_logits(x, [0.5, 0.5], [0.5, 0.5]).log_table)(jax.numpy.zeros((3, 2, 2)))
 
 
 # -- optional dependencies -------------------------------------------------------------------------

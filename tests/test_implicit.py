@@ -138,3 +138,68 @@ def test_no_gradient_no_custom_function():
         warnings.simplefilter("error")
         res = balance_logits(torch.zeros(3, 3, dtype=torch.float64), np.full(3, 1 / 3), np.full(3, 1 / 3))
     assert res.row_potential.grad_fn is None
+
+
+def unconverged_case(rng=np.random.default_rng(3)):
+    L = rng.standard_normal((5, 5)) * 3
+    p_x, p_y = rng.random(5), rng.random(5)
+    return L, p_x, p_y * p_x.sum() / p_y.sum()
+
+
+def test_torch_backward_refuses_an_unconverged_run():
+    """The implicit derivative holds at the fixed point only: a run stopped by max_steps raises in
+    backward, naming the status and the way out (steps=k)."""
+    torch = pytest.importorskip("torch")
+    L, p_x, p_y = unconverged_case()
+    x = torch.tensor(L, requires_grad=True)
+    with pytest.warns(ConvergenceWarning):
+        res = balance_logits(x, p_x, p_y, max_steps=2, tol=1e-12)
+    assert res.status == "max_steps"
+    with pytest.raises(RuntimeError, match="status 'max_steps' after 2 half-steps.*`steps=k`"):
+        res.table.sum().backward()
+
+
+def test_jax_grad_refuses_an_unconverged_run():
+    jax, jnp = jax_setup()
+    L, p_x, p_y = unconverged_case()
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.raises(RuntimeError, match="status 'max_steps'.*larger `max_steps`"):
+            jax.grad(lambda x: jnp.sum(balance_logits(x, p_x, p_y, max_steps=3, tol=1e-12).table))(jnp.asarray(L))
+
+
+def test_torch_double_backward_through_the_fixed_point():
+    """A gradient penalty (create_graph=True) differentiated again: the implicit path agrees with the
+    unrolled k-step map once both have converged (k = 40 and 80 agree to 1e-13 here)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    L0, w = rng.standard_normal((4, 5)), torch.tensor(rng.standard_normal((4, 5)))
+    p_x, p_y = np.full(4, 0.25), np.full(5, 0.2)
+
+    def penalty_gradient(steps):
+        x = torch.tensor(L0, requires_grad=True)
+        res = balance_logits(x, p_x, p_y, steps=steps, tol=1e-13)
+        g, = torch.autograd.grad((res.table * w).sum(), x, create_graph=True)
+        return torch.autograd.grad((g ** 2).sum(), x)[0]
+
+    np.testing.assert_allclose(penalty_gradient(None).numpy(), penalty_gradient(80).numpy(), atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, None])
+def test_gradient_of_an_empty_row_with_zero_target_is_zero(steps):
+    """A row of -inf logits whose target is 0: its gradient is 0 (not NaN) in PyTorch and JAX, and
+    the two frameworks agree on every other entry."""
+    torch = pytest.importorskip("torch")
+    jax, jnp = jax_setup()
+    rng = np.random.default_rng(5)
+    L = rng.standard_normal((4, 5))
+    L[1, :] = -np.inf
+    p_x, p_y, w = np.array([0.3, 0.0, 0.3, 0.4]), np.full(5, 0.2), rng.standard_normal((4, 5))
+    x = torch.tensor(L, requires_grad=True)
+    (balance_logits(x, p_x, p_y, steps=steps, tol=1e-13).table * torch.tensor(w)).sum().backward()
+    with jax.enable_x64(True):
+        g = np.asarray(jax.grad(lambda y: jnp.sum(balance_logits(y, p_x, p_y, steps=steps, tol=1e-13).table * w))(
+            jnp.asarray(L)))
+    assert np.isfinite(g).all() and np.isfinite(x.grad.numpy()).all()
+    assert (g[1] == 0).all() and (x.grad.numpy()[1] == 0).all()
+    np.testing.assert_allclose(g, x.grad.numpy(), atol=1e-12)

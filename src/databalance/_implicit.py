@@ -52,15 +52,26 @@ def needs_gradient(data) -> bool:
     return api.is_traced(data)
 
 
-def converged(data, solve, *, log: bool):
-    """``solve(data)`` (which returns ``(a, b), extra``: potentials or scalings, and what else the
-    caller needs) with the derivative of ``(a, b)`` given by the implicit function theorem."""
+def converged(data, solve, *, log: bool, tol: float):
+    """``solve(data)`` (which returns ``(a, b), extra``: potentials or scalings, and ``extra``, whose
+    first item is the run's :class:`~databalance._ipf.Outcome`) with the derivative of ``(a, b)``
+    given by the implicit function theorem. That derivative holds at the fixed point only: the
+    backward raises (:func:`~databalance._validation.api_implicit_unconverged`) when the run did
+    not converge. In PyTorch the backward is itself differentiable (``create_graph=True``: the adjoint
+    solve is recorded, and the saved potentials lead back to this function, so second derivatives
+    are those of the fixed point; that graph holds the conjugate-gradient iterations)."""
     if type(data).__module__.split(".")[0] == "torch":
-        return _torch(data, solve, log)
-    return _jax(data, solve, log)
+        return _torch(data, solve, log, tol)
+    return _jax(data, solve, log, tol)
 
 
-def _torch(data, solve, log):
+def _refuse_unconverged(box: dict, log: bool, tol: float) -> None:
+    outcome = box["extra"][0]
+    if outcome.status != "converged":
+        raise check.api_implicit_unconverged("logits" if log else "table", outcome.status, outcome.steps, tol)
+
+
+def _torch(data, solve, log, tol):
     import torch
 
     box: dict = {}
@@ -75,15 +86,15 @@ def _torch(data, solve, log):
 
         @staticmethod
         def backward(ctx, a_bar, b_bar):
+            _refuse_unconverged(box, log, tol)
             x, a, b = ctx.saved_tensors
-            with torch.no_grad():
-                return vjp(x, a, b, a_bar, b_bar, log=log)
+            return vjp(x, a, b, a_bar, b_bar, log=log)
 
     a, b = Converged.apply(data)
     return (a, b), box["extra"]
 
 
-def _jax(data, solve, log):
+def _jax(data, solve, log, tol):
     import jax
 
     box: dict = {}
@@ -98,6 +109,7 @@ def _jax(data, solve, log):
         return out, (x, out[0], out[1])
 
     def backward(residuals, cotangents):
+        _refuse_unconverged(box, log, tol)
         x, a, b = residuals
         return (vjp(x, a, b, cotangents[0], cotangents[1], log=log),)
 

@@ -241,7 +241,7 @@ def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, pro
     on_host = None if reporter is None else (lambda k, errors: reporter[0](k, api.to_numpy(errors)))
     try:
         if steps is None and _implicit.needs_gradient(data):
-            (a, b), (outcome, known, reason) = _implicit.converged(data, solve, log=log)
+            (a, b), (outcome, known, reason) = _implicit.converged(data, solve, log=log, tol=tol)
         else:
             (a, b), (outcome, known, reason) = solve(data)
     finally:

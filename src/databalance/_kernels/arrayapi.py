@@ -133,7 +133,11 @@ def logsumexp_rows(xp, L, g):
     """``log(sum_j exp(L[..., i, j] + g[..., j]))``; -inf for lines with no mass."""
     t = L + g[..., None, :]
     peak = stop_gradient(finite_max(xp, t, -1))
-    return xp.log(xp.sum(xp.exp(t - peak[..., None]), axis=-1)) + peak
+    s = xp.sum(xp.exp(t - peak[..., None]), axis=-1)
+    # log of a masked sum: a line with no mass gets -inf without a log(0) whose derivative, 1/0,
+    # times a zero cotangent would be NaN under autodiff
+    positive = s > 0
+    return xp.where(positive, xp.log(xp.where(positive, s, 1.0)) + peak, -xp.inf)
 
 
 def matvec(xp, A, v):
