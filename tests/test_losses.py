@@ -131,6 +131,18 @@ def test_bad_input_is_named():
         balanced_contrastive_loss(np.full((2, 2), np.nan), 1)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_every_k_checks_the_entries(k):
+    """NaN, +inf and (outside NumPy) integer logits are refused for k = 0 too (it does not balance)."""
+    torch = pytest.importorskip("torch")
+    for bad in (np.nan, np.inf):
+        for arr in (np.array([[bad, 0.0], [0.0, 0.0]]), torch.tensor([[bad, 0.0], [0.0, 0.0]])):
+            with pytest.raises(ValueError, match="`logits` contains (NaN|\\+inf), first at index \\(0, 0\\)"):
+                balanced_contrastive_loss(arr, k)
+    with pytest.raises(TypeError, match="`logits` is a torch array of dtype torch.int64"):
+        balanced_contrastive_loss(torch.ones(3, 3, dtype=torch.int64), k)
+
+
 def test_guide_page_examples_run():
     import doctest
     import pathlib

@@ -81,6 +81,8 @@ def balanced_contrastive_loss(logits, k: int = 1, *, reduction: str = "mean"):
     reduction = check.loss_reduction(reduction)
     xp, arr = _namespace(logits)
     check.loss_logits(arr)
+    if k == 0:  # k > 0: balance_logits checks the same (dtype, NaN, +inf)
+        _check_entries(xp, arr)
     n = arr.shape[-1]
     diag = xp.take(xp.reshape(arr, tuple(arr.shape[:-2]) + (n * n,)), xp.arange(0, n * n, n + 1), axis=-1)
     if k == 0:
@@ -107,3 +109,18 @@ def _namespace(logits):
 
         return arrayapi.namespace(logits), logits
     return np, check.dense_array(logits, "logits", min_ndim=2)
+
+
+def _check_entries(xp, arr) -> None:
+    """The dtype and value checks of :func:`~databalance.balance_logits`: float32 or float64 outside
+    NumPy, no NaN and no +inf (not read under ``jax.jit``, where values cannot be)."""
+    from ._kernels import is_array_api
+
+    if not is_array_api(arr):
+        check.logits_entries(arr, "logits")
+        return
+    from ._kernels import arrayapi
+
+    check.api_table(xp, arr, "logits")
+    if not arrayapi.is_traced(arr):
+        check.api_entries(xp, arr, "logits", log=True)
