@@ -140,7 +140,8 @@ def test_no_gradient_no_custom_function():
     assert res.row_potential.grad_fn is None
 
 
-def unconverged_case(rng=np.random.default_rng(3)):
+def unconverged_case():
+    rng = np.random.default_rng(3)
     L = rng.standard_normal((5, 5)) * 3
     p_x, p_y = rng.random(5), rng.random(5)
     return L, p_x, p_y * p_x.sum() / p_y.sum()

@@ -11,9 +11,12 @@ reference is a snapshot.
   :class:`~databalance._kernels.log.LogKernel`: exponentiated once (each row's or column's maximum
   subtracted), plain scaling steps on it, a scaling that leaves ``[1/tau, tau]`` absorbed into the
   potentials (the buffer re-exponentiated), and an exact log-sum-exp step when a line's sum
-  underflows. Deciding between these reads one device flag per half-step. Under ``jax.jit`` (traced
-  values, nothing can be read) every half-step is the exact log-sum-exp step instead, which needs no
-  decision (two exponentials of the table per half-step rather than none).
+  underflows. Deciding between these reads one device flag per sweep (:meth:`ApiLogKernel.rescale`:
+  a plain half-step also bounds the next one's sums and scaling, and when the bounds are safe the
+  next half-step takes the plain path without a read; the decisions, hence the results, are those
+  of reading every half-step). Under ``jax.jit`` (traced values, nothing can be read) every
+  half-step is the exact log-sum-exp step instead, which needs no decision (two exponentials of the
+  table per half-step rather than none).
 
 What differs from the NumPy kernels, and why:
 
@@ -276,6 +279,13 @@ class ApiLogKernel(ApiDenseKernel):
         # exp(L + centre) without adding the zero potential: one pass fewer over the table
         self.table = xp.exp(logits + (centre[..., :, None] if first == 0 else centre[..., None, :]))
         self.frame_sum(first)  # in the initial frame, before any step moves the buffer
+        self._cleared = 0  # a half-step the previous one proved safe (plain, no read); 0: none
+        self._targets: list = []
+
+    def adopt(self, problem):
+        problem = super().adopt(problem)
+        self._targets = [m.target for m in problem.margins]
+        return problem
 
     def _exponentiate(self, frame):
         return self.xp.exp(add_potentials(self.xp, self.logits, frame[0], frame[1]))
@@ -307,25 +317,60 @@ class ApiLogKernel(ApiDenseKernel):
         return to_numpy(matvec(xp, support, w) if j == 0 else vecmat(xp, w, support)) > 0
 
     def rescale(self, j, margin, sums, state):
+        """Half-step ``k = state.steps + 1``: plain, absorbed (a scaling out of ``[1/tau, tau]``) or
+        exact (a positive target's line sum below ``tiny``), decided from one read of device flags.
+
+        A plain half-step ``k >= 3`` also reads whether half-step ``k + 1`` might need a safeguard
+        (:meth:`_next_unsafe`, rigorous bounds); when it cannot, ``k + 1`` is plain without a read.
+        So the loop reads one flag per sweep, and decides exactly as reading every half-step."""
         xp = self.xp
         p = margin.target
         positive = p > 0
         if self.traced:
             return self._exact_step(j, p, positive, state)
+        k = state.steps + 1
         other = state.factors[1 - j]
         new = ratio(xp, p, sums, margin.zero)
-        flags = xp.stack([xp.any(xp.logical_and(sums < self.tiny, positive)),
-                          xp.logical_or(self._out_of_range(new, positive), self._out_of_range(other, other > 0))])
-        underflow, out_of_range = (bool(b) for b in to_numpy(flags))  # the one read of the half-step
+        if self._cleared == k:  # proved plain by half-step k - 1
+            state.factors[j] = new
+            return sums
+        flags = [xp.any(xp.logical_and(sums < self.tiny, positive)),
+                 xp.logical_or(self._out_of_range(new, positive), self._out_of_range(other, other > 0))]
+        predict = k >= 3 and len(self._targets) == 2  # both scalings set by a step, the other margin's last
+        if predict:
+            flags.append(self._next_unsafe(j, new, state.factors[j], other, positive))
+        read = [bool(b) for b in to_numpy(xp.stack(flags))]  # the one read
+        underflow, out_of_range = read[0], read[1]
         if underflow:
             return self._exact_step(j, p, positive, state)
         if not out_of_range:
             state.factors[j] = new
+            if predict and not read[2]:
+                self._cleared = k + 1
             return sums
         state.frame[j] = state.frame[j] + xp.log(new)
         state.frame[1 - j] = state.frame[1 - j] + xp.log(other)
         self._reset(state)
         return new * sums
+
+    def _next_unsafe(self, j, new, old, other, positive):
+        """Whether the next half-step (margin ``1 - j``) might find a sum below ``tiny`` or a scaling
+        out of ``[1/tau, tau]``: a device flag, True whenever the next half-step's own checks could be.
+
+        After the other margin's step, ``sum_i B_ij old_i = q_j / other_j`` (B the buffer). This step
+        multiplies ``old_i`` by ``r_i = new_i / old_i`` (lines with a positive target; the others
+        carry no mass), so the next sums lie in ``[min r, max r] * q / other`` and the next scaling
+        in ``[other / max r, other / min r]``; a factor of 4 covers the rounding of the invariant.
+        The next check of ``new`` itself is the one this step made."""
+        xp = self.xp
+        q = self._targets[1 - j]
+        wanted = q > 0
+        r = xp.where(positive, new / xp.where(positive, old, 1.0), 1.0)
+        lo, hi = xp.min(r, axis=-1, keepdims=True), xp.max(r, axis=-1, keepdims=True)
+        slack = 4.0
+        risky = xp.logical_or(lo * q < (slack * self.tiny) * other,
+                              xp.logical_or(other * slack > lo * self.tau, other * self.tau < hi * slack))
+        return xp.any(xp.logical_and(risky, wanted))
 
     def _out_of_range(self, x, where):
         xp = self.xp
