@@ -15,10 +15,11 @@ sample's latent is its class centre plus noise, and its two views are different 
 the latent, one through ``tanh``, each with its own noise. The towers are linear maps to 16
 dimensions followed by normalisation; temperature 0.1; Adam.
 
-This page runs the quick mode (one seed, 4 epochs on 1024 pairs: it shows the mechanics, not the
-comparison). ``python examples/contrastive_training.py --full`` runs 5 seeds and 30 epochs on 2048
-pairs and prints means with standard errors; benchmarks/RESULTS.md records that table and what it
-says about the paper's trend. Needs PyTorch.
+The documentation shows this script without running it (its build does not install PyTorch). Run
+as is, it takes the quick mode (one seed, 4 epochs on 1024 pairs: it shows the mechanics, not the
+comparison), which ``tests/test_examples.py`` runs. ``python examples/contrastive_training.py
+--full`` runs 5 seeds and 30 epochs on 2048 pairs and prints means with standard errors;
+benchmarks/RESULTS.md records that table and what it says about the paper's trend. Needs PyTorch.
 """
 
 import sys

@@ -3,13 +3,19 @@ SwaV-style balanced soft assignments in PyTorch
 ===============================================
 
 Self-labelling (SwaV, DINO) assigns a batch of B samples to K prototypes with *soft codes* whose
-cluster masses are equal: a few Sinkhorn sweeps of ``exp(scores / eps)`` towards uniform marginals
-over the samples and over the prototypes. This is :func:`databalance.balance_logits` with
-``steps=6`` (three sweeps) on the score matrix, run in PyTorch where the scores live; the codes are
-targets (computed without gradient), and the swapped-prediction loss trains the prototypes.
+cluster masses are (near) equal: a few Sinkhorn sweeps of ``exp(scores / eps)`` towards uniform
+marginals over the samples and over the prototypes. This is :func:`databalance.balance_logits`
+with ``steps=6`` (three sweeps) on the score matrix, run in PyTorch where the scores live; the
+codes are targets (computed without gradient), and the swapped-prediction loss trains the
+prototypes.
+
+As in SwaV's Sinkhorn, each sweep normalises the prototypes' masses first and the samples' last, so
+that every sample's code is a distribution over the prototypes (sums to 1 exactly); the prototypes'
+masses are then near-equal, up to what three sweeps achieve (their spread is printed below; more
+sweeps shrink it).
 
 The batch below is imbalanced on purpose (one latent cluster holds half the samples): plain
-softmax codes pile onto its prototype, balanced codes give every prototype the same mass.
+softmax codes pile onto its prototype, balanced codes spread the batch near-evenly.
 
 Needs PyTorch (``pip install torch``).
 """
@@ -45,6 +51,9 @@ plain = torch.softmax(scores[0].detach() / eps, dim=1)
 mass_plain, mass_balanced = plain.mean(0) * K, q[0].mean(0) * K
 print("cluster mass x K, plain softmax:", np.round(mass_plain.numpy(), 2))
 print("cluster mass x K, balanced     :", np.round(mass_balanced.numpy(), 2))
+spread = float(mass_balanced.max() - mass_balanced.min())
+print(f"balanced cluster masses x K span {float(mass_balanced.min()):.2f}..{float(mass_balanced.max()):.2f} "
+      f"(spread {spread:.2f}; plain softmax {float(mass_plain.max() - mass_plain.min()):.2f})")
 print(f"rows of the codes sum to 1 (largest deviation {float((q[0].sum(1) - 1).abs().max()):.1e})")
 
 # The swapped prediction loss: predict view 2's codes from view 1's scores and vice versa.
@@ -55,7 +64,8 @@ print(f"swapped-prediction loss {float(loss.detach()):.4f}; gradient norm on the
 
 # %%
 # Cluster masses: the plain softmax gives the dominant cluster's prototype most of the batch; three
-# balancing sweeps spread the batch evenly, which is what keeps self-labelling from collapsing.
+# balancing sweeps spread the batch near-evenly (the last half-step fixes the samples, so the
+# prototypes' masses keep a small spread), which is what keeps self-labelling from collapsing.
 import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
