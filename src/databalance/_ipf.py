@@ -14,7 +14,8 @@ result's scalings are scaled back when exported.
 Array-API kernels (PyTorch, JAX, CuPy: :mod:`databalance._kernels.arrayapi`) run in this same loop.
 Their errors are computed on the device (:func:`l1` with ``xp``), one row per iterate, and stacked
 when the history is viewed; ``steps=k`` never reads them, ``steps=None`` reads one scalar per
-sweep (an odd iterate is decided together with the next).
+sweep (an odd iterate is decided together with the next; a kernel's pending device flag, the log
+kernel's proof that the next sweep needs no safeguard, travels in the same transfer).
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ class DeviceHistory:
     """The :class:`History` of an array-API kernel: one device array per iterate, stacked when
     viewed (no host copy); :meth:`worst` is the loop's host read (one per sweep)."""
 
-    def __init__(self, xp):
+    def __init__(self, xp, kernel=None):
         self.xp = xp
+        self.kernel = kernel  # may offer a device flag to read along (``pending_flag``/``deliver``)
         self.rows: list = []
         self._read: tuple[int, float] | None = None  # (iterates then, the last one's largest error)
 
@@ -157,7 +159,13 @@ class DeviceHistory:
             return self._read[1]
         if which == -2:
             xp = self.xp
-            both = to_numpy(xp.stack([xp.max(self.rows[-2]), xp.max(self.rows[-1])]))
+            values = [xp.max(self.rows[-2]), xp.max(self.rows[-1])]
+            flag = None if self.kernel is None else getattr(self.kernel, "pending_flag", lambda: None)()
+            if flag is not None:
+                values.append(xp.astype(flag, values[0].dtype))
+            both = to_numpy(xp.stack(values))
+            if flag is not None:
+                self.kernel.deliver(bool(both[2]))
             self._read = (len(self.rows), float(both[1]))
             return float(both[0])
         return float(to_numpy(self.xp.max(self.rows[-1])))
@@ -165,7 +173,7 @@ class DeviceHistory:
 
 def new_history(kernel: Kernel, n_margins: int) -> History | DeviceHistory:
     xp = getattr(kernel, "xp", None)
-    return History(kernel.batch, n_margins) if xp is None else DeviceHistory(xp)
+    return History(kernel.batch, n_margins) if xp is None else DeviceHistory(xp, kernel)
 
 
 def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, Any]]:

@@ -13,10 +13,11 @@ reference is a snapshot.
   potentials (the buffer re-exponentiated), and an exact log-sum-exp step when a line's sum
   underflows. Deciding between these reads one device flag per sweep (:meth:`ApiLogKernel.rescale`:
   a plain half-step also bounds the next one's sums and scaling, and when the bounds are safe the
-  next half-step takes the plain path without a read; the decisions, hence the results, are those
-  of reading every half-step). Under ``jax.jit`` (traced values, nothing can be read) every
-  half-step is the exact log-sum-exp step instead, which needs no decision (two exponentials of the
-  table per half-step rather than none).
+  next half-step takes the plain path without a read; with ``steps=None`` the flag rides with the
+  convergence check; the decisions, hence the results, are those of reading every half-step).
+  Under ``jax.jit`` (traced values, nothing can be read) every half-step is the exact log-sum-exp
+  step instead, which needs no decision (two exponentials of the table per half-step rather than
+  none).
 
 What differs from the NumPy kernels, and why:
 
@@ -279,7 +280,8 @@ class ApiLogKernel(ApiDenseKernel):
         # exp(L + centre) without adding the zero potential: one pass fewer over the table
         self.table = xp.exp(logits + (centre[..., :, None] if first == 0 else centre[..., None, :]))
         self.frame_sum(first)  # in the initial frame, before any step moves the buffer
-        self._cleared = 0  # a half-step the previous one proved safe (plain, no read); 0: none
+        self._cleared = 0  # half-steps up to this one are proved plain (no read needed)
+        self._pending: tuple | None = None  # (k, flag): does k + 1 or k + 2 risk a safeguard?
         self._targets: list = []
 
     def adopt(self, problem):
@@ -320,9 +322,12 @@ class ApiLogKernel(ApiDenseKernel):
         """Half-step ``k = state.steps + 1``: plain, absorbed (a scaling out of ``[1/tau, tau]``) or
         exact (a positive target's line sum below ``tiny``), decided from one read of device flags.
 
-        A plain half-step ``k >= 3`` also reads whether half-step ``k + 1`` might need a safeguard
-        (:meth:`_next_unsafe`, rigorous bounds); when it cannot, ``k + 1`` is plain without a read.
-        So the loop reads one flag per sweep, and decides exactly as reading every half-step."""
+        A plain half-step ``k >= 3`` that reads also reads whether half-step ``k + 1`` might need a
+        safeguard (:meth:`_next_unsafe`, rigorous bounds); when it cannot, ``k + 1`` is plain without
+        a read. An even plain half-step also leaves a device flag for the next two
+        (:meth:`pending_flag`), which ``steps=None`` reads along with its convergence check
+        (:meth:`deliver`). So ``steps=k`` reads one flag per sweep, ``steps=None`` (usually) only
+        its error, and every decision is the one reading every half-step would take."""
         xp = self.xp
         p = margin.target
         positive = p > 0
@@ -331,8 +336,9 @@ class ApiLogKernel(ApiDenseKernel):
         k = state.steps + 1
         other = state.factors[1 - j]
         new = ratio(xp, p, sums, margin.zero)
-        if self._cleared == k:  # proved plain by half-step k - 1
-            state.factors[j] = new
+        self._pending = None
+        if k <= self._cleared:  # proved plain by an earlier half-step
+            self._plain(k, j, new, state, positive)
             return sums
         flags = [xp.any(xp.logical_and(sums < self.tiny, positive)),
                  xp.logical_or(self._out_of_range(new, positive), self._out_of_range(other, other > 0))]
@@ -344,16 +350,34 @@ class ApiLogKernel(ApiDenseKernel):
         if underflow:
             return self._exact_step(j, p, positive, state)
         if not out_of_range:
-            state.factors[j] = new
             if predict and not read[2]:
                 self._cleared = k + 1
+            self._plain(k, j, new, state, positive)
             return sums
         state.frame[j] = state.frame[j] + xp.log(new)
         state.frame[1 - j] = state.frame[1 - j] + xp.log(other)
         self._reset(state)
         return new * sums
 
-    def _next_unsafe(self, j, new, old, other, positive):
+    def _plain(self, k, j, new, state, positive):
+        """A plain half-step: the new scaling set; an even one leaves the flag of the next two."""
+        if k >= 3 and k % 2 == 0 and len(self._targets) == 2:
+            self._pending = (k, self._next_unsafe(j, new, state.factors[j], state.factors[1 - j], positive,
+                                                  two=True))
+        state.factors[j] = new
+
+    def pending_flag(self):
+        """The device flag an even plain half-step left (whether either of the next two might need a
+        safeguard), for the loop to read with its error; None when there is none."""
+        return None if self._pending is None else self._pending[1]
+
+    def deliver(self, unsafe: bool) -> None:
+        """The value of :meth:`pending_flag`, read by the loop right after that half-step."""
+        if self._pending is not None and not unsafe:
+            self._cleared = max(self._cleared, self._pending[0] + 2)
+        self._pending = None
+
+    def _next_unsafe(self, j, new, old, other, positive, two: bool = False):
         """Whether the next half-step (margin ``1 - j``) might find a sum below ``tiny`` or a scaling
         out of ``[1/tau, tau]``: a device flag, True whenever the next half-step's own checks could be.
 
@@ -361,7 +385,12 @@ class ApiLogKernel(ApiDenseKernel):
         multiplies ``old_i`` by ``r_i = new_i / old_i`` (lines with a positive target; the others
         carry no mass), so the next sums lie in ``[min r, max r] * q / other`` and the next scaling
         in ``[other / max r, other / min r]``; a factor of 4 covers the rounding of the invariant.
-        The next check of ``new`` itself is the one this step made."""
+        The next check of ``new`` itself is the one this step made (or the bounds that proved it).
+
+        ``two``: the half-step after as well (margin ``j`` again). Its sums are ``sum_j B_ij w_j``
+        with the next scaling ``w`` within ``other * [1 / max r, 1 / min r]``, so they lie in
+        ``p / new * [1 / max r, 1 / min r]`` (``sum_j B_ij other_j = p_i / new_i`` after this step),
+        and its scaling in ``new * [min r, max r]``."""
         xp = self.xp
         q = self._targets[1 - j]
         wanted = q > 0
@@ -370,7 +399,13 @@ class ApiLogKernel(ApiDenseKernel):
         slack = 4.0
         risky = xp.logical_or(lo * q < (slack * self.tiny) * other,
                               xp.logical_or(other * slack > lo * self.tau, other * self.tau < hi * slack))
-        return xp.any(xp.logical_and(risky, wanted))
+        flag = xp.any(xp.logical_and(risky, wanted))
+        if not two:
+            return flag
+        p = self._targets[j]
+        after = xp.logical_or(p < (slack * self.tiny) * new * hi,
+                              xp.logical_or(new * hi * slack > self.tau, new * lo * self.tau < slack))
+        return xp.logical_or(flag, xp.any(xp.logical_and(after, positive)))
 
     def _out_of_range(self, x, where):
         xp = self.xp
