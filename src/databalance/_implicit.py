@@ -11,7 +11,7 @@ along the gauge ``(1, -1)`` (adding c to f and -c to g changes nothing). For out
 The system is solved on its Schur complement: eliminating ``lambda = D_r^-1 (a - P mu)`` leaves
 ``(D_c - P^T D_r^-1 P) mu = b - P^T D_r^-1 a``, which, scaled by ``D_c^-1/2`` on both sides, is
 ``(I - M^T M) y = rhs`` with ``M = D_r^-1/2 P D_c^-1/2``: its eigenvalues are ``1 - s_i^2``, ``s_i``
-the singular values of ``M`` (THEORY.md section 4), the one zero eigenvalue (``s_1 = 1``, vector
+the singular values of ``M`` (the theory page, "The spectral closed form"), the one zero eigenvalue (``s_1 = 1``, vector
 ``sqrt(c)``) is the gauge and is projected out, and conjugate gradients converge at a rate set by
 ``s_2`` -- faster than the forward iteration, whose rate is ``s_2^2`` per sweep. Only products with
 ``P`` and ``P^T`` are used, so memory is O(table) whatever the number of forward iterations.

@@ -11,7 +11,8 @@ balanced row (or column) a probability distribution, so that **k = 1 is exactly 
 loss** (the mean of the row-wise and column-wise cross-entropies with the diagonal as labels);
 without it every k > 0 would be larger by the constant ``log n``. k = 0 is the "joint" loss (the
 softmax over all n^2 cells, plus the same ``log n``: ``-mean_i log(n R[i, i])``), k = 2 the
-"double" variant (rows then columns, and the mirror), and so on (THEORY.md section 7).
+"double" variant (rows then columns, and the mirror), and so on (Liu et al., *The Benefits of
+Balance*, NeurIPS 2024, on CLIP; the user guide page "PyTorch, JAX and other arrays").
 
 The logits may be NumPy, PyTorch, JAX or any array-API array; the loss is computed in their
 namespace, on their device, and is differentiable by the framework (the k steps are unrolled:
