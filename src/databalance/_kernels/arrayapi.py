@@ -166,6 +166,7 @@ class ApiDenseKernel:
         self.batch = tuple(table.shape[:-2])
         self.first = 0  # the side whose frame sums give the total (the log kernel's first step's)
         self._start = None  # the starting scaling, once initial_state has set it
+        self._frame_sums: dict = {}  # margin -> its sums of the table as stored (frame_sum)
 
     def asarray(self, x):
         """A NumPy value (a target, a scale) as an array of the working dtype on the device."""
@@ -203,7 +204,7 @@ class ApiDenseKernel:
 
     def frame_sum(self, j: int):
         """Margin ``j``'s sums of the table as stored (computed once)."""
-        cache = self.__dict__.setdefault("_frame_sum_cache", {})
+        cache = self._frame_sums
         if j not in cache:
             cache[j] = self.row_sums(self.ones(self.shape[1])) if j == 0 else self.col_sums(self.ones(self.shape[0]))
         return cache[j]
