@@ -109,16 +109,6 @@ def test_batched_matches_numpy(problem, steps, order):
 
 
 @SETTINGS
-@given(problems(holes=True), STEPS, st.sampled_from(["csr", "csc"]))
-def test_sparse_matches_numpy(problem, steps, fmt):
-    table, p, q = problem
-    S = sp.csr_array(table).asformat(fmt)
-    a, b = both(db.balance_table, S, p, q, steps=steps)
-    assert_same(a, b, ["row_scaling", "col_scaling"], table.dtype)
-    assert b.table.format == fmt
-
-
-@SETTINGS
 @given(problems(batch=True, holes=True), STEPS, st.sampled_from("xy"), st.floats(0.5, 3.0))
 def test_logits_match_numpy(problem, steps, start, spread):
     table, p, q = problem
@@ -159,21 +149,6 @@ def test_thread_counts_agree():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     np.testing.assert_allclose(results[0].row_scaling, results[1].row_scaling, rtol=1e-13)
     np.testing.assert_allclose(results[0].col_scaling, results[1].col_scaling, rtol=1e-13)
-
-
-def test_power_law_rows_and_empty_rows_sparse():
-    """Blocks of equal nonzeros: one row holding most entries, rows with none (zero targets)."""
-    rng = np.random.default_rng(2)
-    T = np.zeros((60, 50))
-    T[7] = rng.random(50) + 0.1
-    T[rng.random((60, 50)) < 0.05] = 1.0
-    T[:, 0] += 0.5
-    T[[3, 11]] = 0.0
-    witness = T * rng.uniform(0.5, 2.0, T.shape)  # targets a table on this support has: feasible
-    p, q = witness.sum(axis=1), witness.sum(axis=0)
-    a, b = both(db.balance_table, sp.csr_array(T), p, q)
-    assert b.converged
-    assert_same(a, b, ["row_scaling", "col_scaling"], np.float64)
 
 
 def test_infeasible_stays_unconverged_with_fused_kernels():

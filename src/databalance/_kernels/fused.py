@@ -5,7 +5,8 @@ sums ``c = T' u`` of the new row scaling ``u = p / r``. Each ``u_i`` depends onl
 the old ``v``, so one pass over the rows can compute ``r_i``, then ``u_i``, then add row ``i``'s
 contribution ``T_i u_i`` to the column sums while the row is in cache: a sweep reads the table
 once instead of twice (exact, not an approximation). Rows are split into blocks, one per thread,
-each with its own column accumulator (float64), added up at the end of the pass.
+each with its own column accumulator (float64), added up at the end of the pass. The sparse form
+of the pass is in :mod:`databalance._kernels.fused_sparse`.
 
 The loop (:mod:`databalance._ipf`) is unchanged: it asks ``sums(lead)``, then ``rescale(lead)``,
 then ``sums(other)``. The fused kernel does the pass in ``sums(lead)`` with the rule the previous
@@ -93,8 +94,8 @@ def which_kernel(table) -> str:
     The choice follows the environment variable ``DATABALANCE_KERNEL``: ``numpy`` never uses
     numba; ``numba`` always does for float32/float64 tables in C or Fortran order (CSR or CSC when
     sparse); ``auto`` (the default) does for such dense tables and logits with at least
-    ``MIN_SIZE`` (65 536) entries when numba is installed, and keeps scipy's products for sparse
-    tables (they measured faster than the fused sparse pass).
+    ``MIN_SIZE`` (65 536) entries when numba is installed; for sparse tables it follows the
+    measurements recorded in benchmarks/RESULTS.md.
 
     Parameters
     ----------
@@ -141,8 +142,10 @@ def which_kernel(table) -> str:
         if not numba_installed():
             raise ImportError(check.numba_missing(ENV))
         return "numba"
-    if sp.issparse(table):  # measured slower than scipy's two products (benchmarks/RESULTS.md)
-        return "numpy"
+    if sp.issparse(table):
+        from .fused_sparse import auto_choice
+
+        return "numba" if auto_choice(table) and numba_installed() else "numpy"
     return "numba" if table.size >= MIN_SIZE and numba_installed() else "numpy"
 
 
@@ -152,6 +155,8 @@ def accelerated(kernel):
     if which_kernel(kernel.table) != "numba":
         return kernel
     if isinstance(kernel, SparseKernel):
+        from .fused_sparse import FusedSparseKernel
+
         return FusedSparseKernel(kernel.table)
     return FusedDenseKernel(kernel.table, kernel.lowest)
 
@@ -277,43 +282,32 @@ def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
             i += 1
 
 
-def _csr_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
-    """One fused pass over a CSR pattern: ``r = T v``, ``u = rule(p, r)``, ``acc[t] = T' u`` over
-    row block t (blocks of about equal nonzeros)."""
-    nblocks = bounds.size - 1
-    n = acc.shape[1]
-    for t in prange(nblocks):
-        a = acc[t]
-        for j in range(n):
-            a[j] = 0.0
-        for i in range(bounds[t], bounds[t + 1]):
-            s = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                s += data[k] * v[indices[k]]
-            r[i] = s
-            u[i] = _rule(p[i], s, uold[i], w)
-            ui = u[i]
-            if ui != 0.0:
-                for k in range(indptr[i], indptr[i + 1]):
-                    a[indices[k]] += data[k] * ui
+@cache
+def compiled(func):
+    """The numba-compiled form of a pass (numba imported here, once). Before compiling, the pass's
+    module gets numba's ``prange`` and the compiled :func:`_rule` under the names it calls."""
+    import numba
+
+    namespace = func.__globals__
+    namespace["prange"] = numba.prange
+    if "_rule" in namespace:
+        namespace["_rule"] = _jitted_rule()
+    return numba.njit(func, parallel=True, cache=True, fastmath=set(FASTMATH))
+
+
+#: reassoc/contract let LLVM vectorise the sums (a sum in another order: the results differ from
+#: BLAS by rounding only); no nnan/ninf, so -inf and inf keep their IEEE meaning.
+FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 
 @cache
-def _compiled(name: str):
-    """The numba-compiled form of one of the functions above (numba imported here, once)."""
+def _jitted_rule():
     import numba
 
-    # reassoc/contract let LLVM vectorise the row sums (a sum in another order: the results differ
-    # from BLAS by rounding only); no nnan/ninf, so -inf and inf keep their IEEE meaning.
-    math = {"reassoc", "contract", "nsz"}
-    if "_rule" not in _JITTED:  # the kernels call it: compiled first, bound where they look it up
-        _JITTED["_rule"] = globals()["_rule"] = numba.njit(_rule_py, cache=True, fastmath=math)
-        globals()["prange"] = numba.prange
-    return numba.njit(globals()[name], parallel=True, cache=True, fastmath=math)
+    return numba.njit(_rule_py, cache=True, fastmath=set(FASTMATH))
 
 
 _rule_py = _rule
-_JITTED: dict = {}
 
 
 #: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others
@@ -436,14 +430,6 @@ class _Fused:
         return sums
 
 
-def _block_bounds(indptr: np.ndarray, nblocks: int) -> np.ndarray:
-    """Row block boundaries with about equal nonzeros in each block."""
-    goals = np.linspace(0, indptr[-1], nblocks + 1)
-    bounds = np.searchsorted(indptr, goals, side="left").astype(np.int64)
-    bounds[0], bounds[-1] = 0, indptr.size - 1
-    return np.maximum.accumulate(bounds)
-
-
 class FusedDenseKernel(_Fused, DenseKernel):
     """:class:`DenseKernel` whose sweeps read the table once (numba, threaded over row blocks)."""
 
@@ -472,7 +458,7 @@ class FusedDenseKernel(_Fused, DenseKernel):
         w = np.broadcast_to(np.float64(1.0) if omega is None else np.asarray(omega, np.float64)[..., 0],
                             self.batch).reshape(B)
         with _using(nt):
-            _compiled("_dense_pass")(T, np.ascontiguousarray(x).reshape(B, l),
+            compiled(_dense_pass)(T, np.ascontiguousarray(x).reshape(B, l),
                                      np.ascontiguousarray(old).reshape(B, m),
                                      np.ascontiguousarray(np.broadcast_to(p, lead_shape)).reshape(B, m),
                                      np.ascontiguousarray(w), nblocks, zero, r, u, acc)
@@ -494,37 +480,6 @@ class FusedDenseKernel(_Fused, DenseKernel):
             rows[..., i:i + step] = block.sum(axis=-1)
             cols += block.sum(axis=-2)
         return [rows, cols]
-
-
-class FusedSparseKernel(_Fused, SparseKernel):
-    """:class:`SparseKernel` on CSR or CSC, whose sweeps read the values and indices once (numba,
-    threaded over blocks of lines of about equal nonzeros, one accumulator per block)."""
-
-    def __init__(self, table):
-        super().__init__(table)
-        self.lead = 0 if table.format == "csr" else 1
-        self.reads = 0
-        self.generation = 0
-        self._bounds: dict[int, np.ndarray] = {}
-
-    def _pass(self, x, old, p, omega):
-        T = self.table
-        nblocks = min(threads(), max(1, T.nnz // PER_THREAD))
-        bounds = self._bounds.get(nblocks)
-        if bounds is None:
-            bounds = self._bounds[nblocks] = _block_bounds(T.indptr, nblocks)
-        m, l = self.shape if self.lead == 0 else self.shape[::-1]
-        r = np.empty(m, self.dtype)
-        u = np.empty(m, self.dtype)
-        acc = np.empty((nblocks, l))
-        w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
-        # unsigned indices spare numba's wraparound test of every gathered index (1.7x faster)
-        indptr, indices = (a.view(np.uint32 if a.dtype == np.int32 else np.uint64) for a in (T.indptr, T.indices))
-        with _using(nblocks):
-            _compiled("_csr_pass")(indptr, indices, T.data, x, old, np.ascontiguousarray(p), w,
-                                   bounds.view(np.uint64), r, u, acc)
-        c = (acc[0] if nblocks == 1 else acc.sum(axis=0)).astype(self.dtype)
-        return r, u, c
 
 
 class FusedLogKernel(_Fused, LogKernel):
