@@ -137,6 +137,37 @@ def test_fused_pass_reads_the_table_once_per_sweep():
     assert kernel.reads == 1 + 20
 
 
+@SETTINGS
+@given(problems(batch=True), st.sampled_from("CF"), st.booleans())
+def test_products_match_blas(problem, order, rows):
+    """The fused kernel's own products (numba, no BLAS) equal the NumPy kernel's."""
+    table, _, _ = problem
+    if order == "F":
+        table = np.ascontiguousarray(np.swapaxes(table, -1, -2)).swapaxes(-1, -2)
+    fast, slow = fused.FusedDenseKernel(table), kernels.DenseKernel(table)
+    m, l = table.shape[-2:]
+    x = np.random.default_rng(0).random(table.shape[:-2] + ((l,) if rows else (m,))).astype(table.dtype)
+    got, want = (fast.row_sums(x), slow.row_sums(x)) if rows else (fast.col_sums(x), slow.col_sums(x))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=tolerance(table.dtype))
+
+
+def test_fused_kernel_never_calls_blas(monkeypatch):
+    """Every product of a fused run goes through numba: a BLAS product on a few cores leaves
+    threads spinning that slow the next parallel region down."""
+    def refuse(self, x):
+        raise AssertionError("a BLAS product in a fused run")
+
+    monkeypatch.setattr(kernels.DenseKernel, "row_sums", refuse)
+    monkeypatch.setattr(kernels.DenseKernel, "col_sums", refuse)
+    rng = np.random.default_rng(3)
+    for T in (rng.random((70, 50)), np.asfortranarray(rng.random((70, 50))), rng.random((2, 70, 50))):
+        with kernel_choice("numba"):
+            done = db.balance_table(T, np.full(70, 1 / 70), np.full(50, 1 / 50))
+            logits = db.balance_logits(np.log(T), np.full(70, 1 / 70), np.full(50, 1 / 50), steps=7)
+        assert done.converged and logits.steps == 7
+
+
 def test_thread_counts_agree():
     rng = np.random.default_rng(1)
     T = rng.random((3, 67, 45))

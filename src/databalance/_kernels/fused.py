@@ -214,72 +214,94 @@ def _rule(pi, s, uo, w):
     return pi / s
 
 
+def _dots(Tb, x, lo, hi, zero, out):
+    """``out[i] = T_i . x`` for rows ``lo <= i < hi``, four rows at a time (four streams from memory
+    keep more loads in flight than one), accumulated in the table's dtype (``zero``), as BLAS does."""
+    i = lo
+    while i + 4 <= hi:
+        s0 = zero
+        s1 = zero
+        s2 = zero
+        s3 = zero
+        for j in range(x.size):
+            xj = x[j]
+            s0 += Tb[i, j] * xj
+            s1 += Tb[i + 1, j] * xj
+            s2 += Tb[i + 2, j] * xj
+            s3 += Tb[i + 3, j] * xj
+        out[i] = s0
+        out[i + 1] = s1
+        out[i + 2] = s2
+        out[i + 3] = s3
+        i += 4
+    while i < hi:
+        s = zero
+        for j in range(x.size):
+            s += Tb[i, j] * x[j]
+        out[i] = s
+        i += 1
+
+
+def _axpy(Tb, y, lo, hi, a):
+    """``a += sum_i y[i] T_i`` over rows ``lo <= i < hi`` (``a`` float64): eight rows per update of
+    ``a``, summed in the table's dtype."""
+    i = lo
+    while i + 8 <= hi:
+        y0 = y[i]
+        y1 = y[i + 1]
+        y2 = y[i + 2]
+        y3 = y[i + 3]
+        y4 = y[i + 4]
+        y5 = y[i + 5]
+        y6 = y[i + 6]
+        y7 = y[i + 7]
+        for j in range(a.size):
+            a[j] += ((Tb[i, j] * y0 + Tb[i + 1, j] * y1 + Tb[i + 2, j] * y2 + Tb[i + 3, j] * y3)
+                     + (Tb[i + 4, j] * y4 + Tb[i + 5, j] * y5 + Tb[i + 6, j] * y6 + Tb[i + 7, j] * y7))
+        i += 8
+    while i < hi:
+        yi = y[i]
+        if yi != 0.0:
+            for j in range(a.size):
+                a[j] += Tb[i, j] * yi
+        i += 1
+
+
 def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
     """One fused pass over ``T`` (B, m, l): ``r = T v``, ``u = rule(p, r)``, ``acc[q] = T' u``
-    over row block q of problem ``q // nblocks``.
-
-    Rows go sixteen at a time: their sums four at a time (four streams from memory keep more loads
-    in flight than one), then their contributions to the column sums eight at a time while the
-    sixteen rows are in cache (one update of the accumulator per eight rows). Row sums accumulate
-    in the table's dtype (``zero``), as BLAS does; the column accumulators are float64.
-    """
+    over row block q of problem ``q // nblocks``: sixteen rows at a time, their sums, their new
+    scalings, then their contributions to the column sums while the rows are in cache."""
     B, m, l = T.shape
     for q in prange(B * nblocks):  # numba.prange when compiled
         b = q // nblocks
-        t = q % nblocks
-        lo = t * m // nblocks
-        hi = (t + 1) * m // nblocks
+        lo = (q % nblocks) * m // nblocks
+        hi = (q % nblocks + 1) * m // nblocks
         a = acc[q]
-        for j in range(l):
-            a[j] = 0.0
-        w = omega[b]
-        vb = v[b]
-        Tb = T[b]
-        i = lo
-        while i + 16 <= hi:
-            for g in range(i, i + 16, 4):
-                s0 = zero
-                s1 = zero
-                s2 = zero
-                s3 = zero
-                for j in range(l):
-                    vj = vb[j]
-                    s0 += Tb[g, j] * vj
-                    s1 += Tb[g + 1, j] * vj
-                    s2 += Tb[g + 2, j] * vj
-                    s3 += Tb[g + 3, j] * vj
-                r[b, g] = s0
-                r[b, g + 1] = s1
-                r[b, g + 2] = s2
-                r[b, g + 3] = s3
-                u[b, g] = _rule(p[b, g], s0, uold[b, g], w)
-                u[b, g + 1] = _rule(p[b, g + 1], s1, uold[b, g + 1], w)
-                u[b, g + 2] = _rule(p[b, g + 2], s2, uold[b, g + 2], w)
-                u[b, g + 3] = _rule(p[b, g + 3], s3, uold[b, g + 3], w)
-            for g in range(i, i + 16, 8):
-                u0 = u[b, g]
-                u1 = u[b, g + 1]
-                u2 = u[b, g + 2]
-                u3 = u[b, g + 3]
-                u4 = u[b, g + 4]
-                u5 = u[b, g + 5]
-                u6 = u[b, g + 6]
-                u7 = u[b, g + 7]
-                for j in range(l):
-                    a[j] += ((Tb[g, j] * u0 + Tb[g + 1, j] * u1 + Tb[g + 2, j] * u2 + Tb[g + 3, j] * u3)
-                             + (Tb[g + 4, j] * u4 + Tb[g + 5, j] * u5 + Tb[g + 6, j] * u6 + Tb[g + 7, j] * u7))
-            i += 16
-        while i < hi:
-            s = zero
-            for j in range(l):
-                s += Tb[i, j] * vb[j]
-            r[b, i] = s
-            u[b, i] = _rule(p[b, i], s, uold[b, i], w)
-            ui = u[b, i]  # as stored (float32 tables store float32 scalings)
-            if ui != 0.0:
-                for j in range(l):
-                    a[j] += Tb[i, j] * ui
-            i += 1
+        a[:] = 0.0
+        for i in range(lo, hi, 16):
+            e = min(i + 16, hi)
+            _dots(T[b], v[b], i, e, zero, r[b])
+            for g in range(i, e):
+                u[b, g] = _rule(p[b, g], r[b, g], uold[b, g], omega[b])
+            _axpy(T[b], u[b], i, e, a)
+
+
+def _lead_products(T, x, nblocks, zero, r):
+    """``r = T x`` for ``T`` (B, m, l) (the lead lines' sums), threaded over row blocks."""
+    B, m, l = T.shape
+    for q in prange(B * nblocks):
+        b = q // nblocks
+        _dots(T[b], x[b], (q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks, zero, r[b])
+
+
+def _other_products(T, y, nblocks, acc):
+    """``acc[q] = T' y`` over row block q of problem ``q // nblocks`` (the other lines' sums)."""
+    B, m, l = T.shape
+    for q in prange(B * nblocks):
+        b = q // nblocks
+        a = acc[q]
+        a[:] = 0.0
+        _axpy(T[b], y[b], (q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks, a)
 
 
 @cache
@@ -290,8 +312,9 @@ def compiled(func):
 
     namespace = func.__globals__
     namespace["prange"] = numba.prange
-    if "_rule" in namespace:
-        namespace["_rule"] = _jitted_rule()
+    for name, inner in _INNER.items():
+        if name in namespace:
+            namespace[name] = _jitted(inner)
     return numba.njit(func, parallel=True, cache=True, fastmath=set(FASTMATH))
 
 
@@ -301,13 +324,15 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 
 @cache
-def _jitted_rule():
+def _jitted(func):
     import numba
 
-    return numba.njit(_rule_py, cache=True, fastmath=set(FASTMATH))
+    return numba.njit(func, cache=True, fastmath=set(FASTMATH))
 
 
-_rule_py = _rule
+#: The plain functions the passes call, by the names they call them (bound to their compiled forms
+#: in a pass's module before it compiles).
+_INNER = {"_rule": _rule, "_dots": _dots, "_axpy": _axpy}
 
 
 #: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others
@@ -430,14 +455,15 @@ class _Fused:
         return sums
 
 
-class FusedDenseKernel(_Fused, DenseKernel):
-    """:class:`DenseKernel` whose sweeps read the table once (numba, threaded over row blocks)."""
+class _DenseFused(_Fused):
+    """The numba passes and products of a dense table (or the log kernel's buffer), threaded over
+    blocks of lead lines. Every product goes through numba, none through BLAS: on a machine with
+    few cores, a parallel region that starts while BLAS's threads still spin after a product runs
+    up to twice as slow (benchmarks/RESULTS.md)."""
 
-    def __init__(self, table, lowest: float = 0.0):
-        super().__init__(table, lowest)
-        self.lead = _lead(table) or 0
-        self.reads = 0
-        self.generation = 0
+    table: np.ndarray
+    dtype: np.dtype
+    batch: tuple
 
     @cached_property
     def _work(self) -> np.ndarray:
@@ -445,27 +471,65 @@ class FusedDenseKernel(_Fused, DenseKernel):
         t = self.table if self.lead == 0 else np.swapaxes(self.table, -1, -2)
         return t.reshape((-1,) + t.shape[-2:])
 
+    def _blocks(self) -> tuple[int, int]:
+        """(threads, row blocks per problem) for a pass over the table."""
+        T = self._work
+        nt = min(threads(), max(1, T.size // PER_THREAD))
+        return nt, max(1, min(T.shape[1], -(-nt // T.shape[0])))
+
     def _pass(self, x, old, p, omega):
         T = self._work
         B, m, l = T.shape
-        nt = min(threads(), max(1, T.size // PER_THREAD))
-        nblocks = max(1, min(m, -(-nt // B)))
+        nt, nblocks = self._blocks()
         lead_shape = self.batch + (m,)
         r = np.empty((B, m), self.dtype)
         u = np.empty((B, m), self.dtype)
         acc = np.empty((B * nblocks, l))
-        zero = self.dtype.type(0)
         w = np.broadcast_to(np.float64(1.0) if omega is None else np.asarray(omega, np.float64)[..., 0],
                             self.batch).reshape(B)
         with _using(nt):
-            compiled(_dense_pass)(T, np.ascontiguousarray(x).reshape(B, l),
-                                     np.ascontiguousarray(old).reshape(B, m),
-                                     np.ascontiguousarray(np.broadcast_to(p, lead_shape)).reshape(B, m),
-                                     np.ascontiguousarray(w), nblocks, zero, r, u, acc)
-        # the blocks' accumulators added up here, not in a second parallel region: waking the
-        # threads again costs more than adding a few vectors
-        c = acc.reshape(B, nblocks, l).sum(axis=1).astype(self.dtype, copy=False)
-        return (r.reshape(lead_shape), u.reshape(lead_shape), c.reshape(self.batch + (l,)))
+            compiled(_dense_pass)(T, np.ascontiguousarray(x).reshape(B, l), np.ascontiguousarray(old).reshape(B, m),
+                                  np.ascontiguousarray(np.broadcast_to(p, lead_shape)).reshape(B, m),
+                                  np.ascontiguousarray(w), nblocks, self.dtype.type(0), r, u, acc)
+        return r.reshape(lead_shape), u.reshape(lead_shape), self._added(acc, nblocks)
+
+    def _added(self, acc: np.ndarray, nblocks: int) -> np.ndarray:
+        """The blocks' column accumulators added up (here, not in a second parallel region: waking
+        the threads again costs more than adding a few vectors), in the table's dtype."""
+        B, l = self._work.shape[0], self._work.shape[2]
+        return acc.reshape(B, nblocks, l).sum(axis=1).astype(self.dtype, copy=False).reshape(self.batch + (l,))
+
+    def _products(self, lead: bool, x: np.ndarray) -> np.ndarray:
+        """The sums of the lead lines (``lead``) or of the other lines, with ``x`` scaling the
+        other (or the lead) lines."""
+        T = self._work
+        B, m, l = T.shape
+        nt, nblocks = self._blocks()
+        x = np.ascontiguousarray(np.broadcast_to(x, self.batch + (l if lead else m,)), self.dtype).reshape(B, -1)
+        with _using(nt):
+            if lead:
+                r = np.empty((B, m), self.dtype)
+                compiled(_lead_products)(T, x, nblocks, self.dtype.type(0), r)
+                return r.reshape(self.batch + (m,))
+            acc = np.empty((B * nblocks, l))
+            compiled(_other_products)(T, x, nblocks, acc)
+        return self._added(acc, nblocks)
+
+    def row_sums(self, v):
+        return self._products(self.lead == 0, v)
+
+    def col_sums(self, u):
+        return self._products(self.lead == 1, u)
+
+
+class FusedDenseKernel(_DenseFused, DenseKernel):
+    """:class:`DenseKernel` whose sweeps read the table once (numba, threaded over row blocks)."""
+
+    def __init__(self, table, lowest: float = 0.0):
+        super().__init__(table, lowest)
+        self.lead = _lead(table) or 0
+        self.reads = 0
+        self.generation = 0
 
     @cached_property
     def frame_sums(self) -> list[np.ndarray]:
@@ -482,7 +546,7 @@ class FusedDenseKernel(_Fused, DenseKernel):
         return [rows, cols]
 
 
-class FusedLogKernel(_Fused, LogKernel):
+class FusedLogKernel(_DenseFused, LogKernel):
     """:class:`LogKernel` with fused sweeps; the exponentiation computes the frame's sums (and the
     input's) while each block of the buffer is in cache, so the first half-step needs no pass."""
 
@@ -545,8 +609,5 @@ class FusedLogKernel(_Fused, LogKernel):
             if self.first == 0:
                 return [np.exp(np.log(r) - pot), np.exp(np.log(self._weighted) - shift)]
             return [np.exp(np.log(self._weighted) - shift), np.exp(np.log(c) - pot)]
-
-    _work = FusedDenseKernel.__dict__["_work"]
-    _pass = FusedDenseKernel._pass
 
     _install = LogKernel._install  # the safeguards, with the fused pass's scaling
