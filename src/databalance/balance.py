@@ -201,8 +201,8 @@ def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, pro
     from ._kernels import arrayapi as api
 
     name = "logits" if log else "table"
-    if acceleration == "overrelax":  # "auto" means plain IPF here
-        raise check.api_acceleration(name)
+    if acceleration in ("overrelax", "anderson"):  # "auto" means plain IPF here
+        raise check.api_acceleration(name, acceleration)
     xp = api.namespace(data)
     check.api_table(xp, data, name)
     batch, (m, l) = tuple(data.shape[:-2]), tuple(data.shape[-2:])
@@ -871,7 +871,7 @@ class CellsResult(_Outcome):
 
     factors: tuple
     keys: tuple = field(repr=False)
-    _codes: tuple = field(default=(), repr=False)
+    _codes: tuple | None = field(default=(), repr=False)  # None: the Dask samples path (no LP)
     _trace: tuple = field(default=(), repr=False)  # the starting scalings, then each half-step's
     _final: Any = field(default=None, repr=False)  # the last iterate's cell masses, of total 1
 
@@ -895,31 +895,35 @@ class CellsResult(_Outcome):
     def feasible(self) -> bool | None:  # type: ignore[override]
         if self._known_feasible is not None:
             return self._known_feasible
-        lost = _lp_lost(list(self._codes), self._targets)
+        lost = _lp_lost(None if self._codes is None else list(self._codes), self._targets)
         return None if lost is None else lost <= LP_FEASIBILITY_TOL
 
 
-def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: np.ndarray, targets: list,
-                  keys: list, *, steps: int | None = None, tol: float | None = None,
+def balance_cells(codes: list[np.ndarray] | None, shapes: list[tuple[int, ...]], mass: np.ndarray | None,
+                  targets: list, keys: list, *, steps: int | None = None, tol: float | None = None,
                   max_steps: int | None = None, progress: bool | _progress.Progress = False,
-                  margin_sums: list[np.ndarray] | None = None) -> CellsResult:
+                  margin_sums: list[np.ndarray] | None = None, kernel: Any = None) -> CellsResult:
     """Balance a table given by its occupied cells (each cell's category in every margin, and its
     mass) towards the margins' targets (validated arrays of ``shapes``), in the order given;
     ``margin_sums``, each margin's sums of ``mass`` when the caller has them.
 
-    The sample-level form of :func:`balance_margins`: the same loop, on the cells only.
+    The sample-level form of :func:`balance_margins`: the same loop, on the cells only. ``kernel``,
+    a kernel of the cells to use instead (the Dask samples path's, whose cells are the samples
+    on the workers; ``codes`` and ``mass`` are then None: no linear-programming check).
     """
     names = [f"margins[{k!r}]" for k in keys]
-    kernel = kernels.CellKernel(list(codes), list(shapes), np.asarray(mass, dtype=np.float64), margin_sums)
+    if kernel is None:
+        assert codes is not None and mass is not None  # the cells in memory
+        kernel = kernels.CellKernel(list(codes), list(shapes), np.asarray(mass, dtype=np.float64), margin_sums)
     tol = check.tolerance(tol, kernel.dtype)
-    max_steps = 5000 * len(codes) if max_steps is None else check.positive_int(max_steps, "max_steps")
+    max_steps = 5000 * len(shapes) if max_steps is None else check.positive_int(max_steps, "max_steps")
     total = check.common_total(targets, names)
     lines = [f"Margin {k!r} cell" for k in keys]
     problem = _problem(kernel, targets, names, lines, first=0, steps=steps, total=np.asarray(total),
                        name="samples")
 
     def deficit():
-        lost = _lp_lost(list(codes), targets)
+        lost = _lp_lost(None if codes is None else list(codes), targets)
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
         return lost is not None
@@ -931,5 +935,5 @@ def balance_cells(codes: list[np.ndarray], shapes: list[tuple[int, ...]], mass: 
     factors = kernel.export(outcome.state, problem.export_scales())
     return CellsResult(steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                        factors=tuple(factors), keys=tuple(keys), _input=kernel.table, _targets=tuple(targets),
-                       _known_feasible=known, _codes=tuple(codes), _trace=tuple(trace),
+                       _known_feasible=known, _codes=None if codes is None else tuple(codes), _trace=tuple(trace),
                        _final=kernel.current_masses(outcome.state))

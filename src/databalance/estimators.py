@@ -44,6 +44,11 @@ DENSE_CELLS = 4 * 10**6
 #: A Dask fit warns when its samples fill more cells than this and than a quarter of the samples.
 MANY_CELLS = 10**6
 
+#: A Dask fit reduces its samples to their occupied cells when the margins' columns have at most
+#: this many combinations (its cell table then holds at most ~200 MB whatever the samples); beyond
+#: it the samples are their own cells, kept on the workers (user guide, "Samples and tables on Dask").
+DASK_CELL_TABLE_MAX = 2**22
+
 #: Sweeps of raking with the weights clipped to ``bounds`` before reporting that the bounds and the
 #: margins cannot both hold.
 TRIM_SWEEPS = 2000
@@ -311,7 +316,7 @@ class BalancedEstimator:
 
     _target_names: list[str] | None = None  # balanced_mean's p_x / p_y in messages
     _w: Any  # the weights: an ndarray, or a lazy Dask array after a fit on Dask collections
-    _dask_fit: _DaskFit | None
+    _dask_fit: Any  # _DaskFit, _dask_samples.SamplesFit, or None
     _index_of_fit: Any = None  # balanced_mean's pandas index (its data is a dict of arrays)
 
     def __init__(self, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
@@ -453,6 +458,8 @@ class BalancedEstimator:
         columns = [named[_input_name(("column", c))] for c in plan.columns]
         design = named.get("sample_weight")
         sizes = [len(lev) for lev in plan.levels]
+        if float(np.prod(np.array(sizes, dtype=np.float64))) > DASK_CELL_TABLE_MAX:
+            return self._fit_dask_samples(plan, columns, design, steps, empty, linearization)
         if float(np.prod(np.array(sizes, dtype=np.float64))) >= 2.0**63:
             raise ValueError(check.dask_too_many_combinations(sizes))
         strides = [int(np.prod(sizes[i + 1:], dtype=np.int64)) for i in range(len(sizes))]
@@ -485,15 +492,66 @@ class BalancedEstimator:
         low = factor if design is None else factor * stats["dmin"]
         high = factor if design is None else factor * stats["dmax"]
         self.diagnostics_ = _diagnostics_of(n, float(factor**2 @ second), float(low[sampled].min()),
-                                            float(high[sampled].max()), factor * mass, cells, targets, enc, met)
+                                            float(high[sampled].max()), [cells.margin_sums(j, factor * mass) for j
+                                                                         in range(len(enc.margins))], targets, enc, met)
         self._dask_fit = _DaskFit(plan, columns, design, strides, keys, n)
         return self
 
-    def _rake(self, cells, cell_of, design, enc, steps, empty, bounds):
+    def _fit_dask_samples(self, plan, columns, design, steps, empty, linearization) -> BalancedEstimator:
+        """The fit of Dask collections whose margins' columns have too many combinations for a cell
+        table: the samples are the cells, kept on the workers. One pass encodes and checks every
+        label and sums the input per margin level; then every half-step is one pass (see
+        :mod:`databalance._dask_samples`)."""
+        from . import _dask_samples
+
+        K = len(plan.margins)
+        shapes = [tuple(len(plan.levels[i]) for i in m.index) for m in plan.margins]
+        samples = _dask_samples.Samples(plan, columns, design, shapes)
+        first = _dask_samples.run(samples, _dask_samples.WeightSums(None, samples.sizes), validate=True)
+        n = int(first["n"])
+        if n < 2:
+            raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
+        if design is not None and not first["sums"][0].sum() > 0:
+            raise ValueError("`sample_weight` sums to 0; at least one sample needs positive weight.")
+        lengths = tuple(int(first["lengths"][p]) for p in range(columns[0].numblocks[0]))
+        kernel = _dask_samples.SamplesKernel(samples, first, _dask_samples.design_array(samples, lengths))
+        enc = _Encoded(plan.columns, [], plan.levels, plan.margins, plan.targets)
+        result, targets, _, met = self._rake(None, None, None, enc, steps, empty, None, kernel=kernel)
+        iterates = _dask_samples.latest_factors(result.iterate_factors(), K, result.steps)
+        final, sums = [np.ones(size) for size in samples.sizes], first  # k = 0: the input
+        if result.steps > 0:
+            final, last = iterates[-1], kernel.last  # the loop's last pass: the sums at the final scalings
+            if last is None or not all(np.array_equal(np.ravel(a), b) for a, b in zip(last[0], final, strict=True)):
+                last = (final, kernel.weight_sums(final))  # not reached by the loop as it is: a safeguard
+            sums = last[1]
+        total_u = float(sums["sums"][0].sum())
+        if_steps = result.steps if result.status == "completed" else None
+        at_iterates = linearization == "balanced" and bool(if_steps)
+        total = float(first["sums"][0].sum())
+        self.balance_, self._index = result, None
+        self._w = _dask_samples.lazy_weights(samples, final, 1.0 / total_u, lengths)
+        self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
+        self._cells, self._cell_of = None, None
+        self._targets = [t / t.sum() for t in targets]
+        self._linearization = linearization
+        self._if_steps = if_steps
+        self.diagnostics_ = _diagnostics_of(n, sums["u2"] / total_u**2, float(sums["min_u"]) / total_u,
+                                            float(sums["max_u"]) / total_u, [s / total_u for s in sums["sums"]],
+                                            targets, enc, met)
+        self._dask_fit = _dask_samples.SamplesFit(
+            samples, n, total, final, total_u, iterates if at_iterates else [], [t.ravel() for t in self._targets],
+            [s / total for s in first["sums"]], if_steps, linearization == "balanced", lengths)
+        return self
+
+    def _rake(self, cells, cell_of, design, enc, steps, empty, bounds, kernel=None):
         """Check the margins against the cells and balance them: the result, the targets (reduced
-        by ``empty="drop"``), the design weights of the last round and whether bounds hold."""
+        by ``empty="drop"``), the design weights of the last round and whether bounds hold.
+        ``kernel``: the Dask samples path's (``cells`` None), holding the input's margin sums."""
         targets = list(enc.targets)
-        counts_of = [cells.margin_sums(j, cells.mass) for j in range(len(enc.margins))]
+        if kernel is None:
+            counts_of = [cells.margin_sums(j, cells.mass) for j in range(len(enc.margins))]
+        else:
+            counts_of = [s.ravel() for s in kernel.input_sums()]
         for j, (m, counts) in enumerate(zip(enc.margins, counts_of, strict=True)):
             if empty == "drop":
                 targets[j] = _drop_empty(targets[j], counts.reshape(targets[j].shape))
@@ -505,6 +563,11 @@ class BalancedEstimator:
                                             zip(targets, enc.margins, strict=True)],
                                      [m.name + " (after empty='drop')" for m in enc.margins],
                                      float(sum(targets[0].ravel())))
+        if kernel is not None:
+            keys = [m.key for m in enc.margins]
+            shapes = [enc.shape(j) for j in range(len(enc.margins))]
+            return balance_cells(None, shapes, None, targets, keys, steps=steps, tol=self.tol,
+                                 kernel=kernel), targets, None, None
         result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds, counts_of)
         return result, targets, d, met
 
@@ -580,11 +643,17 @@ class BalancedEstimator:
         fit = self._dask_fit
         assert fit is not None  # mean() dispatches here only after a Dask fit
         names, h, frame = _dask_values(values, _dask)
-        h = _dask.aligned({"data": fit.columns[0], "values": h})["values"]
-        moments = _dask.value_statistics(fit.plan, fit.columns, fit.design, h, fit.strides, fit.keys)
         estimate: Any
         se: Any
-        estimate, se, plain = self._from_moments(moments, fit.n)
+        if not isinstance(fit, _DaskFit):  # the samples path
+            from . import _dask_samples
+
+            h = _dask.aligned({"data": fit.samples.columns[0], "values": h})["values"]
+            estimate, se, plain = _dask_samples.mean(fit, h, _power_of_two_scale)
+        else:
+            h = _dask.aligned({"data": fit.columns[0], "values": h})["values"]
+            moments = _dask.value_statistics(fit.plan, fit.columns, fit.design, h, fit.strides, fit.keys)
+            estimate, se, plain = self._from_moments(moments, fit.n)
         if h.ndim == 1:
             estimate, se = float(estimate[0]), float(se[0])
         elif names is not None:
@@ -979,17 +1048,18 @@ def _bounded_rake(w, codes, targets, bounds, tol):
 
 
 def _diagnostics(w, cells, cell_of, targets, enc, met) -> Diagnostics:
+    per_cell = _per_cell(w, cell_of, len(cells.mass))
     return _diagnostics_of(len(w), float(np.dot(w, w)), float(w.min()), float(w.max()),
-                           _per_cell(w, cell_of, len(cells.mass)), cells, targets, enc, met)
+                           [cells.margin_sums(j, per_cell) for j in range(len(enc.margins))], targets, enc, met)
 
 
-def _diagnostics_of(n, sum_w2, lowest, highest, per_cell, cells, targets, enc, met) -> Diagnostics:
-    """The diagnostics from the weights' sum of squares, extremes and sums per cell (weights of
-    total 1)."""
+def _diagnostics_of(n, sum_w2, lowest, highest, margin_sums, targets, enc, met) -> Diagnostics:
+    """The diagnostics from the weights' sum of squares, extremes and every margin's sums
+    (weights of total 1)."""
     deff = float(n * sum_w2)
     checks = []
     for j, (m, t) in enumerate(zip(enc.margins, targets, strict=True)):
-        achieved = cells.margin_sums(j, per_cell).reshape(t.shape) * t.sum()
+        achieved = np.reshape(margin_sums[j], t.shape) * t.sum()
         checks.append(MarginCheck(m.key, tuple(enc.levels[i] for i in m.index), achieved, t,
                                   float(np.abs(achieved - t).sum() / t.sum())))
     return Diagnostics(n, deff, n / deff, lowest * n, highest * n, tuple(checks), met)

@@ -1,0 +1,472 @@
+"""Dask fits whose samples are their own cells: when the margins' columns have more combinations
+than a cell table could hold, the cell table is never built.
+
+Everything is then a small vector per margin level on the client plus passes over the samples on
+the workers, each pass one map over the partitions (encoding the labels, gathering the small
+vectors at every sample's categories, ``np.bincount`` per level) merged by Dask's tree reduction
+(:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``.
+
+- Fit: :class:`SamplesKernel` is the loop's cell kernel (:mod:`._ipf`, through
+  :func:`.balance.balance_cells`) with one pass per half-step (every margin's sums of the current
+  weights at once), so the steps, status, errors and trace are those of the in-memory loop. A
+  first pass encodes and checks every label and gives the input's margin sums.
+- Finite-k standard error: the backfitting form of :func:`._joint.step_linearization` with the
+  samples as cells. There ``D`` (one number per cell and statistic) is updated in place, step
+  after step; here it cannot be kept (one number per sample), so pass j recomputes, at every
+  sample, ``D_j = q_k h~ - sum_(l > j) q_l mu_l[m(l)]`` from the iterates' factors and the known
+  ``mu_l`` (small vectors) and sums it per level of margin m(j): one pass per step, k = ..., 1.
+- Converged standard error: the additive least-squares fit of :func:`._joint.additive_fit`, from
+  its normal equations (the pairwise two-way tables of the margins under the measure and the
+  per-level sums of h, one pass), solved in memory.
+- Then one pass for the sums of z and z^2 (z as in :meth:`.estimators.BalancedEstimator._from_moments`),
+  merged by Chan's formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import _dask
+from . import _validation as check
+from ._joint import _ratio
+from ._kernels import State
+from ._kernels.cells import CellKernel
+from ._kernels.dense import ratio
+
+
+@dataclass(frozen=True)
+class Samples:
+    """The fitted data: the plan, the (lazy) columns and design weights, each margin's shape."""
+
+    plan: Any
+    columns: list
+    design: Any
+    shapes: list[tuple[int, ...]]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s)) for s in self.shapes]
+
+
+# -- one pass ------------------------------------------------------------------------------------
+
+
+def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
+    """Every margin's flat category of the partition's samples (a joint margin's in C order)."""
+    codes = _dask._codes_of(plan, blocks, p)
+    if validate:
+        try:
+            plan.check_listed(codes)
+        except (ValueError, TypeError) as error:
+            raise type(error)(check.in_partition(str(error), p)) from None
+    out = []
+    for m in plan.margins:
+        if len(m.index) == 1:
+            out.append(codes[m.index[0]])
+        else:
+            shape = tuple(len(plan.levels[i]) for i in m.index)
+            out.append(np.ravel_multi_index(tuple(codes[i] for i in m.index), shape))
+    return out
+
+
+def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate):
+    p = int(np.asarray(p).ravel()[0])
+    codes = _margin_codes(plan, blocks[:ncols], p, validate)
+    n = len(codes[0])
+    d = _dask._design(blocks[ncols], n, p) if weighted else None
+    h = None
+    if with_values:
+        try:
+            h = check.sample_values(np.asarray(blocks[-1]))
+        except (ValueError, TypeError) as error:
+            raise type(error)(check.in_partition(str(error), p)) from None
+        h = h[:, None] if h.ndim == 1 else h
+        if len(h) != n:
+            raise ValueError(check.in_partition(check.dask_values_length(len(h), n), p))
+    out = task(codes, d, h)
+    out["n"], out["lengths"] = n, {p: n}
+    return _dask._wrap(out)
+
+
+def _merge(key: str, values: list) -> Any:
+    if key == "lengths":
+        return {k: v for part in values for k, v in part.items()}
+    if key.startswith("min"):
+        return np.minimum.reduce(values)
+    if key.startswith("max"):
+        return np.maximum.reduce(values)
+    if key.startswith("moments"):
+        return _chan(values)
+    if isinstance(values[0], list):
+        return [sum(parts) for parts in zip(*values, strict=True)]
+    return sum(values)
+
+
+def _chan(parts: list[tuple]) -> tuple:
+    """Chan's merge of (count, sum, sum of squares around the mean) per column."""
+    count, total, m2 = parts[0]
+    for c, s, q in parts[1:]:
+        if c == 0:
+            continue
+        if count == 0:
+            count, total, m2 = c, s, q
+            continue
+        delta = s / c - total / count
+        m2 = m2 + q + delta**2 * (count * c / (count + c))
+        count, total = count + c, total + s
+    return count, total, m2
+
+
+def _combine(parts: list[dict]) -> dict:
+    return {key: _merge(key, [q[key] for q in parts]) for key in parts[0]}
+
+
+def run(samples: Samples, task, values: da.Array | None = None, validate: bool = False) -> dict:
+    """One pass: ``task(codes per margin, d or None, h (n, s) or None)`` -> dict per partition,
+    merged (sums; ``min*``/``max*`` keys by extremes, ``moments*`` by Chan's formula), plus ``n``
+    and ``lengths`` (each partition's samples)."""
+    args: list = [_dask._partition_ids(samples.columns[0]), "i"]
+    for c in samples.columns:
+        args += [c, "i"]
+    if samples.design is not None:
+        args += [samples.design, "i"]
+    if values is not None:
+        args += [values, "ij" if values.ndim == 2 else "i"]
+    objs = da.blockwise(_partition, "i", *args, dtype=object, align_arrays=False, concatenate=True,
+                        plan=samples.plan, ncols=len(samples.columns), weighted=samples.design is not None,
+                        with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
+                        meta=np.empty(0, dtype=object))
+    objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
+                           meta=np.empty(0, dtype=object))
+    (out,) = dask.compute(_dask._tree(objs, _combine))
+    return out
+
+
+def _product(factors: list[np.ndarray], codes: list[np.ndarray], start: np.ndarray | None, n: int) -> np.ndarray:
+    """``start * prod_j factors[j][codes[j]]`` per sample (start None: 1)."""
+    out = np.ones(n) if start is None else np.array(start, dtype=np.float64)
+    buf = np.empty(n)
+    for f, c in zip(factors, codes, strict=True):
+        out *= np.take(f, c, out=buf, mode="clip")
+    return out
+
+
+# -- the fit -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightSums:
+    """A pass of the fit: every margin's sums of ``u = d prod_j factors[j]`` (None: u = d), with
+    sum u^2 and the extreme u."""
+
+    factors: list[np.ndarray] | None
+    sizes: list[int]
+
+    def __call__(self, codes, d, h) -> dict:
+        n = len(codes[0])
+        u = _product(self.factors, codes, d, n) if self.factors is not None else (np.ones(n) if d is None else d)
+        return {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
+                "u2": float(u @ u), "min_u": u.min(initial=np.inf), "max_u": u.max(initial=-np.inf)}
+
+
+class SamplesKernel(CellKernel):
+    """The cell kernel of the loop (:class:`._kernels.cells.CellKernel`) with the samples as the
+    cells, kept on the workers: the state has no frame, and every margin's sums are one pass."""
+
+    def __init__(self, samples: Samples, first: dict, table: da.Array):
+        self.samples = samples
+        self.table = table  # each sample's design weight (1 without), lazily: what ``cell_masses`` reports
+        self.lowest = 0.0
+        self.dtype = np.dtype(np.float64)
+        self.shape = (int(first["n"]),)
+        self.batch = ()
+        self.margin_shapes = samples.shapes
+        self.sizes = samples.sizes
+        self._input_sums = [s.reshape(sh) for s, sh in zip(first["sums"], samples.shapes, strict=True)]
+        self.total = float(first["sums"][0].sum())
+        self.passes = 0
+        self.last: tuple[list[np.ndarray], dict] | None = None  # the latest pass: its factors and sums
+
+    def weight_sums(self, factors: list[np.ndarray] | None) -> dict:
+        self.passes += 1
+        return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes))
+
+    def initial_state(self):
+        scale = np.exp2(np.round(-np.log2(self.total) / len(self.sizes)))
+        return State([np.full(s, scale) for s in self.margin_shapes])
+
+    def sums(self, j, state):
+        return self.sums_many([j], state)[j]
+
+    def sums_many(self, js, state) -> dict[int, np.ndarray]:
+        if state.steps == 0:  # equal starting scalings: the input's sums, scaled (exactly: powers of two)
+            scale = float(state.factors[0].flat[0]) ** len(self.sizes)
+            return {j: self._without_own(j, self._input_sums[j] * scale, state) for j in js}
+        out = self.weight_sums(state.factors)
+        self.last = ([f.copy() for f in state.factors], out)
+        return {j: self._without_own(j, out["sums"][j].reshape(self.margin_shapes[j]), state) for j in js}
+
+    def rescale(self, j, margin, sums, state):
+        state.factors[j] = ratio(margin.target, sums, margin.zero)
+        return sums
+
+    def nonempty(self, j, masks=None):
+        if masks is None:
+            return self._input_sums[j] > 0
+        factors = [m.astype(np.float64) for m in masks]
+        factors[j] = np.ones(self.margin_shapes[j])
+        return self.weight_sums(factors)["sums"][j].reshape(self.margin_shapes[j]) > 0
+
+    def current_masses(self, state):
+        """Every sample's mass in the last iterate (of total 1 after the first half-step), lazily."""
+        return lazy_weights(self.samples, [np.ravel(f) for f in state.factors], 1.0,
+                            tuple(int(c) for c in self.table.chunks[0]))
+
+    def support_size(self) -> int:
+        return self.shape[0]
+
+
+def latest_factors(trace: tuple, K: int, steps: int) -> list[list[np.ndarray]]:
+    """Every margin's latest scaling (flattened) at iterates 0..steps, from the loop's trace (the
+    starting scalings, then the one each half-step set)."""
+    latest = [np.ravel(f) for f in trace[:K]]
+    out = [list(latest)]
+    for s in range(1, steps + 1):
+        latest[(s - 1) % K] = np.ravel(trace[K + s - 1])
+        out.append(list(latest))
+    return out
+
+
+def _weights_chunk(p, *blocks, plan, ncols, weighted, factors, scale):
+    p = int(np.asarray(p).ravel()[0])
+    codes = _margin_codes(plan, blocks[:ncols], p, False)
+    n = len(codes[0])
+    return _product(factors, codes, _dask._design(blocks[ncols], n, p) if weighted else None, n) * scale
+
+
+def lazy_weights(samples: Samples, factors: list[np.ndarray], scale: float, lengths: tuple[int, ...]) -> da.Array:
+    """Each sample's ``d prod_j factors[j] * scale``, a Dask array with the data's partitions (of
+    ``lengths`` samples each)."""
+    args: list = [_dask._partition_ids(samples.columns[0]), "i"]
+    for c in samples.columns + ([samples.design] if samples.design is not None else []):
+        args += [c, "i"]
+    return da.blockwise(_weights_chunk, "i", *args, dtype=np.float64, align_arrays=False, concatenate=True,
+                        adjust_chunks={"i": lengths}, plan=samples.plan, ncols=len(samples.columns),
+                        weighted=samples.design is not None, factors=dask.delayed(factors, pure=True),
+                        scale=scale, meta=np.empty(0, dtype=np.float64))
+
+
+def design_array(samples: Samples, lengths: tuple[int, ...]) -> da.Array:
+    """Each sample's design weight (1 without), lazily, with known partition lengths."""
+    return lazy_weights(samples, [np.ones(s) for s in samples.sizes], 1.0, lengths)
+
+
+@dataclass(frozen=True)
+class SamplesFit:
+    """What a ``mean`` needs of a samples-path fit: per margin the final scalings (a sample's
+    weight is ``d prod_j final[j] / total_u``), for the balanced linearisation at finite k every
+    iterate's scalings, the normalised targets and the starting measure's margins."""
+
+    samples: Samples
+    n: int
+    total: float  # sum of d (n without design weights)
+    final: list[np.ndarray]
+    total_u: float
+    iterates: list[list[np.ndarray]]  # latest scalings at iterates 0..k (empty unless needed)
+    targets: list[np.ndarray]  # flat, of total 1
+    start_margins: list[np.ndarray]  # flat: margin sums of d / total
+    steps: int | None  # None: linearised at the limit
+    balanced: bool
+    lengths: tuple[int, ...]
+
+
+# -- a mean ------------------------------------------------------------------------------------------
+
+
+def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: int):
+    """Per sample, (G_k, sum_(l > lowest) G_l mu_l[its category in m(l)]) with q_l = d G_l the
+    iterate l's mass (balanced; G_l = 1 / total for the survey convention): the backfitting sum
+    of :func:`._joint.step_linearization`, from the iterates' scalings. Iterate l - 1 is iterate l
+    times the change of the one scaling step l set (rebuilt from all scalings where that scaling
+    has zeros)."""
+    K, k = len(codes), fit.steps
+    s = next(iter(mus.values())).shape[1] if mus else 0
+    acc = np.zeros((n, s))
+    if not fit.balanced:
+        for l_step, mu in mus.items():
+            if l_step > lowest:
+                acc += mu[codes[(l_step - 1) % K]]
+        return np.full(n, 1.0 / fit.total), acc / fit.total
+    g = _product(fit.iterates[k], codes, None, n)
+    top = g.copy()
+    buf = np.empty(n)
+    for l_step in range(k, lowest, -1):
+        m = (l_step - 1) % K
+        acc += g[:, None] * mus[l_step][codes[m]]
+        if l_step - 1 > lowest:
+            before, after = fit.iterates[l_step - 1][m], fit.iterates[l_step][m]
+            if (after > 0).all():
+                g *= np.take(before / after, codes[m], out=buf, mode="clip")
+            else:
+                g = _product(fit.iterates[l_step - 1], codes, None, n)
+    return top, acc
+
+
+@dataclass(frozen=True)
+class FirstMoments:
+    """The first pass of a ``mean``: sum w h (the estimate), sum d h, max |h|; for a finite-k
+    linearisation margin m(k)'s sums of q_k h and q_k (k > 0); at the limit the normal equations'
+    per-level sums of v h and v, and the pairwise tables of v (v the measure)."""
+
+    fit: SamplesFit
+    limit: bool
+
+    def __call__(self, codes, d, h) -> dict:
+        fit, n = self.fit, len(h)
+        dd = np.ones(n) if d is None else d
+        a = _product(fit.final, codes, dd, n) / fit.total_u  # w_i
+        out = {"est": a @ h, "plain": dd @ h, "max_top": np.abs(h).max(axis=0, initial=0.0)}
+        sizes = self.fit.samples.sizes
+        if self.limit:
+            v = a if fit.balanced else dd
+            out["level_h"] = [_level_sums(c, v[:, None] * h, sz) for c, sz in zip(codes, sizes, strict=True)]
+            out["level_1"] = [np.bincount(c, v, minlength=sz) for c, sz in zip(codes, sizes, strict=True)]
+            out["pairs"] = [np.bincount(codes[i] * sizes[j] + codes[j], v, minlength=sizes[i] * sizes[j])
+                            for i in range(len(codes)) for j in range(i + 1, len(codes))]
+        elif fit.steps:
+            m = (fit.steps - 1) % len(codes)
+            q = dd * _chain(codes, fit, {}, fit.steps, n)[0]
+            out["level_h"] = _level_sums(codes[m], q[:, None] * h, sizes[m])
+            out["level_1"] = np.bincount(codes[m], q, minlength=sizes[m])
+        return out
+
+
+def _level_sums(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    return np.column_stack([np.bincount(index, values[:, j], minlength=size) for j in range(values.shape[1])])
+
+
+@dataclass(frozen=True)
+class StepSums:
+    """Pass j of the finite-k linearisation: margin m(j)'s sums of ``D_j = q_k g - sum_(l > j) q_l
+    mu_l[m(l)]`` (g = h / scale - estimate, in units of scale)."""
+
+    fit: SamplesFit
+    j: int
+    mus: dict
+    estimate: np.ndarray
+    scale: np.ndarray
+
+    def __call__(self, codes, d, h) -> dict:
+        n = len(h)
+        dd = np.ones(n) if d is None else d
+        top, acc = _chain(codes, self.fit, self.mus, self.j, n)
+        D = (h / self.scale - self.estimate) * top[:, None] - acc
+        D *= dd[:, None]
+        m = (self.j - 1) % len(codes)
+        return {"level": _level_sums(codes[m], D, self.fit.samples.sizes[m])}
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The last pass: Chan's moments of the linearised terms z_i = d_i (a_i g_i + b_i) and of the
+    plain mean's d_i (h_i / scale - plain) / total."""
+
+    fit: SamplesFit
+    mus: dict
+    coefficients: list | None  # at the limit: the additive fit's per-level coefficients
+    estimate: np.ndarray
+    plain: np.ndarray
+    scale: np.ndarray
+
+    def __call__(self, codes, d, h) -> dict:
+        fit, n = self.fit, len(h)
+        dd = np.ones(n) if d is None else d
+        g = h / self.scale
+        plain = (g - self.plain) * (dd / fit.total)[:, None]
+        g -= self.estimate
+        a = _product(fit.final, codes, None, n) / fit.total_u
+        if self.coefficients is not None:  # z = d a (g - fit): both conventions (beta = -ratio fit)
+            for c, coef in zip(codes, self.coefficients, strict=True):
+                g -= coef[c]
+            z = g * (dd * a)[:, None]
+        else:
+            beta = np.zeros((n, g.shape[1]))
+            if self.mus:
+                beta = -fit.total * _chain(codes, fit, self.mus, 0, n)[1]
+            z = g * a[:, None] + (beta / fit.total if fit.balanced else beta * a[:, None])
+            z *= dd[:, None]
+        return {"moments_z": _moments(z), "moments_plain": _moments(plain)}
+
+
+def _moments(z: np.ndarray) -> tuple:
+    if not len(z):
+        return 0, np.zeros(z.shape[1]), np.zeros(z.shape[1])
+    mean = z.mean(axis=0)
+    r = z - mean
+    return len(z), z.sum(axis=0), np.einsum("ij,ij->j", r, r)
+
+
+def additive_coefficients(fit: SamplesFit, level_h: list, level_1: list, pairs: list) -> list[np.ndarray]:
+    """Per margin level, coefficients c with fit_i = sum_j c_j[x_ij] the least-squares fit of g
+    under the measure v, from the normal equations ``(A^T V A) c = A^T V g``: the blocks of A^T V A
+    are the levels' masses (diagonal) and the pairwise tables; ``level_h`` are A^T V g. Columns
+    scaled to unit mass (the form :func:`._joint.additive_fit` runs LSQR on), then solved by a
+    pseudo-inverse (the gauge: one constant per margin but one is free)."""
+    sizes = fit.samples.sizes
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    G = np.zeros((offsets[-1], offsets[-1]))
+    for j, mass in enumerate(level_1):
+        G[offsets[j]:offsets[j + 1], offsets[j]:offsets[j + 1]] = np.diag(mass)
+    pair = iter(pairs)
+    for i in range(len(sizes)):
+        for j in range(i + 1, len(sizes)):
+            table = next(pair).reshape(sizes[i], sizes[j])
+            G[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]] = table
+            G[offsets[j]:offsets[j + 1], offsets[i]:offsets[i + 1]] = table.T
+    col_mass = np.concatenate(level_1)
+    scale = np.zeros_like(col_mass)
+    np.divide(1.0, np.sqrt(col_mass), out=scale, where=col_mass > 0)
+    G *= scale[:, None] * scale[None, :]
+    rhs = np.vstack(level_h) * scale[:, None]
+    values, vectors = np.linalg.eigh(G)
+    keep = values > values.max() * len(values) * np.finfo(np.float64).eps
+    coef = vectors[:, keep] @ ((vectors[:, keep].T @ rhs) / values[keep, None])
+    coef *= scale[:, None]
+    return [coef[offsets[j]:offsets[j + 1]] for j in range(len(sizes))]
+
+
+def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(estimate, standard error, plain mean's standard error) per statistic of ``h`` (n,) or (n, s):
+    2 passes at the limit or for k = 0, k + 1 for k half-steps."""
+    samples = fit.samples
+    K = len(samples.shapes)
+    limit = fit.steps is None
+    first = run(samples, FirstMoments(fit, limit), h)
+    top = first["max_top"]
+    scale = power_of_two_scale(np.vstack([top, -top]))
+    estimate = first["est"] / scale
+    plain = first["plain"] / fit.total / scale
+    mus: dict[int, np.ndarray] = {}
+    coefficients = None
+    if limit:
+        level_h = [(sums - np.outer(ones, first["est"])) / scale
+                   for sums, ones in zip(first["level_h"], first["level_1"], strict=True)]
+        coefficients = additive_coefficients(fit, level_h, first["level_1"], first["pairs"])
+    elif fit.steps:
+        k = fit.steps
+        norms = fit.targets if fit.balanced else fit.start_margins
+        sums = (first["level_h"] - np.outer(first["level_1"], first["est"])) / scale
+        mus[k] = _ratio(sums, norms[(k - 1) % K])
+        for j in range(k - 1, 0, -1):
+            sums = run(samples, StepSums(fit, j, dict(mus), estimate, scale), h)["level"]
+            mus[j] = _ratio(sums, norms[(j - 1) % K])
+    last = run(samples, Terms(fit, mus, coefficients, estimate, plain, scale), h)
+    n = fit.n
+    se = np.sqrt(np.maximum(n / (n - 1) * last["moments_z"][2], 0.0))
+    plain_se = np.sqrt(np.maximum(n / (n - 1) * last["moments_plain"][2], 0.0))
+    return first["est"], se * scale, plain_se * scale
