@@ -1,28 +1,39 @@
-"""Accelerated convergence for ``steps=None``: over-relaxed IPF with a rate estimated on the fly.
+"""Accelerated convergence for ``steps=None``: Anderson acceleration or over-relaxed IPF, started
+from a rate estimated on the fly.
 
 Plain IPF shrinks the marginal error by about ``theta = s_2^2`` per sweep near the solution, which
-takes tens of thousands of sweeps when ``s_2`` is near 1. Over-relaxation replaces each scaling
-by ``old * (new / old) ** omega``: a step of the dual block coordinate descent (the log scalings)
-lengthened by ``omega``. For two blocks the linearised iteration is the SOR of a consistently
-ordered system, so Young's theory gives the best factor ``omega = 2 / (1 + sqrt(1 - theta))`` and
-the rate ``omega - 1`` per sweep: at ``theta = 0.998`` (``s_2 = 0.999``), 0.91 instead of 0.998.
+takes tens of thousands of sweeps when ``s_2`` is near 1. Both methods start after a few plain
+sweeps, once the ratio of successive errors (the estimate of ``theta``) is steady, and only when
+it is at least ``THETA_AUTO`` ("auto"; below it plain IPF converges in a few dozen sweeps).
 
-* ``theta`` is estimated from plain sweeps (the ratio of successive errors, once it is steady).
-  Refining it from the relaxed sweeps' rate (inverting Young's relation) was tried and dropped:
-  far from the solution that rate is not the linear one, and the refined factors were worse.
-* Every line whose relaxed step would not decrease the dual objective gets the plain step
-  (:func:`databalance._kernels.fused.relaxed_ratio`): the objective decreases at every half-step,
-  so the iteration converges whenever plain IPF does (Thibault et al. 2017, Lehmann et al. 2021).
-* When the relaxed sweeps do not beat the plain rate, the run falls back to plain IPF for good.
+* **Anderson** (:class:`Anderson`, what "auto" runs): type-II Anderson acceleration of the sweep
+  map on the log scalings of one margin, memory ``MEMORY``, safeguarded by the dual objective
+  (an extrapolation that does not decrease it is replaced by the plain step, and the memory is
+  restarted). The check uses the sums the next half-step computes anyway, so an accepted step
+  costs no read; a rejected one costs one.
+* **Over-relaxation** (``"overrelax"``): each scaling becomes ``old * (new / old) ** omega``, a
+  step of the dual block coordinate descent lengthened by ``omega``. For two blocks the
+  linearised iteration is the SOR of a consistently ordered system, so Young's theory gives the
+  best factor ``omega = 2 / (1 + sqrt(1 - theta))`` and the rate ``omega - 1`` per sweep. Every
+  line whose relaxed step would not decrease the dual objective gets the plain step
+  (:func:`databalance._kernels.fused.relaxed_ratio`; Thibault et al. 2017, Lehmann et al. 2021).
+  Refining ``theta`` from the relaxed sweeps' rate was tried and dropped (far from the solution
+  that rate is not the linear one).
+* Either way, when the accelerated sweeps fall behind what plain sweeps would have reached, the
+  run falls back to plain IPF for good.
+
+Measured (benchmarks/bench_slow_mixing.py, 1000^2 tables to an L1 error of 1e-10, table reads of
+the fused kernel): near-block-diagonal tables, s_2 = 0.990 / 0.999, plain 529 / 4103 reads,
+over-relaxation 53 / 151, Anderson 8 / 9; entropic transport kernels, s_2 = 0.989 / 0.997 /
+0.999, plain 1071 / 4285 / 10712, over-relaxation 139 / 466 / 1122, Anderson 43 / 89 / 151.
+A Newton-CG method on the dual was not built (see the notes of benchmarks/RESULTS.md).
 
 The loop, its errors and its status rules are :mod:`databalance._ipf`'s, unchanged: this module
-only wraps the kernel so that its ``rescale`` takes the relaxed step. Errors are measured on the
-iterates themselves (the margin a relaxed step sets is not exact), so a run is "converged" only
-when every marginal is within ``tol``. The wrapper also counts the passes over the table.
-
-Measured alternatives (benchmarks/RESULTS.md): Anderson acceleration on the log potentials and a
-Newton/CG method on the dual were not built; over-relaxation reached the bars with one read per
-sweep on the fused kernels (its rule runs inside their pass), which neither alternative can.
+only wraps the kernel so that its ``rescale`` takes the accelerated step. Errors are measured on
+the iterates themselves (an extrapolated or relaxed scaling does not set its margin exactly), so a
+run is "converged" only when every marginal is within ``tol``. The wrapper also counts the passes
+over the table. On the fused kernels both methods keep one read per sweep: over-relaxation runs
+inside their pass, and Anderson extrapolates the margin whose sums the pass accumulates.
 """
 
 from __future__ import annotations
@@ -35,10 +46,10 @@ import numpy as np
 from ._ipf import l1
 from ._kernels.fused import relaxed_ratio
 
-#: The choices of ``acceleration``: "auto" relaxes once the estimated plain rate per sweep is at
-#: least THETA_AUTO (below it plain IPF converges in a few dozen sweeps), "overrelax" whatever the
-#: estimate, "none" never.
-CHOICES = ("auto", "overrelax", "none")
+#: The choices of ``acceleration``: "auto" accelerates (AUTO_METHOD) once the estimated plain rate
+#: per sweep is at least THETA_AUTO (below it plain IPF converges in a few dozen sweeps);
+#: "overrelax" and "anderson" whatever the estimate; "none" never.
+CHOICES = ("auto", "overrelax", "anderson", "none")
 THETA_AUTO = 0.5
 #: Plain sweeps before the first estimate, and the most spent waiting for a steady one.
 WARMUP_MIN, WARMUP_MAX = 4, 40
@@ -46,6 +57,23 @@ WARMUP_MIN, WARMUP_MAX = 4, 40
 WINDOW = 8
 #: The largest factor used (the rate omega - 1 stays below 0.99).
 OMEGA_MAX = 1.99
+#: What "auto" uses once the plain rate is slow: "anderson" (measured: 2-7x fewer reads than
+#: over-relaxation on every slow case of benchmarks/bench_slow_mixing.py; /work/notes/results_accel.md).
+AUTO_METHOD = "anderson"
+#: Anderson's memory: the differences of this many past iterates enter the least squares (16
+#: measured 2-3x fewer reads than 8 on entropic transport kernels, whose spectra have many values
+#: near 1). It keeps 2 (memory + 1) vectors of the extrapolated margin's length, at most about
+#: the table's own size: a sparse table with few entries per line gets a shorter memory (at least
+#: MEMORY_MIN). RIDGE: the Tikhonov term, relative to the mean squared norm of the differences.
+MEMORY, MEMORY_MIN = 16, 3
+RIDGE = 1e-10
+
+
+def anderson_memory(entries_per_line: float) -> int:
+    """The memory for a table with this many entries per line of the extrapolated margin."""
+    if not entries_per_line < 2 * (MEMORY + 1):
+        return MEMORY
+    return int(max(MEMORY_MIN, entries_per_line // 2 - 1))
 
 
 def young_omega(theta: float) -> float:
@@ -64,9 +92,11 @@ class Controller:
 
     def __init__(self, mode: str, batch: tuple[int, ...], dtype):
         self.mode = mode
+        self.method = AUTO_METHOD if mode == "auto" else mode  # "overrelax", "anderson" or "none"
         self.batch = batch
         self.errors: list[float] = []
         self.omega: np.ndarray | None = None  # None: plain steps
+        self.anderson = False  # Anderson steps on (the margin :class:`Accelerated` chooses)
         self.theta = math.nan
         self.relaxed_from: int | None = None  # the sweep at which relaxation started
         self.fell_back = False
@@ -77,7 +107,7 @@ class Controller:
         self.errors.append(error)
         if self.mode == "none" or self.fell_back or not math.isfinite(error) or error <= self.floor:
             return
-        if self.omega is None:
+        if self.omega is None and not self.anderson:
             self._warmup()
         else:
             self._adapt()
@@ -104,7 +134,10 @@ class Controller:
 
     def _set(self, theta: float) -> None:
         self.theta = theta
-        self.omega = np.full(self.batch + (1,), young_omega(theta))
+        if self.method == "anderson":
+            self.anderson = True
+        else:
+            self.omega = np.full(self.batch + (1,), young_omega(theta))
 
     def _adapt(self) -> None:
         """Every e-fold of the plain rate: fall back to plain IPF for good when the errors are
@@ -116,18 +149,150 @@ class Controller:
         n = s - self.relaxed_from
         plain_fold = max(WINDOW, math.ceil(1.0 / (1.0 - self.theta)))
         if n >= plain_fold and n % plain_fold == 0 and not e[s] <= e[self.relaxed_from] * self.theta**n:
-            self.omega, self.fell_back = None, True
+            self.omega, self.anderson, self.fell_back = None, False, True
+
+
+class Anderson:
+    """Anderson acceleration (type II) of the sweep map on one margin's log scalings ``x``.
+
+    A sweep maps ``x`` (the scaling ``v`` of the margin fixed second) to ``G(x)``: the other
+    margin's plain step, then this margin's plain step ``g = log(target / sums)``. With the last
+    ``MEMORY`` + 1 pairs ``(x_i, g_i)`` and residuals ``f_i = g_i - x_i``, the next iterate is
+    ``g_k - dG gamma``, ``gamma`` minimising ``|f_k - dF gamma|^2 + ridge |gamma|^2`` (``dF``,
+    ``dG``: differences of successive ``f`` and ``g``).
+
+    The safeguard (:meth:`check`): the dual objective with the other margin eliminated,
+    ``Psi(v) = sum(p log(T v)) - sum(q log v)`` (convex; plain IPF decreases it every sweep), is
+    evaluated at the extrapolated iterate from the sums the next half-step computes anyway. If it
+    did not decrease, that problem's scaling is replaced by the plain step ``g_k`` (one more read of
+    the table) and its memory cleared (restart). Everything is per problem of a batch; lines with
+    a zero target are left out (their scaling stays 0). Potentials are absolute (the log kernel's
+    frame added), so a change of frame between steps is harmless.
+    """
+
+    def __init__(self, memory: int = MEMORY):
+        self.memory = int(memory)
+        self.xs: list[np.ndarray] = []
+        self.gs: list[np.ndarray] = []
+        self.valid: np.ndarray | None = None  # per problem: how many stored pairs count
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # (x_k, g_k) of the last extrapolation
+        self.log_sums: np.ndarray | None = None  # log(T v) at x_k, absolute
+        self.accepted = 0
+        self.rejected = 0
+
+    @staticmethod
+    def _log(scaling, frame, live) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.log(np.asarray(scaling, np.float64))
+            if frame is not None:
+                x = x + frame
+        return np.where(live, x, 0.0)
+
+    def restart(self, which=None) -> None:
+        """Forget the memory (of the problems where ``which`` is True; all when None)."""
+        if which is None or self.valid is None:
+            self.xs, self.gs, self.valid = [], [], None
+        else:
+            self.valid = np.where(which, 1, self.valid)
+
+    def step(self, old: np.ndarray, frame, target: np.ndarray, sums: np.ndarray, batch_ndim: int) -> np.ndarray:
+        """The scaling to install (in the frame of ``old``) from this margin's sums."""
+        live = np.broadcast_to(np.asarray(target) > 0, np.shape(old))
+        x = self._log(old, frame, live)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.where(live, np.log(np.asarray(target, np.float64)) - np.log(np.asarray(sums, np.float64)), 0.0)
+        if frame is not None:
+            g = np.where(live, g + frame, 0.0)
+        plain = _plain(old, target, sums)
+        self.pending = None
+        if not (np.isfinite(x).all() and np.isfinite(g).all()):
+            self.restart()  # an empty line, or an overflow: a plain step
+            return plain
+        self.xs.append(x)
+        self.gs.append(g)
+        if len(self.xs) > self.memory + 1:
+            del self.xs[0], self.gs[0]
+        self.valid = np.ones(x.shape[:batch_ndim], int) if self.valid is None else self.valid + 1
+        k = len(self.xs) - 1
+        if k == 0:
+            return plain
+        X, Gm = np.stack(self.xs, axis=-1), np.stack(self.gs, axis=-1)  # batch + (n, k + 1)
+        F = Gm - X
+        dF, dG = np.diff(F, axis=-1), np.diff(Gm, axis=-1)
+        # the differences older than a problem's last restart do not count
+        keep = (np.arange(k) >= (k + 1 - np.minimum(self.valid, k + 1))[..., None]).astype(np.float64)
+        dF = dF * keep[..., None, :]
+        dG = dG * keep[..., None, :]
+        A = np.einsum("...ni,...nj->...ij", dF, dF)
+        b = np.einsum("...ni,...n->...i", dF, F[..., -1])
+        scale = np.trace(A, axis1=-2, axis2=-1)[..., None, None] / k
+        A = A + (RIDGE * scale + np.finfo(np.float64).tiny) * np.eye(k)
+        gamma = np.linalg.solve(A, b[..., None])[..., 0]
+        x_new = g - np.einsum("...ni,...i->...n", dG, gamma)
+        with np.errstate(over="ignore", invalid="ignore"):
+            new = np.where(live, np.exp(x_new - (0.0 if frame is None else frame)), 0.0)
+        if not np.isfinite(new).all():
+            self.restart()
+            return plain
+        self.pending = (x, g)
+        return new.astype(plain.dtype, copy=False)
+
+    def check(self, state, margin_v: int, target_v, sums, target, frame, frame_v, batch_ndim: int, eps: float):
+        """At the other margin's step, with its ``sums = T v``: the problems whose objective rose since
+        the last extrapolation (True), whose scaling ``v`` is then set to the plain step. Returns
+        None when nothing was rejected."""
+        live = np.broadcast_to(np.asarray(target) > 0, np.shape(sums))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logr = np.where(live, np.log(np.asarray(sums, np.float64)) - (0.0 if frame is None else frame), 0.0)
+        before, self.log_sums = self.log_sums, logr
+        if self.pending is None or before is None:
+            self.pending = None
+            return None
+        x_old, g_old = self.pending
+        self.pending = None
+        live_v = np.broadcast_to(np.asarray(target_v) > 0, np.shape(state.factors[margin_v]))
+        x = self._log(state.factors[margin_v], frame_v, live_v)
+        pw = np.where(live, np.asarray(target, np.float64), 0.0)
+        qw = np.where(live_v, np.asarray(target_v, np.float64), 0.0)
+        with np.errstate(invalid="ignore"):
+            change = (pw * (logr - before)).sum(axis=-1) - (qw * (x - x_old)).sum(axis=-1)
+        rose = ~(change <= 64 * eps)  # within rounding: accepted (NaN: rejected)
+        self.accepted += int(rose.size - rose.sum())
+        self.rejected += int(rose.sum())
+        if not rose.any():
+            return None
+        self.restart(rose)
+        with np.errstate(over="ignore"):
+            plain = np.where(live_v, np.exp(g_old - (0.0 if frame_v is None else frame_v)), 0.0)
+        mask = np.reshape(rose, rose.shape + (1,))
+        state.factors[margin_v] = np.where(mask, plain, state.factors[margin_v]).astype(state.factors[margin_v].dtype)
+        return rose
+
+
+def _plain(old, target, sums) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(np.asarray(target) > 0, target / sums, 0.0)
+    return np.broadcast_to(out, np.shape(old)).astype(np.asarray(old).dtype)
 
 
 class Accelerated:
-    """A kernel whose ``rescale`` takes the over-relaxed step the controller asks for, and which
-    counts the passes over the table; everything else is the wrapped kernel's."""
+    """A kernel whose ``rescale`` takes the Anderson or over-relaxed step the controller asks for,
+    and which counts the passes over the table; everything else is the wrapped kernel's."""
 
     def __init__(self, kernel, mode: str, problem_first: int = 0):
         self.kernel = kernel
         self.controller = Controller(mode, kernel.batch, kernel.dtype)
         self.watch = problem_first
         self._plain_reads = 0
+        # Anderson extrapolates the scaling of the margin whose sums a fused pass accumulates (not
+        # its lead), so that the pass keeps its one read per sweep; else the sweep's second margin
+        lead = getattr(kernel, "lead", None)
+        self.anderson_margin = 1 - (problem_first if lead is None else lead)
+        size = getattr(kernel, "support_size", None)
+        lines = kernel.shape[self.anderson_margin] * max(1, math.prod(kernel.batch))
+        per_line = math.inf if size is None else size() / lines
+        self.anderson = Anderson(anderson_memory(per_line))
+        self._targets: dict[int, np.ndarray] = {}
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
@@ -151,6 +316,13 @@ class Accelerated:
         if j == self.watch and ctl.mode != "none":
             err = l1(state.factors[j], sums, margin.target, len(self.kernel.batch))
             ctl.observe(float(np.max(err)) if state.steps > 0 else math.inf)
+        if ctl.anderson:
+            if j != self.anderson_margin:  # the other margin: was the last extrapolation a descent?
+                return self.kernel.rescale(j, margin, self._checked(j, margin, sums, state), state)
+            frame = None if state.frame is None else state.frame[j]
+            self._targets[j] = margin.target
+            new = self.anderson.step(state.factors[j], frame, margin.target, sums, len(self.kernel.batch))
+            return self.kernel.rescale(j, dataclasses.replace(margin, target=new * sums), sums, state)
         omega = ctl.omega
         if omega is None:
             return self.kernel.rescale(j, margin, sums, state)
@@ -161,8 +333,26 @@ class Accelerated:
         # the kernel's own rescale (the log kernel's range checks), to the margin sums wanted
         return self.kernel.rescale(j, dataclasses.replace(margin, target=new * sums), sums, state)
 
+    def _checked(self, j, margin, sums, state):
+        """The sums ``T v`` after :meth:`Anderson.check`: recomputed (one read) when it replaced an
+        extrapolated scaling by the plain step."""
+        o = self.anderson_margin
+        frames = state.frame if state.frame is not None else (None, None)
+        targets = self._targets
+        rose = self.anderson.check(state, o, targets.get(o), sums, margin.target, frames[j], frames[o],
+                                   len(self.kernel.batch), float(np.finfo(self.kernel.dtype).eps))
+        if rose is None:
+            return sums
+        sums = self.sums(j, state)
+        frames = state.frame if state.frame is not None else (None, None)
+        live = np.broadcast_to(np.asarray(margin.target) > 0, np.shape(sums))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.anderson.log_sums = np.where(live, np.log(np.asarray(sums, np.float64))
+                                              - (0.0 if frames[j] is None else frames[j]), 0.0)
+        return sums
+
 
 def wrap(kernel, acceleration: str, steps: int | None, first: int = 0) -> Accelerated:
-    """The kernel to run: relaxed for ``steps=None`` unless ``acceleration="none"``; exact
-    ``steps=k`` runs are never relaxed."""
+    """The kernel to run: accelerated for ``steps=None`` unless ``acceleration="none"``; exact
+    ``steps=k`` runs are never accelerated."""
     return Accelerated(kernel, "none" if steps is not None else acceleration, first)

@@ -1351,8 +1351,8 @@ def api_traced(name: str) -> TypeError:
     )
 
 
-def api_acceleration(name: str) -> ValueError:
-    return ValueError(f"`acceleration='overrelax'` is available for NumPy and scipy.sparse inputs only; `{name}` is "
+def api_acceleration(name: str, value: str = "overrelax") -> ValueError:
+    return ValueError(f"`acceleration={value!r}` is available for NumPy and scipy.sparse inputs only; `{name}` is "
                       "an array of another namespace, balanced by plain IPF (`acceleration='auto'` or 'none').")
 
 
@@ -1394,7 +1394,17 @@ def numba_missing(variable: str) -> str:
 
 def acceleration_option(value) -> str:
     """``acceleration`` of balance_table / balance_logits."""
-    choices = ("auto", "overrelax", "none")
+    choices = ("auto", "overrelax", "anderson", "none")
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`acceleration` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+# -- issue 11 (sparse part): the fused sparse kernel's layout -----------------------------------------------
+
+
+def sparse_layout(value, choices: tuple[str, ...]) -> str:
+    """``layout`` of the fused sparse kernel."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`layout` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
