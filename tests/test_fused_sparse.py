@@ -1,32 +1,137 @@
-"""The fused sparse kernel (CSR/CSC) against scipy's products through the NumPy path."""
+"""The fused sparse kernels (CSR/CSC, both layouts) against scipy's products through the NumPy path;
+the transposed pattern; 1 and 2 threads; which kernel ``auto`` picks for sparse tables."""
 
 from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import databalance as db
 
-from .test_fused import SETTINGS, STEPS, assert_same, both, problems
+from .test_fused import SETTINGS, STEPS, assert_same, both, kernel_choice, problems
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
+
+from databalance._kernels import fused  # noqa: E402  (after the skip)
+from databalance._kernels import fused_sparse as fs  # noqa: E402
+
+
+@contextlib.contextmanager
+def sparse_setup(layout: str, per_thread: int | None = None, nthreads: int | None = None):
+    """The fused sparse kernel's default layout, nonzeros per thread (1: every pass split into as
+    many blocks as threads) and numba's thread count, for the block."""
+    old = fs.DEFAULT_LAYOUT, fs.PER_THREAD, numba.get_num_threads()
+    fs.DEFAULT_LAYOUT = layout
+    if per_thread is not None:
+        fs.PER_THREAD = per_thread
+    if nthreads is not None:
+        numba.set_num_threads(nthreads)
+    try:
+        yield
+    finally:
+        fs.DEFAULT_LAYOUT, fs.PER_THREAD = old[:2]
+        numba.set_num_threads(old[2])
+
+
+THREADS = st.sampled_from([1, min(2, numba.config.NUMBA_NUM_THREADS)])
 
 
 @SETTINGS
-@given(problems(holes=True), STEPS, st.sampled_from(["csr", "csc"]))
-def test_sparse_matches_numpy(problem, steps, fmt):
+@given(problems(holes=True), STEPS, st.sampled_from(["csr", "csc"]), st.sampled_from(fs.LAYOUTS), THREADS)
+def test_sparse_matches_numpy(problem, steps, fmt, layout, nthreads):
+    """Every layout, CSR and CSC, float32 and float64, zero targets and empty lines, split into
+    blocks (one nonzero per thread suffices), equals the NumPy path to 1e-12 (float64)."""
     table, p, q = problem
     S = sp.csr_array(table).asformat(fmt)
-    a, b = both(db.balance_table, S, p, q, steps=steps)
+    # Anderson (acceleration="auto", steps=None) extrapolates the fused kernel's non-lead margin,
+    # the columns of a CSC table: there the two paths' iterates differ by design
+    acceleration = "none" if fmt == "csc" else "auto"
+    with sparse_setup(layout, per_thread=1, nthreads=nthreads):
+        a, b = both(db.balance_table, S, p, q, steps=steps, acceleration=acceleration)
     assert_same(a, b, ["row_scaling", "col_scaling"], table.dtype)
     assert b.table.format == fmt
 
 
+@settings(SETTINGS, max_examples=10)
+@given(problems(holes=True), st.sampled_from(["csr", "csc"]), st.integers(1, 9))
+def test_transposed_layout_same_bits_on_any_thread_count(problem, fmt, steps):
+    """Each sum of the transposed layout is made by one thread in a fixed order: 1 and 2 threads
+    give the same bits; the accumulators' blocks change only the rounding."""
+    table, p, q = problem
+    S = sp.csr_array(table).asformat(fmt)
+    out = {}
+    for layout in fs.LAYOUTS:
+        for nt in (1, 2):
+            with sparse_setup(layout, per_thread=1, nthreads=min(nt, numba.config.NUMBA_NUM_THREADS)), \
+                    kernel_choice("numba"):
+                out[layout, nt] = db.balance_table(S, p, q, steps=steps)
+    for name in ("row_scaling", "col_scaling"):
+        np.testing.assert_array_equal(getattr(out["transposed", 1], name), getattr(out["transposed", 2], name))
+        x, y = getattr(out["accumulators", 1], name), getattr(out["accumulators", 2], name)
+        np.testing.assert_allclose(y, x, rtol=1e-12 if table.dtype == np.float64 else 2e-5)
 
-def test_power_law_rows_and_empty_rows_sparse():
+
+def random_pattern(rng, m, l, density, dtype=np.float64, big_indptr=False):
+    """A CSR with empty rows and columns and unsorted indices within rows."""
+    A = sp.random_array((m, l), density=density, format="csr", rng=rng, dtype=dtype)
+    A.data += dtype(0.5)
+    perm = rng.permutation(A.nnz)  # shuffle within rows: keep each row's block, permute inside
+    order = np.lexsort((perm, np.repeat(np.arange(m), np.diff(A.indptr))))
+    A = sp.csr_array((A.data[order], A.indices[order], A.indptr), shape=(m, l))
+    if big_indptr:
+        A.indptr = A.indptr.astype(np.int64)
+        A.indices = A.indices.astype(np.int64)
+    return A
+
+
+@pytest.mark.parametrize("nblocks", [1, 2, 3, 7])
+@pytest.mark.parametrize("big", [False, True])
+def test_transposed_pattern_is_scipys_sorted_csc(nblocks, big):
+    rng = np.random.default_rng(nblocks)
+    A = random_pattern(rng, 37, 23, 0.15, big_indptr=big)
+    A = sp.csr_array(sp.diags_array(np.arange(37) % 5 != 0, dtype=float) @ A)  # empty rows
+    A.eliminate_zeros()
+    ptr, idx, val = fs.transposed_pattern(A.indptr, A.indices, A.data, 23, nblocks=nblocks)
+    C = A.tocsc()
+    C.sort_indices()
+    np.testing.assert_array_equal(ptr, C.indptr)
+    np.testing.assert_array_equal(idx, C.indices)
+    np.testing.assert_array_equal(val, C.data)
+    assert idx.dtype == np.uint32 and ptr.dtype == np.uint32 and val.dtype == A.dtype
+
+
+def test_transposed_pattern_of_an_empty_table():
+    ptr, idx, val = fs.transposed_pattern(np.zeros(4, np.int32), np.zeros(0, np.int32), np.zeros(0), 3)
+    assert ptr.tolist() == [0, 0, 0, 0] and idx.size == 0 and val.size == 0
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", fs.LAYOUTS)
+def test_products_match_scipy(fmt, dtype, layout):
+    """``row_sums`` / ``col_sums`` (the frame's sums, the first sweep, the support checks)."""
+    rng = np.random.default_rng(3)
+    A = random_pattern(rng, 300, 200, 0.05, dtype).asformat(fmt)
+    v, u = rng.random(200).astype(dtype), rng.random(300).astype(dtype)
+    with sparse_setup(layout, per_thread=1):
+        K = fs.FusedSparseKernel(A)
+        rtol = 1e-12 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(K.row_sums(v), A @ v, rtol=rtol)
+        np.testing.assert_allclose(K.col_sums(u), A.T @ u, rtol=rtol)
+        assert K.row_sums(v).dtype == dtype
+
+
+@pytest.mark.parametrize("layout", fs.LAYOUTS)
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_power_law_rows_and_empty_rows_sparse(layout, fmt):
     """Blocks of equal nonzeros: one row holding most entries, rows with none (zero targets)."""
     rng = np.random.default_rng(2)
     T = np.zeros((60, 50))
@@ -36,6 +141,65 @@ def test_power_law_rows_and_empty_rows_sparse():
     T[[3, 11]] = 0.0
     witness = T * rng.uniform(0.5, 2.0, T.shape)  # targets a table on this support has: feasible
     p, q = witness.sum(axis=1), witness.sum(axis=0)
-    a, b = both(db.balance_table, sp.csr_array(T), p, q)
+    with sparse_setup(layout, per_thread=1):
+        a, b = both(db.balance_table, sp.csr_array(T).asformat(fmt), p, q, acceleration="none")
     assert b.converged
     assert_same(a, b, ["row_scaling", "col_scaling"], np.float64)
+
+
+def test_overrelaxed_sparse_matches_numpy():
+    """The over-relaxed rule (``acceleration``) runs inside the lead pass as in the NumPy path."""
+    rng = np.random.default_rng(5)
+    A = random_pattern(rng, 80, 60, 0.2)
+    A = A + sp.csr_array(np.eye(80, 60))
+    p, q = rng.random(80) + 0.1, rng.random(60) + 0.1
+    q *= p.sum() / q.sum()
+    with sparse_setup("transposed", per_thread=1):
+        a, b = both(db.balance_table, A, p, q, acceleration="overrelax", tol=1e-9)
+    assert_same(a, b, ["row_scaling", "col_scaling"], np.float64)
+
+
+def test_bad_layout():
+    with pytest.raises(ValueError, match="`layout` must be one of 'transposed', 'accumulators'"):
+        fs.FusedSparseKernel(sp.csr_array(np.eye(3)), "csc")
+
+
+def test_auto_choice_follows_size_and_threads(monkeypatch):
+    """``auto``: scipy below AUTO_MIN_NNZ nonzeros or on one thread, the fused kernel above."""
+    A = sp.csr_array(np.eye(40))
+    monkeypatch.setattr(fs, "AUTO_MIN_NNZ", 41)
+    assert not fs.auto_choice(A)
+    with kernel_choice(None):
+        assert db.which_kernel(A) == "numpy"
+    monkeypatch.setattr(fs, "AUTO_MIN_NNZ", 40)
+    with sparse_setup(fs.DEFAULT_LAYOUT, nthreads=1):
+        assert not fs.auto_choice(A)
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        with sparse_setup(fs.DEFAULT_LAYOUT, nthreads=2), kernel_choice(None):
+            assert fs.auto_choice(A)
+            assert db.which_kernel(A) == "numba"
+            assert db.which_kernel(A.astype(np.float32).tocsc()) == "numba"
+            assert db.which_kernel(A.tocoo()) == "numpy"  # COO is balanced as CSR by scipy
+    monkeypatch.setattr(fused, "numba_installed", lambda: False)
+    assert not fs.auto_choice(A)
+
+
+def test_sparse_without_numba():
+    """With numba blocked, ``auto`` keeps scipy for any sparse table and balances it."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numba"] = None
+        import numpy as np, scipy.sparse as sp
+        import databalance as db
+        from databalance._kernels import fused_sparse as fs
+        fs.AUTO_MIN_NNZ = 0
+        A = sp.csr_array(np.eye(4) + 1.0)
+        assert not fs.auto_choice(A)
+        assert db.which_kernel(A) == "numpy"
+        r = db.balance_table(A, np.ones(4), np.ones(4))
+        assert r.converged
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,33 +1,90 @@
-"""The fused sparse kernel (numba): one read of a CSR or CSC table's values and indices per sweep.
+"""The fused sparse kernels (numba): threaded sweeps over a CSR or CSC table, never densified.
 
-The same pass as the dense kernel of :mod:`databalance._kernels.fused` (row sums with the current
-column scaling, the new row scaling, that row's contribution to the column sums), over the nonzeros
-of each line; lines are split into blocks of about equal nonzeros, one per thread, each with its own
-column accumulator. :func:`auto_choice` says whether ``DATABALANCE_KERNEL=auto`` uses it.
+A sweep needs the lead margin's sums ``r = T v`` (rows for CSR, columns for CSC: the lines stored
+contiguously), the new scaling ``u = rule(p, r)``, then the other margin's sums ``c = T' u``. Two
+layouts, both threaded over blocks of lines of about equal nonzeros:
+
+* ``"transposed"`` (the default): the table's pattern in the other order (CSC for a CSR table, CSR
+  for a CSC table: one index array of lead-line numbers, the other lines' pointers and the values
+  in that order), built once per kernel by a threaded counting sort. A sweep is then two gather
+  passes, ``r`` over the lead lines and ``c`` over the other lines: every sum is made by one
+  thread, in a fixed order, so the results do not depend on the thread count. Costs one more copy
+  of the values and indices (the size of the table) and its build (about one scipy sweep).
+* ``"accumulators"``: one pass over the lead lines that gathers ``r_i``, computes ``u_i`` and
+  scatters line ``i`` times ``u_i`` into a per-thread accumulator of the other margin's sums while
+  the line is in cache. No extra memory beyond the accumulators; but each scattered update is a
+  random access into a vector of the other margin's length, which costs as much as a gather, so
+  fusing saves only the second streaming read (benchmarks/bench_sparse.py measures both).
+
+The cost of a sparse sweep is the random access into the scaling vectors (one per nonzero per
+half-step), not the bytes of the table: a streaming read of values and indices takes a fraction of
+either product. :func:`auto_choice` says whether ``DATABALANCE_KERNEL=auto`` uses these kernels.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
+from .. import _validation as check
 from .fused import PER_THREAD, _Fused, _rule, _using, compiled, prange, threads
 from .sparse import SparseKernel
 
-__all__ = ["FusedSparseKernel", "auto_choice"]
+__all__ = ["AUTO_MIN_NNZ", "DEFAULT_LAYOUT", "LAYOUTS", "FusedSparseKernel", "auto_choice", "transposed_pattern"]
+
+#: The layouts of :class:`FusedSparseKernel`.
+LAYOUTS = ("transposed", "accumulators")
+
+#: The layout a :class:`FusedSparseKernel` uses when none is given (the faster one, measured).
+DEFAULT_LAYOUT = "transposed"
+
+#: ``DATABALANCE_KERNEL=auto`` uses the fused sparse kernel from this many nonzeros on, when numba
+#: runs on two threads or more: below it, or on one thread, scipy's products measured as fast
+#: (benchmarks/bench_sparse.py; the transposed layout's build is not paid back).
+AUTO_MIN_NNZ = 1 << 22
 
 
 def auto_choice(table) -> bool:
-    """Whether ``DATABALANCE_KERNEL=auto`` runs the fused kernel on this CSR/CSC table: not yet,
-    since scipy's two products measured faster (benchmarks/RESULTS.md)."""
-    return False
+    """Whether ``DATABALANCE_KERNEL=auto`` runs the fused kernel on this CSR/CSC table: with at
+    least :data:`AUTO_MIN_NNZ` nonzeros when numba is installed and runs on two threads or more."""
+    if table.nnz < AUTO_MIN_NNZ:
+        return False
+    from .fused import numba_installed
+
+    return numba_installed() and threads() >= 2
 
 
-def _csr_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
-    """One fused pass over a CSR pattern: ``r = T v``, ``u = rule(p, r)``, ``acc[t] = T' u`` over
-    row block t (blocks of about equal nonzeros)."""
-    nblocks = bounds.size - 1
+# -- the passes (compiled by numba on first use) --------------------------------------------------
+
+
+def _lead_pass(indptr, indices, data, v, uold, p, w, bounds, r, u):
+    """``r = T v`` over the lead lines and the new scaling ``u = rule(p, r)``, line block t by
+    thread t. Sums accumulate in float64 and are rounded to the table's dtype before the rule."""
+    for t in prange(bounds.size - 1):
+        for i in range(bounds[t], bounds[t + 1]):
+            s = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                s += data[k] * v[indices[k]]
+            r[i] = s
+            u[i] = _rule(p[i], r[i], uold[i], w)
+
+
+def _gather(indptr, indices, data, x, bounds, out):
+    """``out = T x`` over the lines of a compressed pattern, line block t by thread t."""
+    for t in prange(bounds.size - 1):
+        for i in range(bounds[t], bounds[t + 1]):
+            s = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                s += data[k] * x[indices[k]]
+            out[i] = s
+
+
+def _scatter_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
+    """One fused pass over the lead lines: ``r = T v``, ``u = rule(p, r)``, ``acc[t] = T' u`` over
+    line block t (blocks of about equal nonzeros)."""
     n = acc.shape[1]
-    for t in prange(nblocks):
+    for t in prange(bounds.size - 1):
         a = acc[t]
         for j in range(n):
             a[j] = 0.0
@@ -36,47 +93,186 @@ def _csr_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
             for k in range(indptr[i], indptr[i + 1]):
                 s += data[k] * v[indices[k]]
             r[i] = s
-            u[i] = _rule(p[i], s, uold[i], w)
+            u[i] = _rule(p[i], r[i], uold[i], w)
             ui = u[i]
             if ui != 0.0:
                 for k in range(indptr[i], indptr[i + 1]):
                     a[indices[k]] += data[k] * ui
 
 
+def _transpose(indptr, indices, data, bounds, counts, out_ptr, out_idx, out_data):
+    """The pattern in the other order (a counting sort): ``counts`` (blocks, other lines) zeros,
+    ``out_ptr`` (other lines + 1). Within each other line the lead lines ascend."""
+    nb = bounds.size - 1
+    n = counts.shape[1]
+    for t in prange(nb):
+        c = counts[t]
+        for k in range(indptr[bounds[t]], indptr[bounds[t + 1]]):
+            c[indices[k]] += 1
+    total = 0
+    for j in range(n):  # the blocks' starting positions in each other line, in block order
+        out_ptr[j] = total
+        for t in range(nb):
+            ct = counts[t, j]
+            counts[t, j] = total
+            total += ct
+    out_ptr[n] = total
+    for t in prange(nb):
+        c = counts[t]
+        for i in range(bounds[t], bounds[t + 1]):
+            for k in range(indptr[i], indptr[i + 1]):
+                j = indices[k]
+                pos = c[j]
+                out_idx[pos] = i
+                out_data[pos] = data[k]
+                c[j] = pos + 1
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
 def _block_bounds(indptr: np.ndarray, nblocks: int) -> np.ndarray:
-    """Row block boundaries with about equal nonzeros in each block."""
+    """Line block boundaries with about equal nonzeros in each block (unsigned 64-bit)."""
     goals = np.linspace(0, indptr[-1], nblocks + 1)
     bounds = np.searchsorted(indptr, goals, side="left").astype(np.int64)
     bounds[0], bounds[-1] = 0, indptr.size - 1
-    return np.maximum.accumulate(bounds)
+    return np.maximum.accumulate(bounds).view(np.uint64)
+
+
+def _unsigned(a: np.ndarray) -> np.ndarray:
+    """A nonnegative index array viewed as unsigned: numba then skips the wraparound test of every
+    gathered index (1.7x faster gathers)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind == "u":
+        return a
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+def _index_dtype(bound: int) -> np.dtype:
+    return np.dtype(np.uint32 if bound < 2**32 else np.uint64)
+
+
+def _nblocks(nnz: int) -> int:
+    """Blocks (threads) for a pass over ``nnz`` nonzeros: one per PER_THREAD, at most numba's
+    thread count."""
+    return min(threads(), max(1, nnz // PER_THREAD))
+
+
+def transposed_pattern(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_other: int,
+                       nblocks: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compressed pattern ``(indptr, indices, data)`` of a CSR/CSC pattern's transpose (CSC of
+    a CSR), with unsigned indices, sorted within each line; built by a threaded counting sort.
+
+    Parameters
+    ----------
+    indptr, indices, data : numpy.ndarray
+        A compressed sparse pattern over ``indptr.size - 1`` lines; ``indices`` in
+        ``range(n_other)`` (any order within a line).
+    n_other : int
+        The number of lines of the transpose.
+    nblocks : int, optional
+        Threads' blocks of lines (default: numba's thread count, one block per 2**20 nonzeros).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(ptr, idx, values)``: ``ptr`` (n_other + 1), ``idx`` the lines of the original pattern,
+        ascending within each line of the transpose, ``values`` in that order.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> from databalance._kernels.fused_sparse import transposed_pattern
+    >>> A = sp.csr_array(np.array([[1.0, 0, 2], [0, 3, 4]]))
+    >>> ptr, idx, val = transposed_pattern(A.indptr, A.indices, A.data, 3)
+    >>> ptr.tolist(), idx.tolist(), val.tolist()
+    ([0, 1, 2, 4], [0, 1, 0, 1], [1.0, 3.0, 2.0, 4.0])
+    """
+    m = indptr.size - 1
+    nnz = int(indptr[-1])
+    nb = _nblocks(nnz) if nblocks is None else nblocks
+    counts = np.zeros((nb, n_other), np.int64)
+    ptr = np.empty(n_other + 1, _index_dtype(nnz))
+    idx = np.empty(nnz, _index_dtype(m))
+    values = np.empty(nnz, data.dtype)
+    with _using(min(nb, threads())):
+        compiled(_transpose)(_unsigned(indptr), _unsigned(indices), data, _block_bounds(indptr, nb), counts,
+                             ptr, idx, values)
+    return ptr, idx, values
+
+
+# -- the kernel ---------------------------------------------------------------------------------------
 
 
 class FusedSparseKernel(_Fused, SparseKernel):
-    """:class:`SparseKernel` on CSR or CSC, whose sweeps read the values and indices once (numba,
-    threaded over blocks of lines of about equal nonzeros, one accumulator per block)."""
+    """:class:`SparseKernel` on CSR or CSC with threaded sweeps (numba), in one of :data:`LAYOUTS`.
 
-    def __init__(self, table):
+    ``"transposed"`` builds the transposed pattern on the first product that needs it and then
+    computes every product (the loop's and :meth:`row_sums` / :meth:`col_sums`) as a threaded
+    gather; ``"accumulators"`` fuses each sweep into one pass with per-thread accumulators.
+    """
+
+    def __init__(self, table, layout: str | None = None):
         super().__init__(table)
+        self.layout = check.sparse_layout(DEFAULT_LAYOUT if layout is None else layout, LAYOUTS)
         self.lead = 0 if table.format == "csr" else 1
         self.reads = 0
         self.generation = 0
-        self._bounds: dict[int, np.ndarray] = {}
+        self._bounds: dict[tuple[int, int], np.ndarray] = {}
+
+    @cached_property
+    def _lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The lead lines' pattern as stored, indices viewed as unsigned (no copy)."""
+        T = self.table
+        return _unsigned(T.indptr), _unsigned(T.indices), T.data
+
+    @cached_property
+    def _other_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The other margin's lines: the transposed pattern, built once."""
+        ptr, _, data = self._lines
+        return transposed_pattern(ptr, self._lines[1], data, self.shape[1 - self.lead])
+
+    def _line_bounds(self, which: int, indptr: np.ndarray, nblocks: int) -> np.ndarray:
+        key = (which, nblocks)
+        if key not in self._bounds:
+            self._bounds[key] = _block_bounds(indptr, nblocks)
+        return self._bounds[key]
+
+    def _gathered(self, j: int, x: np.ndarray) -> np.ndarray:
+        """Margin ``j``'s sums with the other margin's scaling ``x``: a threaded gather."""
+        indptr, indices, data = self._lines if j == self.lead else self._other_lines
+        nb = _nblocks(data.size)
+        out = np.empty(indptr.size - 1, self.dtype)
+        with _using(nb):
+            compiled(_gather)(indptr, indices, data, np.ascontiguousarray(x, self.dtype),
+                              self._line_bounds(j, indptr, nb), out)
+        return out
+
+    def _threaded(self, x) -> bool:
+        return self.layout == "transposed" and getattr(x, "ndim", 0) == 1
+
+    def row_sums(self, v):
+        return self._gathered(0, v) if self._threaded(v) else super().row_sums(v)
+
+    def col_sums(self, u):
+        return self._gathered(1, u) if self._threaded(u) else super().col_sums(u)
 
     def _pass(self, x, old, p, omega):
-        T = self.table
-        nblocks = min(threads(), max(1, T.nnz // PER_THREAD))
-        bounds = self._bounds.get(nblocks)
-        if bounds is None:
-            bounds = self._bounds[nblocks] = _block_bounds(T.indptr, nblocks)
+        indptr, indices, data = self._lines
         m, l = self.shape if self.lead == 0 else self.shape[::-1]
+        nb = _nblocks(data.size)
+        bounds = self._line_bounds(self.lead, indptr, nb)
         r = np.empty(m, self.dtype)
         u = np.empty(m, self.dtype)
-        acc = np.empty((nblocks, l))
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
-        # unsigned indices spare numba's wraparound test of every gathered index (1.7x faster)
-        indptr, indices = (a.view(np.uint32 if a.dtype == np.int32 else np.uint64) for a in (T.indptr, T.indices))
-        with _using(nblocks):
-            compiled(_csr_pass)(indptr, indices, T.data, x, old, np.ascontiguousarray(p), w,
-                                   bounds.view(np.uint64), r, u, acc)
-        c = (acc[0] if nblocks == 1 else acc.sum(axis=0)).astype(self.dtype)
+        args = (indptr, indices, data, np.ascontiguousarray(x), np.ascontiguousarray(old),
+                np.ascontiguousarray(p), w, bounds, r, u)
+        if self.layout == "transposed":
+            with _using(nb):
+                compiled(_lead_pass)(*args)
+            return r, u, self._gathered(1 - self.lead, u)
+        acc = np.empty((nb, l))
+        with _using(nb):
+            compiled(_scatter_pass)(*args, acc)
+        c = (acc[0] if nb == 1 else acc.sum(axis=0)).astype(self.dtype)
         return r, u, c

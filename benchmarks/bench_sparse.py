@@ -1,0 +1,222 @@
+"""Per-sweep time of the fused sparse kernels against scipy's two products (issue 11).
+
+Usage (prints Markdown; RESULTS.md records the output and this command):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sparse.py [--quick]
+        [--nnz 1e7,5e7] [--repeats 5] [--sweeps 3] [--mode interleaved,isolated]
+
+Tables 10^6 x 10^6 CSR (columns uniform; rows uniform, or lengths from a Zipf law). Contenders,
+each timed over ``--sweeps`` sweeps and reported per sweep:
+
+* ``scipy``: the bare sweep ``u = p / (K @ v); v = q / (K.T @ u)`` (scipy.sparse is single-threaded);
+* ``loop, scipy kernel``: the library's half-step loop (errors and all) on the NumPy/SciPy kernel;
+* ``loop, transposed``: the loop on the fused kernel with the transposed pattern (two threaded
+  gathers per sweep; its one-off build is timed separately);
+* ``loop, accumulators``: the loop on the fused kernel with per-thread accumulators (one pass).
+
+numba's thread count is set for each row (1, 2); BLAS is held to one thread (threadpoolctl) so no
+OpenBLAS worker spins beside numba's threads. ``interleaved``: each repeat runs every contender in
+turn (medians over repeats); ``isolated``: each contender's repeats run back to back, alone. The
+floors (``--floors``): scipy's ``K @ v`` and ``K.T @ u`` alone, numba's gather ``K v`` (1 and 2
+threads) and a streaming read of the values and indices (2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from databalance import _ipf
+from databalance._kernels import fused_sparse as fs
+from databalance._kernels.fused import compiled
+from databalance._kernels.sparse import SparseKernel
+
+
+def power_law_csr(n, nnz, rng, alpha=1.2):
+    """n x n CSR, ``nnz`` entries: row lengths from a Zipf-like law (a few rows hold many entries),
+    columns uniform, indices unsorted within rows; or uniform rows when alpha is None."""
+    if alpha is None:
+        lengths = np.full(n, nnz // n)
+        lengths[: nnz - lengths.sum()] += 1
+    else:
+        w = (np.arange(1, n + 1, dtype=np.float64)) ** -(1 / alpha)
+        lengths = np.floor(w / w.sum() * nnz).astype(np.int64)
+        lengths = np.minimum(lengths, n)
+        short = nnz - lengths.sum()
+        lengths[np.argsort(lengths, kind="stable")[: short]] += 1
+        rng.shuffle(lengths)
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = rng.integers(0, n, size=int(indptr[-1]), dtype=np.int32)
+    indptr = indptr.astype(np.int32) if indptr[-1] < 2**31 else indptr
+    data = rng.random(indices.size) + 0.1
+    out = sp.csr_array((data, indices, indptr), shape=(n, n))
+    out.has_sorted_indices = False
+    return out
+
+
+def loop_sweeps(kernel, p, q, sweeps: int):
+    """A function running ``sweeps`` sweeps of the library's half-step loop on ``kernel``."""
+    problem = _ipf.Problem.from_targets([p, q], ["p_x", "p_y"], np.ones(kernel.batch), kernel.dtype)
+
+    def go():
+        it = _ipf.half_steps(kernel, problem)
+        for _ in range(2 * sweeps + 1):
+            next(it)
+
+    return go
+
+
+def timed(fns: dict, repeats: int, mode: str) -> dict:
+    """Median seconds of each function: ``interleaved`` (each repeat runs all in turn) or
+    ``isolated`` (each function's repeats back to back)."""
+    times: dict = {name: [] for name in fns}
+    if mode == "interleaved":
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    else:
+        for name, fn in fns.items():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(n, nnz, kind):
+    rng = np.random.default_rng(1)
+    K = power_law_csr(n, nnz, rng, None if kind == "uniform" else 1.2)
+    # lines without mass are given target 0 (the loop's ratio needs mass on every other line)
+    p = np.where(np.diff(K.indptr) > 0, 1.0, 0.0)
+    q = np.where(np.bincount(K.indices, minlength=n) > 0, 1.0, 0.0)
+    return K, p / p.sum(), q / q.sum()
+
+
+def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
+    """One table's rows (per thread count and mode) and its transposed pattern's build."""
+    K, p, q = table(n, nnz, kind)
+    KT = K.T
+    slow = SparseKernel.from_input(K)
+    fast = {layout: fs.FusedSparseKernel(K, layout) for layout in fs.LAYOUTS}
+
+    def bare():
+        v = np.ones(n)
+        for _ in range(sweeps):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                u = p / (K @ v)
+                v = q / (KT @ u)
+
+    fns = {"scipy": bare, "loop, scipy kernel": loop_sweeps(slow, p, q, sweeps)}
+    fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps) for layout in fs.LAYOUTS})
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        t0 = time.perf_counter()
+        built = fs.transposed_pattern(*fast["transposed"]._lines, n)
+        build = time.perf_counter() - t0
+        extra = sum(a.nbytes for a in built)
+        del built
+        t0 = time.perf_counter()
+        K.tocsc()
+        builds.append((kind, nnz, nt, build, time.perf_counter() - t0, extra,
+                       K.data.nbytes + K.indices.nbytes + K.indptr.nbytes))
+        for layout in fs.LAYOUTS:
+            loop_sweeps(fast[layout], p, q, 1)()  # compile, build the transposed pattern
+        for mode in modes:
+            t = timed(fns, repeats, mode)
+            base = t["scipy"]
+            rows.append((kind, nnz, nt, mode, *(1e3 * t[k] / sweeps for k in fns),
+                         *(t[f"loop, {layout}"] / base for layout in fs.LAYOUTS)))
+
+
+def bench(n, nnzs, repeats, sweeps, modes, floors):
+    rows, builds, floor_rows = [], [], []
+    for nnz in nnzs:
+        for kind in ("uniform", "power-law"):
+            bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds)
+            if floors:
+                floor_rows += measure_floors(table(n, nnz, kind)[0], kind, repeats)
+    names = ["scipy K@v + K.T@u", "loop, scipy kernel", "loop, transposed", "loop, accumulators"]
+    print("Per sweep, ms (ratios: the fused loop over scipy's bare two products, same run):\n")
+    print("| rows | nnz | threads | mode | " + " | ".join(names) + " | transposed / scipy | accumulators / scipy |")
+    print("|---|---|---|---|" + "---|" * (len(names) + 2))
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]} | " + " | ".join(f"{x:.1f}" for x in r[4:8])
+              + f" | {r[8]:.2f} | {r[9]:.2f} |")
+    print("\nThe transposed pattern's one-off build (threaded counting sort) against scipy's `K.tocsc()`:\n")
+    print("| rows | nnz | threads | build s | scipy tocsc s | extra memory MB | table MB |")
+    print("|---|---|---|---|---|---|---|")
+    for b in builds:
+        print(f"| {b[0]} | {b[1]:.0e} | {b[2]} | {b[3]:.3f} | {b[4]:.3f} | {b[5] / 2**20:.0f} | {b[6] / 2**20:.0f} |")
+    if floor_rows:
+        print("\nFloors (each alone, repeated; ms):\n")
+        print("| rows | nnz | scipy K@v | scipy K.T@u | numba gather K v, 1 thread | 2 threads | "
+              "streaming read of values + indices, 2 threads |")
+        print("|---|---|---|---|---|---|---|")
+        for f in floor_rows:
+            print(f"| {f[0]} | {f[1]:.0e} | " + " | ".join(f"{x:.1f}" for x in f[2:]) + " |")
+
+
+def _stream(indptr, indices, data, bounds, out):
+    for t in numba.prange(bounds.size - 1):
+        for i in range(bounds[t], bounds[t + 1]):
+            s = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                s += data[k] * indices[k]
+            out[i] = s
+
+
+def measure_floors(K, kind, repeats):
+    n = K.shape[0]
+    v = np.random.default_rng(0).random(n)
+    KT = K.T
+    ip, ix = fs._unsigned(K.indptr), fs._unsigned(K.indices)
+    out = np.empty(n)
+    stream = numba.njit(_stream, parallel=True, fastmath=True)
+    gather = compiled(fs._gather)
+
+    def with_threads(nt, f):
+        def go():
+            numba.set_num_threads(nt)
+            f(ip, ix, K.data, v, fs._block_bounds(K.indptr, nt), out)
+        return go
+
+    fns = {"Kv": lambda: K @ v, "KTu": lambda: KT @ v, "g1": with_threads(1, gather),
+           "g2": with_threads(2, gather),
+           "s2": lambda: (numba.set_num_threads(2), stream(ip, ix, K.data, fs._block_bounds(K.indptr, 2), out))}
+    for f in fns.values():
+        f()
+    t = timed(fns, repeats, "isolated")
+    return [(kind, K.nnz, *(1e3 * t[k] for k in fns))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="10^5 x 10^5, 10^6 nonzeros")
+    ap.add_argument("--nnz", default="1e7,5e7", help="sizes, comma-separated")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sweeps", type=int, default=3)
+    ap.add_argument("--mode", default="interleaved,isolated")
+    ap.add_argument("--no-floors", action="store_true")
+    args = ap.parse_args()
+    info = ", ".join(f"{d['internal_api']} {d.get('architecture')} ({d['num_threads']} threads max)"
+                     for d in threadpool_info() if d["user_api"] == "blas")
+    print(f"BLAS: {info} (held to 1 thread); numba {numba.__version__}, threading layer "
+          f"{numba.config.THREADING_LAYER}; medians of {args.repeats} repeats of {args.sweeps} sweeps\n")
+    n = 10**5 if args.quick else 10**6
+    nnzs = [10**6] if args.quick else [int(float(x)) for x in args.nnz.split(",")]
+    with threadpool_limits(1):
+        bench(n, nnzs, args.repeats, args.sweeps, args.mode.split(","), not args.no_floors)
+    print(f"\nthreading layer used: {numba.threading_layer()}")
+
+
+if __name__ == "__main__":
+    main()
