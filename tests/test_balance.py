@@ -580,22 +580,31 @@ def test_infeasible_logits_name_logits():
     assert not balance_logits(L, [0.7, 0.3], [0.3, 0.7], steps=3).feasible
 
 
-def test_log_results_do_not_keep_the_exponentiated_kernel():
+def test_log_results_keep_one_buffer_that_becomes_the_table():
+    """The result holds the iteration's buffer (one array the size of the logits, nothing else of
+    the kernel); reading ``table`` scales it in place: no second exponentiation, no new array."""
     import gc
     import tracemalloc
 
     L = np.random.default_rng(2).normal(size=(1000, 1000))
-    balance_logits(L, np.full(1000, 1e-3), np.full(1000, 1e-3), steps=4)  # imports and JIT caches first
+    p = np.full(1000, 1e-3)
+    balance_logits(L, p, p, steps=4).table  # imports and JIT caches first
     tracemalloc.start()
     try:
-        res = balance_logits(L, np.full(1000, 1e-3), np.full(1000, 1e-3), steps=4)
+        res = balance_logits(L, p, p, steps=4)
         gc.collect()
         retained = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        table = res.table
+        extra = tracemalloc.get_traced_memory()[1] - retained
     finally:
         tracemalloc.stop()
     assert res.steps == 4
-    assert retained < 0.1 * L.nbytes  # potentials and errors only; the 8 MB buffer is gone
+    assert L.nbytes <= retained < 1.1 * L.nbytes  # the buffer, potentials and errors
+    assert extra < 0.1 * L.nbytes  # scaled in place, a block of rows at a time
     assert not any(callable(v) for v in vars(res).values())
+    np.testing.assert_allclose(table, np.exp(res.log_table), rtol=1e-13)
+    assert res.table is table
 
 
 @given(supports_with_targets())

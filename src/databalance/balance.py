@@ -152,13 +152,15 @@ class LogBalanceResult(_Outcome):
 
     row_potential: np.ndarray
     col_potential: np.ndarray
+    _buffer: Any = field(default=None, repr=False)  # (the kernel's buffer, its scalings) for `table`
 
     @cached_property
     def log_table(self) -> np.ndarray:
         """The log of the balanced table in the logits' dtype; -inf entries of the logits stay -inf.
 
         In float32 its entries carry the rounding of their own size (about 1e-3 for values near
-        1e4); :attr:`table` is exponentiated from float64 sums and carries none of it."""
+        1e4); :attr:`table` was exponentiated from float64 sums of the logits and potentials and
+        carries none of it."""
         if kernels.is_array_api(self._input):
             from ._kernels import arrayapi
 
@@ -169,11 +171,21 @@ class LogBalanceResult(_Outcome):
 
     @cached_property
     def table(self) -> np.ndarray:
-        """``exp(log_table)``, exponentiated in one pass from float64 sums."""
+        """``exp(log_table)``: the balancing buffer, scaled in place by the last scalings when
+        first read (no second exponentiation; the result holds that buffer until then)."""
         if kernels.is_array_api(self._input):
             from ._kernels import arrayapi
 
             return arrayapi.namespace(self._input).exp(self.log_table)
+        if self._buffer is not None:
+            buffer, scalings = self._buffer
+            object.__setattr__(self, "_buffer", None)
+            out = kernels.log.scale_buffer(buffer, scalings)
+            if np.isfinite(out.max(initial=0.0)):
+                return out
+            # a last re-exponentiation can overflow the buffer where exp(log_table) does not
+            return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential, out=out,
+                                              fn=np.exp)
         return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential,
                                           out=np.empty_like(self._input), fn=np.exp)
 
@@ -509,9 +521,11 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
         Potentials ``f, g`` with ``log_table = f[..., :, None] + logits + g[..., None, :]``. They are
         float64 even for float32 logits (a float32 potential of size 1e4 is rounded by ~1e-3, which
         would move every entry of the table by that relative amount); ``table`` and ``log_table``
-        have the logits' dtype. The final marginal errors are those of the returned potentials:
-        when rounding them in float64 matters (logits of size ~1e15 and beyond), they are measured
-        on ``exp(logits + f + g)`` and such a run is not called converged.
+        have the logits' dtype. ``table`` is the iteration's buffer scaled by the last scalings
+        (the result holds the buffer; no second exponentiation). The final marginal errors are
+        measured in float64 on ``table`` for float32 logits; when rounding the potentials in
+        float64 matters (logits of size ~1e15 and beyond), they are measured on
+        ``exp(logits + f + g)`` and such a run is not called converged.
 
     Raises
     ------
@@ -525,7 +539,10 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     it exact: a scaling that leaves ``[1e-50, 1e50]`` (``[1e-8, 1e8]`` in float32) is absorbed
     into the potentials and the kernel is re-exponentiated; a row or column whose sum underflows
     below ``1e-100`` (``1e-15``) gets an exact log-sum-exp step instead. Entries of the kernel that
-    underflow are then smaller than the float resolution of every sum they enter.
+    underflow are then smaller than the float resolution of every sum they enter. ``logits + f + g``
+    is summed in float64; float32 logits are then exponentiated in float32, which moves an entry
+    ``exp(x)`` by at most ``|x| 2**-24`` relative (``|x| < 18.4`` for every entry above 1e-8 of its
+    row's largest).
 
     Examples
     --------
@@ -558,28 +575,29 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     outcome, known = _solve(runner, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "logits"), progress=progress,
                             desc="balance_logits")
-    f, g = kernel.export(outcome.state, problem.export_scales())
-    measured = _as_returned(outcome, arr, f, g, problem, magnitude, tol)
+    scales = problem.export_scales()
+    f, g = kernel.export(outcome.state, scales)
+    scalings = kernel.buffer_scalings(outcome.state, scales)
+    eps = np.finfo(np.float64).eps
+    if 8 * eps * (magnitude + np.abs(f).max(initial=0) + np.abs(g).max(initial=0)) > tol / 10:
+        # Potentials of size F are rounded to about 1e-16 F, which moves every entry of the table
+        # they give by that much: for logits near 1e15 they cannot represent the balanced table.
+        # The errors (and `table`) are then those of exp(logits + f + g); such a run is not called
+        # converged ("stalled": no more steps help).
+        sums, scalings = list(kernels.log.exp_line_sums(arr, f, g)), None
+    elif dtype == np.float32 and scalings is not None:  # float32 working sums: measured in float64
+        sums = kernel.float64_sums(scalings)
+        if not all(np.isfinite(s).all() for s in sums):  # the buffer overflowed float32 after a last reset
+            sums, scalings = list(kernels.log.exp_line_sums(arr, f, g)), None
+    else:
+        sums = None
+    measured = outcome if sums is None else _ipf.remeasured(outcome, problem, sums, tol)
     lost = outcome.converged and not measured.converged
     outcome = measured
     _ipf.warn_if_unconverged(outcome, tol, check.unrepresentable(magnitude) if lost else "")
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
-                            passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known)
-
-
-def _as_returned(outcome, logits, f, g, problem, magnitude, tol):
-    """The run's outcome with its last errors measured on the returned potentials, when rounding
-    ``logits + f + g`` in float64 could move them by more than a tenth of ``tol``, or when the
-    working sums were float32.
-
-    Potentials of size F are rounded to about 1e-16 F, which moves every entry of the returned
-    table by that relative amount: for logits near 1e15 the potentials cannot represent the
-    balanced table at all. Such a run is not called converged ("stalled": no more steps help)."""
-    eps = np.finfo(np.float64).eps
-    bound = 4 * eps * (magnitude + np.abs(f).max(initial=0) + np.abs(g).max(initial=0))
-    if 2 * bound <= tol / 10 and logits.dtype == np.float64:
-        return outcome
-    return _ipf.remeasured(outcome, problem, list(kernels.log.exp_line_sums(logits, f, g)), tol)
+                            passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known,
+                            _buffer=None if scalings is None else (kernel.table, scalings))
 
 
 def _float64_check(kernel, outcome, problem, tol, scalings):

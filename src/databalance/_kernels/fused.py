@@ -304,10 +304,40 @@ def _other_products(T, y, nblocks, acc):
         _axpy(T[b], y[b], (q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks, a)
 
 
+def _potential_sum(L, f, g, lo, hi, out):
+    """``out[i] = (L[i] + f[i]) + g`` for rows ``lo <= i < hi`` of one problem, summed in float64
+    and rounded to ``out``'s dtype (compiled without reassociation: the sums of
+    :func:`~databalance._kernels.log.add_potentials`, to the bit)."""
+    for i in range(lo, hi):
+        fi = f[i]
+        for j in range(g.size):
+            out[i, j] = (np.float64(L[i, j]) + fi) + g[j]
+
+
+def _line_sums(E, lo, hi, wr, wc, rows, cols, wrows, wcols):
+    """For rows ``lo <= i < hi`` of one problem, in float64: ``rows[i]`` and ``wrows[i]`` the sums of
+    row i and of row i weighted by ``wc``; added to ``cols`` and ``wcols``, the row and the row
+    times ``wr[i]``."""
+    for i in range(lo, hi):
+        s = 0.0
+        sw = 0.0
+        wi = wr[i]
+        for j in range(cols.size):
+            e = np.float64(E[i, j])
+            s += e
+            sw += e * wc[j]
+            cols[j] += e
+            wcols[j] += e * wi
+        rows[i] = s
+        wrows[i] = sw
+
+
 @cache
-def compiled(func):
-    """The numba-compiled form of a pass (numba imported here, once). Before compiling, the pass's
-    module gets numba's ``prange`` and the compiled :func:`_rule` under the names it calls."""
+def compiled(func, parallel: bool = True, exact: bool = False):
+    """The numba-compiled form of a pass (numba imported here, once): threaded over its ``prange``
+    unless not ``parallel``; with :data:`FASTMATH` unless ``exact``. Before compiling, the pass's
+    module gets numba's ``prange`` and the compiled functions of :data:`_INNER` under the names it
+    calls."""
     import numba
 
     namespace = func.__globals__
@@ -315,7 +345,7 @@ def compiled(func):
     for name, inner in _INNER.items():
         if name in namespace:
             namespace[name] = _jitted(inner)
-    return numba.njit(func, parallel=True, cache=True, fastmath=set(FASTMATH))
+    return numba.njit(func, parallel=parallel, cache=True, fastmath=False if exact else set(FASTMATH))
 
 
 #: reassoc/contract let LLVM vectorise the sums (a sum in another order: the results differ from
@@ -559,40 +589,32 @@ class FusedLogKernel(_DenseFused, LogKernel):
         self.lead = _lead(self.table) or 0
 
     def _exponentiate(self, frame):
-        """``exp(L + f + g)`` a block of rows at a time (float64, as :func:`add_potentials`), with the
-        buffer's row and column sums from the block in cache; the first call also sums the input's
-        weighted lines that :meth:`input_sums` needs."""
+        """``exp(L + f + g)`` a block of rows at a time, as :func:`add_potentials` computes it (the
+        sum in float64 by numba, the exp by NumPy in the buffer's dtype while the block is in cache);
+        the first call also takes the buffer's line sums and the input's weighted lines that
+        :meth:`input_sums` needs from each block, in float64."""
         self.generation += 1
         L, out = self.logits, self.table
         first = self._first_sums is None
-        rows = np.empty(L.shape[:-1])
-        cols = np.zeros(L.shape[:-2] + L.shape[-1:])
-        weighted = None
         if first:
+            rows, wrows = np.empty(L.shape[:-1]), np.empty(L.shape[:-1])
+            cols, wcols = np.zeros(L.shape[:-2] + L.shape[-1:]), np.zeros(L.shape[:-2] + L.shape[-1:])
             with np.errstate(over="ignore", under="ignore"):
                 shift = self.centre.min(axis=-1, keepdims=True)
                 weights = np.exp(shift - self.centre).astype(self.dtype).astype(np.float64)
             # first == 0: the rows' potentials are undone in the column sums, and vice versa
-            weighted = np.zeros(L.shape[:-2] + (L.shape[-1] if self.first == 0 else L.shape[-2],))
-        f, g = frame
-        for b, r in row_chunks(L):
-            t = L[b][r].astype(np.float64)
-            t += f[b][r, None]
-            t += g[b][None, :]
-            np.exp(t, out=t)
-            out[b][r] = t
-            if self.dtype != np.float64:
-                t = out[b][r].astype(np.float64)
-            if first:
-                rows[b][r] = t.sum(axis=-1)
-                cols[b] += t.sum(axis=-2)
-                if self.first == 0:
-                    weighted[b] += weights[b][r] @ t  # type: ignore[index]
-                else:
-                    weighted[b][r] = t @ weights[b]  # type: ignore[index]
+            wr, wc = (weights, np.zeros(cols.shape)) if self.first == 0 else (np.zeros(rows.shape), weights)
+        f, g = (np.ascontiguousarray(x, np.float64) for x in frame)
+        add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
+        with np.errstate(over="ignore", under="ignore"):
+            for b, r in row_chunks(L):
+                add(L[b], f[b], g[b], r.start, min(r.stop, L.shape[-2]), out[b])
+                np.exp(out[b][r], out=out[b][r])
+                if first:
+                    sums(out[b], r.start, min(r.stop, L.shape[-2]), wr[b], wc[b], rows[b], cols[b], wrows[b], wcols[b])
         if first:
             self._first_sums = [rows.astype(self.dtype), cols.astype(self.dtype)]
-            self._weighted = weighted
+            self._weighted = wcols if self.first == 0 else wrows
 
     @cached_property
     def frame_sums(self) -> list[np.ndarray]:
