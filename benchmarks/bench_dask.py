@@ -35,15 +35,22 @@ COLUMNS = list(SIZES)
 
 
 def generate(block: int, rows: int, seed: int) -> np.ndarray:
-    """Block ``block`` of the samples: codes of a, b, c, e, f (int32) as columns, biased so that the
-    sample's margins differ from the (uniform) targets."""
+    """Block ``block`` of the samples: codes of a, b, c, e, f (int64) as columns, biased so that the
+    sample's margins differ from the (uniform) targets: a and b the smaller of two draws (low codes
+    over-represented). Each code is a 16-bit field of two raw 64-bit draws per sample taken modulo
+    the column's size (a bias below 2% on top of the intended one): several times cheaper than
+    ``Generator.integers`` per column, since every pass over lazily generated samples pays it."""
     rng = np.random.default_rng([seed, block])
-    out = np.empty((rows, len(COLUMNS)), dtype=np.int32)
+    fields = rng.bit_generator.random_raw(2 * rows).view(np.uint16).reshape(rows, 8)
+    out = np.empty((len(COLUMNS), rows), dtype=np.int64)
+    k = 0
     for j, (name, size) in enumerate(SIZES.items()):
-        out[:, j] = rng.integers(0, size, rows, dtype=np.int32)
-        if name in "ab":  # the smaller of two draws: low codes over-represented
-            np.minimum(out[:, j], rng.integers(0, size, rows, dtype=np.int32), out=out[:, j])
-    return out
+        out[j] = fields[:, k] % np.uint16(size)
+        k += 1
+        if name in "ab":
+            np.minimum(out[j], fields[:, k] % np.uint16(size), out=out[j])
+            k += 1
+    return out.T
 
 
 def values_of(codes: np.ndarray, block: int, seed: int) -> np.ndarray:

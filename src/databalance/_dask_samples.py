@@ -24,7 +24,8 @@ vectors at every sample's categories, ``np.bincount`` per level) merged by Dask'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import dask
@@ -52,13 +53,27 @@ class Samples:
     def sizes(self) -> list[int]:
         return [int(np.prod(s)) for s in self.shapes]
 
+    @cached_property
+    def plan_literal(self) -> Any:
+        """The plan as one literal of every pass's graph (its category lists are long: as a
+        plain argument Dask would walk them for every pass)."""
+        return dask.delayed(self.plan, pure=True)
+
 
 # -- one pass ------------------------------------------------------------------------------------
 
 
 def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
-    """Every margin's flat category of the partition's samples (a joint margin's in C order)."""
-    codes = _dask._codes_of(plan, blocks, p)
+    """Every margin's flat category of the partition's samples (a joint margin's in C order).
+
+    The first pass of a fit (``validate``) checks every label and combination; later passes take
+    integer codes as they are (checked then: the data is assumed not to change between passes),
+    and look labels up again."""
+    if validate or all(plan.mapped):
+        codes = _dask._codes_of(plan, blocks, p)
+    else:
+        codes = [plan.column_codes(i, np.asarray(b)) if plan.mapped[i] else np.asarray(b).astype(np.intp, copy=False)
+                 for i, b in enumerate(blocks)]
     if validate:
         try:
             plan.check_listed(codes)
@@ -66,11 +81,11 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
             raise type(error)(check.in_partition(str(error), p)) from None
     out = []
     for m in plan.margins:
-        if len(m.index) == 1:
-            out.append(codes[m.index[0]])
-        else:
-            shape = tuple(len(plan.levels[i]) for i in m.index)
-            out.append(np.ravel_multi_index(tuple(codes[i] for i in m.index), shape))
+        key = codes[m.index[0]]
+        for i in m.index[1:]:  # C order (as np.ravel_multi_index, without its bounds checks)
+            key = key * len(plan.levels[i])
+            key += codes[i]
+        out.append(key)
     return out
 
 
@@ -138,7 +153,7 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
     if values is not None:
         args += [values, "ij" if values.ndim == 2 else "i"]
     objs = da.blockwise(_partition, "i", *args, dtype=object, align_arrays=False, concatenate=True,
-                        plan=samples.plan, ncols=len(samples.columns), weighted=samples.design is not None,
+                        plan=samples.plan_literal, ncols=len(samples.columns), weighted=samples.design is not None,
                         with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
                         meta=np.empty(0, dtype=object))
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
@@ -149,7 +164,11 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
 
 def _product(factors: list[np.ndarray], codes: list[np.ndarray], start: np.ndarray | None, n: int) -> np.ndarray:
     """``start * prod_j factors[j][codes[j]]`` per sample (start None: 1)."""
-    out = np.ones(n) if start is None else np.array(start, dtype=np.float64)
+    if start is None and factors:
+        out = np.take(factors[0], codes[0], mode="clip").astype(np.float64, copy=False)
+        factors, codes = factors[1:], codes[1:]
+    else:
+        out = np.ones(n) if start is None else np.array(start, dtype=np.float64)
     buf = np.empty(n)
     for f, c in zip(factors, codes, strict=True):
         out *= np.take(f, c, out=buf, mode="clip")
@@ -166,20 +185,48 @@ class WeightSums:
 
     factors: list[np.ndarray] | None
     sizes: list[int]
+    pairs_of: int | None = None  # also the two-way tables of this margin with every other one
 
     def __call__(self, codes, d, h) -> dict:
         n = len(codes[0])
         u = _product(self.factors, codes, d, n) if self.factors is not None else (np.ones(n) if d is None else d)
-        return {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
-                "u2": float(u @ u), "min_u": u.min(initial=np.inf), "max_u": u.max(initial=-np.inf)}
+        out = {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
+               "u2": float(u @ u), "min_u": u.min(initial=np.inf), "max_u": u.max(initial=-np.inf)}
+        if self.pairs_of is not None:
+            out["tables"] = _tables_of(self.pairs_of, codes, self.sizes, u)
+        return out
+
+
+def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray) -> list[np.ndarray]:
+    """Margin a's two-way tables (flat, a's level major) with every other margin, under v (an
+    empty placeholder for a itself)."""
+    out = []
+    for b, (c, size) in enumerate(zip(codes, sizes, strict=True)):
+        if b == a:
+            out.append(np.zeros(0))
+            continue
+        key = codes[a] * size
+        key += c
+        out.append(np.bincount(key, v, minlength=sizes[a] * size))
+    return out
+
+
+def pairs_size(sizes: list[int], margins: list[int] | None = None) -> int:
+    """Entries of the two-way tables of ``margins`` (all, by default) with every other margin."""
+    total = sum(sizes)
+    return sum(sizes[a] * (total - sizes[a]) for a in (range(len(sizes)) if margins is None else margins))
 
 
 class SamplesKernel(CellKernel):
     """The cell kernel of the loop (:class:`._kernels.cells.CellKernel`) with the samples as the
     cells, kept on the workers: the state has no frame, and every margin's sums are one pass."""
 
-    def __init__(self, samples: Samples, first: dict, table: da.Array):
+    def __init__(self, samples: Samples, first: dict, table: da.Array, tables: bool = False):
         self.samples = samples
+        # With ``tables``, the pass after step l also gives the two-way tables of the margin it fixed
+        # with every other margin, under iterate l: what the finite-k linearisation needs.
+        self.tables = tables
+        self.iterate_tables: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
         self.table = table  # each sample's design weight (1 without), lazily: what ``cell_masses`` reports
         self.lowest = 0.0
         self.dtype = np.dtype(np.float64)
@@ -192,9 +239,10 @@ class SamplesKernel(CellKernel):
         self.passes = 0
         self.last: tuple[list[np.ndarray], dict] | None = None  # the latest pass: its factors and sums
 
-    def weight_sums(self, factors: list[np.ndarray] | None) -> dict:
+    def weight_sums(self, factors: list[np.ndarray] | None, pairs_of: int | None = None) -> dict:
         self.passes += 1
-        return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes))
+        return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes,
+                                            pairs_of))
 
     def initial_state(self):
         scale = np.exp2(np.round(-np.log2(self.total) / len(self.sizes)))
@@ -207,8 +255,10 @@ class SamplesKernel(CellKernel):
         if state.steps == 0:  # equal starting scalings: the input's sums, scaled (exactly: powers of two)
             scale = float(state.factors[0].flat[0]) ** len(self.sizes)
             return {j: self._without_own(j, self._input_sums[j] * scale, state) for j in js}
-        out = self.weight_sums(state.factors)
+        out = self.weight_sums(state.factors, state.fixed if self.tables else None)
         self.last = ([f.copy() for f in state.factors], out)
+        if self.tables:  # iterate l's (total 1) sums of the margin step l fixed, and its tables
+            self.iterate_tables[state.steps] = (out["sums"][state.fixed], out.pop("tables"))
         return {j: self._without_own(j, out["sums"][j].reshape(self.margin_shapes[j]), state) for j in js}
 
     def rescale(self, j, margin, sums, state):
@@ -256,7 +306,7 @@ def lazy_weights(samples: Samples, factors: list[np.ndarray], scale: float, leng
     for c in samples.columns + ([samples.design] if samples.design is not None else []):
         args += [c, "i"]
     return da.blockwise(_weights_chunk, "i", *args, dtype=np.float64, align_arrays=False, concatenate=True,
-                        adjust_chunks={"i": lengths}, plan=samples.plan, ncols=len(samples.columns),
+                        adjust_chunks={"i": lengths}, plan=samples.plan_literal, ncols=len(samples.columns),
                         weighted=samples.design is not None, factors=dask.delayed(factors, pure=True),
                         scale=scale, meta=np.empty(0, dtype=np.float64))
 
@@ -283,31 +333,38 @@ class SamplesFit:
     steps: int | None  # None: linearised at the limit
     balanced: bool
     lengths: tuple[int, ...]
+    # Balanced, finite k: per step l, iterate l's sums of margin m(l) and its two-way tables with
+    # the other margins (empty when they would be too large: then one pass per step).
+    iterate_tables: dict = field(default_factory=dict)
 
 
 # -- a mean ------------------------------------------------------------------------------------------
 
 
-def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: int):
-    """Per sample, (G_k, sum_(l > lowest) G_l mu_l[its category in m(l)]) with q_l = d G_l the
-    iterate l's mass (balanced; G_l = 1 / total for the survey convention): the backfitting sum
-    of :func:`._joint.step_linearization`, from the iterates' scalings. Iterate l - 1 is iterate l
-    times the change of the one scaling step l set (rebuilt from all scalings where that scaling
-    has zeros)."""
+def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: int, s: int):
+    """Per sample, (G_k (n,), sum_(l > lowest) G_l mu_l[its category in m(l)] (s, n)) with
+    q_l = d G_l the iterate l's mass (balanced; G_l = 1 / total for the survey convention): the
+    backfitting sum of :func:`._joint.step_linearization`, from the iterates' scalings. Iterate
+    l - 1 is iterate l times the change of the one scaling step l set (rebuilt from all scalings
+    where that scaling has zeros). One statistic at a time: (n, s) temporaries cost more."""
     K, k = len(codes), fit.steps
-    s = next(iter(mus.values())).shape[1] if mus else 0
-    acc = np.zeros((n, s))
+    acc = np.zeros((s, n))
+    buf = np.empty(n)
     if not fit.balanced:
         for l_step, mu in mus.items():
             if l_step > lowest:
-                acc += mu[codes[(l_step - 1) % K]]
-        return np.full(n, 1.0 / fit.total), acc / fit.total
+                for row, col in zip(acc, np.asarray(mu).T, strict=True):
+                    row += np.take(col, codes[(l_step - 1) % K], out=buf, mode="clip")
+        acc /= fit.total
+        return np.full(n, 1.0 / fit.total), acc
     g = _product(fit.iterates[k], codes, None, n)
     top = g.copy()
-    buf = np.empty(n)
     for l_step in range(k, lowest, -1):
         m = (l_step - 1) % K
-        acc += g[:, None] * mus[l_step][codes[m]]
+        for row, col in zip(acc, np.ascontiguousarray(mus[l_step].T), strict=True):
+            np.take(col, codes[m], out=buf, mode="clip")
+            buf *= g
+            row += buf
         if l_step - 1 > lowest:
             before, after = fit.iterates[l_step - 1][m], fit.iterates[l_step][m]
             if (after > 0).all():
@@ -319,35 +376,46 @@ def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: i
 
 @dataclass(frozen=True)
 class FirstMoments:
-    """The first pass of a ``mean``: sum w h (the estimate), sum d h, max |h|; for a finite-k
-    linearisation margin m(k)'s sums of q_k h and q_k (k > 0); at the limit the normal equations'
-    per-level sums of v h and v, and the pairwise tables of v (v the measure)."""
+    """The first pass of a ``mean``: sum w h (the estimate), sum d h, max |h|; and per ``mode``:
+
+    - ``"limit"``: the normal equations' per-level sums of v h and v and the pairwise tables of v
+      (v the measure: w balanced, d survey);
+    - ``"tables"`` (finite k > 0, the recursion in memory): every margin's sums of q_k h and q_k,
+      and for the survey convention (q_l = t) the pairwise tables of d;
+    - ``"passes"`` (finite k > 0, one pass per step): margin m(k)'s sums of q_k h and q_k;
+    - ``"none"`` (k = 0)."""
 
     fit: SamplesFit
-    limit: bool
+    mode: str
 
     def __call__(self, codes, d, h) -> dict:
         fit, n = self.fit, len(h)
-        dd = np.ones(n) if d is None else d
-        a = _product(fit.final, codes, dd, n) / fit.total_u  # w_i
-        out = {"est": a @ h, "plain": dd @ h, "max_top": np.abs(h).max(axis=0, initial=0.0)}
+        a = _product(fit.final, codes, d, n)
+        a /= fit.total_u  # w_i
+        out = {"est": a @ h, "plain": h.sum(axis=0) if d is None else d @ h,
+               "max_top": np.abs(h).max(axis=0, initial=0.0)}
         sizes = self.fit.samples.sizes
-        if self.limit:
-            v = a if fit.balanced else dd
-            out["level_h"] = [_level_sums(c, v[:, None] * h, sz) for c, sz in zip(codes, sizes, strict=True)]
-            out["level_1"] = [np.bincount(c, v, minlength=sz) for c, sz in zip(codes, sizes, strict=True)]
+        if self.mode == "none":
+            return out
+        if self.mode == "limit":
+            v = a if fit.balanced else (np.ones(n) if d is None else d)
+        else:
+            v = _chain(codes, fit, {}, fit.steps, n, 0)[0]  # q_k / d
+            if d is not None:
+                v *= d
+        chosen = range(len(codes)) if self.mode != "passes" else [(fit.steps - 1) % len(codes)]
+        out["level_h"] = [_level_sums(codes[m], v, h, sizes[m]) for m in chosen]
+        out["level_1"] = [np.bincount(codes[m], v, minlength=sizes[m]) for m in chosen]
+        if self.mode == "limit" or (self.mode == "tables" and not fit.balanced):
             out["pairs"] = [np.bincount(codes[i] * sizes[j] + codes[j], v, minlength=sizes[i] * sizes[j])
                             for i in range(len(codes)) for j in range(i + 1, len(codes))]
-        elif fit.steps:
-            m = (fit.steps - 1) % len(codes)
-            q = dd * _chain(codes, fit, {}, fit.steps, n)[0]
-            out["level_h"] = _level_sums(codes[m], q[:, None] * h, sizes[m])
-            out["level_1"] = np.bincount(codes[m], q, minlength=sizes[m])
         return out
 
 
-def _level_sums(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    return np.column_stack([np.bincount(index, values[:, j], minlength=size) for j in range(values.shape[1])])
+def _level_sums(index: np.ndarray, weight: np.ndarray, h: np.ndarray, size: int) -> np.ndarray:
+    """(size, s): per level of ``index``, the sums of ``weight * h[:, j]``."""
+    buf = np.empty(len(weight))
+    return np.column_stack([np.bincount(index, np.multiply(weight, col, out=buf), minlength=size) for col in h.T])
 
 
 @dataclass(frozen=True)
@@ -362,13 +430,21 @@ class StepSums:
     scale: np.ndarray
 
     def __call__(self, codes, d, h) -> dict:
-        n = len(h)
-        dd = np.ones(n) if d is None else d
-        top, acc = _chain(codes, self.fit, self.mus, self.j, n)
-        D = (h / self.scale - self.estimate) * top[:, None] - acc
-        D *= dd[:, None]
+        n, s = h.shape
+        top, acc = _chain(codes, self.fit, self.mus, self.j, n, s)
         m = (self.j - 1) % len(codes)
-        return {"level": _level_sums(codes[m], D, self.fit.samples.sizes[m])}
+        size = self.fit.samples.sizes[m]
+        out = np.empty((size, s))
+        D = np.empty(n)
+        for j, (col, row) in enumerate(zip(h.T, acc, strict=True)):  # D_j = d (G_k g - acc), a statistic at a time
+            np.divide(col, self.scale[j], out=D)
+            D -= self.estimate[j]
+            D *= top
+            D -= row
+            if d is not None:
+                D *= d
+            out[:, j] = np.bincount(codes[m], D, minlength=size)
+        return {"level": out}
 
 
 @dataclass(frozen=True)
@@ -384,31 +460,47 @@ class Terms:
     scale: np.ndarray
 
     def __call__(self, codes, d, h) -> dict:
-        fit, n = self.fit, len(h)
-        dd = np.ones(n) if d is None else d
-        g = h / self.scale
-        plain = (g - self.plain) * (dd / fit.total)[:, None]
-        g -= self.estimate
-        a = _product(fit.final, codes, None, n) / fit.total_u
-        if self.coefficients is not None:  # z = d a (g - fit): both conventions (beta = -ratio fit)
-            for c, coef in zip(codes, self.coefficients, strict=True):
-                g -= coef[c]
-            z = g * (dd * a)[:, None]
-        else:
-            beta = np.zeros((n, g.shape[1]))
-            if self.mus:
-                beta = -fit.total * _chain(codes, fit, self.mus, 0, n)[1]
-            z = g * a[:, None] + (beta / fit.total if fit.balanced else beta * a[:, None])
-            z *= dd[:, None]
+        fit = self.fit
+        n, s = h.shape
+        a = _product(fit.final, codes, None, n)
+        a /= fit.total_u
+        beta = None
+        if self.coefficients is None and self.mus:
+            beta = _chain(codes, fit, self.mus, 0, n, s)[1]
+            beta *= -fit.total
+        z, plain = np.empty((s, n)), np.empty((s, n))
+        buf = np.empty(n)
+        for j, col in enumerate(h.T):
+            g = np.divide(col, self.scale[j], out=z[j])
+            np.subtract(g, self.plain[j], out=plain[j])
+            if d is not None:
+                plain[j] *= d
+            plain[j] /= fit.total
+            g -= self.estimate[j]
+            if self.coefficients is not None:  # z = d a (g - fit): both conventions (beta = -ratio fit)
+                for c, coef in zip(codes, self.coefficients, strict=True):
+                    g -= np.take(coef[:, j], c, out=buf, mode="clip")
+                g *= a
+            elif beta is not None and fit.balanced:  # z = d (a g + beta / total)
+                g *= a
+                g += beta[j] / fit.total
+            else:  # survey: z = d a (g + beta)
+                if beta is not None:
+                    g += beta[j]
+                g *= a
+            if d is not None:
+                g *= d
         return {"moments_z": _moments(z), "moments_plain": _moments(plain)}
 
 
 def _moments(z: np.ndarray) -> tuple:
-    if not len(z):
-        return 0, np.zeros(z.shape[1]), np.zeros(z.shape[1])
-    mean = z.mean(axis=0)
-    r = z - mean
-    return len(z), z.sum(axis=0), np.einsum("ij,ij->j", r, r)
+    """(count, sums, sums of squares around the mean) of the rows of z (s, n)."""
+    n = z.shape[1]
+    if not n:
+        return 0, np.zeros(len(z)), np.zeros(len(z))
+    total = z.sum(axis=1)
+    z -= (total / n)[:, None]
+    return n, total, np.einsum("ij,ij->i", z, z)
 
 
 def additive_coefficients(fit: SamplesFit, level_h: list, level_1: list, pairs: list) -> list[np.ndarray]:
@@ -440,28 +532,85 @@ def additive_coefficients(fit: SamplesFit, level_h: list, level_1: list, pairs: 
     return [coef[offsets[j]:offsets[j + 1]] for j in range(len(sizes))]
 
 
+#: The two-way tables a pass may gather (entries; 8 bytes each, in every partition's partial and
+#: on the client): beyond, a finite-k mean takes one pass per step, and a converged one refuses.
+TABLES_MAX = 2**24
+
+
+def _mus_in_memory(fit: SamplesFit, level: list[np.ndarray], pairs: list[np.ndarray] | None) -> dict:
+    """The backfitting recursion of :func:`._joint.step_linearization` on the per-level vectors
+    alone: margin m(j)'s sums of ``D_j = q_k g - sum_(l > j) q_l mu_l[m(l)]`` are ``level[m(j)]``
+    (its sums of q_k g) minus the two-way tables of m(j) with m(l) under q_l applied to mu_l. The
+    in-memory function updates D cell by cell instead (it has the cells); here there are no cells
+    to update, only these tables (from the fit's passes, or for the survey convention, where every
+    q_l is the starting measure t, the pairwise tables of t)."""
+    sizes = fit.samples.sizes
+    K, k = len(sizes), fit.steps
+    assert k is not None  # a finite-k linearisation
+    norms = fit.targets if fit.balanced else fit.start_margins
+    where = {}
+    for i in range(K):
+        for j in range(i + 1, K):
+            where[i, j] = len(where)
+
+    def table(l_step: int, m: int) -> np.ndarray:
+        """Margin m by margin m(l) under q_l: a vector (the diagonal) when they are the same."""
+        ml = (l_step - 1) % K
+        if fit.balanced:
+            diagonal, tables = fit.iterate_tables[l_step]
+            return diagonal if m == ml else tables[m].reshape(sizes[ml], sizes[m]).T
+        if m == ml:
+            return fit.start_margins[m]
+        assert pairs is not None  # the survey convention's tables come with the first pass
+        low, high = min(m, ml), max(m, ml)
+        t = pairs[where[low, high]].reshape(sizes[low], sizes[high])
+        return t if m == low else t.T
+
+    mus: dict[int, np.ndarray] = {}
+    for j in range(k, 0, -1):
+        m = (j - 1) % K
+        sums = level[m].copy()
+        for l_step in range(j + 1, k + 1):
+            t = table(l_step, m)
+            sums -= t[:, None] * mus[l_step] if t.ndim == 1 else t @ mus[l_step]
+        mus[j] = _ratio(sums, norms[m])
+    return mus
+
+
 def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(estimate, standard error, plain mean's standard error) per statistic of ``h`` (n,) or (n, s):
-    2 passes at the limit or for k = 0, k + 1 for k half-steps."""
+    2 passes (the first pass's sums and tables, then the terms), or k + 1 for k half-steps when the
+    two-way tables would exceed TABLES_MAX."""
     samples = fit.samples
-    K = len(samples.shapes)
-    limit = fit.steps is None
-    first = run(samples, FirstMoments(fit, limit), h)
+    K, k = len(samples.shapes), fit.steps
+    if k is None:
+        if pairs_size(samples.sizes) // 2 > TABLES_MAX:
+            raise ValueError(check.samples_tables_too_large(pairs_size(samples.sizes) // 2, TABLES_MAX))
+        mode = "limit"
+    elif k == 0:
+        mode = "none"
+    elif fit.balanced:
+        mode = "tables" if fit.iterate_tables else "passes"
+    else:
+        mode = "tables" if pairs_size(samples.sizes) // 2 <= TABLES_MAX else "passes"
+    first = run(samples, FirstMoments(fit, mode), h)
     top = first["max_top"]
     scale = power_of_two_scale(np.vstack([top, -top]))
     estimate = first["est"] / scale
     plain = first["plain"] / fit.total / scale
     mus: dict[int, np.ndarray] = {}
     coefficients = None
-    if limit:
-        level_h = [(sums - np.outer(ones, first["est"])) / scale
-                   for sums, ones in zip(first["level_h"], first["level_1"], strict=True)]
-        coefficients = additive_coefficients(fit, level_h, first["level_1"], first["pairs"])
-    elif fit.steps:
-        k = fit.steps
+    if mode != "none":  # each chosen margin's sums of v (h - estimate), in units of scale
+        level = [(sums - np.outer(ones, first["est"])) / scale
+                 for sums, ones in zip(first["level_h"], first["level_1"], strict=True)]
+    if mode == "limit":
+        coefficients = additive_coefficients(fit, level, first["level_1"], first["pairs"])
+    elif mode == "tables":
+        mus = _mus_in_memory(fit, level, first.get("pairs"))
+    elif mode == "passes":
+        assert k is not None
         norms = fit.targets if fit.balanced else fit.start_margins
-        sums = (first["level_h"] - np.outer(first["level_1"], first["est"])) / scale
-        mus[k] = _ratio(sums, norms[(k - 1) % K])
+        mus[k] = _ratio(level[0], norms[(k - 1) % K])
         for j in range(k - 1, 0, -1):
             sums = run(samples, StepSums(fit, j, dict(mus), estimate, scale), h)["level"]
             mus[j] = _ratio(sums, norms[(j - 1) % K])

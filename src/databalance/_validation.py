@@ -1408,3 +1408,12 @@ def sparse_layout(value, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`layout` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
     return value
+
+
+# -- issue 12 (samples path) -------------------------------------------------------------------------
+
+
+def samples_tables_too_large(entries: int, limit: int) -> str:
+    return (f"The converged standard error of a Dask fit whose samples are their own cells needs the margins' "
+            f"pairwise two-way tables: {entries} entries here, more than the {limit} a pass may gather. Give "
+            f"`steps=k` (its standard error needs no such tables), or margins with fewer categories.")

@@ -514,7 +514,11 @@ class BalancedEstimator:
         if design is not None and not first["sums"][0].sum() > 0:
             raise ValueError("`sample_weight` sums to 0; at least one sample needs positive weight.")
         lengths = tuple(int(first["lengths"][p]) for p in range(columns[0].numblocks[0]))
-        kernel = _dask_samples.SamplesKernel(samples, first, _dask_samples.design_array(samples, lengths))
+        # Balanced at finite k: the fit's passes also gather the tables the standard error needs (so
+        # that a mean is two passes), unless a pass's tables would be too large.
+        tables = linearization == "balanced" and bool(steps) and max(
+            _dask_samples.pairs_size(samples.sizes, [j]) for j in range(K)) <= _dask_samples.TABLES_MAX
+        kernel = _dask_samples.SamplesKernel(samples, first, _dask_samples.design_array(samples, lengths), tables)
         enc = _Encoded(plan.columns, [], plan.levels, plan.margins, plan.targets)
         result, targets, _, met = self._rake(None, None, None, enc, steps, empty, None, kernel=kernel)
         iterates = _dask_samples.latest_factors(result.iterate_factors(), K, result.steps)
@@ -540,7 +544,8 @@ class BalancedEstimator:
                                             targets, enc, met)
         self._dask_fit = _dask_samples.SamplesFit(
             samples, n, total, final, total_u, iterates if at_iterates else [], [t.ravel() for t in self._targets],
-            [s / total for s in first["sums"]], if_steps, linearization == "balanced", lengths)
+            [s / total for s in first["sums"]], if_steps, linearization == "balanced", lengths,
+            kernel.iterate_tables if at_iterates else {})
         return self
 
     def _rake(self, cells, cell_of, design, enc, steps, empty, bounds, kernel=None):
