@@ -588,7 +588,7 @@ def test_log_results_keep_one_buffer_that_becomes_the_table():
 
     L = np.random.default_rng(2).normal(size=(1000, 1000))
     p = np.full(1000, 1e-3)
-    balance_logits(L, p, p, steps=4).table  # imports and JIT caches first
+    _ = balance_logits(L, p, p, steps=4).table  # imports and JIT caches first
     tracemalloc.start()
     try:
         res = balance_logits(L, p, p, steps=4)

@@ -286,6 +286,22 @@ def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
             _axpy(T[b], u[b], i, e, a)
 
 
+def _both_products(T, x, y, nblocks, zero, r, acc):
+    """``r = T x`` and ``acc[q] = T' y`` over row block q, from one read of ``T`` (row sums in the
+    type of ``zero``)."""
+    B, m, l = T.shape
+    for q in prange(B * nblocks):
+        b = q // nblocks
+        lo = (q % nblocks) * m // nblocks
+        hi = (q % nblocks + 1) * m // nblocks
+        a = acc[q]
+        a[:] = 0.0
+        for i in range(lo, hi, 16):
+            e = min(i + 16, hi)
+            _dots(T[b], x[b], i, e, zero, r[b])
+            _axpy(T[b], y[b], i, e, a)
+
+
 def _lead_products(T, x, nblocks, zero, r):
     """``r = T x`` for ``T`` (B, m, l) (the lead lines' sums), threaded over row blocks."""
     B, m, l = T.shape
@@ -544,6 +560,23 @@ class _DenseFused(_Fused):
             acc = np.empty((B * nblocks, l))
             compiled(_other_products)(T, x, nblocks, acc)
         return self._added(acc, nblocks)
+
+    def float64_sums(self, scalings) -> list[np.ndarray]:
+        """Row and column sums of ``diag(u) T diag(v)`` for ``scalings = (u, v)``, accumulated in
+        float64, from one read of the table."""
+        T = self._work
+        B, m, l = T.shape
+        nt, nblocks = self._blocks()
+        u, v = (np.broadcast_to(np.asarray(s, np.float64), self.batch + (n,)) for s, n in zip(scalings, self.shape, strict=True))
+        lead, other = (u, v) if self.lead == 0 else (v, u)
+        r = np.empty((B, m))
+        acc = np.empty((B * nblocks, l))
+        with _using(nt):
+            compiled(_both_products)(T, np.ascontiguousarray(other).reshape(B, l),
+                                     np.ascontiguousarray(lead).reshape(B, m), nblocks, 0.0, r, acc)
+        lead_sums = lead * r.reshape(lead.shape)
+        other_sums = other * acc.reshape(B, nblocks, l).sum(axis=1).reshape(other.shape)
+        return [lead_sums, other_sums] if self.lead == 0 else [other_sums, lead_sums]
 
     def row_sums(self, v):
         return self._products(self.lead == 0, v)
