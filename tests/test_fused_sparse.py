@@ -28,8 +28,9 @@ from databalance._kernels import fused_sparse as fs  # noqa: E402
 def sparse_setup(layout: str, per_thread: int | None = None, nthreads: int | None = None):
     """The fused sparse kernel's default layout, nonzeros per thread (1: every pass split into as
     many blocks as threads) and numba's thread count, for the block."""
-    old = fs.DEFAULT_LAYOUT, fs.PER_THREAD, numba.get_num_threads()
+    old = fs.DEFAULT_LAYOUT, fs.PER_THREAD, numba.get_num_threads(), fs.L1_MIN_LINES
     fs.DEFAULT_LAYOUT = layout
+    fs.L1_MIN_LINES = 1  # the loop's errors measured by numba at any size
     if per_thread is not None:
         fs.PER_THREAD = per_thread
     if nthreads is not None:
@@ -39,6 +40,7 @@ def sparse_setup(layout: str, per_thread: int | None = None, nthreads: int | Non
     finally:
         fs.DEFAULT_LAYOUT, fs.PER_THREAD = old[:2]
         numba.set_num_threads(old[2])
+        fs.L1_MIN_LINES = old[3]
 
 
 THREADS = st.sampled_from([1, min(2, numba.config.NUMBA_NUM_THREADS)])
@@ -157,6 +159,26 @@ def test_overrelaxed_sparse_matches_numpy():
     with sparse_setup("transposed", per_thread=1):
         a, b = both(db.balance_table, A, p, q, acceleration="overrelax", tol=1e-9)
     assert_same(a, b, ["row_scaling", "col_scaling"], np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_margin_l1_is_the_loops_l1(dtype):
+    """The kernel's one-pass marginal error against :func:`databalance._ipf.l1` (NumPy); short or
+    batched vectors go to NumPy itself."""
+    from databalance._ipf import l1
+
+    rng = np.random.default_rng(4)
+    n = fs.L1_MIN_LINES + 3
+    x, s, t = rng.random(n).astype(dtype), rng.random(n).astype(dtype), rng.random(n)
+    K = fs.FusedSparseKernel(sp.csr_array(np.eye(3)))
+    got = K.margin_l1(x, s, t, 0, np.empty(n, dtype))
+    assert isinstance(got, np.float64)
+    np.testing.assert_allclose(got, l1(x, s, t, 0, np.empty(n, dtype)), rtol=1e-12)
+    np.testing.assert_allclose(K.margin_l1(x, s, t.astype(dtype), 0), l1(x, s, t.astype(dtype), 0), rtol=1e-12)
+    short = (x[:5], s[:5], t[:5])
+    assert K.margin_l1(*short, 0) == l1(*short, 0)
+    batched = (x.reshape(1, -1), s.reshape(1, -1), t.reshape(1, -1))
+    np.testing.assert_array_equal(K.margin_l1(*batched, 1), l1(*batched, 1))
 
 
 def test_bad_layout():

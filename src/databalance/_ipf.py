@@ -185,6 +185,7 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, A
     margins = problem.margins
     nb = len(kernel.batch)
     xp = getattr(kernel, "xp", None)  # an array-API kernel: functional, errors stacked per iterate
+    distance = getattr(kernel, "margin_l1", l1)  # a kernel may measure it in one pass (fused sparse)
     state = kernel.initial_state()
     errors: Any = np.empty(kernel.batch + (len(margins),)) if xp is None else _DeviceRow(xp, len(margins))
     for j, (m, s) in enumerate(zip(margins, kernel.input_sums(), strict=True)):
@@ -198,17 +199,17 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, A
         sums = kernel.rescale(j, margins[j], sums, state)
         state.steps, state.fixed = k, j
         errors = np.empty_like(errors) if xp is None else _DeviceRow(xp, len(margins))
-        errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
+        errors[..., j] = distance(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
         j = next(order)
         if len(margins) == 2:  # the next margin's sums are all that is needed: the shortcut
             sums = kernel.sums(j, state)
-            errors[..., j] = l1(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
+            errors[..., j] = distance(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
         else:
             needed = [(j + s) % len(margins) for s in range(max(1, len(margins) - 1))]
             many = kernel.sums_many(needed, state)
             sums = many[j]
             for i in needed:
-                errors[..., i] = l1(state.factors[i], many[i], margins[i].target, nb, scratch[i], xp)
+                errors[..., i] = distance(state.factors[i], many[i], margins[i].target, nb, scratch[i], xp)
         yield k, state, errors if xp is None else errors.stacked()
 
 
