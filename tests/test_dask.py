@@ -19,7 +19,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from databalance import BalancedEstimator, InfeasibleError, balance_table, balanced_mean  # noqa: E402
+from databalance import BalancedEstimator, ConvergenceWarning, InfeasibleError, balance_table, balanced_mean  # noqa: E402
 from databalance._kernels.chunked import ChunkedWarning  # noqa: E402
 
 RTOL = 1e-10
@@ -320,6 +320,272 @@ def test_rechunked_inputs_align():
                             da.from_array(y, chunks=400), PX, PY)
     close(got.estimate, ref.estimate)
     close(got.standard_error, ref.standard_error)
+
+
+# -- the samples path: no cell table (issue 12) ------------------------------------------------------
+
+
+@pytest.fixture
+def samples_path(monkeypatch):
+    """Every Dask fit takes the samples path (the samples are their own cells on the workers)."""
+    from databalance import estimators
+
+    monkeypatch.setattr(estimators, "DASK_CELL_TABLE_MAX", 0)
+
+
+def three_margins(n=1500, seed=4):
+    """Three margins, one joint (a x b), targets apart from the sample's, two statistics, design weights."""
+    rng = np.random.default_rng(seed)
+    data = {"x": rng.integers(0, 4, n), "y": np.minimum(rng.integers(0, 5, n), rng.integers(0, 5, n)),
+            "a": rng.integers(0, 3, n), "b": rng.integers(0, 2, n)}
+    h = np.column_stack([data["x"] + data["y"] - data["a"] * data["b"] + rng.normal(size=n),
+                         (rng.random(n) < 0.2 + 0.1 * data["a"]).astype(float)])
+    margins = {"x": rng.dirichlet(np.full(4, 5.0)), "y": np.full(5, 0.2),
+               ("a", "b"): rng.dirichlet(np.full(6, 5.0)).reshape(3, 2)}
+    return data, h, rng.uniform(0.5, 2.0, n), margins
+
+
+UNEQUAL = (400, 0, 700, 1, 399)  # partitions of unequal size, one empty
+
+
+def lazy(data, h, d, chunks=UNEQUAL):
+    return ({k: da.from_array(v, chunks=(chunks,)) for k, v in data.items()}, da.from_array(h, chunks=(chunks, -1)),
+            da.from_array(d, chunks=(chunks,)))
+
+
+def assert_same_fit(fitted, ref):
+    """Weights, status, steps, every margin's error history, diagnostics: the in-memory fit's."""
+    a, b = fitted.balance_, ref.balance_
+    assert (a.status, a.steps) == (b.status, b.steps)
+    np.testing.assert_allclose(a.marginal_error, b.marginal_error, rtol=1e-8, atol=1e-15)
+    for f, g in zip(a.factors, b.factors, strict=True):
+        close(f, g, rtol=1e-12)
+    w = fitted.weights_
+    assert isinstance(w, da.Array) and w.chunks == ((400, 0, 700, 1, 399),)
+    close(w.compute(), ref.weights_, rtol=1e-12)
+    p, q = fitted.diagnostics_, ref.diagnostics_
+    assert p.n == q.n
+    close([p.design_effect, p.effective_sample_size, p.min_weight, p.max_weight],
+          [q.design_effect, q.effective_sample_size, q.min_weight, q.max_weight], rtol=1e-12)
+    for m, r in zip(p.margins, q.margins, strict=True):
+        np.testing.assert_allclose(m.achieved, r.achieved, rtol=1e-12, atol=1e-15)
+        assert m.error == pytest.approx(r.error, rel=1e-6, abs=1e-14)
+
+
+def assert_same_mean(got, want):
+    close(got.estimate, want.estimate)
+    close(got.standard_error, want.standard_error)
+    for s, t in zip(got.summary().statistics, want.summary().statistics, strict=True):
+        close(s.plain_standard_error, t.plain_standard_error)
+        close(s.design_effect, t.design_effect)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, None])
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("tables", [True, False])  # the recursion on the fit's tables, or one pass per step
+def test_samples_path_equals_in_memory(samples_path, monkeypatch, steps, linearization, weighted, tables):
+    if not tables:
+        if steps is None or steps < 2:
+            pytest.skip("the same computation as with tables (k < 2), or refused (steps=None)")
+        from databalance import _dask_samples
+
+        monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
+    data, h, d, margins = three_margins()
+    sw = d if weighted else None
+    ref = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(data, sw)
+    X, H, D = lazy(data, h, d)
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(X, D if weighted else None)
+        assert type(fitted._dask_fit).__name__ == "SamplesFit"
+        assert_same_fit(fitted, ref)
+        assert_same_mean(fitted.mean(H), ref.mean(h))
+        one = fitted.mean(H[:, 1])  # one statistic: floats
+        close(one.estimate, ref.mean(h[:, 1]).estimate)
+
+
+@pytest.mark.parametrize("steps", [2])
+def test_samples_path_on_the_cluster(samples_path, scheduler, steps):
+    """The threaded scheduler and the two-process LocalCluster give the in-memory result."""
+    data, h, d, margins = three_margins(900, seed=5)
+    ref = BalancedEstimator(margins, steps=steps).fit(data, d)
+    X, H, D = lazy(data, h, d, chunks=(500, 0, 400))
+    fitted = BalancedEstimator(margins, steps=steps).fit(X, D)
+    close(fitted.weights_.compute(), ref.weights_, rtol=1e-12)
+    assert_same_mean(fitted.mean(H), ref.mean(h))
+
+
+def test_samples_path_dataframe_labels_and_empty_drop(samples_path):
+    """Labelled columns of a Dask DataFrame, a joint margin sharing a column, empty='drop'."""
+    df = survey_frame(1000)
+    margins = dict(MARGINS, age={"18-34": 0.3, "35-54": 0.3, "55+": 0.3, "90+": 0.1})
+    ddf = dd.from_pandas(df, npartitions=3)
+    ref = BalancedEstimator(margins, empty="drop").fit(df, df["w"])
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator(margins, empty="drop").fit(ddf, ddf["w"])
+        got = fitted.mean(ddf[["income", "owns"]])
+    want = ref.mean(df[["income", "owns"]])
+    assert list(got.estimate.index) == ["income", "owns"]
+    close(got.estimate, want.estimate)
+    close(got.standard_error, want.standard_error)
+    close(fitted.weights_.compute(), ref.weights_.to_numpy(), rtol=1e-12)
+    assert fitted.balance_.status == ref.balance_.status == "converged"
+    close(fitted.diagnostics_.margins[0].target, ref.diagnostics_.margins[0].target, rtol=1e-15)
+
+
+def test_samples_path_not_converged_warns(samples_path, monkeypatch):
+    """A tolerance below float64's resolution cannot be certified: the in-memory status and
+    warning, and the standard error of the run treated as converged."""
+    from databalance import _ipf
+
+    monkeypatch.setattr(_ipf, "STALL_PATIENCE", 10)  # stalls sooner (fewer passes), in memory alike
+    data, h, d, margins = three_margins(300, seed=6)
+    with pytest.warns(ConvergenceWarning, match=r"stalled"):
+        ref = BalancedEstimator(margins, tol=1e-18).fit(data)
+    X, H, _ = lazy(data, h, d, chunks=(150, 150))
+    with dask.config.set(scheduler="sync"), pytest.warns(ConvergenceWarning, match=r"stalled"):
+        fitted = BalancedEstimator(margins, tol=1e-18).fit(X)
+    assert fitted.balance_.status == "stalled"
+    assert fitted._if_steps is None  # linearised at the limit, as in memory
+    with dask.config.set(scheduler="sync"):
+        got = fitted.mean(H)
+    want = ref.mean(h)
+    close(got.estimate, want.estimate, rtol=1e-9)
+    close(got.standard_error, want.standard_error, rtol=1e-9)
+
+
+@pytest.mark.parametrize("tables", [True, False])
+def test_samples_path_pass_counts(samples_path, monkeypatch, tables):
+    """A fit with steps=k is k + 1 passes over the samples; a mean 2, or k + 1 when the two-way
+    tables would be too large."""
+    from databalance import _dask_samples
+
+    calls = []
+    original = _dask_samples.run
+    monkeypatch.setattr(_dask_samples, "run", lambda *a, **k: calls.append(type(a[1]).__name__) or original(*a, **k))
+    if not tables:
+        monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
+    data, h, d, margins = three_margins(400, seed=7)
+    X, H, _ = lazy(data, h, d, chunks=(200, 200))
+    cases = ((0, 1, 2), (5, 6, 2 if tables else 6)) + (((None, None, 2),) if tables else ())
+    with dask.config.set(scheduler="sync"):
+        for steps, fit_passes, mean_passes in cases:
+            calls.clear()
+            fitted = BalancedEstimator(margins, steps=steps).fit(X)
+            fit = len(calls)
+            calls.clear()
+            fitted.mean(H)
+            expected = fitted.balance_.steps + 1 if fit_passes is None else fit_passes
+            assert (fit, len(calls)) == (expected, mean_passes), (steps, calls)
+
+
+def test_additive_coefficients_equal_additive_fit():
+    """The normal equations' solution on per-level tables equals LSQR on the cells (additive_fit)."""
+    from databalance._dask_samples import FirstMoments, Samples, SamplesFit, additive_coefficients
+    from databalance._joint import Cells, additive_fit
+
+    rng = np.random.default_rng(8)
+    n, sizes = 2000, [4, 6, 3]
+    codes = [rng.integers(0, s, n) for s in sizes]
+    codes[2][codes[0] == 3] = 0  # overlapping margins: a level pair never seen
+    v = rng.uniform(0.1, 2.0, n)
+    g = rng.normal(size=(n, 2)) + codes[0][:, None] * 0.5
+    samples = Samples(None, [], None, [(s,) for s in sizes])
+    fit = SamplesFit(samples, n, float(n), [np.ones(s) for s in sizes], float(v.sum()), [], [], [], None, False, ())
+    first = FirstMoments(fit, "limit")(codes, v, g)  # survey measure: the design weights v
+    coefficients = additive_coefficients(fit, first["level_h"], first["level_1"], first["pairs"])
+    ours = sum(c[code] for c, code in zip(coefficients, codes, strict=True))
+    theirs = additive_fit(Cells(codes, [(s,) for s in sizes], v), v, v[:, None] * g / v.sum())
+    close(ours, theirs, rtol=1e-10)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(8, 80), cuts=st.lists(st.integers(0, 80), max_size=4), steps=st.sampled_from([0, 1, 3, None]),
+       seed=st.integers(0, 2**31))
+def test_samples_path_equal_across_chunkings(n, cuts, steps, seed):
+    """Any partitioning (empty partitions included) gives the in-memory estimate and SE."""
+    from databalance import estimators
+
+    rng = np.random.default_rng(seed)
+    x, y = np.arange(n) % 2, (np.arange(n) // 2) % 3  # every category sampled
+    h = rng.normal(size=n)
+    bounds = sorted(min(c, n) for c in cuts)
+    chunks = tuple(np.diff([0, *bounds, n]))
+    margins = {"x": [0.3, 0.7], "y": [0.2, 0.3, 0.5]}
+    ref = BalancedEstimator(margins, steps=steps).fit({"x": x, "y": y}).mean(h)
+    saved, estimators.DASK_CELL_TABLE_MAX = estimators.DASK_CELL_TABLE_MAX, 0
+    try:
+        with dask.config.set(scheduler="sync"):
+            got = BalancedEstimator(margins, steps=steps).fit(
+                {"x": da.from_array(x, chunks=(chunks,)), "y": da.from_array(y, chunks=(chunks,))}).mean(
+                da.from_array(h, chunks=(chunks,)))
+    finally:
+        estimators.DASK_CELL_TABLE_MAX = saved
+    close(got.estimate, ref.estimate, rtol=1e-9)
+    close(got.standard_error, ref.standard_error, rtol=1e-9)
+
+
+def test_samples_path_errors_name_column_label_and_partition(samples_path):
+    df = survey_frame(600)
+    df.loc[450, "age"] = "90+"
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"`age` has the label '90\+', which `margins\['age'\]` does not list.*Dask partition 2"):
+        BalancedEstimator(MARGINS).fit(dd.from_pandas(df, npartitions=3))
+    df = survey_frame(600)
+    margins = dict(MARGINS)
+    margins[("sex", "region")] = {k: v for k, v in MARGINS[("sex", "region")].items() if k != ("M", "rural")}
+    margins[("sex", "region")][("F", "rural")] = 0.45
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"\(`sex`, `region`\) = \('M', 'rural'\).*Dask partition"):
+        BalancedEstimator(margins).fit(dd.from_pandas(df, npartitions=2))
+    x, y, h, _ = sample(900)
+    h = h[:, 0].copy()
+    h[700] = np.nan
+    with dask.config.set(scheduler="threads"), pytest.raises(
+            ValueError, match=r"`values` contains NaN or inf, first at sample 100.*Dask partition 2"):
+        balanced_mean(da.from_array(h, chunks=300), da.from_array(x, chunks=300), da.from_array(y, chunks=300),
+                      PX, PY)
+
+
+def test_samples_path_converged_se_refuses_huge_tables(samples_path, monkeypatch):
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "TABLES_MAX", 5)
+    x, y, h, _ = sample(600)
+    X, Y, H = (da.from_array(a, chunks=300) for a in (x, y, h[:, 0]))
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y})
+        with pytest.raises(ValueError, match=r"needs the margins' pairwise two-way tables: 12 entries here, more "
+                                             r"than the 5.*Give `steps=k`"):
+            fitted.mean(H)
+
+
+def test_samples_path_large_values_scaled_exactly(samples_path):
+    x, y, h, _ = sample(1000)
+    big = h[:, 0] * 1e200
+    ref = balanced_mean(big, x, y, PX, PY, steps=3)
+    with dask.config.set(scheduler="threads"):
+        got = balanced_mean(da.from_array(big, chunks=300), da.from_array(x, chunks=300),
+                            da.from_array(y, chunks=300), PX, PY, steps=3)
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+
+
+def test_path_chosen_by_the_number_of_combinations():
+    """Up to DASK_CELL_TABLE_MAX combinations the cell table; beyond, the samples."""
+    from databalance import estimators
+
+    x, y, h, _ = sample(600)
+    X, Y = da.from_array(x, chunks=300), da.from_array(y, chunks=300)
+    with dask.config.set(scheduler="sync"):
+        cells = BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y})
+        saved, estimators.DASK_CELL_TABLE_MAX = estimators.DASK_CELL_TABLE_MAX, 11
+        try:
+            samples = BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y})
+        finally:
+            estimators.DASK_CELL_TABLE_MAX = saved
+    assert type(cells._dask_fit).__name__ == "_DaskFit" and type(samples._dask_fit).__name__ == "SamplesFit"
+    assert estimators.DASK_CELL_TABLE_MAX == 2**22
 
 
 # -- tables ----------------------------------------------------------------------------------------
