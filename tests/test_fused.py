@@ -298,14 +298,21 @@ def test_forked_workers_after_parallel_kernels():
 @SETTINGS
 @given(problems(batch=True), st.sampled_from("CF"))
 def test_float64_sums_match_numpy(problem, order):
-    """The fused kernel's float64 sums of diag(u) T diag(v) (one read) equal the NumPy kernel's."""
+    """The fused kernel's float64 sums of the scaled table (one read) equal the NumPy kernel's and
+    those of the table the scalings give, entry by entry rounded as it is returned."""
     table, _, _ = problem
     if order == "F":
         table = np.ascontiguousarray(np.swapaxes(table, -1, -2)).swapaxes(-1, -2)
     rng = np.random.default_rng(1)
-    u, v = rng.random(table.shape[:-1]), rng.random(table.shape[:-2] + table.shape[-1:])
-    got = fused.FusedDenseKernel(table).float64_sums([u, v])
-    want = kernels.DenseKernel(table).float64_sums([u, v])
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == np.float64 and g.shape == w.shape
-        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-300)
+    for dtype in {table.dtype, np.dtype(np.float64)}:  # the dense kernel's scalings; the log kernel's
+        u = rng.random(table.shape[:-1]).astype(dtype)
+        v = rng.random(table.shape[:-2] + table.shape[-1:]).astype(dtype)
+        got = fused.FusedDenseKernel(table).float64_sums([u, v])
+        want = kernels.DenseKernel(table).float64_sums([u, v])
+        returned = kernels.log.scale_buffer(table.copy(), [u, v]).astype(np.float64)
+        if dtype == table.dtype:
+            np.testing.assert_array_equal(returned, kernels.scaled_table(table, u, v))
+        for g, w, axis in zip(got, want, (-1, -2), strict=True):
+            assert g.dtype == np.float64 and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-300)
+            np.testing.assert_allclose(g, returned.sum(axis=axis), rtol=1e-13, atol=1e-300)

@@ -71,8 +71,10 @@ class DenseKernel:
         cols = np.zeros(v.shape)
         step = max(1, (1 << 18) // max(1, self.shape[1]))
         for i in range(0, self.shape[0], step):
-            block = np.multiply(self.table[..., i:i + step, :], u[..., i:i + step, None])
-            block *= v[..., None, :]
+            # each product rounded to the table's dtype, as scaled_table (and the log kernel's
+            # scale_buffer, whose scalings are float64) round it
+            block = np.multiply(self.table[..., i:i + step, :], u[..., i:i + step, None]).astype(self.dtype, copy=False)
+            block = np.multiply(block, v[..., None, :]).astype(self.dtype, copy=False)
             rows[..., i:i + step] = block.sum(axis=-1, dtype=np.float64)
             cols += block.sum(axis=-2, dtype=np.float64)
         return [rows, cols]

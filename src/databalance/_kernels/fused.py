@@ -286,20 +286,29 @@ def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
             _axpy(T[b], u[b], i, e, a)
 
 
-def _both_products(T, x, y, nblocks, zero, r, acc):
-    """``r = T x`` and ``acc[q] = T' y`` over row block q, from one read of ``T`` (row sums in the
-    type of ``zero``)."""
+def _rounded_sums(T, x, y, lead_first, nblocks, r, acc):
+    """Row sums ``r`` and column sums ``acc[q]`` over row block q, in float64, of the entries
+    ``T_ij x_i y_j`` rounded to the table's dtype after each product, as the returned table is
+    (``x_i`` first when ``lead_first``, else ``y_j``)."""
     B, m, l = T.shape
     for q in prange(B * nblocks):
         b = q // nblocks
-        lo = (q % nblocks) * m // nblocks
-        hi = (q % nblocks + 1) * m // nblocks
         a = acc[q]
         a[:] = 0.0
-        for i in range(lo, hi, 16):
-            e = min(i + 16, hi)
-            _dots(T[b], x[b], i, e, zero, r[b])
-            _axpy(T[b], y[b], i, e, a)
+        t = np.empty_like(T[b, 0])  # one row of the table's dtype: the products rounded as stored
+        for i in range((q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks):
+            xi = x[b, i]
+            s = 0.0
+            for j in range(l):
+                if lead_first:
+                    t[j] = T[b, i, j] * xi
+                    t[j] = t[j] * y[b, j]
+                else:
+                    t[j] = T[b, i, j] * y[b, j]
+                    t[j] = t[j] * xi
+                s += t[j]
+                a[j] += t[j]
+            r[b, i] = s
 
 
 def _lead_products(T, x, nblocks, zero, r):
@@ -562,20 +571,21 @@ class _DenseFused(_Fused):
         return self._added(acc, nblocks)
 
     def float64_sums(self, scalings) -> list[np.ndarray]:
-        """Row and column sums of ``diag(u) T diag(v)`` for ``scalings = (u, v)``, accumulated in
-        float64, from one read of the table."""
+        """Row and column sums, accumulated in float64, of the table that ``scalings = (u, v)``
+        give (each product rounded as :func:`~databalance._kernels.scaled_table` rounds it), from
+        one read."""
         T = self._work
         B, m, l = T.shape
         nt, nblocks = self._blocks()
-        u, v = (np.broadcast_to(np.asarray(s, np.float64), self.batch + (n,)) for s, n in zip(scalings, self.shape, strict=True))
-        lead, other = (u, v) if self.lead == 0 else (v, u)
+        u, v = (np.broadcast_to(s, self.batch + (n,)) for s, n in zip(scalings, self.shape, strict=True))
+        x, y = (u, v) if self.lead == 0 else (v, u)  # the lead lines' scaling, the other's
         r = np.empty((B, m))
         acc = np.empty((B * nblocks, l))
         with _using(nt):
-            compiled(_both_products)(T, np.ascontiguousarray(other).reshape(B, l),
-                                     np.ascontiguousarray(lead).reshape(B, m), nblocks, 0.0, r, acc)
-        lead_sums = lead * r.reshape(lead.shape)
-        other_sums = other * acc.reshape(B, nblocks, l).sum(axis=1).reshape(other.shape)
+            compiled(_rounded_sums)(T, np.ascontiguousarray(x).reshape(B, m), np.ascontiguousarray(y).reshape(B, l),
+                                    self.lead == 0, nblocks, r, acc)
+        lead_sums = r.reshape(self.batch + (m,))
+        other_sums = acc.reshape(B, nblocks, l).sum(axis=1).reshape(self.batch + (l,))
         return [lead_sums, other_sums] if self.lead == 0 else [other_sums, lead_sums]
 
     def row_sums(self, v):
