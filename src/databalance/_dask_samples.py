@@ -200,7 +200,7 @@ class WeightSums:
 def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray) -> list[np.ndarray]:
     """Margin a's two-way tables (flat, a's level major) with every other margin, under v (an
     empty placeholder for a itself)."""
-    out = []
+    out: list[np.ndarray] = []
     for b, (c, size) in enumerate(zip(codes, sizes, strict=True)):
         if b == a:
             out.append(np.zeros(0))
@@ -234,7 +234,8 @@ class SamplesKernel(CellKernel):
         self.batch = ()
         self.margin_shapes = samples.shapes
         self.sizes = samples.sizes
-        self._input_sums = [s.reshape(sh) for s, sh in zip(first["sums"], samples.shapes, strict=True)]
+        self._given = [s.reshape(sh) for s, sh in zip(first["sums"], samples.shapes, strict=True)]
+        self._input_sums = self._given
         self.total = float(first["sums"][0].sum())
         self.passes = 0
         self.last: tuple[list[np.ndarray], dict] | None = None  # the latest pass: its factors and sums
@@ -254,7 +255,7 @@ class SamplesKernel(CellKernel):
     def sums_many(self, js, state) -> dict[int, np.ndarray]:
         if state.steps == 0:  # equal starting scalings: the input's sums, scaled (exactly: powers of two)
             scale = float(state.factors[0].flat[0]) ** len(self.sizes)
-            return {j: self._without_own(j, self._input_sums[j] * scale, state) for j in js}
+            return {j: self._without_own(j, self._given[j] * scale, state) for j in js}
         out = self.weight_sums(state.factors, state.fixed if self.tables else None)
         self.last = ([f.copy() for f in state.factors], out)
         if self.tables:  # iterate l's (total 1) sums of the margin step l fixed, and its tables
@@ -267,7 +268,7 @@ class SamplesKernel(CellKernel):
 
     def nonempty(self, j, masks=None):
         if masks is None:
-            return self._input_sums[j] > 0
+            return self._given[j] > 0
         factors = [m.astype(np.float64) for m in masks]
         factors[j] = np.ones(self.margin_shapes[j])
         return self.weight_sums(factors)["sums"][j].reshape(self.margin_shapes[j]) > 0
@@ -347,7 +348,7 @@ def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: i
     backfitting sum of :func:`._joint.step_linearization`, from the iterates' scalings. Iterate
     l - 1 is iterate l times the change of the one scaling step l set (rebuilt from all scalings
     where that scaling has zeros). One statistic at a time: (n, s) temporaries cost more."""
-    K, k = len(codes), fit.steps
+    K, k = len(codes), int(fit.steps or 0)
     acc = np.zeros((s, n))
     buf = np.empty(n)
     if not fit.balanced:
@@ -400,10 +401,10 @@ class FirstMoments:
         if self.mode == "limit":
             v = a if fit.balanced else (np.ones(n) if d is None else d)
         else:
-            v = _chain(codes, fit, {}, fit.steps, n, 0)[0]  # q_k / d
+            v = _chain(codes, fit, {}, int(fit.steps or 0), n, 0)[0]  # q_k / d
             if d is not None:
                 v *= d
-        chosen = range(len(codes)) if self.mode != "passes" else [(fit.steps - 1) % len(codes)]
+        chosen = range(len(codes)) if self.mode != "passes" else [(int(fit.steps or 0) - 1) % len(codes)]
         out["level_h"] = [_level_sums(codes[m], v, h, sizes[m]) for m in chosen]
         out["level_1"] = [np.bincount(codes[m], v, minlength=sizes[m]) for m in chosen]
         if self.mode == "limit" or (self.mode == "tables" and not fit.balanced):
@@ -548,7 +549,7 @@ def _mus_in_memory(fit: SamplesFit, level: list[np.ndarray], pairs: list[np.ndar
     K, k = len(sizes), fit.steps
     assert k is not None  # a finite-k linearisation
     norms = fit.targets if fit.balanced else fit.start_margins
-    where = {}
+    where: dict[tuple[int, int], int] = {}
     for i in range(K):
         for j in range(i + 1, K):
             where[i, j] = len(where)

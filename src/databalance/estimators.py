@@ -535,7 +535,8 @@ class BalancedEstimator:
         self.balance_, self._index = result, None
         self._w = _dask_samples.lazy_weights(samples, final, 1.0 / total_u, lengths)
         self.categories_ = dict(zip(enc.columns, enc.levels, strict=True))
-        self._cells, self._cell_of = None, None
+        for stale in ("_cells", "_cell_of"):  # an earlier fit's cells: this one has none
+            vars(self).pop(stale, None)
         self._targets = [t / t.sum() for t in targets]
         self._linearization = linearization
         self._if_steps = if_steps
