@@ -203,7 +203,8 @@ def test_fused_kernels_relax_inside_their_pass(controllers):
 
 
 def test_bad_acceleration_option():
-    with pytest.raises(ValueError, match="`acceleration` must be one of 'auto', 'overrelax', 'anderson', 'none'; got 'fast'"):
+    expected = "`acceleration` must be one of 'auto', 'overrelax', 'anderson', 'none'; got 'fast'"
+    with pytest.raises(ValueError, match=expected):
         db.balance_table(np.ones((2, 2)), [1, 1], [1, 1], acceleration="fast")
     with pytest.raises(ValueError, match="`acceleration` must be one of"):
         db.balance_logits(np.zeros((2, 2)), [1, 1], [1, 1], acceleration=None)  # type: ignore[arg-type]
@@ -252,10 +253,12 @@ def test_anderson_step_is_the_least_squares_extrapolation():
             gs[b].append(np.log(target[b][live] / sums[b][live]))
             xs[b], gs[b] = xs[b][-(memory + 1):], gs[b][-(memory + 1):]
             if len(xs[b]) == 1:
-                expected = np.exp(gs[b][-1])
-            else:
+                np.testing.assert_allclose(new[b][live], np.exp(gs[b][-1]), rtol=1e-12)
+            else:  # the same up to its level, which sets the margin's mass to 1 (the plain step's)
                 expected = np.exp(lstsq_extrapolation(xs[b], gs[b]))
-            np.testing.assert_allclose(new[b][live], expected, rtol=1e-6)
+                level = new[b][live] / expected
+                np.testing.assert_allclose(level, level[0], rtol=1e-6)
+                assert np.sum(new[b] * sums[b]) == pytest.approx(1.0, rel=1e-12)
             assert np.all(new[b][~live] == 0)
         old = new
 

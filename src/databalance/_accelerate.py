@@ -229,13 +229,29 @@ class Anderson:
         A = A + (RIDGE * scale + np.finfo(np.float64).tiny) * np.eye(k)
         gamma = np.linalg.solve(A, b[..., None])[..., 0]
         x_new = g - np.einsum("...ni,...i->...n", dG, gamma)
-        with np.errstate(over="ignore", invalid="ignore"):
-            new = np.where(live, np.exp(x_new - (0.0 if frame is None else frame)), 0.0)
-        if not np.isfinite(new).all():
+        with np.errstate(over="ignore", invalid="ignore", under="ignore", divide="ignore"):
+            # the level of x is free (G(x + c) = G(x) + c, and the objective ignores it): the
+            # extrapolated scaling is rescaled to this margin's mass 1, the plain step's, so that it
+            # cannot drift out of range; one that still overflows (a wild shape) is not tried
+            # (the mass is sum(target * exp(x_new - g)): g = log(target / sums) in the same frame)
+            d = np.where(live, x_new - g, -np.inf)
+            top = d.max(axis=-1, keepdims=True)
+            x_new = x_new - top - np.log((np.asarray(target) * np.exp(d - top)).sum(axis=-1, keepdims=True))
+            new = np.where(live, np.exp(x_new - (0.0 if frame is None else frame)), 0.0).astype(plain.dtype)
+            reach = np.where(live, np.abs(x_new - g), 0.0).max(axis=-1)
+        # a step that moves a scaling from the plain one by more than e^reach_max (a quarter of the
+        # dtype's exponent range), or underflows one to 0, is no iterate to try (and the plain
+        # step, installed if it is rejected, must stay representable next to it)
+        reach_max = 0.25 * math.log(float(np.finfo(plain.dtype).max))
+        wild = ~(reach <= reach_max) | ~np.isfinite(new).all(axis=-1) | (live & (new == 0)).any(axis=-1)
+        if wild.all():
             self.restart()
             return plain
+        if wild.any():
+            self.restart(wild)
+            new = np.where(wild[..., None], plain, new)
         self.pending = (x, g)
-        return new.astype(plain.dtype, copy=False)
+        return new
 
     def check(self, state, margin_v: int, target_v, sums, target, frame, frame_v, batch_ndim: int, eps: float):
         """At the other margin's step, with its ``sums = T v``: the problems whose objective rose since
