@@ -286,10 +286,21 @@ def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
             _axpy(T[b], u[b], i, e, a)
 
 
+def _scaled_row(row, xi, y, lead_first, out):
+    """``out = (row * xi) * y`` (``xi`` first when ``lead_first``, else ``y``), each product
+    rounded to ``out``'s dtype (compiled without fast-math: no product is reassociated)."""
+    for j in range(out.size):
+        if lead_first:
+            out[j] = row[j] * xi
+            out[j] = out[j] * y[j]
+        else:
+            out[j] = row[j] * y[j]
+            out[j] = out[j] * xi
+
+
 def _rounded_sums(T, x, y, lead_first, nblocks, r, acc):
     """Row sums ``r`` and column sums ``acc[q]`` over row block q, in float64, of the entries
-    ``T_ij x_i y_j`` rounded to the table's dtype after each product, as the returned table is
-    (``x_i`` first when ``lead_first``, else ``y_j``)."""
+    ``T_ij x_i y_j`` rounded to the table's dtype after each product, as the returned table is."""
     B, m, l = T.shape
     for q in prange(B * nblocks):
         b = q // nblocks
@@ -297,15 +308,9 @@ def _rounded_sums(T, x, y, lead_first, nblocks, r, acc):
         a[:] = 0.0
         t = np.empty_like(T[b, 0])  # one row of the table's dtype: the products rounded as stored
         for i in range((q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks):
-            xi = x[b, i]
+            _scaled_row(T[b, i], x[b, i], y[b], lead_first, t)
             s = 0.0
             for j in range(l):
-                if lead_first:
-                    t[j] = T[b, i, j] * xi
-                    t[j] = t[j] * y[b, j]
-                else:
-                    t[j] = T[b, i, j] * y[b, j]
-                    t[j] = t[j] * xi
                 s += t[j]
                 a[j] += t[j]
             r[b, i] = s
@@ -367,9 +372,9 @@ def compiled(func, parallel: bool = True, exact: bool = False):
 
     namespace = func.__globals__
     namespace["prange"] = numba.prange
-    for name, inner in _INNER.items():
+    for name, (inner, exact_inner) in _INNER.items():
         if name in namespace:
-            namespace[name] = _jitted(inner)
+            namespace[name] = _jitted(inner, exact_inner)
     return numba.njit(func, parallel=parallel, cache=True, fastmath=False if exact else set(FASTMATH))
 
 
@@ -379,15 +384,15 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 
 @cache
-def _jitted(func):
+def _jitted(func, exact: bool):
     import numba
 
-    return numba.njit(func, cache=True, fastmath=set(FASTMATH))
+    return numba.njit(func, cache=True, fastmath=False if exact else set(FASTMATH))
 
 
-#: The plain functions the passes call, by the names they call them (bound to their compiled forms
-#: in a pass's module before it compiles).
-_INNER = {"_rule": _rule, "_dots": _dots, "_axpy": _axpy}
+#: The plain functions the passes call, by the names they call them, and whether each is compiled
+#: without fast-math (bound to their compiled forms in a pass's module before it compiles).
+_INNER = {"_rule": (_rule, False), "_dots": (_dots, False), "_axpy": (_axpy, False), "_scaled_row": (_scaled_row, True)}
 
 
 #: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others
