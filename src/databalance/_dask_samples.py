@@ -24,7 +24,7 @@ vectors at every sample's categories, ``np.bincount`` per level) merged by Dask'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -338,6 +338,11 @@ class SamplesFit:
     # the other margins (empty when they would be too large: then one pass per step).
     iterate_tables: dict = field(default_factory=dict)
 
+    @cached_property
+    def shipped(self) -> SamplesFit:
+        """This fit without its tables (the client's alone): what a pass's tasks carry."""
+        return replace(self, iterate_tables={})
+
 
 # -- a mean ------------------------------------------------------------------------------------------
 
@@ -594,7 +599,7 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
         mode = "tables" if fit.iterate_tables else "passes"
     else:
         mode = "tables" if pairs_size(samples.sizes) // 2 <= TABLES_MAX else "passes"
-    first = run(samples, FirstMoments(fit, mode), h)
+    first = run(samples, FirstMoments(fit.shipped, mode), h)
     top = first["max_top"]
     scale = power_of_two_scale(np.vstack([top, -top]))
     estimate = first["est"] / scale
@@ -613,9 +618,9 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
         norms = fit.targets if fit.balanced else fit.start_margins
         mus[k] = _ratio(level[0], norms[(k - 1) % K])
         for j in range(k - 1, 0, -1):
-            sums = run(samples, StepSums(fit, j, dict(mus), estimate, scale), h)["level"]
+            sums = run(samples, StepSums(fit.shipped, j, dict(mus), estimate, scale), h)["level"]
             mus[j] = _ratio(sums, norms[(j - 1) % K])
-    last = run(samples, Terms(fit, mus, coefficients, estimate, plain, scale), h)
+    last = run(samples, Terms(fit.shipped, mus, coefficients, estimate, plain, scale), h)
     n = fit.n
     se = np.sqrt(np.maximum(n / (n - 1) * last["moments_z"][2], 0.0))
     plain_se = np.sqrt(np.maximum(n / (n - 1) * last["moments_plain"][2], 0.0))
