@@ -24,6 +24,7 @@ threads) and a streaming read of the values and indices (2 threads).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -32,10 +33,15 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import databalance as db
 from databalance import _ipf
+from databalance._kernels import fused
 from databalance._kernels import fused_sparse as fs
 from databalance._kernels.fused import compiled
 from databalance._kernels.sparse import SparseKernel
+
+#: The layouts timed per sweep (``adaptive`` is ``transposed`` once built: see the short runs).
+LAYOUTS = ("transposed", "accumulators")
 
 
 def power_law_csr(n, nnz, rng, alpha=1.2):
@@ -106,7 +112,7 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
     K, p, q = table(n, nnz, kind)
     KT = K.T
     slow = SparseKernel.from_input(K)
-    fast = {layout: fs.FusedSparseKernel(K, layout) for layout in fs.LAYOUTS}
+    fast = {layout: fs.FusedSparseKernel(K, layout) for layout in LAYOUTS}
 
     def bare():
         v = np.ones(n)
@@ -116,7 +122,7 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
                 v = q / (KT @ u)
 
     fns = {"scipy": bare, "loop, scipy kernel": loop_sweeps(slow, p, q, sweeps)}
-    fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps) for layout in fs.LAYOUTS})
+    fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps) for layout in LAYOUTS})
     for nt in (1, 2):
         numba.set_num_threads(nt)
         t0 = time.perf_counter()
@@ -128,20 +134,49 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
         K.tocsc()
         builds.append((kind, nnz, nt, build, time.perf_counter() - t0, extra,
                        K.data.nbytes + K.indices.nbytes + K.indptr.nbytes))
-        for layout in fs.LAYOUTS:
+        for layout in LAYOUTS:
             loop_sweeps(fast[layout], p, q, 1)()  # compile, build the transposed pattern
         for mode in modes:
             t = timed(fns, repeats, mode)
             base = t["scipy"]
             rows.append((kind, nnz, nt, mode, *(1e3 * t[k] / sweeps for k in fns),
-                         *(t[f"loop, {layout}"] / base for layout in fs.LAYOUTS)))
+                         *(t[f"loop, {layout}"] / base for layout in LAYOUTS)))
 
 
-def bench(n, nnzs, repeats, sweeps, modes, floors):
-    rows, builds, floor_rows = [], [], []
+def short_runs(n, nnz, kind, repeats, runs=(1, 4, 16, 64)):
+    """Whole ``balance_table(K, p, q, steps=2k)`` calls (validation, transposed build included):
+    the scipy kernel against the fused kernel's adaptive and transposed layouts, two threads."""
+    K, p, q = table(n, nnz, kind)
+    out = []
+    numba.set_num_threads(2)
+
+    def call(kernel, layout, k):
+        def go():
+            os.environ[fused.ENV] = kernel
+            fs.DEFAULT_LAYOUT = layout
+            try:
+                db.balance_table(K, p, q, steps=2 * k, acceleration="none")
+            finally:
+                del os.environ[fused.ENV]
+                fs.DEFAULT_LAYOUT = "adaptive"
+        return go
+
+    call("numba", "adaptive", 1)()  # compile
+    for k in runs:
+        fns = {"scipy": call("numpy", "adaptive", k), "adaptive": call("numba", "adaptive", k),
+               "transposed": call("numba", "transposed", k)}
+        t = timed(fns, max(1, repeats // (1 + k // 16)), "interleaved")
+        out.append((kind, nnz, k, t["scipy"], t["adaptive"], t["transposed"]))
+    return out
+
+
+def bench(n, nnzs, repeats, sweeps, modes, floors, short):
+    rows, builds, floor_rows, shorts = [], [], [], []
     for nnz in nnzs:
         for kind in ("uniform", "power-law"):
             bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds)
+            if short and nnz == nnzs[0]:
+                shorts += short_runs(n, nnz, kind, repeats)
             if floors:
                 floor_rows += measure_floors(table(n, nnz, kind)[0], kind, repeats)
     names = ["scipy K@v + K.T@u", "loop, scipy kernel", "loop, transposed", "loop, accumulators"]
@@ -156,6 +191,15 @@ def bench(n, nnzs, repeats, sweeps, modes, floors):
     print("|---|---|---|---|---|---|---|")
     for b in builds:
         print(f"| {b[0]} | {b[1]:.0e} | {b[2]} | {b[3]:.3f} | {b[4]:.3f} | {b[5] / 2**20:.0f} | {b[6] / 2**20:.0f} |")
+    if shorts:
+        print("\nWhole calls `balance_table(K, p, q, steps=2k, acceleration='none')`, 2 threads, seconds "
+              f"(adaptive builds the transposed pattern in pass {fs.BUILD_AFTER + 1}):\n")
+        print("| rows | nnz | sweeps k | scipy kernel | adaptive | transposed | adaptive / scipy "
+              "| transposed / scipy |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in shorts:
+            print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[4] / r[3]:.2f} | "
+                  f"{r[5] / r[3]:.2f} |")
     if floor_rows:
         print("\nFloors (each alone, repeated; ms):\n")
         print("| rows | nnz | scipy K@v | scipy K.T@u | numba gather K v, 1 thread | 2 threads | "
@@ -206,6 +250,7 @@ def main():
     ap.add_argument("--sweeps", type=int, default=3)
     ap.add_argument("--mode", default="interleaved,isolated")
     ap.add_argument("--no-floors", action="store_true")
+    ap.add_argument("--no-short", action="store_true", help="skip the whole short calls")
     args = ap.parse_args()
     info = ", ".join(f"{d['internal_api']} {d.get('architecture')} ({d['num_threads']} threads max)"
                      for d in threadpool_info() if d["user_api"] == "blas")
@@ -214,7 +259,7 @@ def main():
     n = 10**5 if args.quick else 10**6
     nnzs = [10**6] if args.quick else [int(float(x)) for x in args.nnz.split(",")]
     with threadpool_limits(1):
-        bench(n, nnzs, args.repeats, args.sweeps, args.mode.split(","), not args.no_floors)
+        bench(n, nnzs, args.repeats, args.sweeps, args.mode.split(","), not args.no_floors, not args.no_short)
     print(f"\nthreading layer used: {numba.threading_layer()}")
 
 

@@ -27,10 +27,12 @@ from databalance._kernels import fused_sparse as fs  # noqa: E402
 @contextlib.contextmanager
 def sparse_setup(layout: str, per_thread: int | None = None, nthreads: int | None = None):
     """The fused sparse kernel's default layout, nonzeros per thread (1: every pass split into as
-    many blocks as threads) and numba's thread count, for the block."""
-    old = fs.DEFAULT_LAYOUT, fs.PER_THREAD, numba.get_num_threads(), fs.L1_MIN_LINES
+    many blocks as threads) and numba's thread count, for the block; the adaptive layout builds
+    its transposed pattern in the third pass, the loop's errors are measured by numba."""
+    old = fs.DEFAULT_LAYOUT, fs.PER_THREAD, numba.get_num_threads(), fs.L1_MIN_LINES, fs.BUILD_AFTER
     fs.DEFAULT_LAYOUT = layout
-    fs.L1_MIN_LINES = 1  # the loop's errors measured by numba at any size
+    fs.BUILD_AFTER = 2
+    fs.L1_MIN_LINES = 1
     if per_thread is not None:
         fs.PER_THREAD = per_thread
     if nthreads is not None:
@@ -40,7 +42,7 @@ def sparse_setup(layout: str, per_thread: int | None = None, nthreads: int | Non
     finally:
         fs.DEFAULT_LAYOUT, fs.PER_THREAD = old[:2]
         numba.set_num_threads(old[2])
-        fs.L1_MIN_LINES = old[3]
+        fs.L1_MIN_LINES, fs.BUILD_AFTER = old[3:]
 
 
 THREADS = st.sampled_from([1, min(2, numba.config.NUMBA_NUM_THREADS)])
@@ -65,8 +67,8 @@ def test_sparse_matches_numpy(problem, steps, fmt, layout, nthreads):
 @settings(SETTINGS, max_examples=10)
 @given(problems(holes=True), st.sampled_from(["csr", "csc"]), st.integers(1, 9))
 def test_transposed_layout_same_bits_on_any_thread_count(problem, fmt, steps):
-    """Each sum of the transposed layout is made by one thread in a fixed order: 1 and 2 threads
-    give the same bits; the accumulators' blocks change only the rounding."""
+    """Each sum of the transposed and adaptive layouts is made by one thread in a fixed order (or by
+    scipy): 1 and 2 threads give the same bits; the accumulators' blocks change only the rounding."""
     table, p, q = problem
     S = sp.csr_array(table).asformat(fmt)
     out = {}
@@ -76,7 +78,8 @@ def test_transposed_layout_same_bits_on_any_thread_count(problem, fmt, steps):
                     kernel_choice("numba"):
                 out[layout, nt] = db.balance_table(S, p, q, steps=steps)
     for name in ("row_scaling", "col_scaling"):
-        np.testing.assert_array_equal(getattr(out["transposed", 1], name), getattr(out["transposed", 2], name))
+        for layout in ("transposed", "adaptive"):
+            np.testing.assert_array_equal(getattr(out[layout, 1], name), getattr(out[layout, 2], name))
         x, y = getattr(out["accumulators", 1], name), getattr(out["accumulators", 2], name)
         np.testing.assert_allclose(y, x, rtol=1e-12 if table.dtype == np.float64 else 2e-5)
 
@@ -181,8 +184,28 @@ def test_margin_l1_is_the_loops_l1(dtype):
     np.testing.assert_array_equal(K.margin_l1(*batched, 1), l1(*batched, 1))
 
 
+@pytest.mark.parametrize("layout", fs.LAYOUTS)
+def test_when_the_transposed_pattern_is_built(monkeypatch, layout):
+    """``adaptive``: in pass BUILD_AFTER + 1 (scipy's products before); ``transposed``: with the
+    frame's sums, before any pass; ``accumulators``: never."""
+    from databalance import _ipf
+
+    monkeypatch.setattr(fs, "BUILD_AFTER", 3)
+    rng = np.random.default_rng(6)
+    A = random_pattern(rng, 40, 30, 0.3) + sp.csr_array(np.eye(40, 30))
+    p, q = np.full(40, 1 / 40), np.full(30, 1 / 30)
+    K = fs.FusedSparseKernel(sp.csr_array(A), layout)
+    problem = _ipf.Problem.from_targets([p, q], ["p_x", "p_y"], np.ones(()), K.dtype)
+    built = []
+    for _ in zip(range(16), _ipf.half_steps(K, problem), strict=False):
+        built.append((K.passes, "_other_lines" in K.__dict__))
+    first = {"adaptive": 4, "transposed": 0, "accumulators": None}[layout]
+    assert [b for p, b in built] == [first is not None and p >= first for p, _ in built]
+    assert built[-1][0] >= 6
+
+
 def test_bad_layout():
-    with pytest.raises(ValueError, match="`layout` must be one of 'transposed', 'accumulators'"):
+    with pytest.raises(ValueError, match="`layout` must be one of 'adaptive', 'transposed', 'accumulators'"):
         fs.FusedSparseKernel(sp.csr_array(np.eye(3)), "csc")
 
 

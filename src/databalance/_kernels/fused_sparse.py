@@ -1,20 +1,23 @@
 """The fused sparse kernels (numba): threaded sweeps over a CSR or CSC table, never densified.
 
 A sweep needs the lead margin's sums ``r = T v`` (rows for CSR, columns for CSC: the lines stored
-contiguously), the new scaling ``u = rule(p, r)``, then the other margin's sums ``c = T' u``. Two
-layouts, both threaded over blocks of lines of about equal nonzeros:
+contiguously), the new scaling ``u = rule(p, r)``, then the other margin's sums ``c = T' u``. The
+lead pass is a threaded gather over blocks of lead lines of about equal nonzeros. The other
+margin's sums, by layout:
 
-* ``"transposed"`` (the default): the table's pattern in the other order (CSC for a CSR table, CSR
-  for a CSC table: one index array of lead-line numbers, the other lines' pointers and the values
-  in that order), built once per kernel by a threaded counting sort. A sweep is then two gather
-  passes, ``r`` over the lead lines and ``c`` over the other lines: every sum is made by one
-  thread, in a fixed order, so the results do not depend on the thread count. Costs one more copy
-  of the values and indices (the size of the table) and its build (about one scipy sweep).
+* ``"transposed"``: the table's pattern in the other order (CSC for a CSR table, CSR for a CSC
+  table: one index array of lead-line numbers, the other lines' pointers and the values in that
+  order), built once per kernel by a threaded counting sort; ``c`` is then a second threaded
+  gather. Every sum is made by one thread in a fixed order, so the results do not depend on the
+  thread count. Costs one more copy of the values and indices (the size of the table) and the
+  build (several scipy sweeps).
+* ``"adaptive"`` (the default): scipy's ``T' u`` for the first :data:`BUILD_AFTER` passes, then as
+  ``"transposed"``: short runs do not pay for the build, long runs get the two gathers.
 * ``"accumulators"``: one pass over the lead lines that gathers ``r_i``, computes ``u_i`` and
   scatters line ``i`` times ``u_i`` into a per-thread accumulator of the other margin's sums while
   the line is in cache. No extra memory beyond the accumulators; but each scattered update is a
   random access into a vector of the other margin's length, which costs as much as a gather, so
-  fusing saves only the second streaming read (benchmarks/bench_sparse.py measures both).
+  fusing saves only the second streaming read (benchmarks/bench_sparse.py measures it).
 
 The cost of a sparse sweep is the random access into the scaling vectors (one per nonzero per
 half-step), not the bytes of the table: a streaming read of values and indices takes a fraction of
@@ -31,13 +34,19 @@ from .. import _validation as check
 from .fused import PER_THREAD, _Fused, _rule, _using, compiled, prange, threads
 from .sparse import SparseKernel
 
-__all__ = ["AUTO_MIN_NNZ", "DEFAULT_LAYOUT", "LAYOUTS", "FusedSparseKernel", "auto_choice", "transposed_pattern"]
+__all__ = ["AUTO_MIN_NNZ", "BUILD_AFTER", "DEFAULT_LAYOUT", "LAYOUTS", "FusedSparseKernel", "auto_choice",
+           "transposed_pattern"]
 
 #: The layouts of :class:`FusedSparseKernel`.
-LAYOUTS = ("transposed", "accumulators")
+LAYOUTS = ("adaptive", "transposed", "accumulators")
 
-#: The layout a :class:`FusedSparseKernel` uses when none is given (the faster one, measured).
-DEFAULT_LAYOUT = "transposed"
+#: The layout a :class:`FusedSparseKernel` uses when none is given.
+DEFAULT_LAYOUT = "adaptive"
+
+#: The ``"adaptive"`` layout builds the transposed pattern in its pass number BUILD_AFTER + 1:
+#: the build costs about as much as the time the gathers then save over this many passes
+#: (benchmarks/bench_sparse.py), so a run is never much slower than with the better of the two.
+BUILD_AFTER = 12
 
 #: ``DATABALANCE_KERNEL=auto`` uses the fused sparse kernel from this many nonzeros on, when numba
 #: runs on two threads or more: below it, or on one thread, scipy's products measured as fast
@@ -229,9 +238,11 @@ def transposed_pattern(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray
 class FusedSparseKernel(_Fused, SparseKernel):
     """:class:`SparseKernel` on CSR or CSC with threaded sweeps (numba), in one of :data:`LAYOUTS`.
 
-    ``"transposed"`` builds the transposed pattern on the first product that needs it and then
-    computes every product (the loop's and :meth:`row_sums` / :meth:`col_sums`) as a threaded
-    gather; ``"accumulators"`` fuses each sweep into one pass with per-thread accumulators.
+    ``"transposed"`` builds the transposed pattern on the first product that needs it; then every
+    product (the sweeps' and :meth:`row_sums` / :meth:`col_sums`) is a threaded gather.
+    ``"adaptive"`` gathers the lead margin's sums by numba and the other margin's by scipy until
+    :data:`BUILD_AFTER` passes have run, then builds the transposed pattern (a short run never pays
+    for it). ``"accumulators"`` fuses each sweep into one pass with per-thread accumulators.
     """
 
     def __init__(self, table, layout: str | None = None):
@@ -240,6 +251,7 @@ class FusedSparseKernel(_Fused, SparseKernel):
         self.lead = 0 if table.format == "csr" else 1
         self.reads = 0
         self.generation = 0
+        self.passes = 0  # fused passes run
         self._bounds: dict[tuple[int, int], np.ndarray] = {}
 
     @cached_property
@@ -251,8 +263,15 @@ class FusedSparseKernel(_Fused, SparseKernel):
     @cached_property
     def _other_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The other margin's lines: the transposed pattern, built once."""
-        ptr, _, data = self._lines
-        return transposed_pattern(ptr, self._lines[1], data, self.shape[1 - self.lead])
+        ptr, indices, data = self._lines
+        return transposed_pattern(ptr, indices, data, self.shape[1 - self.lead])
+
+    def transposed(self) -> bool:
+        """Whether the other margin's sums are gathered from the transposed pattern (built now if
+        the layout says it is time)."""
+        if self.layout == "transposed" or "_other_lines" in self.__dict__:
+            return True
+        return self.layout == "adaptive" and self.passes >= BUILD_AFTER
 
     def _line_bounds(self, which: int, indptr: np.ndarray, nblocks: int) -> np.ndarray:
         key = (which, nblocks)
@@ -270,14 +289,18 @@ class FusedSparseKernel(_Fused, SparseKernel):
                               self._line_bounds(j, indptr, nb), out)
         return out
 
-    def _threaded(self, x) -> bool:
-        return self.layout == "transposed" and getattr(x, "ndim", 0) == 1
+    def _sums_of(self, j: int, x):
+        """Margin ``j``'s sums with the other margin's scaling ``x``: gathered by numba when the
+        layout has the lines of margin ``j``, else scipy's product."""
+        if getattr(x, "ndim", 0) == 1 and self.layout != "accumulators" and (j == self.lead or self.transposed()):
+            return self._gathered(j, x)
+        return SparseKernel.row_sums(self, x) if j == 0 else SparseKernel.col_sums(self, x)
 
     def row_sums(self, v):
-        return self._gathered(0, v) if self._threaded(v) else super().row_sums(v)
+        return self._sums_of(0, v)
 
     def col_sums(self, u):
-        return self._gathered(1, u) if self._threaded(u) else super().col_sums(u)
+        return self._sums_of(1, u)
 
     def margin_l1(self, scaling, sums, target, batch_ndim: int, scratch=None, xp=None):
         """The loop's marginal error ``sum |scaling * sums - target|`` (:func:`databalance._ipf.l1`),
@@ -302,12 +325,14 @@ class FusedSparseKernel(_Fused, SparseKernel):
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
         args = (indptr, indices, data, np.ascontiguousarray(x), np.ascontiguousarray(old),
                 np.ascontiguousarray(p), w, bounds, r, u)
-        if self.layout == "transposed":
+        if self.layout != "accumulators":
             with _using(nb):
                 compiled(_lead_pass)(*args)
-            return r, u, self._gathered(1 - self.lead, u)
-        acc = np.empty((nb, l))
-        with _using(nb):
-            compiled(_scatter_pass)(*args, acc)
-        c = (acc[0] if nb == 1 else acc.sum(axis=0)).astype(self.dtype)
+            c = self._sums_of(1 - self.lead, u)
+        else:
+            acc = np.empty((nb, l))
+            with _using(nb):
+                compiled(_scatter_pass)(*args, acc)
+            c = (acc[0] if nb == 1 else acc.sum(axis=0)).astype(self.dtype)
+        self.passes += 1
         return r, u, c
