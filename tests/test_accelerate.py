@@ -444,3 +444,24 @@ def test_accelerated_limit_is_plain_ipfs(m, l, eps, seed, method):
     # two tables within tol of the same margins: the KL projection's limit to about tol (times the
     # conditioning, 1 / (1 - s_2), which eps bounds here)
     assert np.abs(fast.table - plain.table).sum() / p.sum() <= 1e-10 * (4 + 2 / eps)
+
+
+def test_anderson_without_progress_falls_back_to_plain_ipf(monkeypatch, controllers):
+    """Extrapolations that leave the scaling where it was pass the objective check (no rise) but
+    make no progress: the progress check, one e-fold of the plain rate later, returns to plain IPF."""
+    step = _accelerate.Anderson.step
+
+    def standing_still(self, old, frame, target, sums, nb):
+        new = step(self, old, frame, target, sums, nb)
+        return old.copy() if self.pending is not None else new
+
+    T = block_table(60, 1e-2)
+    p = np.full(60, 1 / 60)
+    plain = db.balance_table(T, p, p, acceleration="none")
+    monkeypatch.setattr(_accelerate.Anderson, "step", standing_still)
+    res = db.balance_table(T, p, p, acceleration="anderson")
+    ctl = controllers[-1]
+    assert ctl.fell_back and not ctl.anderson and ctl.relaxed_from is not None
+    assert res.converged and l1_errors(res.table, p, p) <= 1e-10
+    fold = max(_accelerate.WINDOW, math.ceil(1 / (1 - ctl.theta)))
+    assert res.steps <= plain.steps + 2 * (fold + 2)

@@ -309,6 +309,7 @@ class Accelerated:
         per_line = math.inf if size is None else size() / lines
         self.anderson = Anderson(anderson_memory(per_line))
         self._targets: dict[int, np.ndarray] = {}
+        self._other_error = 0.0
 
     def __getattr__(self, name):
         return getattr(self.kernel, name)
@@ -329,9 +330,14 @@ class Accelerated:
 
     def rescale(self, j, margin, sums, state):
         ctl = self.controller
+        if ctl.method == "anderson" and j != self.watch and not ctl.fell_back:
+            # Anderson's progress shows in both margins (an extrapolation that stands still leaves
+            # the watched one exact): the controller sees the larger error of the two
+            err = l1(state.factors[j], sums, margin.target, len(self.kernel.batch))
+            self._other_error = float(np.max(err))
         if j == self.watch and ctl.mode != "none":
             err = l1(state.factors[j], sums, margin.target, len(self.kernel.batch))
-            ctl.observe(float(np.max(err)) if state.steps > 0 else math.inf)
+            ctl.observe(max(float(np.max(err)), self._other_error) if state.steps > 0 else math.inf)
         if ctl.anderson:
             if j != self.anderson_margin:  # the other margin: was the last extrapolation a descent?
                 return self.kernel.rescale(j, margin, self._checked(j, margin, sums, state), state)
