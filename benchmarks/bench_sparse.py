@@ -3,7 +3,10 @@
 Usage (prints Markdown; RESULTS.md records the output and this command):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sparse.py [--quick]
-        [--nnz 1e7,5e7] [--repeats 5] [--sweeps 3] [--mode interleaved,isolated]
+        [--nnz 1e7,5e7] [--repeats 3] [--sweeps 2] [--mode interleaved,isolated] [--no-floors]
+        [--no-short]
+
+The default run takes about 3 minutes on a quiet two-core machine.
 
 Tables 10^6 x 10^6 CSR (columns uniform; rows uniform, or lengths from a Zipf law). Contenders,
 each timed over ``--sweeps`` sweeps and reported per sweep:
@@ -123,6 +126,8 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
 
     fns = {"scipy": bare, "loop, scipy kernel": loop_sweeps(slow, p, q, sweeps)}
     fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps) for layout in LAYOUTS})
+    tiny = sp.csr_array(np.eye(3, dtype=K.dtype))
+    fs.transposed_pattern(*fs.FusedSparseKernel(tiny)._lines, 3)  # compiled (or loaded) before timing
     for nt in (1, 2):
         numba.set_num_threads(nt)
         t0 = time.perf_counter()
@@ -246,8 +251,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10^5 x 10^5, 10^6 nonzeros")
     ap.add_argument("--nnz", default="1e7,5e7", help="sizes, comma-separated")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--sweeps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--mode", default="interleaved,isolated")
     ap.add_argument("--no-floors", action="store_true")
     ap.add_argument("--no-short", action="store_true", help="skip the whole short calls")
