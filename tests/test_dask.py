@@ -472,7 +472,14 @@ def test_samples_path_pass_counts(samples_path, monkeypatch, tables):
 
     calls = []
     original = _dask_samples.run
-    monkeypatch.setattr(_dask_samples, "run", lambda *a, **k: calls.append(type(a[1]).__name__) or original(*a, **k))
+
+    def counted(samples, task, *args, **kwargs):
+        # A task carries no Dask collection (else every partition's task would compute it whole).
+        assert len(dask.delayed(task, pure=True).__dask_graph__()) == 1
+        calls.append(type(task).__name__)
+        return original(samples, task, *args, **kwargs)
+
+    monkeypatch.setattr(_dask_samples, "run", counted)
     if not tables:
         monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
     data, h, d, margins = three_margins(400, seed=7)

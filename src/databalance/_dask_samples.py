@@ -340,8 +340,10 @@ class SamplesFit:
 
     @cached_property
     def shipped(self) -> SamplesFit:
-        """This fit without its tables (the client's alone): what a pass's tasks carry."""
-        return replace(self, iterate_tables={})
+        """What a pass's tasks carry: this fit without its tables (the client's alone) and without
+        the data's Dask collections (inside a task's argument Dask would compute them whole, as
+        its dependencies)."""
+        return replace(self, iterate_tables={}, samples=Samples(None, [], None, self.samples.shapes))
 
 
 # -- a mean ------------------------------------------------------------------------------------------
