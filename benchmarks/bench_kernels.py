@@ -3,15 +3,16 @@
 Usage (prints Markdown; RESULTS.md records the output and this command):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_kernels.py [--quick]
-        [--only dense,sparse,log] [--repeats 5]
+        [--only dense,log] [--repeats 5]
 
-Every comparison is interleaved (each repeat runs all contenders in turn; medians over repeats),
-with the thread count set for both sides: BLAS threads (threadpoolctl) for the NumPy forms,
-``numba.set_num_threads`` for the fused kernels (scipy.sparse products are single-threaded).
+(sparse tables: benchmarks/bench_sparse.py)
+
+Every comparison is interleaved (rounds in which each contender runs a few times in a row after a
+pause; medians over all timed calls), with the thread count set for both sides: BLAS threads
+(threadpoolctl) for the NumPy forms, ``numba.set_num_threads`` for the fused kernels.
 
 * dense: the NumPy two-matvec sweep ``u = p / (T @ v); v = q / (T.T @ u)`` against the library's
   half-step loop (errors and all) on the fused kernel and on the NumPy kernel, per sweep.
-* sparse: scipy's ``K @ v`` + ``K.T @ u`` against the loop on the fused kernel, per sweep.
 * log: ``balance_logits(L, steps=40)`` (20 sweeps, from the logits: exponentiation included)
   against 20 fused sweeps plus one ``np.exp`` of the table, and against the NumPy log kernel.
 """
@@ -25,7 +26,6 @@ import time
 
 import numba
 import numpy as np
-import scipy.sparse as sp
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import databalance as db
@@ -34,14 +34,25 @@ from databalance import _kernels as kernels
 from databalance._kernels import fused
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
+def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict:
+    """Median seconds per call of each function: ``rounds`` rounds, each running every function in
+    turn, ``repeats`` timed calls in a row after one untimed call and a pause. The pause lets the
+    other contender's threads stop spinning (OpenBLAS's after a product, OpenMP's after a parallel
+    region): on two cores they would otherwise take a core from the next contender."""
     times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            time.sleep(PAUSE)
             fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+#: Seconds between contenders (OpenBLAS's threads spin for about 2^28 cycles after a product).
+PAUSE = 0.5
 
 
 def loop_sweeps(kernel, p, q, sweeps: int):
@@ -95,59 +106,6 @@ def bench_dense(sizes, repeats, sweeps):
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} |")
 
 
-def power_law_csr(n, nnz, rng, alpha=1.2):
-    """n x n CSR, ``nnz`` entries: row lengths from a Zipf-like law (a few rows hold many entries),
-    columns uniform; or uniform rows when alpha is None."""
-    if alpha is None:
-        lengths = np.full(n, nnz // n)
-        lengths[: nnz - lengths.sum()] += 1
-    else:
-        w = (np.arange(1, n + 1, dtype=np.float64)) ** -(1 / alpha)
-        lengths = np.floor(w / w.sum() * nnz).astype(np.int64)
-        lengths = np.minimum(lengths, n)
-        short = nnz - lengths.sum()
-        lengths[np.argsort(lengths, kind="stable")[: short]] += 1
-        rng.shuffle(lengths)
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    indices = rng.integers(0, n, size=int(indptr[-1]), dtype=np.int32)
-    indptr = indptr.astype(np.int32) if indptr[-1] < 2**31 else indptr
-    data = rng.random(indices.size) + 0.1
-    out = sp.csr_array((data, indices, indptr), shape=(n, n))
-    out.has_sorted_indices = False
-    return out
-
-
-def bench_sparse(n, nnzs, repeats, sweeps):
-    print("| rows | nnz | threads | scipy K@v + K.T@u ms/sweep | loop, fused kernel ms/sweep | ratio |")
-    print("|---|---|---|---|---|---|")
-    for nnz in nnzs:
-        for kind in ("uniform", "power-law"):
-            rng = np.random.default_rng(1)
-            K = power_law_csr(n, nnz, rng, None if kind == "uniform" else 1.2)
-            # every column needs mass for the loop's ratio: lines without it are given target 0
-            p = np.where(np.diff(K.indptr) > 0, 1.0, 0.0)
-            q = np.where(np.bincount(K.indices, minlength=n) > 0, 1.0, 0.0)
-            p, q = p / p.sum(), q / q.sum()
-            fast = kernel_of(K, "numba")
-            assert type(fast).__name__ == "FusedSparseKernel"
-            KT = K.T
-
-            def bare():
-                v = np.ones(n)
-                for _ in range(sweeps):
-                    with np.errstate(divide="ignore"):
-                        u = p / (K @ v)
-                        v = q / (KT @ u)
-
-            for nt in (1, 2):
-                numba.set_num_threads(nt)
-                loop_sweeps(fast, p, q, 1)()
-                t = interleaved({"bare": bare, "fused": loop_sweeps(fast, p, q, sweeps)}, repeats)
-                print(f"| 10^6 {kind} | {nnz:.0e} | {nt} | {1e3 * t['bare'] / sweeps:.1f} | "
-                      f"{1e3 * t['fused'] / sweeps:.1f} | {t['fused'] / t['bare']:.2f} |")
-
-
 def bench_log(n, repeats, sweeps=20):
     rng = np.random.default_rng(2)
     print("| table | dtype | threads | 20 fused sweeps + np.exp ms | balance_logits fused ms | ratio | "
@@ -186,21 +144,16 @@ def bench_log(n, repeats, sweeps=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="dense,sparse,log")
+    ap.add_argument("--only", default="dense,log")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--nnz", default="1e7,5e7", help="sparse sizes, comma-separated")
     args = ap.parse_args()
     only = args.only.split(",")
     info = ", ".join(f"{d['internal_api']} {d.get('architecture')} ({d['num_threads']} threads max)"
                      for d in threadpool_info() if d["user_api"] == "blas")
     print(f"BLAS: {info}; numba {numba.__version__}, threading layer {numba.config.THREADING_LAYER}; "
-          f"medians of {args.repeats} interleaved repeats\n")
+          f"medians of 3 rounds x {args.repeats} timed calls per contender\n")
     if "dense" in only:
         bench_dense([1000] if args.quick else [4000, 8000], args.repeats, 10)
-        print()
-    if "sparse" in only:
-        sizes = [10**6] if args.quick else [int(float(x)) for x in args.nnz.split(",")]
-        bench_sparse(10**5 if args.quick else 10**6, sizes, args.repeats, 5)
         print()
     if "log" in only:
         bench_log(1000 if args.quick else 4000, args.repeats)
