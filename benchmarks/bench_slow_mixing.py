@@ -4,7 +4,7 @@ accelerated IPF (what ``acceleration="auto"`` runs), POT (issue 11).
 Usage (prints Markdown; RESULTS.md records the output and this command):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_slow_mixing.py [--n 1000]
-        [--repeats 3] [--threads 2] [--cases block,transport] [--pot-log] [--pot-scaling]
+        [--repeats 3] [--threads 2] [--cases block,transport:0.0002] [--pot-log] [--pot-scaling]
 
 Two families, at strengths chosen so that the balanced table's s_2 is about 0.99, 0.997 and 0.999
 (measured and printed: ``spectrum(result.table, rank=3)``):
@@ -87,7 +87,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     cases = [("block", block, 5e-3), ("block", block, 5e-4), ("transport", transport, 2e-3),
              ("transport", transport, 5e-4), ("transport", transport, 2e-4)]
-    for name, make, strength in (c for c in cases if c[0] in args.cases.split(",")):
+    chosen = args.cases.split(",")
+    for name, make, strength in (c for c in cases if c[0] in chosen or f"{c[0]}:{c[2]:g}" in chosen):
         T, p, q, M = make(n, strength, np.random.default_rng(0))
         runs = {}
 
@@ -128,7 +129,7 @@ def main():
 
             if args.pot_scaling:
                 solvers["POT sinkhorn_epsilon_scaling"] = pot(scaling)
-        elif ot is not None:  # POT on the table itself: its kernel is the table (M = -log T, reg = 1)
+        elif ot is not None and M is None:  # POT on the table itself: its kernel is the table (M = -log T, reg = 1)
             Mt = -np.log(T)
 
             def pot_table():

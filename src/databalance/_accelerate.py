@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -172,13 +173,11 @@ class Anderson:
 
     def __init__(self, memory: int = MEMORY):
         self.memory = int(memory)
-        self.xs: list[np.ndarray] = []
-        self.gs: list[np.ndarray] = []
-        self.valid: np.ndarray | None = None  # per problem: how many stored pairs count
         self.pending: tuple[np.ndarray, np.ndarray] | None = None  # (x_k, g_k) of the last extrapolation
         self.log_sums: np.ndarray | None = None  # log(T v) at x_k, absolute
         self.accepted = 0
         self.rejected = 0
+        self.restart()
 
     @staticmethod
     def _log(scaling, frame, live) -> np.ndarray:
@@ -189,11 +188,20 @@ class Anderson:
         return np.where(live, x, 0.0)
 
     def restart(self, which=None) -> None:
-        """Forget the memory (of the problems where ``which`` is True; all when None)."""
-        if which is None or self.valid is None:
-            self.xs, self.gs, self.valid = [], [], None
+        """Forget the memory (of the problems where ``which`` is True; of all when None): only the
+        last pair counts for them, with the ones that follow."""
+        if which is None:
+            self.time = 0  # pairs recorded since the last full restart, minus 1
+            self.last: tuple[np.ndarray, np.ndarray] | None = None  # (f, g) of the last pair
+            # differences of successive f and g, in a ring of ``memory`` slots (slot axis first),
+            # their Gram matrix, and when each slot was written
+            self.dF: np.ndarray | None = None
+            self.dG: np.ndarray | None = None
+            self.gram: np.ndarray | None = None
+            self.written = np.full(self.memory, -1)
+            self.since: Any = 0  # per problem: the differences written after this time count
         else:
-            self.valid = np.where(which, 1, self.valid)
+            self.since = np.where(which, self.time, self.since)
 
     def step(self, old: np.ndarray, frame, target: np.ndarray, sums: np.ndarray, batch_ndim: int) -> np.ndarray:
         """The scaling to install (in the frame of ``old``) from this margin's sums."""
@@ -208,27 +216,36 @@ class Anderson:
         if not (np.isfinite(x).all() and np.isfinite(g).all()):
             self.restart()  # an empty line, or an overflow: a plain step
             return plain
-        self.xs.append(x)
-        self.gs.append(g)
-        if len(self.xs) > self.memory + 1:
-            del self.xs[0], self.gs[0]
-        self.valid = np.ones(x.shape[:batch_ndim], int) if self.valid is None else self.valid + 1
-        k = len(self.xs) - 1
-        if k == 0:
+        f = g - x
+        if self.last is None:
+            self.last = (f, g)
             return plain
-        X, Gm = np.stack(self.xs, axis=-1), np.stack(self.gs, axis=-1)  # batch + (n, k + 1)
-        F = Gm - X
-        dF, dG = np.diff(F, axis=-1), np.diff(Gm, axis=-1)
-        # the differences older than a problem's last restart do not count
-        keep = (np.arange(k) >= (k + 1 - np.minimum(self.valid, k + 1))[..., None]).astype(np.float64)
-        dF = dF * keep[..., None, :]
-        dG = dG * keep[..., None, :]
-        A = np.einsum("...ni,...nj->...ij", dF, dF)
-        b = np.einsum("...ni,...n->...i", dF, F[..., -1])
-        scale = np.trace(A, axis1=-2, axis2=-1)[..., None, None] / k
-        A = A + (RIDGE * scale + np.finfo(np.float64).tiny) * np.eye(k)
+        # one more difference into the ring, and its row of the Gram matrix: O(memory x lines)
+        self.time += 1
+        slot = self.time % self.memory
+        if self.dF is None:
+            self.dF = np.zeros((self.memory,) + f.shape)
+            self.dG = np.zeros((self.memory,) + f.shape)
+            self.gram = np.zeros(f.shape[:-1] + (self.memory, self.memory))
+        assert self.dG is not None and self.gram is not None
+        np.subtract(f, self.last[0], out=self.dF[slot])
+        np.subtract(g, self.last[1], out=self.dG[slot])
+        self.written[slot] = self.time
+        self.last = (f, g)
+        row = np.einsum("s...n,...n->...s", self.dF, self.dF[slot])
+        self.gram[..., slot, :] = row
+        self.gram[..., :, slot] = row
+        valid = self.written > np.reshape(self.since, np.shape(self.since) + (1,))  # batch + (memory,)
+        if not valid.any():
+            return plain
+        A = self.gram * (valid[..., :, None] & valid[..., None, :])
+        b = np.einsum("s...n,...n->...s", self.dF, f) * valid
+        scale = np.trace(A, axis1=-2, axis2=-1) / np.maximum(valid.sum(axis=-1), 1)
+        # the ridge on the counted differences; 1 on the others (their coefficients come out 0)
+        ridge = np.where(valid, (RIDGE * scale + np.finfo(np.float64).tiny)[..., None], 1.0)
+        A = A + ridge[..., :, None] * np.eye(self.memory)
         gamma = np.linalg.solve(A, b[..., None])[..., 0]
-        x_new = g - np.einsum("...ni,...i->...n", dG, gamma)
+        x_new = g - np.einsum("s...n,...s->...n", self.dG, gamma)
         with np.errstate(over="ignore", invalid="ignore", under="ignore", divide="ignore"):
             # the level of x is free (G(x + c) = G(x) + c, and the objective ignores it): the
             # extrapolated scaling is rescaled to this margin's mass 1, the plain step's, so that it
