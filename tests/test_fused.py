@@ -316,3 +316,31 @@ def test_float64_sums_match_numpy(problem, order):
             assert g.dtype == np.float64 and g.shape == w.shape
             np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-300)
             np.testing.assert_allclose(g, returned.sum(axis=axis), rtol=1e-13, atol=1e-300)
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 3), st.booleans())
+def test_chain_pass_matches_products(m, l, d, zero_step):
+    rng = np.random.default_rng(m * 100 + l)
+    W = rng.random((m, l))
+    x = np.zeros((l, d)) if zero_step else rng.normal(size=(l, d))
+    base, scale = rng.normal(size=(m, d)), (np.zeros(m) if zero_step else rng.random(m) + 0.5)
+    y, product = fused.chain_pass(W, x, base, scale)
+    np.testing.assert_allclose(y, base - scale[:, None] * (W @ x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(product, W.T @ y, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
+@given(problems(), st.sampled_from("CF"), st.sampled_from("xy"), st.sampled_from([(), (2,)]))
+def test_variance_profile_on_fused_passes_matches_numpy(problem, order, start, extra):
+    """variance_profile's chains on fused passes (one read per two steps) against BLAS products."""
+    table, _, _ = problem
+    table = table.astype(np.float64)
+    if order == "F":
+        table = np.asfortranarray(table)
+    h = np.random.default_rng(table.size).normal(size=table.shape + extra)
+    with kernel_choice("numpy"):
+        a = db.variance_profile(table, h, max_steps=9, start=start).sigma2
+    with kernel_choice("numba"):
+        b = db.variance_profile(table, h, max_steps=9, start=start).sigma2
+    np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max())

@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike
 from . import _feasibility, _progress, plotting
 from . import _validation as check
 from ._joint import Cells, Joint, additive_fit, additive_residual
-from ._kernels import is_sparse, support_pattern
+from ._kernels import fused, is_sparse, support_pattern
 from ._typing import TableLike
 from .balance import iterate_balance
 from .spectral import cyclic_rate
@@ -371,13 +371,14 @@ def _chains(joint: Joint, K: int, count: _Counter) -> np.ndarray:
         a, b = np.zeros_like(r), np.zeros_like(c)
         last = K if (K % 2 == 1) == (first == "x") else K - 1
         kept = []  # the values this chain contributes, every second projection
+        step = _Steps(joint, r, c)
         for t in range(1, last + 1):
             # After an X-projection E[g | X] = 0, so Var(g) = E[(h~ - b)^2] - E[a^2], a = E[h~ - b | X].
             if (t % 2 == 1) == (first == "x"):
-                a = r - joint.given_x(b) if t > 1 else r
+                a = step.x(b) if t > 1 else r
                 value = second - 2 * (qc * b).sum(0) + (q[:, None] * b**2).sum(0) - (p[:, None] * a**2).sum(0)
             else:
-                b = c - joint.given_y(a) if t > 1 else c
+                b = step.y(a) if t > 1 else c
                 value = second - 2 * (pr * a).sum(0) + (p[:, None] * a**2).sum(0) - (q[:, None] * b**2).sum(0)
             if (t % 2 == 1) == (first == "x"):
                 sigma2[t] = value
@@ -388,6 +389,41 @@ def _chains(joint: Joint, K: int, count: _Counter) -> np.ndarray:
                     count(len(sigma2[t + 2 :: 2]), value)
                     break
     return sigma2
+
+
+class _Steps:
+    """The chains' steps ``a = r - E[b | X]`` and ``b = c - E[a | Y]``.
+
+    On a dense table the fused kernels run (:func:`databalance._kernels.fused.which_kernel`), a
+    step over the table's contiguous lines (X for C order, Y for Fortran order) is one numba pass
+    that also gives the sums the next step needs: one read of the table per two steps, instead of
+    BLAS's one per step. Otherwise each step is a product with the table."""
+
+    def __init__(self, joint: Joint, r: np.ndarray, c: np.ndarray) -> None:
+        self.joint, self.r, self.c = joint, r, c
+        self.lead = None if joint.sparse or fused.which_kernel(joint.T) != "numba" else fused._lead(joint.T)
+        self.next: tuple | None = None  # (the step's result, the next step's conditional mean)
+
+    def x(self, b: np.ndarray) -> np.ndarray:
+        return self._step(0, b)
+
+    def y(self, a: np.ndarray) -> np.ndarray:
+        return self._step(1, a)
+
+    def _step(self, side: int, v: np.ndarray) -> np.ndarray:
+        j = self.joint
+        base, sums = (self.r, j.tr) if side == 0 else (self.c, j.tc)
+        if self.lead is None:
+            return base - (j.given_x(v) if side == 0 else j.given_y(v))
+        if self.next is not None and self.next[0] is v:  # computed in the pass of the last step
+            return base - self.next[1]
+        W = j.T if self.lead == 0 else j.T.T  # C-ordered: its rows are the lead lines
+        if side != self.lead:  # the product alone (a chain's first product): nothing to step
+            product = fused.chain_pass(W, np.zeros((W.shape[1], v.shape[1])), v, np.zeros(W.shape[0]))[1]
+            return base - product / sums[:, None]
+        out, product = fused.chain_pass(W, v, base, 1.0 / sums)
+        self.next = (out, product / (j.tc if side == 0 else j.tr)[:, None])
+        return out
 
 
 def _cyclic_chains(cells: Cells, p: np.ndarray, h: np.ndarray, K: int, count: _Counter) -> np.ndarray:

@@ -316,6 +316,25 @@ def _rounded_sums(T, x, y, lead_first, nblocks, r, acc):
             r[b, i] = s
 
 
+def _chain_pass(W, xT, base, scale, nblocks, y, acc):
+    """``y[k] = base[k] - scale * (W xT[k])`` for each column k, and ``acc[q, k] = W' y[k]`` over
+    row block q: sixteen rows at a time, every column's sums and updates while the rows are in
+    cache (one read of ``W`` whatever the number of columns)."""
+    m, l = W.shape
+    for q in prange(nblocks):
+        lo = q * m // nblocks
+        hi = (q + 1) * m // nblocks
+        A = acc[q]
+        A[:] = 0.0
+        for i in range(lo, hi, 16):
+            e = min(i + 16, hi)
+            for k in range(xT.shape[0]):
+                _dots(W, xT[k], i, e, 0.0, y[k])
+                for g in range(i, e):
+                    y[k, g] = base[k, g] - scale[g] * y[k, g]
+                _axpy(W, y[k], i, e, A[k])
+
+
 def _lead_products(T, x, nblocks, zero, r):
     """``r = T x`` for ``T`` (B, m, l) (the lead lines' sums), threaded over row blocks."""
     B, m, l = T.shape
@@ -438,6 +457,25 @@ def _using(n: int):
         global _LAYER
         if _LAYER is None:
             _LAYER = numba.threading_layer()
+
+
+def chain_pass(W: np.ndarray, x: np.ndarray, base: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a C-ordered table ``W`` (m, l) and ``x`` (l, d): ``y = base - scale[:, None] * (W x)``
+    and ``W' y``, float64, from one read of ``W`` (numba, threaded over row blocks). With ``x = 0``
+    and ``scale = 0`` it is the product ``W' base``.
+
+    The alternating conditional means of :func:`databalance.variance_profile` are such steps: one
+    pass gives a step and the product the next step needs."""
+    m, l = W.shape
+    d = x.shape[1]
+    nt = min(threads(), max(1, W.size // PER_THREAD))
+    nblocks = max(1, min(m, nt))
+    y = np.empty((d, m))
+    acc = np.empty((nblocks, d, l))
+    with _using(nt):
+        compiled(_chain_pass)(W, np.ascontiguousarray(x.T, np.float64), np.ascontiguousarray(base.T, np.float64),
+                              np.ascontiguousarray(scale, np.float64), nblocks, y, acc)
+    return y.T, acc.sum(axis=0).T
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
