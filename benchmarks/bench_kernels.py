@@ -13,6 +13,7 @@ pause; medians over all timed calls), with the thread count set for both sides: 
 
 * dense: the NumPy two-matvec sweep ``u = p / (T @ v); v = q / (T.T @ u)`` against the library's
   half-step loop (errors and all) on the fused kernel and on the NumPy kernel, per sweep.
+* variance: ``variance_profile(T, h, max_steps=20)`` on the fused passes against BLAS products.
 * log: ``balance_logits(L, steps=40)`` (20 sweeps, from the logits: exponentiation included)
   against 20 fused sweeps plus one ``np.exp`` of the table, and against the NumPy log kernel.
 """
@@ -141,10 +142,37 @@ def bench_log(n, repeats, sweeps=20):
                   f"{t['log_slow'] / base_s:.2f} |")
 
 
+def bench_variance(n, repeats, steps=20):
+    """variance_profile's chains on fused passes (one read per two steps) against BLAS products
+    (one read per step), on a slowly mixing table (s_2 about 0.99: no chain stops early)."""
+    rng = np.random.default_rng(3)
+    T = rng.random((n, n)) * 0.01
+    T[: n // 2, : n // 2] += 1.0
+    T[n // 2 :, n // 2 :] += 1.0
+    h = rng.normal(size=(n, n))
+    print("| table | threads | variance_profile, BLAS products ms | fused passes ms | ratio |")
+    print("|---|---|---|---|---|")
+
+    def profile(name):
+        def go():
+            os.environ[fused.ENV] = name
+            try:
+                db.variance_profile(T, h, max_steps=steps)
+            finally:
+                del os.environ[fused.ENV]
+        return go
+
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        with threadpool_limits(nt):
+            t = interleaved({"numpy": profile("numpy"), "numba": profile("numba")}, repeats)
+        print(f"| {n}^2 | {nt} | {1e3 * t['numpy']:.0f} | {1e3 * t['numba']:.0f} | {t['numba'] / t['numpy']:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="dense,log")
+    ap.add_argument("--only", default="dense,log,variance")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     only = args.only.split(",")
@@ -157,6 +185,9 @@ def main():
         print()
     if "log" in only:
         bench_log(1000 if args.quick else 4000, args.repeats)
+        print()
+    if "variance" in only:
+        bench_variance(1000 if args.quick else 4000, args.repeats)
 
 
 if __name__ == "__main__":
