@@ -95,15 +95,16 @@ def finite_sums(sums: np.ndarray, values, name: str) -> None:
     raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
-def logits_entries(logits: np.ndarray, name: str) -> tuple[bool, float]:
+def logits_entries(logits: np.ndarray, name: str, line_max: np.ndarray | None = None) -> tuple[bool, float]:
     """NaN and +inf are errors; -inf is a structural zero. Returns whether any -inf is present and
     the largest magnitude of a finite entry.
 
-    Two reductions over the table; the offending index is searched only on the error path.
+    Two reductions over the table (one when the maxima of its lines, ``line_max``, are given); the
+    offending index is searched only on the error path.
     """
     if logits.size == 0:
         return False, 0.0
-    lowest, highest = logits.min(), logits.max()
+    lowest, highest = logits.min(), (logits.max() if line_max is None else line_max.max())
     if np.isnan(lowest) or np.isnan(highest):
         raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(logits))}.")
     if np.isposinf(highest):

@@ -567,9 +567,11 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     arr = check.dense_array(logits, "logits", min_ndim=2)
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)
-    has_zeros, magnitude = check.logits_entries(arr, "logits")
+    # the maxima of the lines the first step rescales centre the kernel and serve the validation
+    line_max = arr.max(axis=-1 if _first(start) == 0 else -2, initial=-np.inf)
+    has_zeros, magnitude = check.logits_entries(arr, "logits", line_max)
     tol = check.tolerance(tol, dtype)
-    kernel = kernels.log_kernel(arr, _first(start), has_zeros)
+    kernel = kernels.log_kernel(arr, _first(start), has_zeros, line_max)
     targets = _two_targets(kernel, p_x, p_y)
     problem = _problem(kernel, targets, ["p_x", "p_y"], ["Row", "Column"], first=_first(start), steps=steps,
                        name="logits")

@@ -118,11 +118,11 @@ def kernel_for(table) -> Kernel:
     return fused.accelerated(kernel)
 
 
-def log_kernel(logits: np.ndarray, first: int, has_zeros: bool = True) -> LogKernel:
+def log_kernel(logits: np.ndarray, first: int, has_zeros: bool = True, line_max: np.ndarray | None = None) -> LogKernel:
     """The kernel of validated logits (fused when :func:`.fused.which_kernel` chooses it)."""
     from . import fused
 
-    return fused.log_kernel(logits, first, has_zeros)
+    return fused.log_kernel(logits, first, has_zeros, line_max)
 
 
 def is_array_api(table) -> bool:

@@ -161,10 +161,11 @@ def accelerated(kernel):
     return FusedDenseKernel(kernel.table, kernel.lowest)
 
 
-def log_kernel(logits: np.ndarray, first: int, has_zeros: bool = True) -> LogKernel:
-    """The log kernel of validated logits: fused when :func:`which_kernel` chooses numba."""
+def log_kernel(logits: np.ndarray, first: int, has_zeros: bool = True, line_max: np.ndarray | None = None) -> LogKernel:
+    """The log kernel of validated logits (``line_max``: their maxima along the lines the first
+    step rescales, if known): fused when :func:`which_kernel` chooses numba."""
     cls = FusedLogKernel if which_kernel(logits) == "numba" else LogKernel
-    return cls(logits, first, has_zeros)
+    return cls(logits, first, has_zeros, line_max)
 
 
 # -- the update rule ----------------------------------------------------------------------------------
@@ -666,12 +667,12 @@ class FusedLogKernel(_DenseFused, LogKernel):
     """:class:`LogKernel` with fused sweeps; the exponentiation computes the frame's sums (and the
     input's) while each block of the buffer is in cache, so the first half-step needs no pass."""
 
-    def __init__(self, logits: np.ndarray, first: int, has_zeros: bool = True):
+    def __init__(self, logits: np.ndarray, first: int, has_zeros: bool = True, line_max: np.ndarray | None = None):
         self.reads = 0
         self.generation = 0
         self._first_sums: list[np.ndarray] | None = None
         self._weighted: np.ndarray | None = None
-        super().__init__(logits, first, has_zeros)
+        super().__init__(logits, first, has_zeros, line_max)
         self.lead = _lead(self.table) or 0
 
     def _exponentiate(self, frame):

@@ -18,9 +18,10 @@ from .dense import DenseKernel, ratio, support_pattern_dense
 CHUNK = 1 << 18
 
 
-def finite_max(a: np.ndarray, axis: int) -> np.ndarray:
-    """Max along an axis in float64, with 0 for lines that are entirely -inf."""
-    peak = a.max(axis=axis).astype(np.float64)
+def finite_max(a: np.ndarray, axis: int, given: np.ndarray | None = None) -> np.ndarray:
+    """Max along an axis in float64, with 0 for lines that are entirely -inf (``given``: that max,
+    already computed)."""
+    peak = (a.max(axis=axis) if given is None else given).astype(np.float64)
     peak[np.isneginf(peak)] = 0.0
     return peak
 
@@ -101,7 +102,7 @@ def logsumexp_rows(L, g) -> np.ndarray:
 class LogKernel(DenseKernel):
     """The buffer ``exp(L + f + g)`` as a dense table; the potentials are the state's frame."""
 
-    def __init__(self, logits: np.ndarray, first: int, has_zeros: bool = True):
+    def __init__(self, logits: np.ndarray, first: int, has_zeros: bool = True, line_max: np.ndarray | None = None):
         super().__init__(np.empty_like(logits))
         self.logits = logits
         self.has_zeros = has_zeros
@@ -109,7 +110,7 @@ class LogKernel(DenseKernel):
         self.tiny, self.tau = (1e-100, 1e50) if self.dtype == np.float64 else (1e-15, 1e8)
         # Centre the side that the first step rescales (its old scaling is never used), so that the
         # other side's potential is exactly 0 and the first step acts on exp(L) itself.
-        centre = -finite_max(logits, -1 if first == 0 else -2)
+        centre = -finite_max(logits, -1 if first == 0 else -2, line_max)
         zero = np.zeros(self.batch + (self.shape[1 - first],))
         self.centre = centre
         self._frame = [centre, zero] if first == 0 else [zero, centre]
