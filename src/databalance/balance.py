@@ -588,17 +588,17 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
         # they give by that much: for logits near 1e15 they cannot represent the balanced table.
         # The errors (and `table`) are then those of exp(logits + f + g); such a run is not called
         # converged ("stalled": no more steps help).
-        sums, scalings = list(kernels.log.exp_line_sums(arr, f, g)), None
+        sums, scalings, why = list(kernels.log.exp_line_sums(arr, f, g)), None, check.unrepresentable(magnitude)
     elif dtype == np.float32 and scalings is not None:  # float32 working sums: measured in float64
-        sums = kernel.float64_sums(scalings)
+        sums, why = kernel.float64_sums(scalings), check.float32_resolution()
         if not all(np.isfinite(s).all() for s in sums):  # the buffer overflowed float32 after a last reset
             sums, scalings = list(kernels.log.exp_line_sums(arr, f, g)), None
     else:
-        sums = None
+        sums, why = None, ""
     measured = outcome if sums is None else _ipf.remeasured(outcome, problem, sums, tol)
     lost = outcome.converged and not measured.converged
     outcome = measured
-    _ipf.warn_if_unconverged(outcome, tol, check.unrepresentable(magnitude) if lost else "")
+    _ipf.warn_if_unconverged(outcome, tol, why if lost else "")
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                             passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known,
                             _buffer=None if scalings is None else (kernel.table, scalings))

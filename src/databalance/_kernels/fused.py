@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _validation as check
+from .cells import parallel
 from .dense import DenseKernel, ratio
 from .log import CHUNK, LogKernel, row_chunks
 from .sparse import SparseKernel
@@ -395,7 +396,7 @@ def compiled(func, parallel: bool = True, exact: bool = False):
     for name, (inner, exact_inner) in _INNER.items():
         if name in namespace:
             namespace[name] = _jitted(inner, exact_inner)
-    return numba.njit(func, parallel=parallel, cache=True, fastmath=False if exact else set(FASTMATH))
+    return numba.njit(func, parallel=parallel, nogil=True, cache=True, fastmath=False if exact else set(FASTMATH))
 
 
 #: reassoc/contract let LLVM vectorise the sums (a sum in another order: the results differ from
@@ -563,6 +564,7 @@ class _DenseFused(_Fused):
     table: np.ndarray
     dtype: np.dtype
     batch: tuple
+    shape: tuple
 
     @cached_property
     def _work(self) -> np.ndarray:
@@ -685,23 +687,39 @@ class FusedLogKernel(_DenseFused, LogKernel):
         first = self._first_sums is None
         if first:
             rows, wrows = np.empty(L.shape[:-1]), np.empty(L.shape[:-1])
-            cols, wcols = np.zeros(L.shape[:-2] + L.shape[-1:]), np.zeros(L.shape[:-2] + L.shape[-1:])
             with np.errstate(over="ignore", under="ignore"):
                 shift = self.centre.min(axis=-1, keepdims=True)
                 weights = np.exp(shift - self.centre).astype(self.dtype).astype(np.float64)
             # first == 0: the rows' potentials are undone in the column sums, and vice versa
-            wr, wc = (weights, np.zeros(cols.shape)) if self.first == 0 else (np.zeros(rows.shape), weights)
+            wr, wc = ((weights, np.zeros(L.shape[:-2] + L.shape[-1:])) if self.first == 0
+                      else (np.zeros(rows.shape), weights))
         f, g = (np.ascontiguousarray(x, np.float64) for x in frame)
         add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
-        with np.errstate(over="ignore", under="ignore"):
-            for b, r in row_chunks(L):
-                add(L[b], f[b], g[b], r.start, min(r.stop, L.shape[-2]), out[b])
-                np.exp(out[b][r], out=out[b][r])
-                if first:
-                    sums(out[b], r.start, min(r.stop, L.shape[-2]), wr[b], wc[b], rows[b], cols[b], wrows[b], wcols[b])
-        if first:
-            self._first_sums = [rows.astype(self.dtype), cols.astype(self.dtype)]
-            self._weighted = wcols if self.first == 0 else wrows
+        m = L.shape[-2]
+        # numba's thread count, in the library's thread pool (the compiled parts release the GIL,
+        # and so does NumPy's exp): the exponentiation is not left to one core. Rows are written in
+        # place; each group of chunks adds up its own column sums.
+        chunks = list(row_chunks(L))
+        nt = max(1, min(threads(), L.size // PER_THREAD, len(chunks)))
+        groups = [chunks[i * len(chunks) // nt:(i + 1) * len(chunks) // nt] for i in range(nt)]
+        cols = np.zeros((2 * nt,) + L.shape[:-2] + L.shape[-1:]) if first else None
+
+        def exponentiate(t: int) -> None:
+            with np.errstate(over="ignore", under="ignore"):
+                for b, r in groups[t]:
+                    add(L[b], f[b], g[b], r.start, min(r.stop, m), out[b])
+                    np.exp(out[b][r], out=out[b][r])
+                    if cols is not None:
+                        sums(out[b], r.start, min(r.stop, m), wr[b], wc[b], rows[b], cols[2 * t][b], wrows[b],
+                             cols[2 * t + 1][b])
+
+        jobs = [parallel(exponentiate, t) for t in range(1, nt)]
+        exponentiate(0)
+        for job in jobs:
+            job.result()
+        if cols is not None:
+            self._first_sums = [rows.astype(self.dtype), cols[0::2].sum(axis=0).astype(self.dtype)]
+            self._weighted = cols[1::2].sum(axis=0) if self.first == 0 else wrows
 
     @cached_property
     def frame_sums(self) -> list[np.ndarray]:
