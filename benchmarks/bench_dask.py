@@ -119,8 +119,13 @@ def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool 
         distributed.wait([codes, h])
         data = {c: codes[:, j] for j, c in enumerate(COLUMNS)}
     start = time.perf_counter()
-    est = BalancedEstimator(margins(), steps=steps).fit(data).mean(h)
-    return time.perf_counter() - start, (est.estimate, est.standard_error)
+    fitted = BalancedEstimator(margins(), steps=steps).fit(data)
+    middle = time.perf_counter()
+    est = fitted.mean(h)
+    end = time.perf_counter()
+    print(f"  fit {middle - start:.2f} s, mean {end - middle:.2f} s ({type(fitted._dask_fit).__name__}); client "
+          f"peak so far {peak_mb():.0f} MB", flush=True)
+    return end - start, (est.estimate, est.standard_error)
 
 
 def samples(args) -> None:

@@ -12,9 +12,14 @@ vectors at every sample's categories, ``np.bincount`` per level) merged by Dask'
   first pass encodes and checks every label and gives the input's margin sums.
 - Finite-k standard error: the backfitting form of :func:`._joint.step_linearization` with the
   samples as cells. There ``D`` (one number per cell and statistic) is updated in place, step
-  after step; here it cannot be kept (one number per sample), so pass j recomputes, at every
-  sample, ``D_j = q_k h~ - sum_(l > j) q_l mu_l[m(l)]`` from the iterates' factors and the known
-  ``mu_l`` (small vectors) and sums it per level of margin m(j): one pass per step, k = ..., 1.
+  after step; here it cannot be kept (one number per sample). Margin m(j)'s sums of
+  ``D_j = q_k h~ - sum_(l > j) q_l mu_l[m(l)]`` are instead margin m(j)'s sums of q_k h~ (one pass
+  of the ``mean``) minus the two-way tables of margins m(j) and m(l) under iterate l applied to
+  ``mu_l``: the fit's pass after step l gathers those tables (balanced linearisation; the survey
+  one's iterates are all the starting measure, whose pairwise tables the ``mean``'s first pass
+  gathers), and the recursion runs on the client (:func:`_mus_in_memory`). When the tables would be
+  too large (``TABLES_MAX``), one pass per step j = k, ..., 1 sums ``D_j`` recomputed at every
+  sample from the iterates' factors and the known ``mu_l`` (:class:`StepSums`).
 - Converged standard error: the additive least-squares fit of :func:`._joint.additive_fit`, from
   its normal equations (the pairwise two-way tables of the margins under the measure and the
   per-level sums of h, one pass), solved in memory.

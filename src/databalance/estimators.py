@@ -401,7 +401,9 @@ class BalancedEstimator:
         column the margins name (other columns are ignored); ``sample_weight`` the design weights.
         A Dask DataFrame (or a mapping of Dask arrays or Series) is reduced to its occupied cells in
         one pass, and ``weights_`` is then a lazy Dask array with its partitions (user guide,
-        "Samples and tables on Dask"; ``bounds`` is refused there).
+        "Samples and tables on Dask"; ``bounds`` is refused there). When the margins' columns have
+        more than ``DASK_CELL_TABLE_MAX`` combinations the samples stay on the workers as their own
+        cells: one pass per half-step, and two for a ``mean``.
         """
         steps = check.steps_option(self.steps)
         empty = check.empty_policy(self.empty)
