@@ -203,23 +203,24 @@ class Anderson:
         else:
             self.since = np.where(which, self.time, self.since)
 
-    def step(self, old: np.ndarray, frame, target: np.ndarray, sums: np.ndarray, batch_ndim: int) -> np.ndarray:
-        """The scaling to install (in the frame of ``old``) from this margin's sums."""
+    def step(self, old: np.ndarray, frame, target: np.ndarray, sums: np.ndarray,
+             batch_ndim: int) -> np.ndarray | None:
+        """The scaling to install (in the frame of ``old``) from this margin's sums; None for the
+        plain step (taken by the kernel's own rescale, so exactly plain IPF's)."""
         live = np.broadcast_to(np.asarray(target) > 0, np.shape(old))
         x = self._log(old, frame, live)
         with np.errstate(divide="ignore", invalid="ignore"):
             g = np.where(live, np.log(np.asarray(target, np.float64)) - np.log(np.asarray(sums, np.float64)), 0.0)
         if frame is not None:
             g = np.where(live, g + frame, 0.0)
-        plain = _plain(old, target, sums)
         self.pending = None
         if not (np.isfinite(x).all() and np.isfinite(g).all()):
             self.restart()  # an empty line, or an overflow: a plain step
-            return plain
+            return None
         f = g - x
         if self.last is None:
             self.last = (f, g)
-            return plain
+            return None
         # one more difference into the ring, and its row of the Gram matrix: O(memory x lines)
         self.time += 1
         slot = self.time % self.memory
@@ -237,7 +238,7 @@ class Anderson:
         self.gram[..., :, slot] = row
         valid = self.written > np.reshape(self.since, np.shape(self.since) + (1,))  # batch + (memory,)
         if not valid.any():
-            return plain
+            return None
         A = self.gram * (valid[..., :, None] & valid[..., None, :])
         b = np.einsum("s...n,...n->...s", self.dF, f) * valid
         scale = np.trace(A, axis1=-2, axis2=-1) / np.maximum(valid.sum(axis=-1), 1)
@@ -254,19 +255,19 @@ class Anderson:
             d = np.where(live, x_new - g, -np.inf)
             top = d.max(axis=-1, keepdims=True)
             x_new = x_new - top - np.log((np.asarray(target) * np.exp(d - top)).sum(axis=-1, keepdims=True))
-            new = np.where(live, np.exp(x_new - (0.0 if frame is None else frame)), 0.0).astype(plain.dtype)
+            new = np.where(live, np.exp(x_new - (0.0 if frame is None else frame)), 0.0).astype(old.dtype)
             reach = np.where(live, np.abs(x_new - g), 0.0).max(axis=-1)
         # a step that moves a scaling from the plain one by more than e^reach_max (a quarter of the
         # dtype's exponent range), or underflows one to 0, is no iterate to try (and the plain
         # step, installed if it is rejected, must stay representable next to it)
-        reach_max = 0.25 * math.log(float(np.finfo(plain.dtype).max))
+        reach_max = 0.25 * math.log(float(np.finfo(old.dtype).max))
         wild = ~(reach <= reach_max) | ~np.isfinite(new).all(axis=-1) | (live & (new == 0)).any(axis=-1)
         if wild.all():
             self.restart()
-            return plain
+            return None
         if wild.any():
             self.restart(wild)
-            new = np.where(wild[..., None], plain, new)
+            new = np.where(wild[..., None], _plain(old, target, sums), new)
         self.pending = (x, g)
         return new
 
@@ -361,6 +362,8 @@ class Accelerated:
             frame = None if state.frame is None else state.frame[j]
             self._targets[j] = margin.target
             new = self.anderson.step(state.factors[j], frame, margin.target, sums, len(self.kernel.batch))
+            if new is None:
+                return self.kernel.rescale(j, margin, sums, state)
             return self.kernel.rescale(j, dataclasses.replace(margin, target=new * sums), sums, state)
         omega = ctl.omega
         if omega is None:
