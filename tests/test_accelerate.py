@@ -287,13 +287,6 @@ def test_anderson_step_on_a_frame_is_frame_free():
         old = plain_frame
 
 
-def test_anderson_memory_follows_the_table_size():
-    assert _accelerate.anderson_memory(math.inf) == _accelerate.MEMORY
-    assert _accelerate.anderson_memory(1000) == _accelerate.MEMORY
-    assert _accelerate.anderson_memory(12) == 5  # 2 (m + 1) vectors: at most the entries per line
-    assert _accelerate.anderson_memory(2) == _accelerate.MEMORY_MIN
-
-
 def overshooting(monkeypatch, factor):
     """Make every extrapolation ``factor`` times longer (in log space) than Anderson's."""
     step = _accelerate.Anderson.step
@@ -473,3 +466,21 @@ def test_anderson_without_progress_falls_back_to_plain_ipf(monkeypatch, controll
     assert res.converged and l1_errors(res.table, p, p) <= 1e-10
     fold = max(_accelerate.WINDOW, math.ceil(1 / (1 - ctl.theta)))
     assert res.steps <= plain.steps + 2 * (fold + 2)
+
+
+def test_anderson_on_a_sparse_banded_table():
+    """A tridiagonal table (a chain of lines: s_2 very near 1) in CSR, a few entries per line."""
+    rng = np.random.default_rng(0)
+    n = 50
+    T = sp.diags([rng.random(n - 1) + 0.5, rng.random(n) + 0.5, rng.random(n - 1) + 0.5], [-1, 0, 1], format="csr")
+    p = np.ones(n)
+    q = 1 + 0.1 * np.sin(np.arange(n))
+    q *= p.sum() / q.sum()
+    plain = db.balance_table(T, p, q, acceleration="none", max_steps=100_000)
+    res = db.balance_table(T, p, q, acceleration="auto", max_steps=100_000)
+    assert plain.converged and res.converged
+    assert res.steps < plain.steps / 10
+    dense = res.table.toarray()
+    assert l1_errors(dense, p, q) <= 1e-10
+    conditioning = plain.steps / 2 / math.log(1e10)
+    assert np.abs(dense - plain.table.toarray()).sum() / n <= 4e-10 * conditioning

@@ -24,9 +24,11 @@ it is at least ``THETA_AUTO`` ("auto"; below it plain IPF converges in a few doz
 
 Measured (benchmarks/bench_slow_mixing.py, 1000^2 tables to an L1 error of 1e-10, table reads of
 the fused kernel): near-block-diagonal tables, s_2 = 0.990 / 0.999, plain 529 / 4103 reads,
-over-relaxation 53 / 151, Anderson 8 / 9; entropic transport kernels, s_2 = 0.989 / 0.997 /
-0.999, plain 1071 / 4285 / 10712, over-relaxation 139 / 466 / 1122, Anderson 43 / 89 / 151.
-A Newton-CG method on the dual was not built (see the notes of benchmarks/RESULTS.md).
+over-relaxation 53 / 151, Anderson 9 / 9; entropic transport kernels, s_2 = 0.989 / 0.997 /
+0.999, plain 1071 / 4285 / 10712, over-relaxation 139 / 466 / 1122, Anderson 44 / 91 / 157. A
+Newton-CG method on the dual, prototyped, took as many reads as Anderson on the block tables and
+5-45x more on the transport kernel (its Hessian's condition number grows like 1 / (1 - s_2^2),
+and far from the solution its steps are short); it was not built.
 
 The loop, its errors and its status rules are :mod:`databalance._ipf`'s, unchanged: this module
 only wraps the kernel so that its ``rescale`` takes the accelerated step. Errors are measured on
@@ -63,18 +65,11 @@ OMEGA_MAX = 1.99
 AUTO_METHOD = "anderson"
 #: Anderson's memory: the differences of this many past iterates enter the least squares (16
 #: measured 2-3x fewer reads than 8 on entropic transport kernels, whose spectra have many values
-#: near 1). It keeps 2 (memory + 1) vectors of the extrapolated margin's length, at most about
-#: the table's own size: a sparse table with few entries per line gets a shorter memory (at least
-#: MEMORY_MIN). RIDGE: the Tikhonov term, relative to the mean squared norm of the differences.
-MEMORY, MEMORY_MIN = 16, 3
+#: near 1, and 4.6x fewer than 3 on a sparse banded table). It keeps 2 (MEMORY + 1) vectors of
+#: the extrapolated margin's length and costs O(MEMORY) vector operations per sweep. RIDGE: the
+#: Tikhonov term, relative to the mean squared norm of the differences.
+MEMORY = 16
 RIDGE = 1e-10
-
-
-def anderson_memory(entries_per_line: float) -> int:
-    """The memory for a table with this many entries per line of the extrapolated margin."""
-    if not entries_per_line < 2 * (MEMORY + 1):
-        return MEMORY
-    return int(max(MEMORY_MIN, entries_per_line // 2 - 1))
 
 
 def young_omega(theta: float) -> float:
@@ -322,10 +317,7 @@ class Accelerated:
         # its lead), so that the pass keeps its one read per sweep; else the sweep's second margin
         lead = getattr(kernel, "lead", None)
         self.anderson_margin = 1 - (problem_first if lead is None else lead)
-        size = getattr(kernel, "support_size", None)
-        lines = kernel.shape[self.anderson_margin] * max(1, math.prod(kernel.batch))
-        per_line = math.inf if size is None else size() / lines
-        self.anderson = Anderson(anderson_memory(per_line))
+        self.anderson = Anderson()
         self._targets: dict[int, np.ndarray] = {}
         self._other_error = 0.0
 
