@@ -204,6 +204,23 @@ def test_when_the_transposed_pattern_is_built(monkeypatch, layout):
     assert built[-1][0] >= 6
 
 
+def test_adaptive_keeps_scipy_without_memory_for_the_copy(monkeypatch):
+    """The adaptive layout builds the transposed pattern only if it takes at most half of the
+    memory available; its size is the values' and one index array's, plus the pointers."""
+    rng = np.random.default_rng(7)
+    A = random_pattern(rng, 40, 30, 0.3) + sp.csr_array(np.eye(40, 30))
+    K = fs.FusedSparseKernel(sp.csr_array(A), "adaptive")
+    assert K.transposed_bytes() == A.nnz * (8 + 4) + 31 * 4
+    assert sum(a.nbytes for a in K._other_lines) == K.transposed_bytes()
+    monkeypatch.setattr(fs, "BUILD_AFTER", 0)
+    K = fs.FusedSparseKernel(sp.csr_array(A), "adaptive")
+    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.transposed_bytes() - 1)
+    assert not K.transposed()
+    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.transposed_bytes())
+    assert K.transposed()
+    assert 0 < fs.available_memory()
+
+
 def test_bad_layout():
     with pytest.raises(ValueError, match="`layout` must be one of 'adaptive', 'transposed', 'accumulators'"):
         fs.FusedSparseKernel(sp.csr_array(np.eye(3)), "csc")

@@ -26,6 +26,7 @@ either product. :func:`auto_choice` says whether ``DATABALANCE_KERNEL=auto`` use
 
 from __future__ import annotations
 
+import os
 from functools import cache, cached_property
 
 import numpy as np
@@ -183,6 +184,14 @@ def _index_dtype(bound: int) -> np.dtype:
     return np.dtype(np.uint32 if bound < 2**32 else np.uint64)
 
 
+def available_memory() -> float:
+    """Bytes of memory available to this process (Linux, macOS; infinite where unknown)."""
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def _nblocks(nnz: int) -> int:
     """Blocks (threads) for a pass over ``nnz`` nonzeros: one per PER_THREAD, at most numba's
     thread count."""
@@ -268,10 +277,19 @@ class FusedSparseKernel(_Fused, SparseKernel):
 
     def transposed(self) -> bool:
         """Whether the other margin's sums are gathered from the transposed pattern (built now if
-        the layout says it is time)."""
+        the layout says it is time: for ``"adaptive"``, after :data:`BUILD_AFTER` passes, when the
+        copy takes at most half of the memory available)."""
         if self.layout == "transposed" or "_other_lines" in self.__dict__:
             return True
-        return self.layout == "adaptive" and self.passes >= BUILD_AFTER
+        return (self.layout == "adaptive" and self.passes >= BUILD_AFTER
+                and 2 * self.transposed_bytes() <= available_memory())
+
+    def transposed_bytes(self) -> int:
+        """The memory the transposed pattern takes: about the table's own."""
+        nnz, lines = self.table.nnz, self.shape[1 - self.lead]
+        m = self.shape[self.lead]
+        return (nnz * (self.dtype.itemsize + _index_dtype(m).itemsize)
+                + (lines + 1) * _index_dtype(nnz).itemsize)
 
     def _line_bounds(self, which: int, indptr: np.ndarray, nblocks: int) -> np.ndarray:
         key = (which, nblocks)
