@@ -484,3 +484,32 @@ def test_anderson_on_a_sparse_banded_table():
     assert l1_errors(dense, p, q) <= 1e-10
     conditioning = plain.steps / 2 / math.log(1e10)
     assert np.abs(dense - plain.table.toarray()).sum() / n <= 4e-10 * conditioning
+
+
+def test_acceleration_without_numba():
+    """numba blocked: the NumPy kernels run, and both methods still converge (no optional import)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["numba"] = None
+import numpy as np
+import databalance as db
+rng = np.random.default_rng(0)
+T = rng.random((300, 300)) * 1e-3
+T[:150, :150] += rng.random((150, 150))
+T[150:, 150:] += rng.random((150, 150))
+p = np.full(300, 1 / 300)
+assert db.which_kernel(T) == "numpy"
+plain = db.balance_table(T, p, p, acceleration="none")
+for method in ("auto", "anderson", "overrelax"):
+    res = db.balance_table(T, p, p, acceleration=method)
+    assert res.converged and res.steps * 5 < plain.steps, (method, res.steps, plain.steps)
+    assert res.passes >= res.steps + 1
+    assert np.abs(res.table - plain.table).sum() < 4e-9
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
