@@ -60,8 +60,8 @@ WARMUP_MIN, WARMUP_MAX = 4, 40
 WINDOW = 8
 #: The largest factor used (the rate omega - 1 stays below 0.99).
 OMEGA_MAX = 1.99
-#: What "auto" uses once the plain rate is slow: "anderson" (measured: 2-7x fewer reads than
-#: over-relaxation on every slow case of benchmarks/bench_slow_mixing.py; /work/notes/results_accel.md).
+#: What "auto" uses once the plain rate is slow: "anderson" (measured: 3-17x fewer reads than
+#: over-relaxation on every slow case of benchmarks/bench_slow_mixing.py; benchmarks/RESULTS.md).
 AUTO_METHOD = "anderson"
 #: Anderson's memory: the differences of this many past iterates enter the least squares (16
 #: measured 2-3x fewer reads than 8 on entropic transport kernels, whose spectra have many values
