@@ -390,17 +390,20 @@ def assert_same_mean(got, want):
         close(s.design_effect, t.design_effect)
 
 
-@pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, None])
+def one_pass_per_step(monkeypatch):
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
+
+
+@pytest.mark.parametrize(("steps", "tables"), [(0, True), (1, True), (2, True), (3, True), (5, True), (None, True),
+                                               (2, False), (3, False), (5, False)])
 @pytest.mark.parametrize("linearization", ["balanced", "survey"])
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("tables", [True, False])  # the recursion on the fit's tables, or one pass per step
-def test_samples_path_equals_in_memory(samples_path, monkeypatch, steps, linearization, weighted, tables):
+def test_samples_path_equals_in_memory(samples_path, monkeypatch, steps, tables, linearization, weighted):
+    """With the two-way tables (the recursion on the client) and without (one pass per step)."""
     if not tables:
-        if steps is None or steps < 2:
-            pytest.skip("the same computation as with tables (k < 2), or refused (steps=None)")
-        from databalance import _dask_samples
-
-        monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
+        one_pass_per_step(monkeypatch)
     data, h, d, margins = three_margins()
     sw = d if weighted else None
     ref = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(data, sw)
@@ -481,7 +484,7 @@ def test_samples_path_pass_counts(samples_path, monkeypatch, tables):
 
     monkeypatch.setattr(_dask_samples, "run", counted)
     if not tables:
-        monkeypatch.setattr(_dask_samples, "TABLES_MAX", 0)
+        one_pass_per_step(monkeypatch)
     data, h, d, margins = three_margins(400, seed=7)
     X, H, _ = lazy(data, h, d, chunks=(200, 200))
     cases = ((0, 1, 2), (5, 6, 2 if tables else 6)) + (((None, None, 2),) if tables else ())
