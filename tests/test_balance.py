@@ -308,9 +308,13 @@ def test_integer_counts_are_accepted():
 
 def test_max_steps_warns_and_is_not_converged():
     T, p_x, p_y = rng_problem(0)
-    with pytest.warns(ConvergenceWarning, match="max_steps"):
+    with pytest.warns(ConvergenceWarning, match="max_steps.*or pass `acceleration='auto'`"):
         res = balance_table(T, p_x, p_y, max_steps=3)
     assert res.status == "max_steps" and not res.converged and res.steps == 3
+    with pytest.warns(ConvergenceWarning, match="max_steps.*or pass `acceleration='auto'`"):
+        balance_logits(np.log(T), p_x, p_y, max_steps=3)
+    with pytest.warns(ConvergenceWarning, match="Raise `max_steps`.$"):  # already accelerated: no such advice
+        balance_table(T, p_x, p_y, max_steps=3, acceleration="auto")
 
 
 def test_unreachable_tolerance_stalls_with_a_warning():

@@ -134,6 +134,12 @@ def not_converged(status: str, steps: int, worst: float, tol: float, reason: str
             f"tol = {tol:.3g}. {why}")
 
 
+def max_steps_plain() -> str:
+    """Why a plain (unaccelerated) run used up its budget, and what to do."""
+    return ("Raise `max_steps`, or pass `acceleration='auto'`: on a slowly mixing table (second singular "
+            "value near 1) it reaches `tol` in far fewer passes.")
+
+
 def float32_resolution() -> str:
     """Why a float32 run that looked converged is not."""
     return ("Its float32 sums looked converged, but the returned table, summed in float64, is not within "

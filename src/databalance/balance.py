@@ -495,7 +495,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
                             desc="balance_table")
     u, v = kernel.export(outcome.state, problem.export_scales())
     outcome, reason = _float64_check(kernel, outcome, problem, tol, (u, v))
-    _ipf.warn_if_unconverged(outcome, tol, reason)
+    _ipf.warn_if_unconverged(outcome, tol, reason or _slow_hint(outcome, acceleration))
     return BalanceResult(u, v, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                          passes=runner.passes,
                          _input=table if kernels.is_sparse(table) else kernel.table, _targets=tuple(targets),
@@ -598,10 +598,15 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     measured = outcome if sums is None else _ipf.remeasured(outcome, problem, sums, tol)
     lost = outcome.converged and not measured.converged
     outcome = measured
-    _ipf.warn_if_unconverged(outcome, tol, why if lost else "")
+    _ipf.warn_if_unconverged(outcome, tol, why if lost else _slow_hint(outcome, acceleration))
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                             passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known,
                             _buffer=None if scalings is None else (kernel.table, scalings))
+
+
+def _slow_hint(outcome, acceleration: str) -> str:
+    """The advice for a plain run that used up ``max_steps`` (empty otherwise: the usual advice)."""
+    return check.max_steps_plain() if outcome.status == "max_steps" and acceleration == "none" else ""
 
 
 def _float64_check(kernel, outcome, problem, tol, scalings):
