@@ -5,12 +5,14 @@ sparse kernel.
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_dask.py samples --n 10000000
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_dask.py table --nnz 50000000
 
-``samples``: four margins (a, b of 100 levels, c of 1000, the joint (e, f) of 20 x 50), the samples
-generated chunk by chunk on the workers from a seed (never materialised on the client); a fit with
-``steps=12`` and one ``mean`` with its standard error. Reports samples per second per core of the
-in-memory path (same samples, one process) and of the cluster (2 worker processes x 1 thread),
-their ratio, and the peak resident memory of every process (``ru_maxrss``). ``--cluster-only``
-skips the in-memory run (for sizes one process cannot hold).
+``samples``: four margins (a, b of 100 levels, c of 1000, the joint (e, f) of 20 x 50: 10^10
+combinations, so the Dask samples path), the samples generated chunk by chunk on the workers from
+a seed (never materialised on the client); a fit with ``steps=12`` and one ``mean`` with its
+standard error. Reports samples per second per core of the in-memory path (same samples, one
+process) and of the cluster (2 worker processes x 1 thread), their CPU seconds (all threads; the
+workers' and the client's for the cluster) and samples per CPU second, their ratios, the fit's and
+the mean's times, and the peak resident memory of every process (VmHWM). ``--cluster-only`` skips
+the in-memory run (for sizes one process cannot hold).
 
 ``table``: a sparse table with ``--nnz`` stored entries, each row block built by a task on the
 workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array and on the
