@@ -513,3 +513,26 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_anderson_history_never_outgrows_the_table(monkeypatch):
+    """A few rows and many columns: the history of the long margin's scalings is cut to fit the
+    table's size (or the floor); when not even a memory of 2 fits, "auto" over-relaxes instead."""
+    from databalance import _accelerate as acc
+    from databalance import _kernels as kernels
+
+    monkeypatch.setattr(acc, "HISTORY_FLOOR", 0)
+    wide, tall = kernels.DenseKernel(np.ones((4, 1000))), kernels.DenseKernel(np.ones((40, 1000)))
+    assert acc.anderson_memory(wide, 1) == 1 and acc.anderson_memory(tall, 1) == acc.MEMORY
+    assert acc.anderson_memory(tall, 0) == acc.MEMORY
+    assert acc.Accelerated(wide, "auto").controller.method == "overrelax"
+    assert acc.Accelerated(wide, "anderson").anderson.memory == 2  # asked for by name
+    assert acc.Accelerated(tall, "auto").controller.method == "anderson"
+    rng = np.random.default_rng(0)
+    T = rng.random((4, 1000)) * 0.05
+    T[:2, :500] += 1.0
+    T[2:, 500:] += 1.0
+    p, q = np.full(4, 0.25), np.full(1000, 1e-3)
+    plain = db.balance_table(T, p, q)
+    fast = db.balance_table(T, p, q, acceleration="auto")
+    assert fast.converged and np.abs(fast.table - plain.table).sum() <= 2e-10

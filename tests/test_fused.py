@@ -357,3 +357,32 @@ def test_variance_profile_on_fused_passes_matches_numpy(problem, order, start, e
     with kernel_choice("numba"):
         b = db.variance_profile(table, h, max_steps=9, start=start).sigma2
     np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max())
+
+
+def test_a_line_sum_that_underflows_to_zero_meets_the_safeguards():
+    """A lead line whose sum underflows to exactly 0 (its mass sits in a column whose target is 0):
+    the fused pass divides as IEEE does and the log kernel's exact step takes over, as in NumPy."""
+    n = 64
+    L = np.zeros((n, n))
+    L[0, 1:] = -800.0
+    q = np.full(n, 1.0 / (n - 1))
+    q[0] = 0.0
+    p = np.full(n, 1.0 / n)
+    a, b = both(db.balance_logits, L, p, q)
+    assert a.converged and b.converged
+    assert_same(a, b, ["row_potential", "col_potential"], np.float64)
+
+
+def test_copies_of_a_log_result_do_not_scale_the_buffer_twice():
+    import copy
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    L = rng.normal(size=(300, 300)) * 3
+    p = np.full(300, 1 / 300)
+    with kernel_choice("numba"):
+        r = db.balance_logits(L, p, p)
+    want = np.exp(r.log_table)
+    c, d = copy.copy(r), dataclasses.replace(r)
+    for res in (r, c, d, r, c):
+        np.testing.assert_allclose(res.table, want, rtol=1e-12, atol=0)

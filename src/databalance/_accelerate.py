@@ -70,6 +70,19 @@ AUTO_METHOD = "anderson"
 #: Tikhonov term, relative to the mean squared norm of the differences.
 MEMORY = 16
 RIDGE = 1e-10
+#: Anderson's history (2 (memory + 1) float64 vectors of the extrapolated margin's length) may
+#: take as many bytes as the table, or this many when the table is smaller; the memory is cut to
+#: fit (a table of a few rows and very many columns), and "auto" over-relaxes instead when not
+#: even a memory of 2 fits.
+HISTORY_FLOOR = 1 << 26
+
+
+def anderson_memory(kernel, margin: int) -> int:
+    """Anderson's memory for extrapolating ``margin``'s scaling: ``MEMORY``, or fewer so that its
+    history fits in ``max(table bytes, HISTORY_FLOOR)`` (below 2: none fits)."""
+    length = int(np.prod(kernel.batch, dtype=np.int64)) * int(kernel.shape[margin])
+    budget = max(int(kernel.support_size()) * np.dtype(kernel.dtype).itemsize, HISTORY_FLOOR)
+    return min(MEMORY, budget // (16 * max(length, 1)) - 1)
 
 
 def young_omega(theta: float) -> float:
@@ -317,7 +330,12 @@ class Accelerated:
         # its lead), so that the pass keeps its one read per sweep; else the sweep's second margin
         lead = getattr(kernel, "lead", None)
         self.anderson_margin = 1 - (problem_first if lead is None else lead)
-        self.anderson = Anderson()
+        memory = anderson_memory(kernel, self.anderson_margin)
+        if memory < 2 and self.controller.method == "anderson":
+            if mode == "auto":  # its history would outgrow the table: over-relaxation instead
+                self.controller.method = "overrelax"
+            memory = 2  # asked for by name: the smallest memory that extrapolates
+        self.anderson = Anderson(memory)
         self._targets: dict[int, np.ndarray] = {}
         self._other_error = 0.0
 

@@ -152,7 +152,9 @@ class LogBalanceResult(_Outcome):
 
     row_potential: np.ndarray
     col_potential: np.ndarray
-    _buffer: Any = field(default=None, repr=False)  # (the kernel's buffer, its scalings) for `table`
+    # [(the kernel's buffer, its scalings)] until `table` takes it: popped, so that a copy of the
+    # result, or a second thread, never scales the same buffer twice (it exponentiates instead)
+    _buffer: list = field(default_factory=list, repr=False)
 
     @cached_property
     def log_table(self) -> np.ndarray:
@@ -177,9 +179,11 @@ class LogBalanceResult(_Outcome):
             from ._kernels import arrayapi
 
             return arrayapi.namespace(self._input).exp(self.log_table)
-        if self._buffer is not None:
-            buffer, scalings = self._buffer
-            object.__setattr__(self, "_buffer", None)
+        try:
+            buffer, scalings = self._buffer.pop()
+        except IndexError:  # taken by another copy of this result, or none kept
+            pass
+        else:
             out = kernels.log.scale_buffer(buffer, scalings)
             if np.isfinite(out.max(initial=0.0)):
                 return out
@@ -269,7 +273,7 @@ def _api_balance(data, p_x, p_y, *, log: bool, steps, start, tol, max_steps, pro
 
 def _api_remeasured(kernel, arr, factors, problem, outcome, tol, log):
     """After ``steps=None``, the last errors measured on the table the result returns (as
-    :func:`_as_returned` and :func:`_float64_check` do for NumPy), on the device in the working
+    :func:`balance_logits` and :func:`_float64_check` do for NumPy), on the device in the working
     dtype: a run whose working sums looked converged but whose returned table is not is "stalled"."""
     from ._kernels import arrayapi as api
 
@@ -543,8 +547,8 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     below ``1e-100`` (``1e-15``) gets an exact log-sum-exp step instead. Entries of the kernel that
     underflow are then smaller than the float resolution of every sum they enter. ``logits + f + g``
     is summed in float64; float32 logits are then exponentiated in float32, which moves an entry
-    ``exp(x)`` by at most ``|x| 2**-24`` relative (``|x| < 18.4`` for every entry above 1e-8 of its
-    row's largest).
+    ``exp(x)`` by at most ``|x| 2**-24`` relative (``|x| < 2 log(1e8) = 36.8`` for every entry
+    above 1e-8 of its row's largest, so at most about 2.2e-6).
 
     Examples
     --------
@@ -601,7 +605,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     _ipf.warn_if_unconverged(outcome, tol, why if lost else _slow_hint(outcome, acceleration))
     return LogBalanceResult(f, g, steps=outcome.steps, status=outcome.status, marginal_error=outcome.errors,
                             passes=runner.passes, _input=arr, _targets=tuple(targets), _known_feasible=known,
-                            _buffer=None if scalings is None else (kernel.table, scalings))
+                            _buffer=[] if scalings is None else [(kernel.table, scalings)])
 
 
 def _slow_hint(outcome, acceleration: str) -> str:

@@ -386,9 +386,14 @@ def _line_sums(E, lo, hi, wr, wc, rows, cols, wrows, wcols):
 @cache
 def compiled(func, parallel: bool = True, exact: bool = False):
     """The numba-compiled form of a pass (numba imported here, once): threaded over its ``prange``
-    unless not ``parallel``; with :data:`FASTMATH` unless ``exact``. Before compiling, the pass's
-    module gets numba's ``prange`` and the compiled functions of :data:`_INNER` under the names it
-    calls."""
+    unless not ``parallel``; with :data:`FASTMATH` unless ``exact``; IEEE division (a line sum that
+    underflowed to 0 gives an infinite scaling, which the kernels' safeguards see, as NumPy's
+    does, instead of raising). Before compiling, the pass's module gets numba's ``prange`` and the
+    compiled functions of :data:`_INNER` under the names it calls.
+
+    numba's disk cache keys a compiled pass on its own file: after an edit of an inner function in
+    this file, clear ``__pycache__`` (or ``NUMBA_CACHE_DIR``) before timing a pass of another
+    file."""
     import numba
 
     namespace = func.__globals__
@@ -396,7 +401,8 @@ def compiled(func, parallel: bool = True, exact: bool = False):
     for name, (inner, exact_inner) in _INNER.items():
         if name in namespace:
             namespace[name] = _jitted(inner, exact_inner)
-    return numba.njit(func, parallel=parallel, nogil=True, cache=True, fastmath=False if exact else set(FASTMATH))
+    return numba.njit(func, parallel=parallel, nogil=True, cache=True, error_model="numpy",
+                      fastmath=False if exact else set(FASTMATH))
 
 
 #: reassoc/contract let LLVM vectorise the sums (a sum in another order: the results differ from
@@ -408,7 +414,7 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 def _jitted(func, exact: bool):
     import numba
 
-    return numba.njit(func, cache=True, fastmath=False if exact else set(FASTMATH))
+    return numba.njit(func, cache=True, error_model="numpy", fastmath=False if exact else set(FASTMATH))
 
 
 #: The plain functions the passes call, by the names they call them, and whether each is compiled
@@ -696,9 +702,9 @@ class FusedLogKernel(_DenseFused, LogKernel):
         f, g = (np.ascontiguousarray(x, np.float64) for x in frame)
         add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
         m = L.shape[-2]
-        # numba's thread count, in the library's thread pool (the compiled parts release the GIL,
-        # and so does NumPy's exp): the exponentiation is not left to one core. Rows are written in
-        # place; each group of chunks adds up its own column sums.
+        # up to numba's thread count (the calling thread and the library's pool, which holds at
+        # most four), the compiled parts and NumPy's exp releasing the GIL: the exponentiation is
+        # not left to one core. Rows are written in place; each group adds up its own column sums.
         chunks = list(row_chunks(L))
         nt = max(1, min(threads(), L.size // PER_THREAD, len(chunks)))
         groups = [chunks[i * len(chunks) // nt:(i + 1) * len(chunks) // nt] for i in range(nt)]

@@ -49,8 +49,9 @@ def add_potentials(L, f, g, *, out, fn=None):
     would lose ~1e-3 of every entry before the cancellation. The sum is rounded to ``out``'s dtype
     once, and ``fn`` is applied in that dtype: float32 logits are exponentiated in float32 (twice
     as fast as in float64), which adds a relative error of at most ``|L + f + g| * 2**-24`` to an
-    entry; the kernel's potentials keep ``|L + f + g|`` below ``log(tau)`` (18.4) for the entries
-    that carry mass, and an entry ``exp(x)`` with ``x`` below -18.4 weighs less than 1e-8.
+    entry; between re-exponentiations the scalings stay within ``[1/tau, tau]``, so the entries
+    that carry mass have ``|L + f + g|`` below ``2 log(tau)`` (36.8: an error of at most 2.2e-6),
+    and an entry ``exp(x)`` with ``x`` below -36.8 weighs less than 1e-16 of one near 1.
     """
     for b, rows in row_chunks(L):
         t = _chunk_sum(L, f, g, b, rows)
