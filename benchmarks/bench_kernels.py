@@ -12,7 +12,8 @@ pause; medians over all timed calls), with the thread count set for both sides: 
 (threadpoolctl) for the NumPy forms, ``numba.set_num_threads`` for the fused kernels.
 
 * dense: the NumPy two-matvec sweep ``u = p / (T @ v); v = q / (T.T @ u)`` against the library's
-  half-step loop (errors and all) on the fused kernel and on the NumPy kernel, per sweep.
+  half-step loop (errors and all) on the fused kernel and on the NumPy kernel, per sweep (the
+  loop's sweeps timed after two untimed ones: the steady state).
 * variance: ``variance_profile(T, h, max_steps=20)`` on the fused passes against BLAS products.
 * log: ``balance_logits(L, steps=40)`` (20 sweeps, from the logits: exponentiation included)
   against 20 fused sweeps plus one ``np.exp`` of the table, and against the NumPy log kernel.
@@ -47,8 +48,8 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict:
             fn()
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                own = fn()  # a function may time its steady part itself
+                times[name].append(time.perf_counter() - t0 if own is None else own)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -56,14 +57,20 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict:
 PAUSE = 0.5
 
 
-def loop_sweeps(kernel, p, q, sweeps: int):
-    """A function running ``sweeps`` sweeps of the library's half-step loop on ``kernel``."""
+def loop_sweeps(kernel, p, q, sweeps: int, warm: int = 2):
+    """A function running ``warm + sweeps`` sweeps of the library's half-step loop on ``kernel``
+    and returning the seconds of the last ``sweeps``: the steady state, without the loop's setup
+    and first sweeps (whose first column sums are a plain product on every kernel)."""
     problem = _ipf.Problem.from_targets([p, q], ["p_x", "p_y"], np.ones(kernel.batch), kernel.dtype)
 
-    def go():
+    def go() -> float:
         it = _ipf.half_steps(kernel, problem)
-        for _ in range(2 * sweeps + 1):
+        for _ in range(2 * warm + 1):
             next(it)
+        t0 = time.perf_counter()
+        for _ in range(2 * sweeps):
+            next(it)
+        return time.perf_counter() - t0
 
     return go
 
