@@ -74,8 +74,12 @@ def test_converged_result_equals_plain_ipf(eps, method, controllers, wrappers):
     assert controllers[-1].method == ("anderson" if method == "auto" else method)
     assert fast.steps < plain.steps / 3
     extra = wrappers[-1].anderson.rejected  # a rejected extrapolation costs one read
-    for res, more in ((fast, extra), (plain, 0)):  # one read per half-step
-        assert res.passes == res.steps + 1 + more
+    fused = db.which_kernel(T) == "numba"  # e.g. DATABALANCE_KERNEL=numba
+    for res, more in ((fast, extra), (plain, 0)):
+        if fused:  # one read per sweep, one plain product at the start
+            assert res.passes <= res.steps // 2 + 2 + more
+        else:  # one read per half-step
+            assert res.passes == res.steps + 1 + more
     assert l1_errors(fast.table, p, p) <= 1e-10
     # both within tol of the same limit: their tables differ by about tol (relative to the mass)
     assert np.abs(fast.table - plain.table).sum() <= 4e-10
