@@ -48,8 +48,8 @@ def interleaved(fns: dict, repeats: int, rounds: int = 3) -> dict:
             fn()
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                own = fn()  # a function may time its steady part itself
-                times[name].append(time.perf_counter() - t0 if own is None else own)
+                own = fn()  # a function may time its steady part itself (and return the seconds)
+                times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
