@@ -75,6 +75,17 @@ def loop_sweeps(kernel, p, q, sweeps: int, warm: int = 2):
     return go
 
 
+def under(name: str, fn):
+    """``fn`` as a contender run with ``DATABALANCE_KERNEL=name`` (returning nothing)."""
+    def go():
+        os.environ[fused.ENV] = name
+        try:
+            fn()
+        finally:
+            del os.environ[fused.ENV]
+    return go
+
+
 def kernel_of(table, name: str):
     os.environ[fused.ENV] = name
     try:
@@ -128,13 +139,7 @@ def bench_log(n, repeats, sweeps=20):
             loop_sweeps(slow, p.astype(dtype), p.astype(dtype), sweeps)
 
         def logits(name):
-            def go():
-                os.environ[fused.ENV] = name
-                try:
-                    db.balance_logits(L, p, p, steps=2 * sweeps)
-                finally:
-                    del os.environ[fused.ENV]
-            return go
+            return under(name, lambda: db.balance_logits(L, p, p, steps=2 * sweeps))
 
         for nt in (1, 2):
             numba.set_num_threads(nt)
@@ -161,13 +166,7 @@ def bench_variance(n, repeats, steps=20):
     print("|---|---|---|---|---|")
 
     def profile(name):
-        def go():
-            os.environ[fused.ENV] = name
-            try:
-                db.variance_profile(T, h, max_steps=steps)
-            finally:
-                del os.environ[fused.ENV]
-        return go
+        return under(name, lambda: db.variance_profile(T, h, max_steps=steps))
 
     for nt in (1, 2):
         numba.set_num_threads(nt)

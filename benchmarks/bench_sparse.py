@@ -34,10 +34,10 @@ import time
 import numba
 import numpy as np
 import scipy.sparse as sp
+from bench_kernels import loop_sweeps  # the same steady-state timing (benchmarks/ is on the path)
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import databalance as db
-from databalance import _ipf
 from databalance._kernels import fused
 from databalance._kernels import fused_sparse as fs
 from databalance._kernels.fused import compiled
@@ -68,26 +68,6 @@ def power_law_csr(n, nnz, rng, alpha=1.2):
     out = sp.csr_array((data, indices, indptr), shape=(n, n))
     out.has_sorted_indices = False
     return out
-
-
-def loop_sweeps(kernel, p, q, sweeps: int):
-    """A function timing ``sweeps`` steady-state sweeps of the library's half-step loop on
-    ``kernel`` (returns the seconds). The loop's start is not timed: its setup (iterate 0), its
-    first sweep (plain products) and the first fused pass; each later pair of half-steps is one
-    pass. (Timing from the start would add the start's costs, and the pass the last half-step
-    makes for the next sweep, to ``sweeps`` sweeps: +50% for the fused kernel at two sweeps.)"""
-    problem = _ipf.Problem.from_targets([p, q], ["p_x", "p_y"], np.ones(kernel.batch), kernel.dtype)
-
-    def go():
-        it = _ipf.half_steps(kernel, problem)
-        for _ in range(3):  # iterates 0, 1, 2
-            next(it)
-        t0 = time.perf_counter()
-        for _ in range(2 * sweeps):
-            next(it)
-        return time.perf_counter() - t0
-
-    return go
 
 
 def timed(fns: dict, repeats: int, mode: str) -> dict:
@@ -134,8 +114,8 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
                 u = p / (K @ v)
                 v = q / (KT @ u)
 
-    fns = {"scipy": bare, "loop, scipy kernel": loop_sweeps(slow, p, q, sweeps)}
-    fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps) for layout in LAYOUTS})
+    fns = {"scipy": bare, "loop, scipy kernel": loop_sweeps(slow, p, q, sweeps, warm=1)}
+    fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps, warm=1) for layout in LAYOUTS})
     tiny = sp.csr_array(np.eye(3, dtype=K.dtype))
     fs.transposed_pattern(*fs.FusedSparseKernel(tiny)._lines, 3)  # compiled (or loaded) before timing
     for nt in (1, 2):
@@ -150,7 +130,7 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
         builds.append((kind, nnz, nt, build, time.perf_counter() - t0, extra,
                        K.data.nbytes + K.indices.nbytes + K.indptr.nbytes))
         for layout in LAYOUTS:
-            loop_sweeps(fast[layout], p, q, 1)()  # compile, build the transposed pattern
+            loop_sweeps(fast[layout], p, q, 1, warm=1)()  # compile, build the transposed pattern
         for mode in modes:
             t = timed(fns, repeats, mode)
             base = t["scipy"]

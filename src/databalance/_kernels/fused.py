@@ -269,6 +269,14 @@ def _axpy(Tb, y, lo, hi, a):
         i += 1
 
 
+def _line_dot(indptr, indices, data, x, i):
+    """Line ``i`` of a compressed sparse pattern times ``x``, summed in float64."""
+    s = 0.0
+    for k in range(indptr[i], indptr[i + 1]):
+        s += data[k] * x[indices[k]]
+    return s
+
+
 def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
     """One fused pass over ``T`` (B, m, l): ``r = T v``, ``u = rule(p, r)``, ``acc[q] = T' u``
     over row block q of problem ``q // nblocks``: sixteen rows at a time, their sums, their new
@@ -419,7 +427,8 @@ def _jitted(func, exact: bool):
 
 #: The plain functions the passes call, by the names they call them, and whether each is compiled
 #: without fast-math (bound to their compiled forms in a pass's module before it compiles).
-_INNER = {"_rule": (_rule, False), "_dots": (_dots, False), "_axpy": (_axpy, False), "_scaled_row": (_scaled_row, True)}
+_INNER = {"_rule": (_rule, False), "_dots": (_dots, False), "_axpy": (_axpy, False), "_scaled_row": (_scaled_row, True),
+          "_line_dot": (_line_dot, False)}
 
 
 #: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others

@@ -32,7 +32,7 @@ from functools import cache, cached_property
 import numpy as np
 
 from .. import _validation as check
-from .fused import PER_THREAD, _Fused, _rule, _using, compiled, prange, threads
+from .fused import PER_THREAD, _Fused, _line_dot, _rule, _using, compiled, prange, threads
 from .sparse import SparseKernel
 
 __all__ = ["AUTO_MIN_NNZ", "BUILD_AFTER", "DEFAULT_LAYOUT", "LAYOUTS", "FusedSparseKernel", "auto_choice",
@@ -74,10 +74,7 @@ def _lead_pass(indptr, indices, data, v, uold, p, w, bounds, r, u):
     thread t. Sums accumulate in float64 and are rounded to the table's dtype before the rule."""
     for t in prange(bounds.size - 1):
         for i in range(bounds[t], bounds[t + 1]):
-            s = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                s += data[k] * v[indices[k]]
-            r[i] = s
+            r[i] = _line_dot(indptr, indices, data, v, i)
             u[i] = _rule(p[i], r[i], uold[i], w)
 
 
@@ -85,10 +82,7 @@ def _gather(indptr, indices, data, x, bounds, out):
     """``out = T x`` over the lines of a compressed pattern, line block t by thread t."""
     for t in prange(bounds.size - 1):
         for i in range(bounds[t], bounds[t + 1]):
-            s = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                s += data[k] * x[indices[k]]
-            out[i] = s
+            out[i] = _line_dot(indptr, indices, data, x, i)
 
 
 def _scatter_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
@@ -100,10 +94,7 @@ def _scatter_pass(indptr, indices, data, v, uold, p, w, bounds, r, u, acc):
         for j in range(n):
             a[j] = 0.0
         for i in range(bounds[t], bounds[t + 1]):
-            s = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                s += data[k] * v[indices[k]]
-            r[i] = s
+            r[i] = _line_dot(indptr, indices, data, v, i)
             u[i] = _rule(p[i], r[i], uold[i], w)
             ui = u[i]
             if ui != 0.0:
