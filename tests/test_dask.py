@@ -553,8 +553,9 @@ def test_samples_path_converged_se_refuses_huge_tables(samples_path, monkeypatch
     X, Y, H = (da.from_array(a, chunks=300) for a in (x, y, h[:, 0]))
     with dask.config.set(scheduler="sync"):
         fitted = BalancedEstimator({"x": PX, "y": PY}).fit({"x": X, "y": Y})
-        with pytest.raises(ValueError, match=r"needs the margins' pairwise two-way tables: 12 entries here, more "
-                                             r"than the 5.*Give `steps=k`"):
+        with pytest.raises(ValueError, match=r"needs the margins' pairwise two-way tables and the normal equations "
+                                             r"over all their categories: 49 entries here, more than the 5.*Give "
+                                             r"`steps=k`"):
             fitted.mean(H)
 
 
@@ -726,3 +727,85 @@ def test_parquet_example_runs(tmp_path, capsys):
                                    ("M", "rural"): 0.22}}
     ref = BalancedEstimator(margins).fit(df).mean(df["income"])
     close(results["income"], (ref.estimate, ref.standard_error))
+
+
+def test_infeasible_two_margins_raise_on_either_path(either_path):
+    """Two margins whose occupied cells cannot carry the targets: InfeasibleError, as in memory (the
+    samples path decides it by max-flow on the two-way table's support, one more pass), never a
+    'failed' fit with estimates."""
+    xs = np.array([0, 0, 1, 1, 0, 1] * 20)
+    ys = np.array([0, 1, 1, 1, 0, 1] * 20)
+    margins = {"x": np.array([0.5, 0.5]), "y": np.array([0.9, 0.1])}
+    with pytest.raises(InfeasibleError):
+        BalancedEstimator(margins).fit({"x": xs, "y": ys})
+    data = {"x": da.from_array(xs, chunks=40), "y": da.from_array(ys, chunks=40)}
+    with dask.config.set(scheduler="sync"), pytest.raises(InfeasibleError, match="cannot carry the targets"):
+        BalancedEstimator(margins).fit(data)
+
+
+def test_converged_se_refuses_normal_equations_the_client_cannot_hold(samples_path, monkeypatch):
+    """The converged SE of the samples path solves dense normal equations over every margin's
+    levels on the client: beyond TABLES_MAX entries it refuses by name (steps=k needs none)."""
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "TABLES_MAX", 20)  # 2 + 3 levels: 25 entries
+    rng = np.random.default_rng(0)
+    xs, ys = rng.integers(0, 2, 300), rng.integers(0, 3, 300)
+    data = {"x": da.from_array(xs, chunks=100), "y": da.from_array(ys, chunks=100)}
+    margins = {"x": np.array([0.4, 0.6]), "y": np.array([0.2, 0.3, 0.5])}
+    with dask.config.set(scheduler="sync"):
+        fit = BalancedEstimator(margins).fit(data)
+        with pytest.raises(ValueError, match="normal equations over all their categories: 25 entries.*`steps=k`"):
+            fit.mean(da.from_array(rng.normal(size=300), chunks=100))
+        est = BalancedEstimator(margins, steps=4).fit(data).mean(da.from_array(rng.normal(size=300), chunks=100))
+    assert np.isfinite(est.standard_error)
+
+
+@pytest.mark.parametrize("code", [5, -1])
+def test_codes_changed_between_passes_get_the_first_pass_error(samples_path, code):
+    """The samples path checks integer codes' range in every pass: a code that changed since the
+    fit's first pass gets the same error (column, code, partition), not a broadcast error or a
+    silently clipped weight."""
+    rng = np.random.default_rng(0)
+    x, y = np.arange(400) % 2, np.arange(400) % 3
+    state = {"x": x}
+    X = da.arange(4, chunks=1).map_blocks(lambda b: state["x"][100 * b[0]:100 * (b[0] + 1)], chunks=((100,) * 4,),
+                                          dtype=x.dtype)
+    Y = da.from_array(y, chunks=100)
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator({"x": [0.5, 0.5], "y": np.full(3, 1 / 3)}, steps=4).fit({"x": X, "y": Y})
+        state["x"] = np.where(np.arange(400) == 250, code, x)
+        with pytest.raises(ValueError, match=rf"`x`.*{code}.*Dask partition 2"):
+            fitted.mean(da.from_array(rng.normal(size=400), chunks=100))
+        with pytest.raises(ValueError, match=rf"`x`.*{code}.*Dask partition 2"):
+            fitted.weights_.compute()
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_cell_masses_of_the_samples_path_stay_lazy(samples_path, steps):
+    """``balance_.cell_masses`` (one per sample) stays a lazy Dask array after any number of steps:
+    nothing of length n reaches the client."""
+    rng = np.random.default_rng(1)
+    data = {"x": da.from_array(rng.integers(0, 2, 300), chunks=100),
+            "y": da.from_array(rng.integers(0, 3, 300), chunks=100)}
+    with dask.config.set(scheduler="sync"):
+        fit = BalancedEstimator({"x": [0.4, 0.6], "y": [0.2, 0.3, 0.5]}, steps=steps).fit(data)
+        masses = fit.balance_.cell_masses
+        assert isinstance(masses, da.Array) and masses.shape == (300,)
+        np.testing.assert_allclose(float(masses.sum().compute()), 1.0 if steps else 300.0, rtol=1e-12)
+
+
+def test_tables_of_every_step_together_are_bounded(samples_path, monkeypatch):
+    """A pass's tables fit, but not those of every step together: the fit stops gathering them (the
+    client holds at most TABLES_MAX entries) and the mean takes one pass per step, same result."""
+    from databalance import _dask_samples
+
+    # three margins of 4, 5 and 6 levels: a step's tables hold 4 x 11 to 6 x 9 entries
+    monkeypatch.setattr(_dask_samples, "TABLES_MAX", 150)
+    data, h, d, margins = three_margins()
+    ref = BalancedEstimator(margins, steps=7).fit(data, d)
+    X, H, D = lazy(data, h, d)
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator(margins, steps=7).fit(X, D)
+        assert fitted._dask_fit.iterate_tables == {}
+        assert_same_mean(fitted.mean(H), ref.mean(h))

@@ -71,14 +71,17 @@ class Samples:
 def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
     """Every margin's flat category of the partition's samples (a joint margin's in C order).
 
-    The first pass of a fit (``validate``) checks every label and combination; later passes take
-    integer codes as they are (checked then: the data is assumed not to change between passes),
-    and look labels up again."""
+    The first pass of a fit (``validate``) checks every label and combination; later passes look
+    labels up again and check only that integer codes are in range (an out-of-range one gets the
+    first pass's error): the data must not change between the passes of a fit and its means."""
     if validate or all(plan.mapped):
         codes = _dask._codes_of(plan, blocks, p)
     else:
         codes = [plan.column_codes(i, np.asarray(b)) if plan.mapped[i] else np.asarray(b).astype(np.intp, copy=False)
                  for i, b in enumerate(blocks)]
+        if any(not plan.mapped[i] and c.size and (c.min() < 0 or c.max() >= len(plan.levels[i]))
+               for i, c in enumerate(codes)):  # the data changed since the first pass: its error
+            codes = _dask._codes_of(plan, blocks, p)
     if validate:
         try:
             plan.check_listed(codes)
@@ -250,6 +253,18 @@ class SamplesKernel(CellKernel):
         return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes,
                                             pairs_of))
 
+    def two_margin_support(self):
+        """With two margins, the occupied cells as a sparse pattern (margin 0's levels by margin
+        1's): the positive entries of their two-way table of the design weights, one pass (at most
+        ``TABLES_MAX`` entries). None with more margins (their pairwise tables do not determine the
+        cells: undecided, as for a large cell list in memory)."""
+        import scipy.sparse as sp
+
+        if len(self.sizes) != 2 or self.sizes[0] * self.sizes[1] > TABLES_MAX:
+            return None
+        table = self.weight_sums(None, pairs_of=0)["tables"][1].reshape(self.sizes)  # [0]: margin 0 itself
+        return sp.csr_array(table > 0)
+
     def initial_state(self):
         scale = np.exp2(np.round(-np.log2(self.total) / len(self.sizes)))
         return State([np.full(s, scale) for s in self.margin_shapes])
@@ -265,6 +280,9 @@ class SamplesKernel(CellKernel):
         self.last = ([f.copy() for f in state.factors], out)
         if self.tables:  # iterate l's (total 1) sums of the margin step l fixed, and its tables
             self.iterate_tables[state.steps] = (out["sums"][state.fixed], out.pop("tables"))
+            held = sum(t.size for _, tables in self.iterate_tables.values() for t in tables)
+            if held > TABLES_MAX:  # every step's tables together: more than the client should hold,
+                self.tables, self.iterate_tables = False, {}  # so the mean takes one pass per step
         return {j: self._without_own(j, out["sums"][j].reshape(self.margin_shapes[j]), state) for j in js}
 
     def rescale(self, j, margin, sums, state):
@@ -597,8 +615,10 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
     samples = fit.samples
     K, k = len(samples.shapes), fit.steps
     if k is None:
-        if pairs_size(samples.sizes) // 2 > TABLES_MAX:
-            raise ValueError(check.samples_tables_too_large(pairs_size(samples.sizes) // 2, TABLES_MAX))
+        # the pairwise tables, then the dense normal equations over every margin's levels
+        entries = max(pairs_size(samples.sizes) // 2, sum(samples.sizes) ** 2)
+        if entries > TABLES_MAX:
+            raise ValueError(check.samples_tables_too_large(entries, TABLES_MAX))
         mode = "limit"
     elif k == 0:
         mode = "none"

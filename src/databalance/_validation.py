@@ -1422,5 +1422,6 @@ def sparse_layout(value, choices: tuple[str, ...]) -> str:
 
 def samples_tables_too_large(entries: int, limit: int) -> str:
     return (f"The converged standard error of a Dask fit whose samples are their own cells needs the margins' "
-            f"pairwise two-way tables: {entries} entries here, more than the {limit} a pass may gather. Give "
-            f"`steps=k` (its standard error needs no such tables), or margins with fewer categories.")
+            f"pairwise two-way tables and the normal equations over all their categories: {entries} entries "
+            f"here, more than the {limit} the client may hold. Give `steps=k` (its standard error needs no "
+            f"such system), or margins with fewer categories.")

@@ -919,6 +919,8 @@ class CellsResult(_Outcome):
     def cell_masses(self) -> np.ndarray:
         """The balanced mass of each cell (the targets' total)."""
         if self.steps == 0:
+            if kernels.is_dask_array(self._input):  # the Dask samples path: lazy, as after any step
+                return self._input.astype(np.float64)
             return np.array(self._input, dtype=np.float64)
         return self._final * float(np.sum(self._targets[0]))
 
@@ -954,6 +956,13 @@ def balance_cells(codes: list[np.ndarray] | None, shapes: list[tuple[int, ...]],
                        name="samples")
 
     def deficit():
+        support = None if codes is not None else getattr(kernel, "two_margin_support", lambda: None)()
+        if support is not None:  # the Dask samples path: max-flow on the two margins' occupied cells
+            found = _feasibility.deficit(support, targets[0].ravel(), targets[1].ravel())
+            if found is not None:
+                raise check.infeasible_margins(max(found.row_mass - found.col_mass, 0.0) / float(total), names,
+                                               "samples")
+            return True
         lost = _lp_lost(None if codes is None else list(codes), targets)
         if lost is not None and lost > LP_FEASIBILITY_TOL:
             raise check.infeasible_margins(lost, names, "samples")
