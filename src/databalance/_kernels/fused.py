@@ -299,12 +299,15 @@ def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
 def _scaled_row(row, xi, y, lead_first, out):
     """``out = (row * xi) * y`` (``xi`` first when ``lead_first``, else ``y``), each product
     rounded to ``out``'s dtype (compiled without fast-math: no product is reassociated)."""
-    for j in range(out.size):
-        if lead_first:
+    if lead_first:
+        for j in range(out.size):
             out[j] = row[j] * xi
+        for j in range(out.size):
             out[j] = out[j] * y[j]
-        else:
+    else:
+        for j in range(out.size):
             out[j] = row[j] * y[j]
+        for j in range(out.size):
             out[j] = out[j] * xi
 
 
