@@ -46,7 +46,7 @@ from .sparse import SparseKernel
 #: installed), ``numpy`` (never numba) or ``numba`` (always, for every supported table).
 ENV = "DATABALANCE_KERNEL"
 
-#: ``auto`` uses numba for tables with at least this many entries (nonzeros when sparse): below it
+#: ``auto`` uses numba for dense tables with at least this many entries: below it
 #: a BLAS product costs microseconds and numba's dispatch is not worth its import.
 MIN_SIZE = 1 << 16
 
@@ -95,8 +95,8 @@ def which_kernel(table) -> str:
     The choice follows the environment variable ``DATABALANCE_KERNEL``: ``numpy`` never uses
     numba; ``numba`` always does for float32/float64 tables in C or Fortran order (CSR or CSC when
     sparse); ``auto`` (the default) does for such dense tables and logits with at least
-    ``MIN_SIZE`` (65 536) entries when numba is installed; for sparse tables it follows the
-    measurements recorded in benchmarks/RESULTS.md.
+    ``MIN_SIZE`` (65 536) entries when numba is installed, and for CSR/CSC tables with at least
+    ``fused_sparse.AUTO_MIN_NNZ`` (2**22) nonzeros when numba runs on two threads or more.
 
     Parameters
     ----------
