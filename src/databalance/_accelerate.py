@@ -279,13 +279,19 @@ class Anderson:
         self.pending = (x, g)
         return new
 
+    @staticmethod
+    def absolute_log_sums(sums, target, frame) -> np.ndarray:
+        """``log(T v)`` out of the log kernel's frame (0 on lines with a zero target)."""
+        live = np.broadcast_to(np.asarray(target) > 0, np.shape(sums))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(live, np.log(np.asarray(sums, np.float64)) - (0.0 if frame is None else frame), 0.0)
+
     def check(self, state, margin_v: int, target_v, sums, target, frame, frame_v, batch_ndim: int, eps: float):
         """At the other margin's step, with its ``sums = T v``: the problems whose objective rose since
         the last extrapolation (True), whose scaling ``v`` is then set to the plain step. Returns
         None when nothing was rejected."""
         live = np.broadcast_to(np.asarray(target) > 0, np.shape(sums))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logr = np.where(live, np.log(np.asarray(sums, np.float64)) - (0.0 if frame is None else frame), 0.0)
+        logr = self.absolute_log_sums(sums, target, frame)
         before, self.log_sums = self.log_sums, logr
         if self.pending is None or before is None:
             self.pending = None
@@ -397,10 +403,7 @@ class Accelerated:
             return sums
         sums = self.sums(j, state)
         frames = state.frame if state.frame is not None else (None, None)
-        live = np.broadcast_to(np.asarray(margin.target) > 0, np.shape(sums))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            self.anderson.log_sums = np.where(live, np.log(np.asarray(sums, np.float64))
-                                              - (0.0 if frames[j] is None else frames[j]), 0.0)
+        self.anderson.log_sums = self.anderson.absolute_log_sums(sums, margin.target, frames[j])
         return sums
 
 
