@@ -41,7 +41,7 @@ from . import _dask
 from . import _validation as check
 from ._joint import _ratio
 from ._kernels import State
-from ._kernels.cells import CellKernel
+from ._kernels.cells import CellKernel, factor_product
 from ._kernels.dense import ratio
 
 
@@ -170,19 +170,6 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
     return out
 
 
-def _product(factors: list[np.ndarray], codes: list[np.ndarray], start: np.ndarray | None, n: int) -> np.ndarray:
-    """``start * prod_j factors[j][codes[j]]`` per sample (start None: 1)."""
-    if start is None and factors:
-        out = np.take(factors[0], codes[0], mode="clip").astype(np.float64, copy=False)
-        factors, codes = factors[1:], codes[1:]
-    else:
-        out = np.ones(n) if start is None else np.array(start, dtype=np.float64)
-    buf = np.empty(n)
-    for f, c in zip(factors, codes, strict=True):
-        out *= np.take(f, c, out=buf, mode="clip")
-    return out
-
-
 # -- the fit -----------------------------------------------------------------------------------------
 
 
@@ -197,7 +184,7 @@ class WeightSums:
 
     def __call__(self, codes, d, h) -> dict:
         n = len(codes[0])
-        u = _product(self.factors, codes, d, n) if self.factors is not None else (np.ones(n) if d is None else d)
+        u = factor_product(d, self.factors, codes, n) if self.factors is not None else (np.ones(n) if d is None else d)
         out = {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
                "u2": float(u @ u), "min_u": u.min(initial=np.inf), "max_u": u.max(initial=-np.inf)}
         if self.pairs_of is not None:
@@ -320,7 +307,7 @@ def _weights_chunk(p, *blocks, plan, ncols, weighted, factors, scale):
     p = int(np.asarray(p).ravel()[0])
     codes = _margin_codes(plan, blocks[:ncols], p, False)
     n = len(codes[0])
-    return _product(factors, codes, _dask._design(blocks[ncols], n, p) if weighted else None, n) * scale
+    return factor_product(_dask._design(blocks[ncols], n, p) if weighted else None, factors, codes, n) * scale
 
 
 def lazy_weights(samples: Samples, factors: list[np.ndarray], scale: float, lengths: tuple[int, ...]) -> da.Array:
@@ -388,7 +375,7 @@ def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: i
                     row += np.take(col, codes[(l_step - 1) % K], out=buf, mode="clip")
         acc /= fit.total
         return np.full(n, 1.0 / fit.total), acc
-    g = _product(fit.iterates[k], codes, None, n)
+    g = factor_product(None, fit.iterates[k], codes, n)
     top = g.copy()
     for l_step in range(k, lowest, -1):
         m = (l_step - 1) % K
@@ -401,7 +388,7 @@ def _chain(codes, fit: SamplesFit, mus: dict[int, np.ndarray], lowest: int, n: i
             if (after > 0).all():
                 g *= np.take(before / after, codes[m], out=buf, mode="clip")
             else:
-                g = _product(fit.iterates[l_step - 1], codes, None, n)
+                g = factor_product(None, fit.iterates[l_step - 1], codes, n)
     return top, acc
 
 
@@ -421,7 +408,7 @@ class FirstMoments:
 
     def __call__(self, codes, d, h) -> dict:
         fit, n = self.fit, len(h)
-        a = _product(fit.final, codes, d, n)
+        a = factor_product(d, fit.final, codes, n)
         a /= fit.total_u  # w_i
         out = {"est": a @ h, "plain": h.sum(axis=0) if d is None else d @ h,
                "max_top": np.abs(h).max(axis=0, initial=0.0)}
@@ -493,7 +480,7 @@ class Terms:
     def __call__(self, codes, d, h) -> dict:
         fit = self.fit
         n, s = h.shape
-        a = _product(fit.final, codes, None, n)
+        a = factor_product(None, fit.final, codes, n)
         a /= fit.total_u
         beta = None
         if self.coefficients is None and self.mus:

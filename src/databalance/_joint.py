@@ -23,7 +23,7 @@ from . import _feasibility
 from . import _validation as check
 from ._errors import ConvergenceWarning
 from ._kernels import is_sparse
-from ._kernels.cells import parallel
+from ._kernels.cells import factor_product, parallel
 
 __all__ = ["Cells", "Joint", "additive_fit", "additive_residual", "additive_shift", "limit_linearization",
            "step_linearization"]
@@ -248,10 +248,7 @@ def _undo(q: np.ndarray, change: np.ndarray, index: np.ndarray, buf: np.ndarray,
 
 def _gathered(factors: list[np.ndarray], cells: Cells, buf: np.ndarray) -> np.ndarray:
     """Per cell, the cell's mass times every margin's factor at its category (``buf``: scratch)."""
-    out = cells.mass.copy()
-    for f, c in zip(factors, cells.codes, strict=True):
-        out *= np.take(f, c, out=buf, mode="clip")
-    return out
+    return factor_product(cells.mass, factors, cells.codes, len(cells.mass), buf)
 
 
 def limit_linearization(cells: Cells, S: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,22 @@ def parallel(fn, *args) -> Future:
     return _pool().submit(fn, *args)
 
 
+def factor_product(start: np.ndarray | None, factors: list[np.ndarray], codes: list[np.ndarray], n: int,
+                   buf: np.ndarray | None = None) -> np.ndarray:
+    """``start * prod_j factors[j][codes[j]]`` for each of ``n`` cells, a new float64 array
+    (``start`` None: 1; ``buf``: a float64 scratch vector of length n for the gathers)."""
+    factors = [np.ravel(f) for f in factors]
+    if start is None and factors:
+        out = np.take(factors[0], codes[0], mode="clip").astype(np.float64, copy=False)
+        factors, codes = factors[1:], codes[1:]
+    else:
+        out = np.ones(n) if start is None else np.array(start, dtype=np.float64)
+    buf = np.empty(n) if buf is None else buf
+    for f, c in zip(factors, codes, strict=True):
+        out *= np.take(f, c, out=buf, mode="clip")
+    return out
+
+
 class CellKernel(DenseKernel):
     """The state's frame holds every cell's current mass W = mass * prod_j factors[j][cell's
     category]: margin j's sums are W's sums per category of j divided by its own factor (one pass
@@ -62,10 +78,7 @@ class CellKernel(DenseKernel):
         return np.bincount(self.codes[j], weights, minlength=self.sizes[j]).reshape(self.margin_shapes[j])
 
     def _masses(self, factors) -> np.ndarray:
-        w = self.table.copy()
-        for f, c in zip(factors, self.codes, strict=True):
-            w *= np.take(f.ravel(), c, out=self._buffer(), mode="clip")
-        return w
+        return factor_product(self.table, factors, self.codes, len(self.table), self._buffer())
 
     def current_masses(self, state) -> np.ndarray:
         """Every cell's mass in the current iterate (of total 1 after the first half-step)."""
