@@ -1212,11 +1212,6 @@ def dask_bounds() -> str:
             "samples in memory. Fit without bounds, or compute the columns first.")
 
 
-def dask_too_many_combinations(sizes: list[int]) -> str:
-    return (f"The margins' columns have {sizes} categories: their combinations exceed 2^63, so the samples' cells "
-            "cannot be keyed by one integer. Merge rare categories.")
-
-
 def dask_unlisted_combination(columns: tuple, labels: tuple, target_name: str) -> ValueError:
     return ValueError(
         f"Some sample has ({', '.join(f'`{c}`' for c in columns)}) = {labels!r}, which `{target_name}` does not list. "

@@ -460,10 +460,9 @@ class BalancedEstimator:
         columns = [named[_input_name(("column", c))] for c in plan.columns]
         design = named.get("sample_weight")
         sizes = [len(lev) for lev in plan.levels]
+        # (past the threshold, which is far below 2^63, cell keys could not even be int64)
         if float(np.prod(np.array(sizes, dtype=np.float64))) > DASK_CELL_TABLE_MAX:
             return self._fit_dask_samples(plan, columns, design, steps, empty, linearization)
-        if float(np.prod(np.array(sizes, dtype=np.float64))) >= 2.0**63:
-            raise ValueError(check.dask_too_many_combinations(sizes))
         strides = [int(np.prod(sizes[i + 1:], dtype=np.int64)) for i in range(len(sizes))]
         stats = _dask.cell_statistics(plan, columns, design, strides, int(np.prod(sizes, dtype=np.int64)))
         n, keys = int(stats["n"]), stats["keys"]
