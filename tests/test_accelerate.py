@@ -34,32 +34,29 @@ def l1_errors(table: np.ndarray, p, q) -> float:
     return float(max(np.max(rows), np.max(cols)))
 
 
-@pytest.fixture
-def wrappers(monkeypatch):
-    """The accelerated kernels the runs create."""
+def instances(monkeypatch, cls) -> list:
+    """The instances of ``cls`` created from now on (its ``__init__`` spied on)."""
     made = []
-    init = _accelerate.Accelerated.__init__
+    init = cls.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(_accelerate.Accelerated, "__init__", spy)
+    monkeypatch.setattr(cls, "__init__", spy)
     return made
+
+
+@pytest.fixture
+def wrappers(monkeypatch):
+    """The accelerated kernels the runs create."""
+    return instances(monkeypatch, _accelerate.Accelerated)
 
 
 @pytest.fixture
 def controllers(monkeypatch):
     """The controllers the runs create, to inspect what they decided."""
-    made = []
-    init = _accelerate.Controller.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(_accelerate.Controller, "__init__", spy)
-    return made
+    return instances(monkeypatch, _accelerate.Controller)
 
 
 @pytest.mark.parametrize("method", ["auto", "overrelax", "anderson"])
