@@ -13,6 +13,9 @@ each timed over ``--sweeps`` sweeps and reported per sweep:
 
 * ``scipy``: the bare sweep ``u = p / (K @ v); v = q / (K.T @ u)`` (scipy.sparse is single-threaded);
 * ``loop, scipy kernel``: the library's half-step loop (errors and all) on the NumPy/SciPy kernel;
+* ``loop, tiled``: the loop on the fused kernel with the tiled copy (a threaded gather over the
+  stored lines, then the other margin's sums block of other lines by block from the tiled copy;
+  its one-off build is timed separately);
 * ``loop, transposed``: the loop on the fused kernel with the transposed pattern (two threaded
   gathers per sweep; its one-off build is timed separately);
 * ``loop, accumulators``: the loop on the fused kernel with per-thread accumulators (one pass).
@@ -43,8 +46,8 @@ from databalance._kernels import fused_sparse as fs
 from databalance._kernels.fused import compiled
 from databalance._kernels.sparse import SparseKernel
 
-#: The layouts timed per sweep (``adaptive`` is ``transposed`` once built: see the short runs).
-LAYOUTS = ("transposed", "accumulators")
+#: The layouts timed per sweep (``adaptive`` is ``tiled`` once built: see the short runs).
+LAYOUTS = ("tiled", "transposed", "accumulators")
 
 
 def power_law_csr(n, nnz, rng, alpha=1.2):
@@ -101,7 +104,7 @@ def table(n, nnz, kind):
 
 
 def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
-    """One table's rows (per thread count and mode) and its transposed pattern's build."""
+    """One table's rows (per thread count and mode) and its copies' builds."""
     K, p, q = table(n, nnz, kind)
     KT = K.T
     slow = SparseKernel.from_input(K)
@@ -118,19 +121,23 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
     fns.update({f"loop, {layout}": loop_sweeps(fast[layout], p, q, sweeps, warm=1) for layout in LAYOUTS})
     tiny = sp.csr_array(np.eye(3, dtype=K.dtype))
     fs.transposed_pattern(*fs.FusedSparseKernel(tiny)._lines, 3)  # compiled (or loaded) before timing
+    fs.tiled_pattern(*fs.FusedSparseKernel(tiny)._lines, 3)
     for nt in (1, 2):
         numba.set_num_threads(nt)
-        t0 = time.perf_counter()
-        built = fs.transposed_pattern(*fast["transposed"]._lines, n)
-        build = time.perf_counter() - t0
-        extra = sum(a.nbytes for a in built)
-        del built
+        copies = {"transposed": lambda: fs.transposed_pattern(*fast["transposed"]._lines, n),
+                  "tiled": lambda: fs.tiled_pattern(*fast["tiled"]._lines, n)}
+        built = {}
+        for name, build in copies.items():
+            t0 = time.perf_counter()
+            copy = build()
+            built[name] = (time.perf_counter() - t0, sum(a.nbytes for a in copy if isinstance(a, np.ndarray)))
+            del copy
         t0 = time.perf_counter()
         K.tocsc()
-        builds.append((kind, nnz, nt, build, time.perf_counter() - t0, extra,
-                       K.data.nbytes + K.indices.nbytes + K.indptr.nbytes))
+        builds.append((kind, nnz, nt, built["tiled"][0], built["transposed"][0], time.perf_counter() - t0,
+                       built["tiled"][1], built["transposed"][1], K.data.nbytes + K.indices.nbytes + K.indptr.nbytes))
         for layout in LAYOUTS:
-            loop_sweeps(fast[layout], p, q, 1, warm=1)()  # compile, build the transposed pattern
+            loop_sweeps(fast[layout], p, q, 1, warm=1)()  # compile, build the copy
         for mode in modes:
             t = timed(fns, repeats, mode)
             base = t["scipy"]
@@ -139,8 +146,8 @@ def bench_table(n, nnz, kind, repeats, sweeps, modes, rows, builds):
 
 
 def short_runs(n, nnz, kind, repeats, runs=(1, 4, 16, 64)):
-    """Whole ``balance_table(K, p, q, steps=2k)`` calls (validation, transposed build included):
-    the scipy kernel against the fused kernel's adaptive and transposed layouts, two threads."""
+    """Whole ``balance_table(K, p, q, steps=2k)`` calls (validation, the copy's build included):
+    the scipy kernel against the fused kernel's adaptive and tiled layouts, two threads."""
     K, p, q = table(n, nnz, kind)
     out = []
     numba.set_num_threads(2)
@@ -159,9 +166,9 @@ def short_runs(n, nnz, kind, repeats, runs=(1, 4, 16, 64)):
     call("numba", "adaptive", 1)()  # compile
     for k in runs:
         fns = {"scipy": call("numpy", "adaptive", k), "adaptive": call("numba", "adaptive", k),
-               "transposed": call("numba", "transposed", k)}
+               "tiled": call("numba", "tiled", k)}
         t = timed(fns, max(1, repeats // (1 + k // 16)), "interleaved")
-        out.append((kind, nnz, k, t["scipy"], t["adaptive"], t["transposed"]))
+        out.append((kind, nnz, k, t["scipy"], t["adaptive"], t["tiled"]))
     return out
 
 
@@ -174,23 +181,26 @@ def bench(n, nnzs, repeats, sweeps, modes, floors, short):
                 shorts += short_runs(n, nnz, kind, repeats)
             if floors:
                 floor_rows += measure_floors(table(n, nnz, kind)[0], kind, repeats)
-    names = ["scipy K@v + K.T@u", "loop, scipy kernel", "loop, transposed", "loop, accumulators"]
+    names = ["scipy K@v + K.T@u", "loop, scipy kernel"] + [f"loop, {layout}" for layout in LAYOUTS]
     print("Per sweep, ms (ratios: the fused loop over scipy's bare two products, same run):\n")
-    print("| rows | nnz | threads | mode | " + " | ".join(names) + " | transposed / scipy | accumulators / scipy |")
-    print("|---|---|---|---|" + "---|" * (len(names) + 2))
+    print("| rows | nnz | threads | mode | " + " | ".join(names) + " | "
+          + " | ".join(f"{layout} / scipy" for layout in LAYOUTS) + " |")
+    print("|---|---|---|---|" + "---|" * (len(names) + len(LAYOUTS)))
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]} | " + " | ".join(f"{x:.1f}" for x in r[4:8])
-              + f" | {r[8]:.2f} | {r[9]:.2f} |")
-    print("\nThe transposed pattern's one-off build (threaded counting sort) against scipy's `K.tocsc()`:\n")
-    print("| rows | nnz | threads | build s | scipy tocsc s | extra memory MB | table MB |")
-    print("|---|---|---|---|---|---|---|")
+        print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]} | " + " | ".join(f"{x:.1f}" for x in r[4:4 + len(names)])
+              + " | " + " | ".join(f"{x:.2f}" for x in r[4 + len(names):]) + " |")
+    print("\nThe copies' one-off builds (threaded counting sorts) against scipy's `K.tocsc()`:\n")
+    print("| rows | nnz | threads | tiled build s | transposed build s | scipy tocsc s | tiled MB | transposed MB "
+          "| table MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in builds:
-        print(f"| {b[0]} | {b[1]:.0e} | {b[2]} | {b[3]:.3f} | {b[4]:.3f} | {b[5] / 2**20:.0f} | {b[6] / 2**20:.0f} |")
+        print(f"| {b[0]} | {b[1]:.0e} | {b[2]} | {b[3]:.3f} | {b[4]:.3f} | {b[5]:.3f} | {b[6] / 2**20:.0f} | "
+              f"{b[7] / 2**20:.0f} | {b[8] / 2**20:.0f} |")
     if shorts:
         print("\nWhole calls `balance_table(K, p, q, steps=2k, acceleration='none')`, 2 threads, seconds "
-              f"(adaptive builds the transposed pattern in pass {fs.BUILD_AFTER + 1}):\n")
-        print("| rows | nnz | sweeps k | scipy kernel | adaptive | transposed | adaptive / scipy "
-              "| transposed / scipy |")
+              f"(adaptive builds the tiled copy in pass {fs.BUILD_AFTER + 1}):\n")
+        print("| rows | nnz | sweeps k | scipy kernel | adaptive | tiled | adaptive / scipy "
+              "| tiled / scipy |")
         print("|---|---|---|---|---|---|---|---|")
         for r in shorts:
             print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[4] / r[3]:.2f} | "

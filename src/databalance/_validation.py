@@ -1412,6 +1412,11 @@ def sparse_layout(value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def tile_size(lead: int, other: int) -> str:
+    return (f"`tile` must give between 1 and 65536 lead lines and other lines per tile (their numbers within a "
+            f"tile are 16-bit); got {(lead, other)!r}.")
+
+
 # -- issue 12 (samples path) -------------------------------------------------------------------------
 
 
