@@ -148,6 +148,69 @@ def test_many_components_sparse_matches_dense(rank):
     assert_valid_triplets(dense, S, atol=1e-8)
 
 
+# -- the Lanczos sweeps on the fused Gram product (numba) ---------------------------------------------
+
+
+def _random_csr(shape, density, seed, empty_lines=True):
+    rng = np.random.default_rng(seed)
+    T = sp.random_array(shape, density=density, rng=rng, format="csr")
+    if empty_lines:  # a few empty rows and columns: lines of no nonzero
+        T = sp.csr_array(T.multiply(rng.random(shape[1]) > 0.1).multiply((rng.random(shape[0]) > 0.1)[:, None]))
+    return T
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gram_product_equals_two_products(monkeypatch, seed):
+    pytest.importorskip("numba")
+    from databalance._kernels import fused
+
+    monkeypatch.setenv(fused.ENV, "numba")
+    monkeypatch.setattr(fused, "PER_THREAD", 50)  # blocks on every thread, however small the matrix
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 300)), int(rng.integers(1, 200)))
+    M = _random_csr(shape, float(rng.uniform(0.001, 0.3)), seed)
+    x = rng.standard_normal(shape[1])
+    expected = M.T @ (M @ x)
+    got = fused.gram_product(M)(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(expected).max()))
+
+
+def test_gram_product_is_chosen_as_the_kernels_are(monkeypatch):
+    pytest.importorskip("numba")
+    from databalance._kernels import fused
+
+    small = _random_csr((30, 20), 0.3, 0)
+    monkeypatch.setenv(fused.ENV, "numpy")
+    assert fused.gram_product(small) is None
+    monkeypatch.setenv(fused.ENV, "auto")
+    assert fused.gram_product(small) is None  # too few nonzeros to be worth it
+    monkeypatch.setenv(fused.ENV, "numba")
+    assert callable(fused.gram_product(small))
+    monkeypatch.setattr(fused, "numba_installed", lambda: False)
+    with pytest.raises(ImportError, match="DATABALANCE_KERNEL"):
+        fused.gram_product(small)
+
+
+@pytest.mark.parametrize("shape, blocks", [((240, 160), 1), ((160, 240), 1), ((240, 160), 6)])
+def test_sparse_spectrum_on_the_fused_product_equals_numpy_and_dense(monkeypatch, shape, blocks):
+    pytest.importorskip("numba")
+    from databalance._kernels import fused
+
+    rng = np.random.default_rng(sum(shape) + blocks)
+    parts = [_sparse_pattern_table((shape[0] // blocks, shape[1] // blocks), seed=b) for b in range(blocks)]
+    P = sp.csr_array(sp.block_diag(parts, format="csr") * rng.uniform(0.5, 1.5))
+    monkeypatch.setattr(fused, "PER_THREAD", 50)
+    runs = {}
+    for name in ("numba", "numpy"):
+        monkeypatch.setenv(fused.ENV, name)
+        runs[name] = spectrum(P, rank=blocks + 7)
+    dense = spectrum(P.toarray(), rank=blocks + 7)
+    np.testing.assert_allclose(runs["numba"].singular_values, runs["numpy"].singular_values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(runs["numba"].singular_values, dense.singular_values, rtol=0, atol=1e-10)
+    assert runs["numba"].n_components == blocks
+    assert_valid_triplets(runs["numba"], P, atol=1e-8)
+
+
 def test_dense_rank_truncates():
     spec = spectrum(P_A, rank=2)
     assert spec.singular_values.shape == (2,) and spec.x_functions.shape == (3, 2)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator, svds
+from scipy.sparse.linalg import LinearOperator, eigsh
 
 from . import _feasibility, plotting
 from . import _validation as check
@@ -132,8 +132,10 @@ def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
         Nonnegative; normalised internally. Every row and column needs mass.
     rank : int, optional
         Number of leading triplets. Dense tables default to all ``min(m, l)`` (a full SVD); sparse
-        tables require ``rank < min(m, l)`` and use ``scipy.sparse.linalg.svds`` (ARPACK) on a
-        rescaled sparse copy, never densifying.
+        tables require ``rank < min(m, l)`` and use ARPACK (``scipy.sparse.linalg.eigsh``) on
+        the Gram matrix of a rescaled sparse copy, never densifying; with the fused kernels
+        (:func:`~databalance.which_kernel`, ``DATABALANCE_KERNEL``) each of its products is one
+        threaded read of the copy.
 
     Returns
     -------
@@ -171,10 +173,8 @@ def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
     if not sparse:
         U, s, Vt = np.linalg.svd(T / rt[:, None] / ct[None, :], full_matrices=False)
         U, s, V = U[:, :rank], s[:rank], Vt[:rank].T
-    elif n_components == 1:
-        U, s, V = _sparse_svd(T, rt, ct, sp_, sq, rank)
     else:
-        U, s, V = _deflated_svd(T, rt, ct, U1, V1, rank)
+        U, s, V = _sparse_svd(_scaled_csr(T, rt, ct), U1, V1, rank)
     c = U1.shape[1]
     U, V = U.copy(), V.copy()
     U[:, :c], V[:, :c] = U1, V1
@@ -189,44 +189,50 @@ def _scaled_csr(T: Any, rt: np.ndarray, ct: np.ndarray) -> sp.csr_array:
     return sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
 
 
-def _sparse_svd(T: Any, rt: np.ndarray, ct: np.ndarray, sp_: np.ndarray, sq: np.ndarray,
+def _sparse_svd(M: sp.csr_array, U1: np.ndarray, V1: np.ndarray,
                 rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading ``rank`` triplets of D_tr^-1/2 T D_tc^-1/2 by ARPACK, descending."""
-    # svds iterates on the Gram matrix of the shorter side (M^T M if m >= l, else M M^T), so its
-    # starting vector lives there: the known top singular vector of that side, for a
-    # deterministic start.
-    m, l = T.shape
-    U, s, Vt = svds(_scaled_csr(T, rt, ct), k=rank, v0=(sq if m >= l else sp_).copy(), tol=0)
-    order = np.argsort(s)[::-1]
-    return U[:, order], s[order], Vt[order].T
+    """The leading ``rank`` triplets of M = D_tr^-1/2 T D_tc^-1/2 (:func:`_scaled_csr`), descending.
 
-
-def _deflated_svd(T: Any, rt: np.ndarray, ct: np.ndarray, U1: np.ndarray, V1: np.ndarray,
-                  rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading ``rank`` triplets when the support has c > 1 components: the c pairs with s = 1
-    are U1, V1 (exact), and ARPACK computes only the rest, on M minus that block, where no value
-    repeats by construction (ARPACK crawls on a c-fold s = 1)."""
-    m, l = T.shape
+    The c pairs with s = 1 are U1, V1 (exact: one per component, or the top pair (sqrt p,
+    sqrt q)); ARPACK computes only the rest, on M minus that block, where no value repeats by
+    construction (ARPACK crawls on a c-fold s = 1), from a deterministic start outside the block.
+    """
     c = U1.shape[1]
     if rank <= c:
         return U1, np.ones(rank), V1
-    M = _scaled_csr(T, rt, ct)
-    # M V1 = U1 and M^T U1 = V1, so M - U1 V1^T is M with the block removed, still O(nnz) to apply.
-    op = LinearOperator(
-        (m, l), dtype=np.float64,
-        matvec=lambda x: M @ x - U1 @ (V1.T @ x),
-        rmatvec=lambda y: M.T @ y - V1 @ (U1.T @ y),
-        matmat=lambda X: M @ X - U1 @ (V1.T @ X),
-        rmatmat=lambda Y: M.T @ Y - V1 @ (U1.T @ Y),
-    )
-    # A deterministic start outside the removed block, on the side svds iterates on.
-    side = V1 if m >= l else U1
-    v0 = np.cos(np.arange(side.shape[0]) + 1.0)
-    v0 -= side @ (side.T @ v0)
-    U, s, Vt = svds(op, k=rank - c, v0=v0, tol=0)
-    order = np.argsort(s)[::-1]
-    return (np.column_stack([U1, U[:, order]]), np.concatenate([np.ones(c), s[order]]),
-            np.column_stack([V1, Vt[order].T]))
+    if M.shape[0] < M.shape[1]:  # iterate on the shorter side: the triplets of M' swapped
+        Vt, s, Ut = _sparse_svd(sp.csr_array(M.T), V1, U1, rank)
+        return Ut, s, Vt
+    v0 = np.cos(np.arange(V1.shape[0]) + 1.0)
+    v0 -= V1 @ (V1.T @ v0)
+    U, s, V = _gram_svd(M, rank - c, v0, (U1, V1))
+    return np.column_stack([U1, U]), np.concatenate([np.ones(c), s]), np.column_stack([V1, V])
+
+
+def _gram_svd(M: sp.csr_array, rank: int, v0: np.ndarray,
+              block: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` triplets of ``M`` (m >= l), or of ``M - U1 V1'`` for the ``block``
+    ``(U1, V1)`` (``M V1 = U1``, ``M' U1 = V1``), descending: ARPACK's Lanczos method on the Gram matrix
+    ``G = M' M`` (``G - V1 V1'``), then the SVD of the m x rank matrix ``M W`` of its
+    eigenvectors ``W``, for singular values as accurate as ``M``'s own (as
+    ``scipy.sparse.linalg.svds`` does). ``G x`` is one read of ``M`` with the fused kernels
+    (:func:`~databalance._kernels.fused.gram_product`), else ``M' (M x)``."""
+    from ._kernels.fused import gram_product
+
+    fused = gram_product(M)
+    product = fused if fused is not None else (lambda x: M.T @ (M @ x))
+    if block is None:
+        G = LinearOperator((M.shape[1],) * 2, dtype=np.float64, matvec=product)
+    else:  # (M - U1 V1')' (M - U1 V1') = M' M - V1 V1'
+        U1, V1 = block
+        G = LinearOperator((M.shape[1],) * 2, dtype=np.float64,
+                           matvec=lambda x: product(x) - V1 @ (V1.T @ x))
+    _, W = eigsh(G, k=rank, which="LM", v0=v0, tol=0)
+    MW = M @ W
+    if block is not None:  # (M - U1 V1') W, with W orthogonal to V1 up to rounding
+        MW -= U1 @ (V1.T @ W)
+    U, s, Zt = np.linalg.svd(MW, full_matrices=False)
+    return U, s, W @ Zt.T
 
 
 def _unit_block(labels: np.ndarray, sp_: np.ndarray, sq: np.ndarray, n_components: int,

@@ -348,6 +348,18 @@ def _chain_pass(W, xT, base, scale, nblocks, y, acc):
                 _axpy(W, y[k], i, e, A[k])
 
 
+def _gram_pass(indptr, indices, data, x, bounds, acc):
+    """``acc[q] = sum_i (M_i . x) M_i`` over the lines ``i`` of block q of a compressed sparse
+    matrix ``M``: the Gram product ``M' M x`` from one read of ``M``, float64."""
+    for q in prange(bounds.size - 1):
+        a = acc[q]
+        a[:] = 0.0
+        for i in range(bounds[q], bounds[q + 1]):
+            s = _line_dot(indptr, indices, data, x, i)
+            for k in range(indptr[i], indptr[i + 1]):
+                a[indices[k]] += data[k] * s
+
+
 def _lead_products(T, x, nblocks, zero, r):
     """``r = T x`` for ``T`` (B, m, l) (the lead lines' sums), threaded over row blocks."""
     B, m, l = T.shape
@@ -496,6 +508,36 @@ def chain_pass(W: np.ndarray, x: np.ndarray, base: np.ndarray, scale: np.ndarray
         compiled(_chain_pass)(W, np.ascontiguousarray(x.T, np.float64), np.ascontiguousarray(base.T, np.float64),
                               np.ascontiguousarray(scale, np.float64), nblocks, y, acc)
     return y.T, acc.sum(axis=0).T
+
+
+def gram_product(M: Any):
+    """``x -> M' M x`` for a CSR matrix ``M`` (float64), each product one read of ``M``: numba,
+    threaded over blocks of lines with equal nonzeros, a float64 accumulator per block, when
+    ``DATABALANCE_KERNEL`` allows numba and it is installed (and ``M`` has at least
+    :data:`MIN_SIZE` nonzeros under ``auto``); else ``None``.
+
+    :func:`databalance.spectrum` iterates on this product: a sweep of its Lanczos method then
+    reads the table once, as a balancing sweep does, instead of twice (``M @ x``, then ``M.T @``)."""
+    choice = requested()
+    if choice == "numpy" or _FORK_UNSAFE or (choice == "auto" and M.nnz < MIN_SIZE) or not numba_installed():
+        if choice == "numba" and not numba_installed():
+            raise ImportError(check.numba_missing(ENV))
+        return None
+    from .fused_sparse import _block_bounds, _unsigned
+
+    indptr, indices = _unsigned(M.indptr), _unsigned(M.indices)
+    data = np.ascontiguousarray(M.data, np.float64)
+    nt = min(threads(), max(1, M.nnz // PER_THREAD))
+    bounds = _block_bounds(M.indptr, nt)
+    n = M.shape[1]
+
+    def product(x: np.ndarray) -> np.ndarray:
+        acc = np.empty((nt, n))
+        with _using(nt):
+            compiled(_gram_pass)(indptr, indices, data, np.ascontiguousarray(x, np.float64).ravel(), bounds, acc)
+        return acc.sum(axis=0)
+
+    return product
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
