@@ -15,13 +15,15 @@ the mean's times, and the peak resident memory of every process (VmHWM). ``--clu
 the in-memory run (for sizes one process cannot hold).
 
 ``table``: a sparse table with ``--nnz`` stored entries, each row block built by a task on the
-workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array and on the
-same table as one in-memory CSR matrix, and the largest relative difference of the scalings.
+workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array (one map over
+the blocks per sweep; with ``--plain`` also the two-map kernel) and on the same table as one
+in-memory CSR matrix, and the largest relative difference of the scalings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -203,19 +205,34 @@ def sparse_block(block: int, rows: int, cols: int, per_row: int, seed: int):
     return out
 
 
-def _per_sweep(run, sweeps: int, repeat: int) -> tuple[float, float, object]:
-    """(median seconds of a run with 0 steps, median seconds per sweep beyond it, the last result):
-    the setup (validation, the Dask blocks' build and persist) is what the 0-step runs time."""
-    zero, full = [], []
+def _per_sweep(run, sweeps: int, repeat: int) -> tuple[float, float, float, object]:
+    """(median seconds of a run with 0 steps, median seconds per sweep, the same counting the run's
+    fixed costs, the last result). A sweep's time is the difference between runs of ``sweeps`` and
+    of one sweep, over ``sweeps - 1``: both pay the setup (validation, the Dask blocks' checks and
+    frame sums) and the final float64 check of the marginal errors, which the older figure
+    (``steps=2 sweeps`` minus ``steps=0``, over ``sweeps``) spread over the sweeps."""
+    zero, one, full = [], [], []
     result = None
     for _ in range(repeat):
-        start = time.perf_counter()
-        run(0)
-        zero.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        result = run(2 * sweeps)
-        full.append(time.perf_counter() - start)
-    return statistics.median(zero), (statistics.median(full) - statistics.median(zero)) / sweeps, result
+        for k, times in ((0, zero), (2, one), (2 * sweeps, full)):
+            start = time.perf_counter()
+            result = run(k)
+            times.append(time.perf_counter() - start)
+    zero_m, one_m, full_m = (statistics.median(t) for t in (zero, one, full))
+    return zero_m, (full_m - one_m) / (sweeps - 1), (full_m - zero_m) / sweeps, result
+
+
+@contextlib.contextmanager
+def _plain_kernel():
+    """Dask tables balanced by the two-map kernel (a row map, then a column map and its tree sum)."""
+    from databalance._kernels import chunked
+
+    original = chunked.ChunkedKernel.__dict__["from_input"]
+    chunked.ChunkedKernel.from_input = classmethod(lambda cls, t: original.__func__(cls, t, plain=True))
+    try:
+        yield
+    finally:
+        chunked.ChunkedKernel.from_input = original
 
 
 def table(args) -> None:
@@ -244,19 +261,29 @@ def table(args) -> None:
         built = client.persist(lazy)  # the blocks built on the workers once, as a user would
         distributed.wait(built)
         build = time.perf_counter() - start
-        setup, sweep, got = _per_sweep(lambda k: balance_table(built, p, q, steps=k), args.sweeps, args.repeat)
+        setup, sweep, with_fixed, got = _per_sweep(lambda k: balance_table(built, p, q, steps=k), args.sweeps,
+                                                   args.repeat)
+        if args.plain:
+            with _plain_kernel():
+                _, sweep_plain, fixed_plain, _ = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
+                                                            args.sweeps, args.repeat)
         workers = client.run(peak_mb)
     print(f"  dask (2 workers x 1 thread): blocks built in {build:.2f} s; setup (checks, frame sums) {setup:.2f} s, "
-          f"per sweep {sweep:.3f} s; workers' peak " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+          f"per sweep {sweep:.3f} s ({with_fixed:.3f} s with the fixed costs spread); workers' peak "
+          + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+    if args.plain:
+        print(f"  dask, two maps per sweep (the kernel before the one-map sweep): per sweep {sweep_plain:.3f} s "
+              f"({fixed_plain:.3f} s); one map / two maps = {sweep / sweep_plain:.2f}")
     if args.cluster_only:
         return
     csr = sp.csr_array(sp.vstack([sparse_block(i, r, args.cols, args.per_row, args.seed) for i, r in
                                   enumerate(sizes)], format="csr"))
-    setup_m, sweep_m, ref = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps, args.repeat)
-    print(f"  in memory (one process): setup {setup_m:.2f} s, per sweep {sweep_m:.3f} s; peak {peak_mb():.0f} MB")
+    setup_m, sweep_m, fixed_m, ref = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps, args.repeat)
+    print(f"  in memory (one process): setup {setup_m:.2f} s, per sweep {sweep_m:.3f} s ({fixed_m:.3f} s with the "
+          f"fixed costs spread); peak {peak_mb():.0f} MB")
     rel = max(np.abs(got.row_scaling / ref.row_scaling - 1).max(), np.abs(got.col_scaling / ref.col_scaling - 1).max())
-    print(f"  per sweep, dask / in memory: {sweep / sweep_m:.2f}; largest relative difference of the scalings "
-          f"{rel:.2g}")
+    print(f"  per sweep, dask / in memory: {sweep / sweep_m:.2f} ({with_fixed / fixed_m:.2f} with the fixed costs "
+          f"spread); largest relative difference of the scalings {rel:.2g}")
 
 
 def main() -> None:
@@ -284,6 +311,7 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--memory", default="4GiB", help="memory limit per worker")
     t.add_argument("--cluster-only", action="store_true")
+    t.add_argument("--plain", action="store_true", help="also time the two-map kernel (two computes per sweep)")
     args = parser.parse_args()
     samples(args) if args.what == "samples" else table(args)
 

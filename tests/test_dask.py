@@ -689,6 +689,187 @@ def test_chunked_equals_dense_property(m, n, rows, steps, seed):
     close(got.col_scaling, ref.col_scaling, rtol=1e-12)
 
 
+# -- the fused sweep: one map over the blocks per sweep (issue 12, DASK-SPEED) ----------------------
+
+
+def assert_equal_scalings(got, ref, rtol):
+    """Equal scalings, exact zeros where the reference has them (the zero targets' lines)."""
+    for g, r in ((got.row_scaling, ref.row_scaling), (got.col_scaling, ref.col_scaling)):
+        g, r = np.asarray(g, float), np.asarray(r, float)
+        assert np.array_equal(g == 0, r == 0)
+        np.testing.assert_allclose(g[r != 0], r[r != 0], rtol=rtol, atol=0)
+
+
+def zero_target_problem(rng, m=240, n=30, dtype=np.float64):
+    T = random_table(rng, m, n).astype(dtype)
+    p, q = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(n))
+    p[[3, 77]] = 0.0  # zero targets: those rows are emptied, as in memory
+    q[5] = 0.0
+    return T, p / p.sum(), q / q.sum()
+
+
+def dask_table(T, kind, rows=50):
+    return sparse_blocks(T, rows) if kind == "sparse" else da.from_array(T, chunks=(rows, T.shape[1]))
+
+
+def in_memory_numpy(monkeypatch, T, kind, p, q, **options):
+    """The in-memory NumPy kernel's result (never numba): the independent reference."""
+    monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
+    try:
+        return balance_table(sp.csr_array(T) if kind == "sparse" else T, p, q, **options)
+    finally:
+        monkeypatch.delenv("DATABALANCE_KERNEL")
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("start", ["x", "y"])
+def test_fused_sweep_equals_numpy_kernel(monkeypatch, kind, start):
+    from databalance._kernels.chunked import ChunkedKernel, FusedChunkedKernel
+
+    rng = np.random.default_rng(11)
+    T, p, q = zero_target_problem(rng)
+    table = dask_table(T, kind)
+    with dask.config.set(scheduler="threads"):
+        kernel = ChunkedKernel.from_input(table)
+        assert type(kernel) is FusedChunkedKernel
+        for steps in [1, 2, 3, 4, 5, None]:
+            ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=steps, start=start)
+            got = balance_table(table, p, q, steps=steps, start=start)
+            assert (got.status, got.steps) == (ref.status, ref.steps)
+            assert_equal_scalings(got, ref, rtol=1e-12)
+            np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
+    assert ref.status == "converged"
+
+
+def test_fused_sweep_float32(monkeypatch):
+    rng = np.random.default_rng(12)
+    T, p, q = zero_target_problem(rng, dtype=np.float32)
+    for kind in ["dense", "sparse"]:
+        with dask.config.set(scheduler="threads"):
+            got = balance_table(dask_table(T, kind), p, q, steps=6)
+        ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=6)
+        assert got.row_scaling.dtype == np.float32 and got.col_scaling.dtype == np.float32
+        assert_equal_scalings(got, ref, rtol=2e-5)  # float32 sums added in another order
+
+
+def test_fused_sweep_on_the_cluster(monkeypatch, cluster):
+    rng = np.random.default_rng(13)
+    T, p, q = zero_target_problem(rng)
+    ref = in_memory_numpy(monkeypatch, T, "dense", p, q, steps=7, start="y")
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        for kind in ["dense", "sparse"]:
+            got = balance_table(dask_table(T, kind), p, q, steps=7, start="y")
+            assert_equal_scalings(got, ref, rtol=1e-12)
+
+
+def test_overrelaxed_sweeps_equal_numpy_kernel(monkeypatch):
+    rng = np.random.default_rng(14)
+    T, p, q = zero_target_problem(rng, m=200, n=40)
+    for kind in ["dense", "sparse"]:
+        ref = in_memory_numpy(monkeypatch, T, kind, p, q, acceleration="overrelax", tol=1e-12)
+        with dask.config.set(scheduler="threads"):
+            got = balance_table(dask_table(T, kind), p, q, acceleration="overrelax", tol=1e-12)
+        assert (got.status, got.steps) == (ref.status, ref.steps)
+        assert_equal_scalings(got, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_one_compute_per_sweep(monkeypatch, kind):
+    rng = np.random.default_rng(15)
+    T, p, q = zero_target_problem(rng)
+    table = dask_table(T, kind)
+    calls = []
+    compute = dask.compute
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(dask, "compute", counted)
+    counts = {}
+    with dask.config.set(scheduler="threads"):
+        for steps in (4, 24):
+            calls.clear()
+            result = balance_table(table, p, q, steps=steps)
+            counts[steps] = (len(calls), result.passes)
+    assert counts[24][0] - counts[4][0] == 10  # ten more sweeps, ten more computes
+    assert counts[24][1] - counts[4][1] == 10  # and ten more reads of the blocks
+
+
+def test_plain_kernel_takes_two_computes_per_sweep(monkeypatch):
+    """The two-map kernel (``plain=True``) still gives the same iterates, at two computes a sweep."""
+    from databalance._kernels import chunked
+
+    rng = np.random.default_rng(16)
+    T, p, q = zero_target_problem(rng)
+    table = dask_table(T, "sparse")
+    with dask.config.set(scheduler="threads"):
+        kernel = chunked.ChunkedKernel.from_input(table, plain=True)
+        fused = chunked.ChunkedKernel.from_input(table)
+        v = rng.random(T.shape[1])
+        u = rng.random(T.shape[0])
+        r, u_new, c = fused._pass(v, u, p, None)
+        np.testing.assert_allclose(r, kernel.row_sums(v), rtol=1e-13)
+        np.testing.assert_allclose(c, kernel.col_sums(u_new), rtol=1e-13)
+        np.testing.assert_allclose(r, T @ v, rtol=1e-13)
+        np.testing.assert_allclose(c, T.T @ u_new, rtol=1e-13)
+        expected = np.divide(p, r, out=np.zeros_like(p), where=p > 0)
+        np.testing.assert_array_equal(u_new, expected)
+        # over-relaxed: the rule of the in-memory kernels, line by line
+        from databalance._kernels.fused import relaxed_ratio
+
+        r, u_new, c = fused._pass(v, u, p, np.array([1.5]))
+        np.testing.assert_allclose(u_new, relaxed_ratio(u, p, T @ v, np.flatnonzero(p == 0), 1.5), rtol=1e-13)
+        np.testing.assert_allclose(c, T.T @ u_new, rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_block_task_without_numba_equals_compiled(monkeypatch, kind):
+    """A block's task in a process where numba cannot run (or is refused) gives the compiled pass's
+    results to rounding; the threaded scheduler's concurrent tasks serialise under a threading layer
+    not known to be thread-safe."""
+    pytest.importorskip("numba")
+    from databalance._kernels import chunked, fused
+
+    rng = np.random.default_rng(17)
+    T, p, q = zero_target_problem(rng)
+    block = chunked._prepared(sp.csr_matrix(T) if kind == "sparse" else T, np.float64)
+    v, old = rng.random(T.shape[1]), rng.random(T.shape[0])
+    for w in (1.0, 1.4):
+        compiled = chunked._fused_block(block, v, old, p, w, True)
+        monkeypatch.setattr(fused, "_FORK_UNSAFE", True)
+        plain = chunked._fused_block(block, v, old, p, w, True)
+        monkeypatch.setattr(fused, "_FORK_UNSAFE", False)
+        (lines, c), (plain_lines, plain_c) = compiled, plain
+        np.testing.assert_allclose(np.atleast_2d(plain_lines)[0], np.atleast_2d(lines)[0], rtol=1e-13)  # r
+        if plain_lines.ndim == 2:  # u sent back (else the client recomputes it: the plain rule)
+            np.testing.assert_allclose(plain_lines[1], lines[1], rtol=1e-13)
+        np.testing.assert_allclose(plain_c, c, rtol=1e-13)
+    monkeypatch.setattr(fused, "_LAYER", "workqueue")
+    ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=5)
+    with dask.config.set(scheduler="threads"):
+        got = balance_table(dask_table(T, kind, rows=20), p, q, steps=5)
+    assert_equal_scalings(got, ref, rtol=1e-12)
+
+
+def test_kernel_choice_follows_the_environment(monkeypatch):
+    from databalance._kernels import chunked, fused
+
+    table = da.from_array(np.ones((8, 3)), chunks=(4, 3))
+    with dask.config.set(scheduler="threads"):
+        monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
+        assert chunked.ChunkedKernel.from_input(table).compiled is False
+        monkeypatch.setenv("DATABALANCE_KERNEL", "numba")
+        monkeypatch.setattr(fused, "numba_installed", lambda: False)
+        with pytest.raises(ImportError, match=r"DATABALANCE_KERNEL=numba asks for the numba kernels, but numba is "
+                                              r"not installed"):
+            balance_table(table, np.full(8, 1 / 8), np.full(3, 1 / 3))
+        monkeypatch.setenv("DATABALANCE_KERNEL", "auto")
+        kernel = chunked.ChunkedKernel.from_input(table)
+        assert kernel.compiled is False and isinstance(kernel, chunked.FusedChunkedKernel)
+        assert chunked.ChunkedKernel.from_input(table.map_blocks(sp.csr_matrix)).compiled is False
+
+
 # -- without dask, and the example ------------------------------------------------------------------
 
 

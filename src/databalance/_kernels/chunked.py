@@ -13,7 +13,9 @@ Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -24,6 +26,7 @@ import scipy.sparse as sp
 
 from .. import _validation as check
 from .dense import DenseKernel, support_pattern_dense
+from .fused import _Fused
 from .sparse import scaled_sparse, support_pattern_sparse
 
 #: Partials summed per node of the column sums' tree reduction.
@@ -73,10 +76,11 @@ def _block_summary(block, offset: int, working):
 
 
 def _prepared(block, working):
-    """A block as the kernel keeps it: CSR for sparse, a NumPy array otherwise, in the working dtype."""
+    """A block as the kernel keeps it: CSR for sparse, a C-ordered NumPy array otherwise (what the
+    fused passes read in place), in the working dtype."""
     if sp.issparse(block):
         return _csr(block).astype(working, copy=False)
-    return np.asarray(block).astype(working, copy=False)
+    return np.ascontiguousarray(np.asarray(block), dtype=working)
 
 
 def _row_sums(block, v):
@@ -88,10 +92,105 @@ def _col_partial(block, u):
 
 
 def _float64_partial(block, u, v, start, stop):
-    """Row sums and column sums, in float64, of the block of ``diag(u) table diag(v)``."""
-    scaled = scaled_sparse(block, u[start:stop], v) if sp.issparse(block) else block * u[start:stop, None] * v
-    data = scaled.astype(np.float64)
-    return np.asarray(data.sum(axis=1)).ravel(), np.asarray(data.sum(axis=0)).ravel()
+    """Row sums and column sums, in float64, of the block of ``diag(u) table diag(v)``, each entry
+    rounded to the table's dtype as :func:`scaled_table` rounds it (for sparse blocks from the
+    stored values, without a scaled copy of the block)."""
+    u = u[start:stop]
+    if sp.issparse(block):
+        counts = np.diff(block.indptr)
+        data = (block.data * u.repeat(counts) * v[block.indices]).astype(np.float64)
+        rows = np.repeat(np.arange(block.shape[0]), counts)
+        return np.bincount(rows, data, minlength=block.shape[0]), np.bincount(block.indices, data,
+                                                                              minlength=block.shape[1])
+    data = (block * u[:, None] * v).astype(np.float64)
+    return data.sum(axis=1), data.sum(axis=0)
+
+
+#: Serialises the compiled passes of concurrent tasks (the threaded scheduler) unless numba's
+#: threading layer is known to take calls from several threads at once (OpenMP, TBB; numba's
+#: ``workqueue`` layer aborts the process on concurrent calls).
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_thread():
+    """Run a compiled pass on one of numba's threads (a task is one worker thread's work)."""
+    from . import fused
+
+    safe = fused._LAYER in ("omp", "tbb")
+    if not safe:
+        _LOCK.acquire()
+    try:
+        with fused._using(1):
+            yield
+    finally:
+        if not safe:
+            _LOCK.release()
+
+
+def _rule(uold, p, r, w):
+    """The rows' new scaling from their sums: ``p / r`` (0 where ``p`` is 0), over-relaxed by ``w``
+    unless it is 1 (:func:`.fused.relaxed_ratio`, the in-memory kernels' rule)."""
+    from .fused import relaxed_ratio
+
+    zero = p == 0
+    return relaxed_ratio(uold, p, r, zero if zero.any() else None, None if w == 1.0 else w)
+
+
+def _fused_block(block, v, uold, p, w, compiled: bool):
+    """One block's part of a sweep: its rows' sums ``r = T_b v`` (in the block's dtype), their new
+    scaling ``u = rule(p, r)`` (over-relaxed by ``w`` unless it is 1) and its part of the column
+    sums ``T_b' u`` (float64). Returns ``(r, c)`` when the client can recompute ``u`` to the bit
+    (the plain rule is one IEEE division: half the bytes sent back), else ``([r, u], c)``.
+
+    A sparse block takes scipy's two products: on one thread a fused numba pass over a block
+    (``fused_sparse._scatter_pass``) measured slower than the two (its scatter and its gather
+    compete for the cache; benchmarks/bench_dask.py). A dense block takes numba's one-read pass
+    (``fused._dense_pass``) when ``compiled`` (numba asked for, and runnable in this process),
+    else BLAS's two products."""
+    from . import fused
+
+    if compiled and not sp.issparse(block) and not fused._FORK_UNSAFE:
+        m, l = block.shape
+        r = np.empty(m, block.dtype)
+        u = np.empty(m, block.dtype)
+        acc = np.empty((1, l))
+        with _one_thread():
+            fused.compiled(fused._dense_pass)(block[None], v[None], uold[None], p[None], np.array([w], np.float64),
+                                              1, block.dtype.type(0), r[None], u[None], acc)
+        return np.stack([r, u]), acc[0]
+    r = np.asarray(block @ v).astype(block.dtype, copy=False)
+    u = _rule(uold, p, r, w)
+    c = np.asarray(block.T @ u).astype(np.float64, copy=False)
+    return (r if w == 1.0 else np.stack([r, u])), c
+
+
+def _added(*parts):
+    return np.sum(parts, axis=0)
+
+
+def _tree_sum(parts: list) -> Any:
+    """The sum of delayed vectors by a tree of nodes adding :data:`SPLIT_EVERY` each."""
+    while len(parts) > 1:
+        parts = [_delayed(_added, pure=True)(*parts[i:i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
+    return parts[0]
+
+
+def compiled_passes(dtype: np.dtype, sparse: bool) -> bool:
+    """Whether the blocks' tasks run numba's one-read pass: dense float32/float64 blocks, numba
+    installed and not refused by ``DATABALANCE_KERNEL=numpy`` (``numba`` without numba installed
+    raises, as in memory). A Dask table is never too small for it: its tasks cost more than
+    numba's dispatch."""
+    from . import fused
+
+    choice = fused.requested()
+    if choice == "numpy" or sparse or dtype not in (np.float32, np.float64):
+        return False
+    if not fused.numba_installed():
+        if choice == "numba":
+            raise ImportError(check.numba_missing(fused.ENV))
+        return False
+    return True
 
 
 class ChunkedKernel(DenseKernel):
@@ -110,7 +209,9 @@ class ChunkedKernel(DenseKernel):
         self.sparse = summary["sparse"]
 
     @classmethod
-    def from_input(cls, table: da.Array) -> ChunkedKernel:
+    def from_input(cls, table: da.Array, *, plain: bool = False) -> ChunkedKernel:
+        """The kernel of a 2-D Dask table: :class:`FusedChunkedKernel` (one map per sweep), or with
+        ``plain`` this class (two maps per sweep: a benchmark's reference)."""
         check.dask_table(table)
         if table.numblocks[1] > 1:
             warnings.warn(check.dask_column_chunks(table.numblocks[1]), ChunkedWarning, stacklevel=4)
@@ -130,7 +231,9 @@ class ChunkedKernel(DenseKernel):
             "nnz": int(sum(p["nnz"] for p in parts)),
             "sparse": sparse,
         }
-        return cls(prepared, blocks, offsets, summary)
+        if plain:
+            return ChunkedKernel(prepared, blocks, offsets, summary)
+        return FusedChunkedKernel(prepared, blocks, offsets, summary, compiled_passes(working, sparse))
 
     # -- products: one map over the blocks each ----------------------------------------------------
 
@@ -173,6 +276,52 @@ class ChunkedKernel(DenseKernel):
     def pattern(self, b):
         """The support, gathered to the client (for the feasibility check, run only when needed)."""
         return support_pattern_chunked(self.table)
+
+
+class FusedChunkedKernel(_Fused, ChunkedKernel):
+    """:class:`ChunkedKernel` whose sweeps are one map over the blocks (one ``dask.compute``): each
+    block's task computes its rows' sums, their new scaling and its part of the column sums (dense
+    blocks in one read by numba when ``compiled``). The first steps, and any other request of the
+    loop, take the plain products of :class:`ChunkedKernel`."""
+
+    def __init__(self, table: da.Array, blocks: list, offsets: np.ndarray, summary: dict, compiled: bool = False):
+        super().__init__(table, blocks, offsets, summary)
+        self.lead = 0  # rows: a block holds whole rows
+        self.reads = 0
+        self.generation = 0
+        self._targets: tuple | None = None  # the rows' targets: as given, their slices on the workers, an array
+        self.compiled = compiled
+
+    def _pass(self, x, old, p, omega):
+        w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
+        v = _vector(np.ascontiguousarray(x, self.dtype))
+        targets, q = self._target_slices(p)
+        if w == 1.0:  # the plain rule does not read the old scaling: the targets stand in for it
+            olds = targets
+        else:
+            old = np.ascontiguousarray(old, self.dtype)
+            olds = [old[start:stop] for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        tasks = [_delayed(_fused_block, pure=True, nout=2)(b, v, o, t, w, self.compiled)
+                 for b, o, t in zip(self.blocks, olds, targets, strict=True)]
+        lines, c = dask.compute([t[0] for t in tasks], _tree_sum([t[1] for t in tasks]))
+        if all(part.ndim == 1 for part in lines):  # the rows' sums only: the plain rule, here
+            r = np.concatenate(lines)
+            u = _rule(r, q, r, w)
+        else:
+            r, u = np.concatenate([part if part.ndim == 2 else np.stack([part, _rule(part, q[start:stop], part, w)])
+                                   for part, start, stop in zip(lines, self.offsets[:-1], self.offsets[1:],
+                                                                strict=True)], axis=1)
+        return r, u, np.asarray(c).astype(self.dtype, copy=False)
+
+    def _target_slices(self, p) -> tuple[list, np.ndarray]:
+        """Each block's slice of the rows' targets, sent to the workers once (the loop passes the
+        same target array in every sweep) and kept there; and the targets as one array."""
+        if self._targets is None or self._targets[0] is not p:
+            q = np.ascontiguousarray(np.broadcast_to(p, self.shape[:1]))
+            slices = [_delayed(q[start:stop], pure=True) for start, stop in
+                      zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+            self._targets = (p, list(dask.persist(*slices)), q)
+        return self._targets[1], self._targets[2]
 
 
 def support_pattern_chunked(table: da.Array) -> sp.csr_array:
