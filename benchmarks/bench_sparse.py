@@ -23,8 +23,10 @@ each timed over ``--sweeps`` sweeps and reported per sweep:
 numba's thread count is set for each row (1, 2); BLAS is held to one thread (threadpoolctl) so no
 OpenBLAS worker spins beside numba's threads. ``interleaved``: each repeat runs every contender in
 turn (medians over repeats); ``isolated``: each contender's repeats run back to back, alone. The
-floors (``--floors``): scipy's ``K @ v`` and ``K.T @ u`` alone, numba's gather ``K v`` (1 and 2
-threads) and a streaming read of the values and indices (2 threads).
+floors (skipped by ``--no-floors``): each pass alone (scipy's ``K @ v`` and ``K.T @ u``, the fused
+kernel's lead pass, its other pass from the tiled copy and from the transposed pattern, a streaming
+read of the values and indices), 1 thread (wall and CPU time: under load, the CPU time is the
+steadier) and 2 threads.
 """
 
 from __future__ import annotations
@@ -206,12 +208,15 @@ def bench(n, nnzs, repeats, sweeps, modes, floors, short):
             print(f"| {r[0]} | {r[1]:.0e} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[4] / r[3]:.2f} | "
                   f"{r[5] / r[3]:.2f} |")
     if floor_rows:
-        print("\nFloors (each alone, repeated; ms):\n")
-        print("| rows | nnz | scipy K@v | scipy K.T@u | numba gather K v, 1 thread | 2 threads | "
-              "streaming read of values + indices, 2 threads |")
-        print("|---|---|---|---|---|---|---|")
+        print("\nEach pass alone, minima, ms: 1 thread wall / CPU, 2 threads wall (scipy is single-threaded):\n")
+        names = ["scipy K@v", "scipy K.T@u", "lead pass (gather)", "other pass, tiled", "other pass, transposed",
+                 "streaming read of values + indices"]
+        print("| rows | nnz | " + " | ".join(f"{x}, 1 thread" for x in names) + " | "
+              + " | ".join(f"{x}, 2 threads" for x in names[2:]) + " |")
+        print("|---|---|" + "---|" * (len(names) + len(names) - 2))
         for f in floor_rows:
-            print(f"| {f[0]} | {f[1]:.0e} | " + " | ".join(f"{x:.1f}" for x in f[2:]) + " |")
+            one = " | ".join(f"{f[2 + 2 * i]:.1f} / {f[3 + 2 * i]:.1f}" for i in range(len(names)))
+            print(f"| {f[0]} | {f[1]:.0e} | {one} | " + " | ".join(f"{x:.1f}" for x in f[2 + 2 * len(names):]) + " |")
 
 
 def _stream(indptr, indices, data, bounds, out):
@@ -224,6 +229,9 @@ def _stream(indptr, indices, data, bounds, out):
 
 
 def measure_floors(K, kind, repeats):
+    """Each pass alone, 1 thread (wall and CPU time, minima) and 2 threads (wall, minimum): scipy's
+    two products, the kernel's lead pass (a gather over the stored lines), the other margin's sums
+    from the tiled copy and from the transposed pattern, a streaming read of values + indices."""
     n = K.shape[0]
     v = np.random.default_rng(0).random(n)
     KT = K.T
@@ -231,20 +239,36 @@ def measure_floors(K, kind, repeats):
     out = np.empty(n)
     stream = numba.njit(_stream, parallel=True, fastmath=True)
     gather = compiled(fs._gather)
+    tiled, transposed = fs.FusedSparseKernel(K, "tiled"), fs.FusedSparseKernel(K, "transposed")
+    tiled.col_sums(v), transposed.col_sums(v)  # built, compiled
 
-    def with_threads(nt, f):
-        def go():
+    def lead():
+        nt = numba.get_num_threads()
+        gather(ip, ix, K.data, v, fs._block_bounds(K.indptr, nt), out)
+
+    fns = {"Kv": lambda: K @ v, "KTu": lambda: KT @ v, "lead": lead, "tiled": lambda: tiled.col_sums(v),
+           "transposed": lambda: transposed.col_sums(v),
+           "stream": lambda: stream(ip, ix, K.data, fs._block_bounds(K.indptr, numba.get_num_threads()), out)}
+    fs_per_thread, fs.PER_THREAD = fs.PER_THREAD, 1  # every pass split among the threads set
+    try:
+        row = [kind, K.nnz]
+        for nt in (1, 2):
             numba.set_num_threads(nt)
-            f(ip, ix, K.data, v, fs._block_bounds(K.indptr, nt), out)
-        return go
-
-    fns = {"Kv": lambda: K @ v, "KTu": lambda: KT @ v, "g1": with_threads(1, gather),
-           "g2": with_threads(2, gather),
-           "s2": lambda: (numba.set_num_threads(2), stream(ip, ix, K.data, fs._block_bounds(K.indptr, 2), out))}
-    for f in fns.values():
-        f()
-    t = timed(fns, repeats, "isolated")
-    return [(kind, K.nnz, *(1e3 * t[k] for k in fns))]
+            for f in fns.values():
+                f()
+            for name, f in fns.items():
+                if nt == 2 and name in ("Kv", "KTu"):
+                    continue
+                walls, cpus = [], []
+                for _ in range(max(3, repeats)):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    f()
+                    walls.append(time.perf_counter() - t0)
+                    cpus.append(time.process_time() - c0)
+                row += [1e3 * min(walls)] + ([1e3 * min(cpus)] if nt == 1 else [])
+    finally:
+        fs.PER_THREAD = fs_per_thread
+    return [tuple(row)]
 
 
 def main():

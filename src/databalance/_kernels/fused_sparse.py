@@ -71,11 +71,12 @@ TILE_MIN_NNZ = 16
 #: The layout a :class:`FusedSparseKernel` uses when none is given.
 DEFAULT_LAYOUT = "adaptive"
 
-#: The ``"adaptive"`` layout builds the transposed pattern in its pass number BUILD_AFTER + 1:
-#: at 10^7 nonzeros the build took 0.3-0.5 s and a gather saves about 27 ms per pass over scipy's
-#: transposed product on two threads, so by then the passes have cost about what the build would
-#: have (a run is never much slower than with the better of the two choices made in hindsight).
-BUILD_AFTER = 12
+#: The ``"adaptive"`` layout builds its copy in its pass number BUILD_AFTER + 1: the tiled copy's
+#: build took 0.06-0.1 s at 10^7 nonzeros (0.5 s at 5*10^7) and its other pass saves 10-25 ms
+#: (60-100 ms) per pass over scipy's transposed product on two threads, so by then the passes have
+#: cost about what the build would have (a run is never much slower than with the better of the
+#: two choices made in hindsight). It was 12 with the transposed pattern (a 3-5x slower build).
+BUILD_AFTER = 6
 
 #: ``DATABALANCE_KERNEL=auto`` uses the fused sparse kernel from this many nonzeros on, when numba
 #: runs on two threads or more. One thread gathers about as fast as scipy's product, so there is
