@@ -261,6 +261,31 @@ def _lse(a, axis):
     return np.log(np.exp(a - peak).sum(axis=axis, keepdims=True)) + peak
 
 
+@given(st.sampled_from([np.float32, np.float64]), st.integers(1, 3), st.integers(1, 70), st.integers(1, 9),
+       st.sampled_from([-1, -2]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_one_addition_when_one_potential_is_zero(dtype, batch, m, l, axis, representable, seed):
+    """The first exponentiation adds one potential in the logits' dtype: bit for bit the float64
+    sum rounded to that dtype (with -inf, -0.0 and +0.0 entries), and the float64 sum when the
+    potential is not exact in the dtype."""
+    from databalance._kernels.log import _chunk_sum, add_potentials, one_addend, row_chunks
+
+    rng = np.random.default_rng(seed)
+    L = (rng.standard_normal((batch, m, l)) * 10.0 ** rng.integers(-3, 8)).astype(dtype)
+    L.flat[rng.integers(0, L.size, 3)] = [-np.inf, -0.0, 0.0]
+    centre = -np.max(np.where(np.isneginf(L), 0.0, L), axis=axis).astype(np.float64)
+    if not representable:
+        centre += 1e-9 * (np.abs(centre) + 1.0)
+    zero = np.zeros((batch, l if axis == -1 else m))
+    f, g = (centre, zero) if axis == -1 else (zero, centre)
+    expected = np.empty_like(L)
+    for b, rows in row_chunks(L):
+        expected[b][rows] = _chunk_sum(L, f, g, b, rows)
+    assert (one_addend(L, f, g, L.dtype) is not None) == (representable or dtype == np.float64)
+    np.testing.assert_array_equal(add_potentials(L, f, g, out=np.empty_like(L)), expected)  # -0.0 == 0.0
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(add_potentials(L, f, g, out=np.empty_like(L), fn=np.exp), np.exp(expected))
+
+
 def test_neg_inf_logits_are_structural_zeros():
     L = np.array([[0.0, -np.inf, 1.0], [2.0, 0.5, -np.inf], [-np.inf, 1.0, 0.0]])
     res = balance_logits(L, [0.2, 0.3, 0.5], [0.4, 0.4, 0.2])

@@ -39,7 +39,7 @@ import scipy.sparse as sp
 from .. import _validation as check
 from .cells import parallel
 from .dense import DenseKernel, ratio
-from .log import CHUNK, LogKernel, row_chunks
+from .log import CHUNK, LogKernel, one_addend, row_chunks
 from .sparse import SparseKernel
 
 #: The environment variable that chooses the kernel: ``auto`` (numba for large tables when it is
@@ -218,7 +218,8 @@ def _rule(pi, s, uo, w):
 
 def _dots(Tb, x, lo, hi, zero, out):
     """``out[i] = T_i . x`` for rows ``lo <= i < hi``, four rows at a time (four streams from memory
-    keep more loads in flight than one), accumulated in the table's dtype (``zero``), as BLAS does."""
+    keep more loads in flight than one), accumulated in ``zero``'s dtype: the table's, as BLAS does
+    (float64 for float64 sums)."""
     i = lo
     while i + 4 <= hi:
         s0 = zero
@@ -246,7 +247,7 @@ def _dots(Tb, x, lo, hi, zero, out):
 
 def _axpy(Tb, y, lo, hi, a):
     """``a += sum_i y[i] T_i`` over rows ``lo <= i < hi`` (``a`` float64): eight rows per update of
-    ``a``, summed in the table's dtype."""
+    ``a``, summed in the dtype of the products (the table's; float64 when ``y`` is)."""
     i = lo
     while i + 8 <= hi:
         y0 = y[i]
@@ -389,21 +390,14 @@ def _potential_sum(L, f, g, lo, hi, out):
 
 
 def _line_sums(E, lo, hi, wr, wc, rows, cols, wrows, wcols):
-    """For rows ``lo <= i < hi`` of one problem, in float64: ``rows[i]`` and ``wrows[i]`` the sums of
-    row i and of row i weighted by ``wc``; added to ``cols`` and ``wcols``, the row and the row
-    times ``wr[i]``."""
-    for i in range(lo, hi):
-        s = 0.0
-        sw = 0.0
-        wi = wr[i]
-        for j in range(cols.size):
-            e = np.float64(E[i, j])
-            s += e
-            sw += e * wc[j]
-            cols[j] += e
-            wcols[j] += e * wi
-        rows[i] = s
-        wrows[i] = sw
+    """For rows ``lo <= i < hi`` of one problem, in float64 (the weights are): ``rows[i]`` and
+    ``wrows[i]`` the sums of row i and of row i weighted by ``wc``; added to ``cols`` and
+    ``wcols``, the rows and the rows times ``wr[i]``."""
+    ones = np.ones(max(E.shape[0], wc.size))
+    _dots(E, ones[:wc.size], lo, hi, 0.0, rows)
+    _dots(E, wc, lo, hi, 0.0, wrows)
+    _axpy(E, ones, lo, hi, cols)
+    _axpy(E, wr, lo, hi, wcols)
 
 
 @cache
@@ -755,6 +749,7 @@ class FusedLogKernel(_DenseFused, LogKernel):
                       else (np.zeros(rows.shape), weights))
         f, g = (np.ascontiguousarray(x, np.float64) for x in frame)
         add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
+        single = one_addend(L, f, g, self.dtype)  # the first exponentiation: one addition
         m = L.shape[-2]
         # up to numba's thread count (the calling thread and the library's pool, which holds at
         # most four), the compiled parts and NumPy's exp releasing the GIL: the exponentiation is
@@ -767,7 +762,10 @@ class FusedLogKernel(_DenseFused, LogKernel):
         def exponentiate(t: int) -> None:
             with np.errstate(over="ignore", under="ignore"):
                 for b, r in groups[t]:
-                    add(L[b], f[b], g[b], r.start, min(r.stop, m), out[b])
+                    if single is not None:
+                        np.add(L[b][r], single[b][r], out=out[b][r])
+                    else:
+                        add(L[b], f[b], g[b], r.start, min(r.stop, m), out[b])
                     np.exp(out[b][r], out=out[b][r])
                     if cols is not None:
                         sums(out[b], r.start, min(r.stop, m), wr[b], wc[b], rows[b], cols[2 * t][b], wrows[b],
