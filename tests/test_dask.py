@@ -943,10 +943,13 @@ def test_converged_se_refuses_normal_equations_the_client_cannot_hold(samples_pa
 
 
 @pytest.mark.parametrize("code", [5, -1])
-def test_codes_changed_between_passes_get_the_first_pass_error(samples_path, code):
-    """The samples path checks integer codes' range in every pass: a code that changed since the
-    fit's first pass gets the same error (column, code, partition), not a broadcast error or a
-    silently clipped weight."""
+def test_codes_changed_between_passes_get_the_first_pass_error(samples_path, monkeypatch, code):
+    """Without the cache of encoded codes, the samples path checks integer codes' range in every
+    pass: a code that changed since the fit's first pass gets the same error (column, code,
+    partition), not a broadcast error or a silently clipped weight."""
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 0.0)
     rng = np.random.default_rng(0)
     x, y = np.arange(400) % 2, np.arange(400) % 3
     state = {"x": x}
@@ -990,3 +993,83 @@ def test_tables_of_every_step_together_are_bounded(samples_path, monkeypatch):
         fitted = BalancedEstimator(margins, steps=7).fit(X, D)
         assert fitted._dask_fit.iterate_tables == {}
         assert_same_mean(fitted.mean(H), ref.mean(h))
+
+
+# -- the samples path's cache of encoded codes (issue 12, DASK-SPEED) ---------------------------------
+
+
+def counted_columns(data, chunks, calls):
+    """The columns as Dask arrays whose every partition's load is counted in ``calls``."""
+    def load(block, name):
+        calls.append(name)
+        return block
+
+    return {k: da.from_array(v, chunks=(chunks,)).map_blocks(load, k, dtype=v.dtype, meta=v[:0]) for k, v in
+            data.items()}
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_cached_codes_read_once_and_equal_uncached(samples_path, monkeypatch, steps):
+    from databalance import _dask_samples
+
+    data, h, d, margins = three_margins()
+    chunks = (400, 0, 700, 1, 399)
+    results = {}
+    for fraction in (0.0, _dask_samples.CACHE_FRACTION):
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", fraction)
+        calls: list = []
+        with dask.config.set(scheduler="threads"):
+            fitted = BalancedEstimator(margins, steps=steps).fit(counted_columns(data, chunks, calls),
+                                                                  sample_weight=da.from_array(d, chunks=(chunks,)))
+            est = fitted.mean(da.from_array(h, chunks=(chunks, -1)))
+        passes = fitted.balance_.steps + 1
+        results[fraction] = (est.estimate, est.standard_error, calls.count("x") / len(chunks), passes)
+    cached, uncached = results[_dask_samples.CACHE_FRACTION], results[0.0]
+    close(cached[0], uncached[0], rtol=1e-13)
+    close(cached[1], uncached[1], rtol=1e-13)
+    assert cached[2] == 1  # every partition loaded and encoded once, whatever the passes
+    assert uncached[2] >= uncached[3] + 2 > 3  # without the cache: in every pass of the fit and of the mean
+
+
+def test_cached_codes_with_unknown_partition_lengths(samples_path):
+    """A DataFrame's partitions (lengths unknown): the codes are cached after the first pass (the
+    columns loaded twice), and the estimate is the in-memory one."""
+    data, h, d, margins = three_margins(n=900)
+    frame = pd.DataFrame({**data, "h": h[:, 0]})
+    ddf = dd.from_pandas(frame, npartitions=3).clear_divisions()
+    lazy_frame = ddf.map_partitions(lambda part: part)  # lengths unknown to Dask
+    with dask.config.set(scheduler="threads"):
+        got = balanced_mean(lazy_frame["h"], lazy_frame["x"], lazy_frame["y"], margins["x"], margins["y"], steps=4)
+    ref = balanced_mean(frame["h"].to_numpy(), data["x"], data["y"], margins["x"], margins["y"], steps=4)
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
+
+
+def test_cache_falls_back_when_codes_do_not_fit(samples_path, monkeypatch):
+    from databalance import _dask_samples
+
+    data, h, d, margins = three_margins(n=600)
+    columns = {k: da.from_array(v, chunks=200) for k, v in data.items()}
+    assert _dask_samples.code_dtype([4, 5, 6]) == np.uint8 and _dask_samples.code_dtype([300]) == np.uint16
+    assert _dask_samples.code_dtype([70_000]) == np.uint32
+    budget = [600 * 3 * 1 - 1]  # three margins' uint8 codes: one byte too many
+    monkeypatch.setattr(_dask_samples, "cache_budget", lambda: float(budget[0]))
+    samples = _dask_samples.Samples(None, list(columns.values()), None, [(4,), (5,), (6,)])
+    assert _dask_samples.cached(samples, 600, validate=False).encoded is None  # not built (no plan needed)
+    ref = BalancedEstimator(margins, steps=2).fit(data).mean(h[:, 0])
+    for fits in (False, True):
+        budget[0] = 600 * 3 - 1 + fits
+        with dask.config.set(scheduler="threads"):
+            fitted = BalancedEstimator(margins, steps=2).fit(columns)
+            est = fitted.mean(da.from_array(h[:, 0], chunks=200))
+        assert (fitted._dask_fit.samples.encoded is not None) == fits
+        close(est.estimate, ref.estimate)
+        close(est.standard_error, ref.standard_error)
+
+
+def test_cache_budget_of_the_cluster(cluster):
+    from databalance import _dask_samples
+
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        limits = sum(w["memory_limit"] for w in cluster.scheduler_info()["workers"].values())
+        assert _dask_samples.cache_budget() == pytest.approx(_dask_samples.CACHE_FRACTION * limits)

@@ -53,6 +53,9 @@ class Samples:
     columns: list
     design: Any
     shapes: list[tuple[int, ...]]
+    #: Each partition's margin codes, encoded once and persisted (one object per partition: a list
+    #: of arrays of the smallest unsigned dtype), or None: every pass encodes the columns.
+    encoded: Any = None
 
     @property
     def sizes(self) -> list[int]:
@@ -97,9 +100,12 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
     return out
 
 
-def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate):
+def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, encoded=False):
     p = int(np.asarray(p).ravel()[0])
-    codes = _margin_codes(plan, blocks[:ncols], p, validate)
+    if encoded:  # the cached codes (of the check of the fit's first pass): indices as NumPy takes them
+        codes = [c.astype(np.intp) for c in blocks[0][0]]
+    else:
+        codes = _margin_codes(plan, blocks[:ncols], p, validate)
     n = len(codes[0])
     d = _dask._design(blocks[ncols], n, p) if weighted else None
     h = None
@@ -154,20 +160,83 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
     merged (sums; ``min*``/``max*`` keys by extremes, ``moments*`` by Chan's formula), plus ``n``
     and ``lengths`` (each partition's samples)."""
     args: list = [_dask._partition_ids(samples.columns[0]), "i"]
-    for c in samples.columns:
+    columns = samples.columns if samples.encoded is None else [samples.encoded]
+    for c in columns:
         args += [c, "i"]
     if samples.design is not None:
         args += [samples.design, "i"]
     if values is not None:
         args += [values, "ij" if values.ndim == 2 else "i"]
     objs = da.blockwise(_partition, "i", *args, dtype=object, align_arrays=False, concatenate=True,
-                        plan=samples.plan_literal, ncols=len(samples.columns), weighted=samples.design is not None,
+                        plan=samples.plan_literal, ncols=len(columns), weighted=samples.design is not None,
                         with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
-                        meta=np.empty(0, dtype=object))
+                        encoded=samples.encoded is not None, meta=np.empty(0, dtype=object))
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     (out,) = dask.compute(_dask._tree(objs, _combine))
     return out
+
+
+# -- the cache of encoded codes -----------------------------------------------------------------------
+
+#: The share of the memory of the workers (the sum of their memory limits; without ``distributed``,
+#: or without limits, this machine's available memory) that a fit's encoded codes may take: within
+#: it they are encoded once and kept (persisted) for the fit's and its means' later passes, which
+#: then neither load (or generate) nor encode the columns again. 0 turns the cache off.
+CACHE_FRACTION = 0.25
+
+
+def code_dtype(sizes: list[int]) -> np.dtype:
+    """The smallest unsigned integer dtype holding every margin's flat category."""
+    largest = max(sizes) - 1
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def cache_budget() -> float:
+    """Bytes the encoded codes may take: :data:`CACHE_FRACTION` of the workers' memory (of this
+    machine's available memory under the local schedulers, or when the workers have no limit)."""
+    from ._kernels.fused_sparse import available_memory
+
+    memory = available_memory()
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
+        client = None
+    scheduler = dask.config.get("scheduler", None)
+    if client is not None and (scheduler in (None, "dask.distributed", "distributed") or scheduler is client):
+        limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
+        if limits and all(limit > 0 for limit in limits):
+            memory = float(sum(limits))
+    return CACHE_FRACTION * memory
+
+
+def _encode(p, *blocks, plan, ncols, code_type, validate):
+    p = int(np.asarray(p).ravel()[0])
+    return _dask._wrap([c.astype(code_type) for c in _margin_codes(plan, blocks[:ncols], p, validate)])
+
+
+def cached(samples: Samples, n: int, validate: bool) -> Samples:
+    """The samples with their encoded codes persisted (on the workers under ``distributed``) when
+    the codes of ``n`` samples fit :func:`cache_budget`, else the samples as they are (every pass
+    then loads and encodes the columns). ``validate``: the encoding checks every label (the fit's
+    first pass)."""
+    dtype = code_dtype(samples.sizes)
+    if samples.encoded is not None or n * len(samples.sizes) * dtype.itemsize > cache_budget():
+        return samples
+    args: list = [_dask._partition_ids(samples.columns[0]), "i"]
+    for c in samples.columns:
+        args += [c, "i"]
+    objs = da.blockwise(_encode, "i", *args, dtype=object, align_arrays=False, concatenate=True,
+                        plan=samples.plan_literal, ncols=len(samples.columns), code_type=dtype, validate=validate,
+                        meta=np.empty(0, dtype=object))
+    objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
+                           meta=np.empty(0, dtype=object))
+    return replace(samples, encoded=objs.persist())
 
 
 # -- the fit -----------------------------------------------------------------------------------------

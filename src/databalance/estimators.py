@@ -508,8 +508,15 @@ class BalancedEstimator:
         K = len(plan.margins)
         shapes = [tuple(len(plan.levels[i]) for i in m.index) for m in plan.margins]
         samples = _dask_samples.Samples(plan, columns, design, shapes)
+        # the codes encoded once and kept on the workers when they fit (from the first pass when the
+        # samples' count is known, else after it): the later passes read them
+        known = not np.isnan(columns[0].chunks[0]).any()
+        if known:
+            samples = _dask_samples.cached(samples, int(sum(columns[0].chunks[0])), validate=True)
         first = _dask_samples.run(samples, _dask_samples.WeightSums(None, samples.sizes), validate=True)
         n = int(first["n"])
+        if not known:
+            samples = _dask_samples.cached(samples, n, validate=False)
         if n < 2:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
         if design is not None and not first["sums"][0].sum() > 0:

@@ -97,11 +97,11 @@ def _float64_partial(block, u, v, start, stop):
     stored values, without a scaled copy of the block)."""
     u = u[start:stop]
     if sp.issparse(block):
-        counts = np.diff(block.indptr)
-        data = (block.data * u.repeat(counts) * v[block.indices]).astype(np.float64)
-        rows = np.repeat(np.arange(block.shape[0]), counts)
-        return np.bincount(rows, data, minlength=block.shape[0]), np.bincount(block.indices, data,
-                                                                              minlength=block.shape[1])
+        csr: Any = block
+        counts = np.diff(csr.indptr)
+        data = (csr.data * u.repeat(counts) * v[csr.indices]).astype(np.float64)
+        rows = np.repeat(np.arange(csr.shape[0]), counts)
+        return np.bincount(rows, data, minlength=csr.shape[0]), np.bincount(csr.indices, data, minlength=csr.shape[1])
     data = (block * u[:, None] * v).astype(np.float64)
     return data.sum(axis=1), data.sum(axis=0)
 
