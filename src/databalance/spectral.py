@@ -205,32 +205,31 @@ def _sparse_svd(M: sp.csr_array, U1: np.ndarray, V1: np.ndarray,
         return Ut, s, Vt
     v0 = np.cos(np.arange(V1.shape[0]) + 1.0)
     v0 -= V1 @ (V1.T @ v0)
-    U, s, V = _gram_svd(M, rank - c, v0, (U1, V1))
+    U, s, V = _gram_svd(M, rank - c, v0, U1, V1)
     return np.column_stack([U1, U]), np.concatenate([np.ones(c), s]), np.column_stack([V1, V])
 
 
-def _gram_svd(M: sp.csr_array, rank: int, v0: np.ndarray,
-              block: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading ``rank`` triplets of ``M`` (m >= l), or of ``M - U1 V1'`` for the ``block``
-    ``(U1, V1)`` (``M V1 = U1``, ``M' U1 = V1``), descending: ARPACK's Lanczos method on the Gram matrix
-    ``G = M' M`` (``G - V1 V1'``), then the SVD of the m x rank matrix ``M W`` of its
-    eigenvectors ``W``, for singular values as accurate as ``M``'s own (as
-    ``scipy.sparse.linalg.svds`` does). ``G x`` is one read of ``M`` with the fused kernels
-    (:func:`~databalance._kernels.fused.gram_product`), else ``M' (M x)``."""
+def _gram_svd(M: sp.csr_array, rank: int, v0: np.ndarray, U1: np.ndarray,
+              V1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` triplets of ``M - U1 V1'`` (``M`` m x l with m >= l, ``M V1 = U1``,
+    ``M' U1 = V1``), descending: ARPACK's Lanczos method on its Gram matrix ``M' M - V1 V1'``,
+    then the SVD of the m x rank matrix ``(M - U1 V1') W`` of the eigenvectors ``W``, for singular
+    values as accurate as the matrix's own (as ``scipy.sparse.linalg.svds`` does). ``M' M x`` is
+    one read of ``M`` with the fused kernels (:func:`~databalance._kernels.fused.gram_product`),
+    else ``M' (M x)``; the block is removed by einsum, not BLAS (a BLAS call per product wakes its
+    threads: on a busy machine that took ten times the product)."""
     from ._kernels.fused import gram_product
 
-    fused = gram_product(M)
-    product = fused if fused is not None else (lambda x: M.T @ (M @ x))
-    if block is None:
-        G = LinearOperator((M.shape[1],) * 2, dtype=np.float64, matvec=product)
-    else:  # (M - U1 V1')' (M - U1 V1') = M' M - V1 V1'
-        U1, V1 = block
-        G = LinearOperator((M.shape[1],) * 2, dtype=np.float64,
-                           matvec=lambda x: product(x) - V1 @ (V1.T @ x))
-    _, W = eigsh(G, k=rank, which="LM", v0=v0, tol=0)
+    product = gram_product(M) or (lambda x: M.T @ (M @ x))
+
+    def deflated(x: np.ndarray) -> np.ndarray:
+        x = x.ravel()
+        return product(x) - np.einsum("ij,j->i", V1, np.einsum("ij,i->j", V1, x))
+
+    _, W = eigsh(LinearOperator((M.shape[1],) * 2, dtype=np.float64, matvec=deflated), k=rank, which="LM",
+                 v0=v0, tol=0)
     MW = M @ W
-    if block is not None:  # (M - U1 V1') W, with W orthogonal to V1 up to rounding
-        MW -= U1 @ (V1.T @ W)
+    MW -= U1 @ (V1.T @ W)  # W is orthogonal to V1 up to rounding
     U, s, Zt = np.linalg.svd(MW, full_matrices=False)
     return U, s, W @ Zt.T
 
