@@ -1073,3 +1073,45 @@ def test_cache_budget_of_the_cluster(cluster):
     with cluster.as_current(), dask.config.set(scheduler=cluster):
         limits = sum(w["memory_limit"] for w in cluster.scheduler_info()["workers"].values())
         assert _dask_samples.cache_budget() == pytest.approx(_dask_samples.CACHE_FRACTION * limits)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("pairs_of", [None, 0, 2])
+def test_compiled_weight_pass_equals_numpy(weighted, scaled, pairs_of):
+    pytest.importorskip("numba")
+    from databalance._dask_samples import WeightSums
+
+    rng = np.random.default_rng(21)
+    sizes, n = [3, 7, 300], 5000
+    codes = [rng.integers(0, s, n) for s in sizes]
+    d = rng.uniform(0.5, 2.0, n) if weighted else None
+    factors = [rng.uniform(0.1, 3.0, s) for s in sizes] if scaled else None
+    want = WeightSums(factors, sizes, pairs_of)(codes, d, None)
+    for dtype in (np.intp, np.uint16):  # as encoded in every pass, as cached
+        got = WeightSums(factors, sizes, pairs_of, compiled=True)([c.astype(dtype) for c in codes], d, None)
+        for a, b in zip(got["sums"], want["sums"], strict=True):
+            np.testing.assert_array_equal(a, b)  # the same products, added in the same order
+        assert (got["min_u"], got["max_u"]) == (want["min_u"], want["max_u"])
+        close(got["u2"], want["u2"], rtol=1e-13)
+        assert ("tables" in got) == (pairs_of is not None)
+        for a, b in zip(got.get("tables", []), want.get("tables", []), strict=True):
+            np.testing.assert_array_equal(a, b)
+    empty = WeightSums(factors, sizes, pairs_of, compiled=True)([np.zeros(0, np.uint16)] * 3, None, None)
+    assert all(s.sum() == 0 for s in empty["sums"]) and empty["min_u"] == np.inf
+
+
+def test_samples_path_equal_with_and_without_numba(samples_path, monkeypatch):
+    pytest.importorskip("numba")
+    data, h, d, margins = three_margins()
+    columns, values, design = lazy(data, h, d)
+    results = []
+    for kernel in ("numpy", "numba"):
+        monkeypatch.setenv("DATABALANCE_KERNEL", kernel)
+        with dask.config.set(scheduler="threads"):
+            fitted = BalancedEstimator(margins, steps=5).fit(columns, sample_weight=design)
+            results.append((fitted.mean(values), fitted.diagnostics_))
+    (a, da_), (b, db_) = results
+    close(a.estimate, b.estimate, rtol=1e-13)
+    close(a.standard_error, b.standard_error, rtol=1e-13)
+    close(da_.effective_sample_size, db_.effective_sample_size, rtol=1e-13)

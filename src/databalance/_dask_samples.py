@@ -30,7 +30,7 @@ vectors at every sample's categories, ``np.bincount`` per level) merged by Dask'
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import dask
@@ -102,8 +102,8 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
 
 def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, encoded=False):
     p = int(np.asarray(p).ravel()[0])
-    if encoded:  # the cached codes (of the check of the fit's first pass): indices as NumPy takes them
-        codes = [c.astype(np.intp) for c in blocks[0][0]]
+    if encoded:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
+        codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in blocks[0][0]]
     else:
         codes = _margin_codes(plan, blocks[:ncols], p, validate)
     n = len(codes[0])
@@ -245,13 +245,23 @@ def cached(samples: Samples, n: int, validate: bool) -> Samples:
 @dataclass(frozen=True)
 class WeightSums:
     """A pass of the fit: every margin's sums of ``u = d prod_j factors[j]`` (None: u = d), with
-    sum u^2 and the extreme u."""
+    sum u^2 and the extreme u. ``compiled``: in one numba loop over the samples (every margin's
+    sums and the tables while a sample's weight is in a register; the codes in their cached
+    compact dtype), else with NumPy (a gather per margin, a ``bincount`` per margin and table)."""
 
     factors: list[np.ndarray] | None
     sizes: list[int]
     pairs_of: int | None = None  # also the two-way tables of this margin with every other one
+    compiled: bool = False
+
+    @property
+    def takes_compact(self) -> bool:
+        """Whether the codes may come in their compact cached dtype (else as ``np.intp``)."""
+        return self.compiled
 
     def __call__(self, codes, d, h) -> dict:
+        if self.compiled:
+            return self._compiled(codes, d)
         n = len(codes[0])
         u = factor_product(d, self.factors, codes, n) if self.factors is not None else (np.ones(n) if d is None else d)
         out = {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
@@ -259,6 +269,79 @@ class WeightSums:
         if self.pairs_of is not None:
             out["tables"] = _tables_of(self.pairs_of, codes, self.sizes, u)
         return out
+
+    def _compiled(self, codes, d) -> dict:
+        K = len(self.sizes)
+        dtype = np.result_type(*(c.dtype for c in codes))
+        codes = tuple(np.ascontiguousarray(c, dtype) for c in codes)  # one type: numba's homogeneous tuple
+        factors = tuple(np.ones(s) for s in self.sizes) if self.factors is None else \
+            tuple(np.ascontiguousarray(f, np.float64) for f in self.factors)
+        sums = tuple(np.zeros(s) for s in self.sizes)
+        a = -1 if self.pairs_of is None else self.pairs_of
+        tables = tuple(np.zeros(0 if a < 0 or b == a else self.sizes[a] * self.sizes[b]) for b in range(K))
+        weights = np.empty(0) if d is None else np.ascontiguousarray(d, np.float64)
+        u2, low, high = _compiled_pass()(codes, weights, d is not None, factors, self.factors is not None, sums, a,
+                                         tables, np.asarray(self.sizes, np.int64))
+        out = {"sums": list(sums), "u2": u2, "min_u": low, "max_u": high}
+        if a >= 0:
+            out["tables"] = list(tables)
+        return out
+
+
+def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
+    """Every margin's sums of ``u_i = d_i prod_j factors[j][codes[j][i]]`` (the product in
+    :func:`factor_product`'s order; ``weighted`` False: no ``d``; ``scaled`` False: u = d), added
+    in sample order as ``np.bincount`` adds them; with ``a >= 0`` margin a's two-way tables with
+    every other margin b (flat, a major) in ``tables[b]``. Returns (sum u^2, min u, max u)."""
+    K = len(codes)
+    u2 = 0.0
+    low = np.inf
+    high = -np.inf
+    for i in range(codes[0].size):
+        if scaled:
+            w = factors[0][codes[0][i]]
+            if weighted:
+                w = d[i] * w
+            for j in range(1, K):
+                w *= factors[j][codes[j][i]]
+        elif weighted:
+            w = d[i]
+        else:
+            w = 1.0
+        for j in range(K):
+            sums[j][codes[j][i]] += w
+        if a >= 0:
+            ca = np.int64(codes[a][i])
+            for b in range(K):
+                if b != a:
+                    tables[b][ca * sizes[b] + np.int64(codes[b][i])] += w
+        u2 += w * w
+        low = min(low, w)
+        high = max(high, w)
+    return u2, low, high
+
+
+@cache
+def _compiled_pass():
+    import numba
+
+    # no fast-math: the products and the sums in NumPy's order and rounding
+    return numba.njit(_weight_pass, cache=True, nogil=True)
+
+
+def compiled_passes() -> bool:
+    """Whether the fit's passes run :func:`_weight_pass` compiled: numba installed and not refused by
+    ``DATABALANCE_KERNEL=numpy`` (``numba`` without numba installed raises, as everywhere)."""
+    from ._kernels import fused
+
+    choice = fused.requested()
+    if choice == "numpy":
+        return False
+    if not fused.numba_installed():
+        if choice == "numba":
+            raise ImportError(check.numba_missing(fused.ENV))
+        return False
+    return True
 
 
 def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray) -> list[np.ndarray]:
@@ -302,12 +385,13 @@ class SamplesKernel(CellKernel):
         self._input_sums = self._given
         self.total = float(first["sums"][0].sum())
         self.passes = 0
+        self.compiled = compiled_passes()
         self.last: tuple[list[np.ndarray], dict] | None = None  # the latest pass: its factors and sums
 
     def weight_sums(self, factors: list[np.ndarray] | None, pairs_of: int | None = None) -> dict:
         self.passes += 1
         return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes,
-                                            pairs_of))
+                                            pairs_of, self.compiled))
 
     def two_margin_support(self):
         """With two margins, the occupied cells as a sparse pattern (margin 0's levels by margin

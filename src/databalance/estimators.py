@@ -513,7 +513,9 @@ class BalancedEstimator:
         known = not np.isnan(columns[0].chunks[0]).any()
         if known:
             samples = _dask_samples.cached(samples, int(sum(columns[0].chunks[0])), validate=True)
-        first = _dask_samples.run(samples, _dask_samples.WeightSums(None, samples.sizes), validate=True)
+        first = _dask_samples.run(samples, _dask_samples.WeightSums(None, samples.sizes,
+                                                                    compiled=_dask_samples.compiled_passes()),
+                                  validate=True)
         n = int(first["n"])
         if not known:
             samples = _dask_samples.cached(samples, n, validate=False)
