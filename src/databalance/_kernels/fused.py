@@ -389,15 +389,17 @@ def _potential_sum(L, f, g, lo, hi, out):
             out[i, j] = (np.float64(L[i, j]) + fi) + g[j]
 
 
-def _line_sums(E, lo, hi, wr, wc, rows, cols, wrows, wcols):
-    """For rows ``lo <= i < hi`` of one problem, in float64 (the weights are): ``rows[i]`` and
-    ``wrows[i]`` the sums of row i and of row i weighted by ``wc``; added to ``cols`` and
-    ``wcols``, the rows and the rows times ``wr[i]``."""
-    ones = np.ones(max(E.shape[0], wc.size))
-    _dots(E, ones[:wc.size], lo, hi, 0.0, rows)
-    _dots(E, wc, lo, hi, 0.0, wrows)
+def _line_sums(E, lo, hi, w, along, rows, cols, weighted):
+    """For rows ``lo <= i < hi`` of one problem, in float64: ``rows[i]`` the sum of row i, and the
+    rows added to ``cols``; ``weighted[i]`` the sum of row i weighted by ``w`` (``along``), or the
+    rows times ``w[i]`` added to ``weighted``."""
+    ones = np.ones(max(E.shape[0], E.shape[1]))
+    _dots(E, ones[:E.shape[1]], lo, hi, 0.0, rows)
     _axpy(E, ones, lo, hi, cols)
-    _axpy(E, wr, lo, hi, wcols)
+    if along:
+        _dots(E, w, lo, hi, 0.0, weighted)
+    else:
+        _axpy(E, w, lo, hi, weighted)
 
 
 @cache
@@ -745,8 +747,7 @@ class FusedLogKernel(_DenseFused, LogKernel):
                 shift = self.centre.min(axis=-1, keepdims=True)
                 weights = np.exp(shift - self.centre).astype(self.dtype).astype(np.float64)
             # first == 0: the rows' potentials are undone in the column sums, and vice versa
-            wr, wc = ((weights, np.zeros(L.shape[:-2] + L.shape[-1:])) if self.first == 0
-                      else (np.zeros(rows.shape), weights))
+            along = self.first == 1
         f, g = (np.ascontiguousarray(x, np.float64) for x in frame)
         add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
         single = one_addend(L, f, g, self.dtype)  # the first exponentiation: one addition
@@ -768,8 +769,8 @@ class FusedLogKernel(_DenseFused, LogKernel):
                         add(L[b], f[b], g[b], r.start, min(r.stop, m), out[b])
                     np.exp(out[b][r], out=out[b][r])
                     if cols is not None:
-                        sums(out[b], r.start, min(r.stop, m), wr[b], wc[b], rows[b], cols[2 * t][b], wrows[b],
-                             cols[2 * t + 1][b])
+                        sums(out[b], r.start, min(r.stop, m), weights[b], along, rows[b], cols[2 * t][b],
+                             wrows[b] if along else cols[2 * t + 1][b])
 
         jobs = [parallel(exponentiate, t) for t in range(1, nt)]
         exponentiate(0)
