@@ -132,8 +132,20 @@ def _merge(key: str, values: list) -> Any:
     if key.startswith("moments"):
         return _chan(values)
     if isinstance(values[0], list):
-        return [sum(parts) for parts in zip(*values, strict=True)]
-    return sum(values)
+        return [_added(parts) for parts in zip(*values, strict=True)]
+    return _added(values)
+
+
+def _added(parts) -> Any:
+    """The sum of partial sums (arrays added in place into a copy of the first: a node of the tree
+    merges tables of millions of entries, one temporary each with ``sum``)."""
+    first = parts[0]
+    if not isinstance(first, np.ndarray) or first.ndim == 0:
+        return sum(parts)
+    out = first.astype(np.result_type(*parts), copy=True)
+    for part in parts[1:]:
+        out += part
+    return out
 
 
 def _chan(parts: list[tuple]) -> tuple:
