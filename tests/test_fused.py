@@ -332,13 +332,19 @@ def test_float64_sums_match_numpy(problem, order):
 
 
 @SETTINGS
-@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 3), st.booleans())
-def test_chain_pass_matches_products(m, l, d, zero_step):
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 3), st.booleans(), st.sampled_from([None, 0.05, 0.5]))
+def test_chain_pass_matches_products(m, l, d, zero_step, density):
+    """Dense (``density`` None) and CSR tables, on several threads whatever their size."""
     rng = np.random.default_rng(m * 100 + l)
-    W = rng.random((m, l))
+    W = rng.random((m, l)) if density is None else sp.random_array((m, l), density=density, rng=rng, format="csr")
     x = np.zeros((l, d)) if zero_step else rng.normal(size=(l, d))
     base, scale = rng.normal(size=(m, d)), (np.zeros(m) if zero_step else rng.random(m) + 0.5)
-    y, product = fused.chain_pass(W, x, base, scale)
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 8
+    try:
+        y, product = fused.chain_pass(W, x, base, scale)
+    finally:
+        fused.PER_THREAD = old
     np.testing.assert_allclose(y, base - scale[:, None] * (W @ x), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(product, W.T @ y, rtol=1e-12, atol=1e-12)
 
@@ -356,6 +362,31 @@ def test_variance_profile_on_fused_passes_matches_numpy(problem, order, start, e
         a = db.variance_profile(table, h, max_steps=9, start=start).sigma2
     with kernel_choice("numba"):
         b = db.variance_profile(table, h, max_steps=9, start=start).sigma2
+    np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max())
+
+
+@SETTINGS
+@given(st.integers(2, 60), st.integers(2, 60), st.floats(0.05, 0.6), st.sampled_from("xy"),
+       st.sampled_from([(), (3,)]), st.integers(0, 2**32 - 1))
+def test_sparse_variance_profile_on_fused_passes_matches_numpy(m, l, density, start, extra, seed):
+    """variance_profile of a CSR table on the sparse chain pass against scipy's products (h given
+    per stored entry), with blocks on every thread."""
+    rng = np.random.default_rng(seed)
+    T = sp.random_array((m, l), density=density, rng=rng, format="csr")
+    T = sp.csr_array(T + sp.csr_array((np.ones(max(m, l)), (np.arange(max(m, l)) % m, np.arange(max(m, l)) % l)),
+                                      shape=(m, l)))  # every row and column has mass
+    h = rng.normal(size=(T.nnz,) + extra)
+    with kernel_choice("numpy"):
+        a = db.variance_profile(T, h, max_steps=9, start=start).sigma2
+    old, chain, calls = fused.PER_THREAD, fused.chain_pass, []
+    fused.PER_THREAD = 8
+    fused.chain_pass = lambda *args: calls.append(sp.issparse(args[0])) or chain(*args)
+    try:
+        with kernel_choice("numba"):
+            b = db.variance_profile(T, h, max_steps=9, start=start).sigma2
+    finally:
+        fused.PER_THREAD, fused.chain_pass = old, chain
+    assert calls and all(calls)  # the sparse pass ran
     np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * np.abs(a).max())
 
 

@@ -394,14 +394,15 @@ def _chains(joint: Joint, K: int, count: _Counter) -> np.ndarray:
 class _Steps:
     """The chains' steps ``a = r - E[b | X]`` and ``b = c - E[a | Y]``.
 
-    On a dense table the fused kernels run (:func:`databalance._kernels.fused.which_kernel`), a
-    step over the table's contiguous lines (X for C order, Y for Fortran order) is one numba pass
-    that also gives the sums the next step needs: one read of the table per two steps, instead of
-    BLAS's one per step. Otherwise each step is a product with the table."""
+    Where the fused kernels run (:func:`databalance._kernels.fused.which_kernel`), a step over the
+    table's contiguous lines (X for C order and CSR, Y for Fortran order) is one numba pass that
+    also gives the sums the next step needs: one read of the table per two steps, instead of one
+    per step. Otherwise each step is a product with the table."""
 
     def __init__(self, joint: Joint, r: np.ndarray, c: np.ndarray) -> None:
         self.joint, self.r, self.c = joint, r, c
-        self.lead = None if joint.sparse or fused.which_kernel(joint.T) != "numba" else fused._lead(joint.T)
+        self.lead = (None if fused.which_kernel(joint.T) != "numba" else 0 if joint.sparse
+                     else fused._lead(joint.T))
         self.next: tuple | None = None  # (the step's result, the next step's conditional mean)
 
     def x(self, b: np.ndarray) -> np.ndarray:
