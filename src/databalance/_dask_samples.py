@@ -304,12 +304,16 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
     """Every margin's sums of ``u_i = d_i prod_j factors[j][codes[j][i]]`` (the product in
     :func:`factor_product`'s order; ``weighted`` False: no ``d``; ``scaled`` False: u = d), added
     in sample order as ``np.bincount`` adds them; with ``a >= 0`` margin a's two-way tables with
-    every other margin b (flat, a major) in ``tables[b]``. Returns (sum u^2, min u, max u)."""
+    every other margin b (flat, a major) in ``tables[b]``, one table at a time (a loop that only
+    scatters into a table larger than the cache keeps more of its misses in flight). Returns
+    (sum u^2, min u, max u)."""
     K = len(codes)
+    n = codes[0].size
     u2 = 0.0
     low = np.inf
     high = -np.inf
-    for i in range(codes[0].size):
+    u = np.empty(n if a >= 0 else 0)
+    for i in range(n):
         if scaled:
             w = factors[0][codes[0][i]]
             if weighted:
@@ -323,21 +327,30 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
         for j in range(K):
             sums[j][codes[j][i]] += w
         if a >= 0:
-            ca = np.int64(codes[a][i])
-            for b in range(K):
-                if b != a:
-                    tables[b][ca * sizes[b] + np.int64(codes[b][i])] += w
+            u[i] = w
         u2 += w * w
         low = min(low, w)
         high = max(high, w)
+    if a >= 0:
+        ca = codes[a]
+        for b in range(K):
+            if b != a:
+                _scatter_table(ca, codes[b], np.int64(sizes[b]), u, tables[b])
     return u2, low, high
+
+
+def _scatter_table(ca, cb, size, u, table):
+    for i in range(ca.size):
+        table[np.int64(ca[i]) * size + np.int64(cb[i])] += u[i]
 
 
 @cache
 def _compiled_pass():
     import numba
 
-    # no fast-math: the products and the sums in NumPy's order and rounding
+    # no fast-math: the products and the sums in NumPy's order and rounding; the pass calls the
+    # compiled table scatter by its module name (bound here, once)
+    globals()["_scatter_table"] = numba.njit(_scatter_table, cache=True, nogil=True)
     return numba.njit(_weight_pass, cache=True, nogil=True)
 
 
