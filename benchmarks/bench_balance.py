@@ -185,7 +185,8 @@ def bench_log(n, repeats):
     out = {"n": n, "20 plain sweeps s": plain, "ours 20 sweeps (with exp) s": ours, "ours/plain": ours / plain}
     if ot is not None:
         out.update({"POT sinkhorn_log s": t["POT"], "POT/ours": t["POT"] / ours})
-    out["peak MB ours / table MB"] = f"{peak_mb(lambda: db.balance_logits(L, a, b, steps=40)):.0f} / {L.nbytes / 2**20:.0f}"
+    peak = peak_mb(lambda: db.balance_logits(L, a, b, steps=40))
+    out["peak MB ours / table MB"] = f"{peak:.0f} / {L.nbytes / 2**20:.0f}"
     return out
 
 
@@ -227,7 +228,8 @@ def bench_sparse(n, nnz, repeats):
         rows.append({"pattern": kind, "nnz": K.nnz, "K@v + K.T@u ms": 1e3 * base, "ours ms": 1e3 * ours,
                      "ours/matvecs": ours / base, "setup s (validation)": setup,
                      "feasibility check s": median_time(lambda: db.balance_table(K, a, b, steps=0).feasible, 1),
-                     "peak MB / table MB": f"{peak_mb(lambda: db.balance_table(K, a, b, steps=4)):.0f} / {memory / 2**20:.0f}"})
+                     "peak MB / table MB":
+                         f"{peak_mb(lambda: db.balance_table(K, a, b, steps=4)):.0f} / {memory / 2**20:.0f}"})
     return rows
 
 
@@ -235,7 +237,10 @@ def markdown(rows):
     if isinstance(rows, dict):
         rows = [rows]
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -271,7 +276,8 @@ def main():
             print(f"### Log domain {log_n}x{log_n}, logits uniform in [-50, 50], 20 sweeps\n")
             print(markdown(bench_log(log_n, args.repeats)) + "\n")
             if threads == args.threads[0]:
-                print(f"### Sparse CSR {sp_n}x{sp_n}, {sp_nnz} entries drawn, time per sweep (scipy is single-threaded)\n")
+                print(f"### Sparse CSR {sp_n}x{sp_n}, {sp_nnz} entries drawn, time per sweep "
+                      "(scipy is single-threaded)\n")
                 print(markdown(bench_sparse(sp_n, sp_nnz, args.repeats)) + "\n")
 
 

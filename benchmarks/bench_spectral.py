@@ -15,7 +15,7 @@ import tracemalloc
 import numba
 import numpy as np
 import scipy.sparse as sp
-from bench_balance import dense_problem, interleaved, timed
+from bench_balance import dense_problem, interleaved, markdown, timed
 from scipy.sparse.linalg import svds
 from threadpoolctl import threadpool_limits
 
@@ -79,16 +79,6 @@ def sparse_spectrum(n, nnz, rank, threads):
             "fused / svds": out["numba"] / out["svds"], "peak extra MB (fused)": round(peak / 2**20),
             "table MB": round(table_mb), "s_2": out["numba s_2"],
             "max |s - s_svds|": float(np.abs(np.sort(s)[::-1] - spec.singular_values).max())}
-
-
-def markdown(rows):
-    keys = list(rows[0])
-
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
 def main():
