@@ -1115,3 +1115,31 @@ def test_samples_path_equal_with_and_without_numba(samples_path, monkeypatch):
     close(a.estimate, b.estimate, rtol=1e-13)
     close(a.standard_error, b.standard_error, rtol=1e-13)
     close(da_.effective_sample_size, db_.effective_sample_size, rtol=1e-13)
+
+
+def test_dask_paths_work_without_numba():
+    """numba blocked: the table's one-map sweep with BLAS/scipy products, the samples path's NumPy
+    passes (the cache of codes included), both equal to the in-memory results."""
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import numpy as np, dask, dask.array as da\n"
+            "from databalance import balance_table, BalancedEstimator\n"
+            "from databalance import estimators\n"
+            "from databalance._kernels import chunked\n"
+            "estimators.DASK_CELL_TABLE_MAX = 0\n"
+            "r = np.random.default_rng(0); T = r.random((60, 7)) + 0.1\n"
+            "p, q = np.full(60, 1 / 60), np.full(7, 1 / 7)\n"
+            "with dask.config.set(scheduler='threads'):\n"
+            "    k = chunked.ChunkedKernel.from_input(da.from_array(T, chunks=(20, 7)))\n"
+            "    got = balance_table(da.from_array(T, chunks=(20, 7)), p, q, steps=9)\n"
+            "    x, y = r.integers(0, 3, 300), r.integers(0, 4, 300); h = x + r.normal(size=300)\n"
+            "    m = {'x': np.full(3, 1 / 3), 'y': np.full(4, .25)}\n"
+            "    cols = {'x': da.from_array(x, chunks=100), 'y': da.from_array(y, chunks=100)}\n"
+            "    est = BalancedEstimator(m, steps=4).fit(cols).mean(da.from_array(h, chunks=100))\n"
+            "assert type(k) is chunked.FusedChunkedKernel and not k.compiled\n"
+            "ref = balance_table(T, p, q, steps=9)\n"
+            "assert np.allclose(got.row_scaling, ref.row_scaling, rtol=1e-12, atol=0)\n"
+            "want = BalancedEstimator(m, steps=4).fit({'x': x, 'y': y}).mean(h)\n"
+            "assert np.isclose(est.estimate, want.estimate, rtol=1e-10, atol=0)\n"
+            "assert np.isclose(est.standard_error, want.standard_error, rtol=1e-10, atol=0)\n"
+            "assert 'numba' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
