@@ -4,7 +4,10 @@ than a cell table could hold, the cell table is never built.
 Everything is then a small vector per margin level on the client plus passes over the samples on
 the workers, each pass one map over the partitions (encoding the labels, gathering the small
 vectors at every sample's categories, ``np.bincount`` per level) merged by Dask's tree reduction
-(:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``.
+(:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``. When the encoded codes fit a
+share of the workers' memory they are encoded once and persisted (:func:`cached`): later passes
+read them instead of the columns. With numba, a fit's pass is one compiled loop per partition
+(:func:`_weight_pass`).
 
 - Fit: :class:`SamplesKernel` is the loop's cell kernel (:mod:`._ipf`, through
   :func:`.balance.balance_cells`) with one pass per half-step (every margin's sums of the current

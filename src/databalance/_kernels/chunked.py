@@ -1,9 +1,10 @@
 """A 2-D Dask array partitioned along its rows (blocks NumPy or scipy.sparse), balanced in place.
 
 The blocks are persisted once (on the workers under ``distributed``) and never leave them; the
-scalings (vectors of the table's row and column counts) live on the client. A half-step is one
-map over the blocks: the rows' half-step gathers each block's ``block @ v`` (its own rows' sums),
-the columns' one sums every block's ``block.T @ u[its rows]`` by Dask's tree reduction. The
+scalings (vectors of the table's row and column counts) live on the client. The plain products
+(:class:`ChunkedKernel`: the first half-steps, and a benchmark's reference) are one map over the
+blocks each: the rows' half-step gathers each block's ``block @ v`` (its own rows' sums), the
+columns' one sums every block's ``block.T @ u[its rows]`` by Dask's tree reduction. The
 products are those of :class:`.dense.DenseKernel` on each block, so the iterates are the in-memory
 ones up to the order of the column sums' additions. Chunks along the columns are merged, with a
 warning: a block must hold whole rows (see the user guide, "Samples and tables on Dask").
