@@ -1027,7 +1027,7 @@ def test_cached_codes_read_once_and_equal_uncached(samples_path, monkeypatch, st
     cached, uncached = results[_dask_samples.CACHE_FRACTION], results[0.0]
     close(cached[0], uncached[0], rtol=1e-13)
     close(cached[1], uncached[1], rtol=1e-13)
-    assert cached[2] == 1  # every partition loaded and encoded once, whatever the passes
+    assert 0.75 <= cached[2] <= 1  # every partition loaded once at most (the empty one may not be)
     assert uncached[2] >= uncached[3] + 2 > 3  # without the cache: in every pass of the fit and of the mean
 
 
@@ -1055,7 +1055,7 @@ def test_cache_falls_back_when_codes_do_not_fit(samples_path, monkeypatch):
     budget = [600 * 3 * 1 - 1]  # three margins' uint8 codes: one byte too many
     monkeypatch.setattr(_dask_samples, "cache_budget", lambda: float(budget[0]))
     samples = _dask_samples.Samples(None, list(columns.values()), None, [(4,), (5,), (6,)])
-    assert _dask_samples.cached(samples, 600, validate=False).encoded is None  # not built (no plan needed)
+    assert _dask_samples.cached(samples, (200,) * 3, validate=False).encoded is None  # not built (no plan)
     ref = BalancedEstimator(margins, steps=2).fit(data).mean(h[:, 0])
     for fits in (False, True):
         budget[0] = 600 * 3 - 1 + fits
@@ -1143,3 +1143,36 @@ def test_dask_paths_work_without_numba():
             "assert np.isclose(est.standard_error, want.standard_error, rtol=1e-10, atol=0)\n"
             "assert 'numba' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_grouped_partitions():
+    from databalance._dask_samples import GROUP_MAX, grouped
+
+    assert grouped((5, 5, 5, 5), 2) == (((0, 5), (1, 5)), ((2, 5), (3, 5)))
+    assert grouped((5, 0, 5), 8) == (((0, 5),), ((1, 0), (2, 5)))  # at most one group a partition
+    big = grouped((GROUP_MAX // 2,) * 8, 1)  # at most GROUP_MAX samples a group
+    assert len(big) == 4 and all(sum(n for _, n in g) == GROUP_MAX for g in big)
+    assert [p for g in grouped((3, 9, 1, 7, 2), 3) for p, _ in g] == [0, 1, 2, 3, 4]  # consecutive, in order
+
+
+def test_errors_in_a_group_name_their_partition(samples_path, monkeypatch):
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "threads_available", lambda: 1)  # one group of six partitions
+    x, y, h, _ = sample(600)
+    h = h[:, 0].copy()
+    h[430] = np.nan
+    cols = {"x": da.from_array(x, chunks=100), "y": da.from_array(y, chunks=100)}
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator({"x": PX, "y": PY}, steps=3).fit(cols)
+        assert len(fitted._dask_fit.samples.groups) == 1
+        with pytest.raises(ValueError, match=r"`values` contains NaN or inf, first at sample 30.*Dask partition 4"):
+            fitted.mean(da.from_array(h, chunks=100))
+        d = np.ones(600)
+        d[250] = -1.0
+        with pytest.raises(ValueError, match=r"sample_weight.*Dask partition 2"):
+            BalancedEstimator({"x": PX, "y": PY}, steps=3).fit(cols, sample_weight=da.from_array(d, chunks=100))
+        bad = x.copy()
+        bad[510] = 7
+        with pytest.raises(ValueError, match=r"`x`.*7.*Dask partition 5"):
+            BalancedEstimator({"x": PX, "y": PY}, steps=3).fit({"x": da.from_array(bad, chunks=100), "y": cols["y"]})

@@ -32,6 +32,7 @@ read them instead of the columns. With numba, a fit's pass is one compiled loop 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from typing import Any
@@ -56,9 +57,12 @@ class Samples:
     columns: list
     design: Any
     shapes: list[tuple[int, ...]]
-    #: Each partition's margin codes, encoded once and persisted (one object per partition: a list
-    #: of arrays of the smallest unsigned dtype), or None: every pass encodes the columns.
+    #: The margin codes, encoded once and persisted (one object per group of consecutive
+    #: partitions: a list of arrays of the smallest unsigned dtype), or None: every pass encodes
+    #: the columns.
     encoded: Any = None
+    #: The groups of ``encoded``: per group, its partitions' (index, length) in order.
+    groups: tuple = ()
 
     @property
     def sizes(self) -> list[int]:
@@ -103,25 +107,41 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
     return out
 
 
-def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, encoded=False):
+def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None):
+    """One task of a pass: partition ``p``'s samples, or with ``groups`` (the cached codes) group
+    ``p``'s (its partitions' design weights and values checked one partition at a time, so that
+    an error names the partition)."""
     p = int(np.asarray(p).ravel()[0])
-    if encoded:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
+    if groups is not None:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
+        parts = groups[p]
         codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in blocks[0][0]]
     else:
         codes = _margin_codes(plan, blocks[:ncols], p, validate)
+        parts = ((p, len(codes[0])),)
     n = len(codes[0])
-    d = _dask._design(blocks[ncols], n, p) if weighted else None
+    p = parts[0][0]  # the partition an error names (a group's: its own partition, checked below)
+    bounds = np.cumsum([0] + [length for _, length in parts])
+    d = None
+    if weighted:
+        d = blocks[ncols] if len(parts) > 1 else _dask._design(blocks[ncols], n, p)
+        if len(parts) > 1:
+            d = np.concatenate([_dask._design(d[a:b], b - a, q) for (q, _), a, b in
+                                zip(parts, bounds[:-1], bounds[1:], strict=True)])
     h = None
     if with_values:
-        try:
-            h = check.sample_values(np.asarray(blocks[-1]))
-        except (ValueError, TypeError) as error:
-            raise type(error)(check.in_partition(str(error), p)) from None
+        h = np.asarray(blocks[-1])
+        for (q, _), a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
+            part = h if len(parts) == 1 else h[a:b]
+            try:
+                check.sample_values(part)
+            except (ValueError, TypeError) as error:
+                raise type(error)(check.in_partition(str(error), q)) from None
+        h = check.sample_values(h)
         h = h[:, None] if h.ndim == 1 else h
         if len(h) != n:
             raise ValueError(check.in_partition(check.dask_values_length(len(h), n), p))
     out = task(codes, d, h)
-    out["n"], out["lengths"] = n, {p: n}
+    out["n"], out["lengths"] = n, dict(parts)
     return _dask._wrap(out)
 
 
@@ -174,18 +194,32 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
     """One pass: ``task(codes per margin, d or None, h (n, s) or None)`` -> dict per partition,
     merged (sums; ``min*``/``max*`` keys by extremes, ``moments*`` by Chan's formula), plus ``n``
     and ``lengths`` (each partition's samples)."""
-    args: list = [_dask._partition_ids(samples.columns[0]), "i"]
-    columns = samples.columns if samples.encoded is None else [samples.encoded]
+    design = samples.design
+    regroup = samples.encoded is not None and any(len(g) > 1 for g in samples.groups)
+    if regroup and values is not None and np.isnan(values.chunks[0]).any():
+        samples, regroup = replace(samples, encoded=None, groups=()), False  # values not regrouped: the columns
+    if samples.encoded is None:
+        args: list = [_dask._partition_ids(samples.columns[0]), "i"]
+        columns = samples.columns
+        groups = None
+    else:
+        columns, groups = [samples.encoded], samples.groups
+        args = [da.arange(len(groups), chunks=1), "i"]
+        if regroup:
+            sizes = {0: tuple(sum(length for _, length in g) for g in groups)}
+            design = None if design is None else design.rechunk(sizes)
+            values = None if values is None else values.rechunk(sizes)
     for c in columns:
         args += [c, "i"]
-    if samples.design is not None:
-        args += [samples.design, "i"]
+    if design is not None:
+        args += [design, "i"]
     if values is not None:
         args += [values, "ij" if values.ndim == 2 else "i"]
     objs = da.blockwise(_partition, "i", *args, dtype=object, align_arrays=False, concatenate=True,
-                        plan=samples.plan_literal, ncols=len(columns), weighted=samples.design is not None,
+                        plan=samples.plan_literal, ncols=len(columns), weighted=design is not None,
                         with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
-                        encoded=samples.encoded is not None, meta=np.empty(0, dtype=object))
+                        groups=None if groups is None else dask.delayed(groups, pure=True),
+                        meta=np.empty(0, dtype=object))
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     (out,) = dask.compute(_dask._tree(objs, _combine))
@@ -216,42 +250,88 @@ def cache_budget() -> float:
     from ._kernels.fused_sparse import available_memory
 
     memory = available_memory()
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
-        client = None
-    scheduler = dask.config.get("scheduler", None)
-    if client is not None and (scheduler in (None, "dask.distributed", "distributed") or scheduler is client):
+    client = _active_client()
+    if client is not None:
         limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
         if limits and all(limit > 0 for limit in limits):
             memory = float(sum(limits))
     return CACHE_FRACTION * memory
 
 
-def _encode(p, *blocks, plan, ncols, code_type, validate):
-    p = int(np.asarray(p).ravel()[0])
-    return _dask._wrap([c.astype(code_type) for c in _margin_codes(plan, blocks[:ncols], p, validate)])
+#: A group of the cached codes holds at most this many samples (and there are at least as many
+#: groups as the scheduler has threads): a pass's cost per task (its tables, above all: up to
+#: millions of entries, built, sent and added per task) is paid per group, not per partition.
+GROUP_MAX = 1 << 23
 
 
-def cached(samples: Samples, n: int, validate: bool) -> Samples:
-    """The samples with their encoded codes persisted (on the workers under ``distributed``) when
-    the codes of ``n`` samples fit :func:`cache_budget`, else the samples as they are (every pass
-    then loads and encodes the columns). ``validate``: the encoding checks every label (the fit's
-    first pass)."""
+def threads_available() -> int:
+    """Threads that run a pass's tasks: the workers' under an active ``distributed`` client, else
+    this machine's cores."""
+    client = _active_client()
+    if client is not None:
+        total = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values())
+        if total > 0:
+            return total
+    return os.cpu_count() or 1
+
+
+def _active_client():
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
+        return None
+    scheduler = dask.config.get("scheduler", None)
+    if scheduler in (None, "dask.distributed", "distributed") or scheduler is client:
+        return client
+    return None
+
+
+def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
+    """Consecutive partitions in groups of about equal samples: at least ``threads`` groups (fewer
+    only with fewer partitions) and at most :data:`GROUP_MAX` samples each where partitions allow."""
+    n = sum(lengths)
+    count = max(1, min(len(lengths), max(threads, -(-n // GROUP_MAX))))
+    groups: list[list] = [[] for _ in range(count)]
+    before = 0
+    for p, length in enumerate(lengths):
+        groups[min(count - 1, before * count // max(n, 1))].append((p, int(length)))
+        before += length
+    return tuple(tuple(g) for g in groups if g)
+
+
+def _encode(g, *blocks, plan, ncols, code_type, validate, groups):
+    """Group ``g``'s codes (each partition encoded, and checked, on its own: errors name it)."""
+    parts = groups[int(np.asarray(g).ravel()[0])]
+    bounds = np.cumsum([0] + [length for _, length in parts])
+    pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate)
+              for (p, _), lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True)]
+    return _dask._wrap([np.concatenate([piece[j] for piece in pieces]).astype(code_type)
+                        for j in range(len(pieces[0]))])
+
+
+def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Samples:
+    """The samples with their encoded codes persisted (on the workers under ``distributed``), in
+    groups of consecutive partitions (:func:`grouped`), when the codes fit :func:`cache_budget`;
+    else the samples as they are (every pass then loads and encodes the columns). ``lengths``:
+    each partition's samples. ``validate``: the encoding checks every label (the fit's first pass)."""
     dtype = code_dtype(samples.sizes)
-    if samples.encoded is not None or n * len(samples.sizes) * dtype.itemsize > cache_budget():
+    if samples.encoded is not None or sum(lengths) * len(samples.sizes) * dtype.itemsize > cache_budget():
         return samples
-    args: list = [_dask._partition_ids(samples.columns[0]), "i"]
+    known = all(c.chunks[0] == tuple(lengths) for c in samples.columns)
+    # partitions of unknown lengths (a DataFrame's) cannot be regrouped: one group each
+    groups = grouped(lengths, threads_available()) if known else tuple(((p, int(n)),) for p, n in enumerate(lengths))
+    sizes = {0: tuple(sum(length for _, length in g) for g in groups)}
+    args: list = [da.arange(len(groups), chunks=1), "i"]
     for c in samples.columns:
-        args += [c, "i"]
+        args += [c.rechunk(sizes) if known else c, "i"]
     objs = da.blockwise(_encode, "i", *args, dtype=object, align_arrays=False, concatenate=True,
                         plan=samples.plan_literal, ncols=len(samples.columns), code_type=dtype, validate=validate,
-                        meta=np.empty(0, dtype=object))
+                        groups=dask.delayed(groups, pure=True), meta=np.empty(0, dtype=object))
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
-    return replace(samples, encoded=objs.persist())
+    return replace(samples, encoded=objs.persist(), groups=groups)
 
 
 # -- the fit -----------------------------------------------------------------------------------------

@@ -512,13 +512,14 @@ class BalancedEstimator:
         # samples' count is known, else after it): the later passes read them
         known = not np.isnan(columns[0].chunks[0]).any()
         if known:
-            samples = _dask_samples.cached(samples, int(sum(columns[0].chunks[0])), validate=True)
+            samples = _dask_samples.cached(samples, tuple(int(c) for c in columns[0].chunks[0]), validate=True)
         first = _dask_samples.run(samples, _dask_samples.WeightSums(None, samples.sizes,
                                                                     compiled=_dask_samples.compiled_passes()),
                                   validate=True)
         n = int(first["n"])
         if not known:
-            samples = _dask_samples.cached(samples, n, validate=False)
+            samples = _dask_samples.cached(samples, tuple(int(first["lengths"][p]) for p in
+                                                          range(columns[0].numblocks[0])), validate=False)
         if n < 2:
             raise ValueError(f"Need at least 2 samples to estimate a standard error; got {n}.")
         if design is not None and not first["sums"][0].sum() > 0:
