@@ -282,6 +282,13 @@ def test_tiled_pattern_is_the_table_by_tiles(nblocks, tile):
     assert (np.diff(t.ptr) == 0).any() == (np.bincount(tile_of, minlength=t.ptr.size - 1) == 0).any()
 
 
+def test_tiled_copy_of_an_empty_table():
+    t = fs.tiled_pattern(np.zeros(4, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), 3, tile=(2, 2))
+    assert t.ptr.tolist() == [0] * 5 and t.keys.size == 0 and t.values.dtype == np.float32
+    K = fs.FusedSparseKernel(sp.csr_array((3, 5)), "tiled")
+    np.testing.assert_array_equal(K.col_sums(np.ones(3)), np.zeros(5))
+
+
 def test_tiles_at_the_16_bit_boundary(monkeypatch):
     """Lines numbered 65535 and 65536: the last of a full tile (16-bit number 0xFFFF) and the first
     of the next; the passes against scipy on a 65537 x 131073 table with a few entries."""
