@@ -1153,6 +1153,7 @@ def test_grouped_partitions():
     big = grouped((GROUP_MAX // 2,) * 8, 1)  # at most GROUP_MAX samples a group
     assert len(big) == 4 and all(sum(n for _, n in g) == GROUP_MAX for g in big)
     assert [p for g in grouped((3, 9, 1, 7, 2), 3) for p, _ in g] == [0, 1, 2, 3, 4]  # consecutive, in order
+    assert len(grouped((GROUP_MAX // 2,) * 12, 4)) == 8  # six needed by size: eight, two per thread
 
 
 def test_errors_in_a_group_name_their_partition(samples_path, monkeypatch):

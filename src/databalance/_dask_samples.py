@@ -289,10 +289,12 @@ def _active_client():
 
 
 def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
-    """Consecutive partitions in groups of about equal samples: at least ``threads`` groups (fewer
-    only with fewer partitions) and at most :data:`GROUP_MAX` samples each where partitions allow."""
+    """Consecutive partitions in groups of about equal samples: a multiple of ``threads`` groups
+    (fewer only with fewer partitions), of at most :data:`GROUP_MAX` samples each where partitions
+    allow."""
     n = sum(lengths)
-    count = max(1, min(len(lengths), max(threads, -(-n // GROUP_MAX))))
+    count = max(threads, -(-n // GROUP_MAX))
+    count = max(1, min(len(lengths), -(-count // threads) * threads))  # a multiple of the threads: balanced
     groups: list[list] = [[] for _ in range(count)]
     before = 0
     for p, length in enumerate(lengths):
