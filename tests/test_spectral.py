@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given
 
-from databalance import balance_table, conditional_mean, spectrum
+from databalance import balance_table, conditional_mean, spectral, spectrum
 from databalance._joint import Cells
 from databalance.spectral import cyclic_rate
 
@@ -106,8 +106,17 @@ def _sparse_pattern_table(shape, seed):
     return P
 
 
+@pytest.fixture(params=["lapack", "arpack"])
+def solver(request, monkeypatch):
+    """Each component's values by LAPACK (small components, the default here) or by ARPACK on the
+    Gram matrix (what large components get)."""
+    if request.param == "arpack":
+        monkeypatch.setattr(spectral, "DENSE_LINES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(60, 40), (40, 60), (50, 50), (5, 9), (9, 5), (7, 7)])
-def test_sparse_spectrum_matches_dense_for_every_shape(shape):
+def test_sparse_spectrum_matches_dense_for_every_shape(shape, solver):
     # Regression: m < l failed with "`v0` must have shape (m,)", an argument the user never passed.
     P = _sparse_pattern_table(shape, seed=sum(shape))
     rank = min(6, min(shape) - 1)
@@ -136,7 +145,7 @@ def _block_diagonal_table(n_blocks, seed):
 
 
 @pytest.mark.parametrize("rank", [1, 7, 40, 46])
-def test_many_components_sparse_matches_dense(rank):
+def test_many_components_sparse_matches_dense(rank, solver):
     # The s = 1 block (one pair per component) is exact, ARPACK only computes the rest.
     S = _block_diagonal_table(40, seed=rank)
     dense = spectrum(S.toarray(), rank=rank)
@@ -200,6 +209,7 @@ def test_sparse_spectrum_on_the_fused_product_equals_numpy_and_dense(monkeypatch
     parts = [_sparse_pattern_table((shape[0] // blocks, shape[1] // blocks), seed=b) for b in range(blocks)]
     P = sp.csr_array(sp.block_diag(parts, format="csr") * rng.uniform(0.5, 1.5))
     monkeypatch.setattr(fused, "PER_THREAD", 50)
+    monkeypatch.setattr(spectral, "DENSE_LINES", 0)  # ARPACK on the Gram product, as large tables
     runs = {}
     for name in ("numba", "numpy"):
         monkeypatch.setenv(fused.ENV, name)
@@ -209,6 +219,34 @@ def test_sparse_spectrum_on_the_fused_product_equals_numpy_and_dense(monkeypatch
     np.testing.assert_allclose(runs["numba"].singular_values, dense.singular_values, rtol=0, atol=1e-10)
     assert runs["numba"].n_components == blocks
     assert_valid_triplets(runs["numba"], P, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape, rank", [((5, 4), 3), ((4, 5), 3), ((30, 20), 12), ((20, 30), 19)])
+def test_sparse_spectrum_of_a_rank_deficient_table(shape, rank, solver):
+    """Regression: an independence table (s = 0 beyond the first) and a rank-2 table: the functions
+    of s = 0 were not orthogonal to the constants (E[beta_2] = -0.99) nor paired."""
+    rng = np.random.default_rng(sum(shape))
+    P = np.outer(rng.random(shape[0]) + 0.1, rng.random(shape[1]) + 0.1)
+    if shape[0] > 5:
+        P += np.outer(rng.random(shape[0]), rng.random(shape[1]))  # rank 2
+    sparse = spectrum(sp.csr_array(P), rank=rank)
+    np.testing.assert_allclose(sparse.singular_values, spectrum(P, rank=rank).singular_values, atol=1e-9)
+    assert_valid_triplets(sparse, P, atol=1e-9)
+    P = P / P.sum()
+    np.testing.assert_allclose((P / P.sum(0)).T @ sparse.x_functions, sparse.y_functions * sparse.singular_values,
+                               atol=1e-9)  # E[alpha_j | Y] = s_j beta_j too
+
+
+@pytest.mark.parametrize("blocks, shape", [(8, (6, 5)), (12, (4, 3)), (5, (30, 25))])
+def test_values_repeated_across_identical_components_are_all_found(blocks, shape, solver):
+    """Regression: ARPACK on the whole table missed copies of a value that identical components
+    repeat (an error of 0.16, silently); each component is now solved on its own."""
+    B = np.random.default_rng(blocks).gamma(2.0, size=shape)
+    S = sp.block_diag([B] * blocks, format="csr")
+    rank = min(S.shape) - 1
+    np.testing.assert_allclose(spectrum(S, rank=rank).singular_values, spectrum(S.toarray(), rank=rank).singular_values,
+                               atol=1e-9)
+    assert_valid_triplets(spectrum(S, rank=rank), S, atol=1e-8)
 
 
 def test_dense_rank_truncates():

@@ -174,7 +174,7 @@ def spectrum(table: TableLike, *, rank: int | None = None) -> SpectrumResult:
         U, s, Vt = np.linalg.svd(T / rt[:, None] / ct[None, :], full_matrices=False)
         U, s, V = U[:, :rank], s[:rank], Vt[:rank].T
     else:
-        U, s, V = _sparse_svd(_scaled_csr(T, rt, ct), U1, V1, rank)
+        U, s, V = _sparse_svd(_scaled_csr(T, rt, ct), labels, sp_, sq, U1, V1, rank)
     c = U1.shape[1]
     U, V = U.copy(), V.copy()
     U[:, :c], V[:, :c] = U1, V1
@@ -189,49 +189,107 @@ def _scaled_csr(T: Any, rt: np.ndarray, ct: np.ndarray) -> sp.csr_array:
     return sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
 
 
-def _sparse_svd(M: sp.csr_array, U1: np.ndarray, V1: np.ndarray,
-                rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: A component whose shorter side has at most this many lines gets LAPACK's dense SVD (cheaper
+#: than ARPACK's setup, and exact for repeated values).
+DENSE_LINES = 200
+
+
+def _sparse_svd(M: sp.csr_array, labels: np.ndarray, sp_: np.ndarray, sq: np.ndarray, U1: np.ndarray,
+                V1: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The leading ``rank`` triplets of M = D_tr^-1/2 T D_tc^-1/2 (:func:`_scaled_csr`), descending.
 
-    The c pairs with s = 1 are U1, V1 (exact: one per component, or the top pair (sqrt p,
-    sqrt q)); ARPACK computes only the rest, on M minus that block, where no value repeats by
-    construction (ARPACK crawls on a c-fold s = 1), from a deterministic start outside the block.
+    The c pairs with s = 1 are U1, V1 (exact). M is block diagonal over the support's components
+    (``labels``: rows, then columns), so the other values are each component's own below its
+    s = 1, computed component by component and merged: a value repeated across components (identical
+    blocks) is found in each. Within one component ARPACK's Lanczos method finds the values of
+    the component minus its s = 1 pair; like any single-vector Lanczos method it can miss a
+    value that repeats exactly within one component.
     """
     c = U1.shape[1]
     if rank <= c:
         return U1, np.ones(rank), V1
-    if M.shape[0] < M.shape[1]:  # iterate on the shorter side: the triplets of M' swapped
-        Vt, s, Ut = _sparse_svd(sp.csr_array(M.T), V1, U1, rank)
-        return Ut, s, Vt
-    v0 = np.cos(np.arange(V1.shape[0]) + 1.0)
-    v0 -= V1 @ (V1.T @ v0)
-    U, s, V = _gram_svd(M, rank - c, v0, U1, V1)
+    m, l = M.shape
+    if labels.max() == 0:  # one component: M as it is
+        rows, cols, row_ends, col_ends, Mp = np.arange(m), np.arange(l), np.array([m]), np.array([l]), M
+    else:  # components as diagonal blocks
+        rows, cols = np.argsort(labels[:m], kind="stable"), np.argsort(labels[m:], kind="stable")
+        row_ends = np.searchsorted(labels[:m][rows], np.arange(1, labels.max() + 2))
+        col_ends = np.searchsorted(labels[m:][cols], np.arange(1, labels.max() + 2))
+        Mp = sp.csr_array(M[rows][:, cols])
+    found = []  # (s, component, local left and right vectors)
+    r0 = c0 = 0
+    for k, (r1, c1) in enumerate(zip(row_ends, col_ends, strict=True)):
+        u1, v1 = sp_[rows[r0:r1]], sq[cols[c0:c1]]
+        norm = np.sqrt(u1 @ u1)  # = sqrt(v1 @ v1): the component's mass
+        block = _component_svd(sp.csr_array(Mp[r0:r1, c0:c1]), u1 / norm, v1 / norm, rank - c)
+        found += [(s_j, k, block[0][:, j], block[2][:, j], r0, c0) for j, s_j in enumerate(block[1])]
+        r0, c0 = r1, c1
+    found.sort(key=lambda f: (-f[0], f[1]))
+    found = found[:rank - c]
+    U, V = np.zeros((m, len(found))), np.zeros((l, len(found)))
+    for j, (_, _, u, v, r0, c0) in enumerate(found):
+        U[rows[r0:r0 + len(u)], j] = u
+        V[cols[c0:c0 + len(v)], j] = v
+    s = np.array([f[0] for f in found])
     return np.column_stack([U1, U]), np.concatenate([np.ones(c), s]), np.column_stack([V1, V])
+
+
+def _component_svd(M: sp.csr_array, u1: np.ndarray, v1: np.ndarray,
+                   need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to ``need`` leading triplets of one component's block ``M`` after its s = 1 pair
+    (``u1``, ``v1``), descending: all of them when it has fewer (LAPACK's dense SVD of ``M - u1
+    v1'`` for small blocks or many values, ARPACK otherwise)."""
+    need = min(need, min(M.shape) - 1)
+    if need <= 0:
+        return np.zeros((M.shape[0], 0)), np.zeros(0), np.zeros((M.shape[1], 0))
+    if min(M.shape) <= DENSE_LINES or 2 * need >= min(M.shape):
+        U, s, Vt = np.linalg.svd(M.toarray() - np.outer(u1, v1), full_matrices=False)
+        # u1, v1 span the removed block's null space: the vectors of s = 0 must avoid them
+        return _orthogonal_to(u1[:, None], U[:, :need]), s[:need], _orthogonal_to(v1[:, None], Vt[:need].T)
+    if M.shape[0] < M.shape[1]:  # iterate on the shorter side: the triplets of M' swapped
+        Vt, s, Ut = _component_svd(sp.csr_array(M.T), v1, u1, need)
+        return Ut, s, Vt
+    v0 = np.cos(np.arange(M.shape[1]) + 1.0)
+    v0 -= v1 * (v1 @ v0)
+    return _gram_svd(M, need, v0, u1[:, None], v1[:, None])
 
 
 def _gram_svd(M: sp.csr_array, rank: int, v0: np.ndarray, U1: np.ndarray,
               V1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The leading ``rank`` triplets of ``M - U1 V1'`` (``M`` m x l with m >= l, ``M V1 = U1``,
-    ``M' U1 = V1``), descending: ARPACK's Lanczos method on its Gram matrix ``M' M - V1 V1'``,
-    then the SVD of the m x rank matrix ``(M - U1 V1') W`` of the eigenvectors ``W``, for singular
-    values as accurate as the matrix's own (as ``scipy.sparse.linalg.svds`` does). ``M' M x`` is
-    one read of ``M`` with the fused kernels (:func:`~databalance._kernels.fused.gram_product`),
-    else ``M' (M x)``; the block is removed by einsum, not BLAS (a BLAS call per product wakes its
-    threads: on a busy machine that took ten times the product)."""
+    ``M' U1 = V1``), descending: ARPACK's Lanczos method on the Gram matrix ``M' M - 2 V1 V1'``
+    (whose eigenvalue at ``V1`` is -1, so never among the largest, even where ``M`` has s = 0),
+    then the SVD of the m x rank matrix ``(M - U1 V1') W`` of the eigenvectors ``W``, for
+    singular values as accurate as the matrix's own (as ``scipy.sparse.linalg.svds`` does), and
+    left vectors completed orthogonally to ``U1`` (those of s = 0 are arbitrary in that SVD).
+    ``M' M x`` is one read of ``M`` with the fused kernels
+    (:func:`~databalance._kernels.fused.gram_product`), else ``M' (M x)``; the block is removed by
+    einsum, not BLAS (a BLAS call per product wakes its threads: on a busy machine that took ten
+    times the product)."""
     from ._kernels.fused import gram_product
 
     product = gram_product(M) or (lambda x: M.T @ (M @ x))
 
     def deflated(x: np.ndarray) -> np.ndarray:
         x = x.ravel()
-        return product(x) - np.einsum("ij,j->i", V1, np.einsum("ij,i->j", V1, x))
+        return product(x) - 2.0 * np.einsum("ij,j->i", V1, np.einsum("ij,i->j", V1, x))
 
-    _, W = eigsh(LinearOperator((M.shape[1],) * 2, dtype=np.float64, matvec=deflated), k=rank, which="LM",
+    _, W = eigsh(LinearOperator((M.shape[1],) * 2, dtype=np.float64, matvec=deflated), k=rank, which="LA",
                  v0=v0, tol=0)
     MW = M @ W
     MW -= U1 @ (V1.T @ W)  # W is orthogonal to V1 up to rounding
     U, s, Zt = np.linalg.svd(MW, full_matrices=False)
-    return U, s, W @ Zt.T
+    return _orthogonal_to(U1, U), s, W @ Zt.T
+
+
+def _orthogonal_to(B: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """The orthonormal columns ``X`` made orthogonal to the orthonormal ``B`` (Gram-Schmidt by a QR
+    of ``[B X]``, signs kept): columns already orthogonal to ``B`` come back unchanged up to
+    rounding; those of a singular value 0, which an SVD picks arbitrarily in the null space, are
+    moved out of ``B``'s span."""
+    Q, R = np.linalg.qr(np.column_stack([B, X]))
+    c = B.shape[1]
+    return Q[:, c:] * np.where(np.diag(R)[c:] < 0, -1.0, 1.0)
 
 
 def _unit_block(labels: np.ndarray, sp_: np.ndarray, sq: np.ndarray, n_components: int,

@@ -47,8 +47,8 @@ def one_addend(L, f, g, dtype) -> np.ndarray | None:
     other potential centres the lines by their maxima): that one in ``dtype``, broadcast to
     ``L``'s shape; else None. ``L + f + g`` is then one addition in ``dtype``, rounded as the
     float64 sum rounded to ``dtype`` is (two float32 numbers: float64 holds their sum's double
-    rounding harmlessly), without the float64 chunk (half the time of the NumPy kernel's
-    exponentiation of 4000^2 float32 logits)."""
+    rounding harmlessly; only a zero's sign can differ, which no exponential sees), without the
+    float64 chunk (half the time of the NumPy kernel's exponentiation of 4000^2 float32 logits)."""
     if L.dtype != dtype:
         return None
     for zero, other, axis in ((g, f, -1), (f, g, -2)):
