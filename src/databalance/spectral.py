@@ -189,9 +189,11 @@ def _scaled_csr(T: Any, rt: np.ndarray, ct: np.ndarray) -> sp.csr_array:
     return sp.csr_array((T.data / rt[rows] / ct[T.indices], T.indices, T.indptr), shape=T.shape)
 
 
-#: A component whose shorter side has at most this many lines gets LAPACK's dense SVD (cheaper
-#: than ARPACK's setup, and exact for repeated values).
+#: A component whose shorter side has at most this many lines, or of which at least half the
+#: values are asked for, gets LAPACK's dense SVD (cheaper than ARPACK's setup, and exact for
+#: repeated values) when it has at most DENSE_ENTRIES cells (32 MB).
 DENSE_LINES = 200
+DENSE_ENTRIES = 1 << 22
 
 
 def _sparse_svd(M: sp.csr_array, labels: np.ndarray, sp_: np.ndarray, sq: np.ndarray, U1: np.ndarray,
@@ -242,7 +244,7 @@ def _component_svd(M: sp.csr_array, u1: np.ndarray, v1: np.ndarray,
     need = min(need, min(M.shape) - 1)
     if need <= 0:
         return np.zeros((M.shape[0], 0)), np.zeros(0), np.zeros((M.shape[1], 0))
-    if min(M.shape) <= DENSE_LINES or 2 * need >= min(M.shape):
+    if (min(M.shape) <= DENSE_LINES or 2 * need >= min(M.shape)) and M.shape[0] * M.shape[1] <= DENSE_ENTRIES:
         U, s, Vt = np.linalg.svd(M.toarray() - np.outer(u1, v1), full_matrices=False)
         # u1, v1 span the removed block's null space: the vectors of s = 0 must avoid them
         return _orthogonal_to(u1[:, None], U[:, :need]), s[:need], _orthogonal_to(v1[:, None], Vt[:need].T)
