@@ -760,6 +760,13 @@ def test_fused_sweep_on_the_cluster(monkeypatch, cluster):
         for kind in ["dense", "sparse"]:
             got = balance_table(dask_table(T, kind), p, q, steps=7, start="y")
             assert_equal_scalings(got, ref, rtol=1e-12)
+        from databalance._kernels.chunked import ChunkedKernel
+
+        kernel = ChunkedKernel.from_input(dask_table(T, "sparse"))
+        workers = set(cluster.scheduler_info()["workers"])
+        assert all(w is not None and set(w) <= workers for w in kernel._placement())  # each block's holder
+    with dask.config.set(scheduler="threads"):
+        assert ChunkedKernel.from_input(dask_table(T, "sparse"))._placement() == [None] * 5  # any thread
 
 
 def test_overrelaxed_sweeps_equal_numpy_kernel(monkeypatch):

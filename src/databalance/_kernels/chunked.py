@@ -14,6 +14,7 @@ Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from contextlib import contextmanager
@@ -33,6 +34,10 @@ from .sparse import scaled_sparse, support_pattern_sparse
 #: Partials summed per node of the column sums' tree reduction.
 SPLIT_EVERY = 8
 
+#: A fused sweep sends every block's column partials to the client, which adds them, while they
+#: hold at most this many entries in all (128 MB); beyond, a tree reduction on the workers adds them.
+CLIENT_SUM_MAX = 1 << 24
+
 _delayed: Any = dask.delayed  # typed loosely: dask's stubs expect collections, not functions
 
 
@@ -44,6 +49,18 @@ def _vector(x: np.ndarray) -> Any:
     """A vector every block's task reads, as one literal of the graph. (Scattering it to the workers
     instead measured 20% slower per sweep: it costs a round trip per half-step.)"""
     return _delayed(x, pure=True)
+
+
+def _active_client():
+    """The ``distributed`` client that runs this process's computations, or None."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
+        return None
+    scheduler = dask.config.get("scheduler", None)
+    return client if scheduler in (None, "dask.distributed", "distributed") or scheduler is client else None
 
 
 class ChunkedWarning(UserWarning):
@@ -292,6 +309,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         self.generation = 0
         self._targets: tuple | None = None  # the rows' targets: as given, their slices on the workers, an array
         self.compiled = compiled
+        self._where: list | None = None  # the workers holding each block
 
     def _pass(self, x, old, p, omega):
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
@@ -302,9 +320,21 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         else:
             old = np.ascontiguousarray(old, self.dtype)
             olds = [old[start:stop] for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-        tasks = [_delayed(_fused_block, pure=True, nout=2)(b, v, o, t, w, self.compiled)
-                 for b, o, t in zip(self.blocks, olds, targets, strict=True)]
-        lines, c = dask.compute([t[0] for t in tasks], _tree_sum([t[1] for t in tasks]))
+        tasks = []
+        for b, o, t, where in zip(self.blocks, olds, targets, self._placement(), strict=True):
+            # a block's task on a worker that holds the block: work stealing had moved blocks
+            # (60 MB each in the benchmark) between the workers, 0.3 s a time
+            with dask.annotate(workers=where, allow_other_workers=False) if where else contextlib.nullcontext():
+                tasks.append(_delayed(_fused_block, pure=True, nout=2)(b, v, o, t, w, self.compiled))
+        if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:
+            # every block's results straight to the client, which adds the column partials: no
+            # task moves a block's results between workers (measured: such a transfer waited
+            # 0.1-0.4 s behind the sending worker's running task)
+            parts = dask.compute(*tasks)
+            lines = [part[0] for part in parts]
+            c = _added(*[part[1] for part in parts])
+        else:
+            lines, c = dask.compute([t[0] for t in tasks], _tree_sum([t[1] for t in tasks]))
         if all(part.ndim == 1 for part in lines):  # the rows' sums only: the plain rule, here
             r = np.concatenate(lines)
             u = _rule(r, q, r, w)
@@ -313,6 +343,18 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                                    for part, start, stop in zip(lines, self.offsets[:-1], self.offsets[1:],
                                                                 strict=True)], axis=1)
         return r, u, np.asarray(c).astype(self.dtype, copy=False)
+
+    def _placement(self) -> list:
+        """Per block, the workers holding it under an active ``distributed`` client (else None)."""
+        if self._where is None:
+            self._where = [None] * len(self.blocks)
+            client = _active_client()
+            if client is not None:
+                from distributed import futures_of
+
+                who = client.who_has(futures_of(self.table))
+                self._where = [list(who.get(b.key, ())) or None for b in self.blocks]
+        return self._where
 
     def _target_slices(self, p) -> tuple[list, np.ndarray]:
         """Each block's slice of the rows' targets, sent to the workers once (the loop passes the
