@@ -237,15 +237,71 @@ def test_adaptive_keeps_scipy_without_memory_for_the_copy(monkeypatch, tiled):
         assert sum(a.nbytes for a in K._other_lines) == K.copy_bytes()
     monkeypatch.setattr(fs, "BUILD_AFTER", 0)
     K = fs.FusedSparseKernel(sp.csr_array(A), "adaptive")
-    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.copy_bytes() - 1)
+    assert K.build_bytes() == K.copy_bytes() + 8 * fs._nblocks(A.nnz) * (3 * 8 if tiled else 30)  # the counters
+    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.build_bytes() - 1)
     assert not K.built()
     np.testing.assert_allclose(K.col_sums(np.ones(40)), A.sum(axis=0), rtol=1e-12)  # scipy's product
     assert "_tiles" not in K.__dict__ and "_other_lines" not in K.__dict__
-    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.copy_bytes())
+    monkeypatch.setattr(fs, "available_memory", lambda: 2 * K.build_bytes())
     assert K.built()
     np.testing.assert_allclose(K.col_sums(np.ones(40)), A.sum(axis=0), rtol=1e-12)
     assert ("_tiles" if tiled else "_other_lines") in K.__dict__
     assert 0 < fs.available_memory()
+
+
+def test_adaptive_keeps_scipy_when_the_build_runs_out_of_memory(monkeypatch):
+    """A build that raises MemoryError (the memory looked free but was not) leaves scipy's
+    products, and is not tried again."""
+    A = sp.csr_array(random_pattern(np.random.default_rng(8), 40, 30, 0.3) + sp.csr_array(np.eye(40, 30)))
+    monkeypatch.setattr(fs, "BUILD_AFTER", 0)
+    tries = []
+
+    def short(*args, **kwargs):
+        tries.append(1)
+        raise MemoryError
+
+    monkeypatch.setattr(fs, "tiled_pattern", short)
+    monkeypatch.setattr(fs, "transposed_pattern", short)
+    K = fs.FusedSparseKernel(A, "adaptive")
+    for _ in range(3):
+        assert not K.built()
+        np.testing.assert_allclose(K.col_sums(np.ones(40)), A.sum(axis=0), rtol=1e-12)
+    assert len(tries) == 1
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup(monkeypatch, tmp_path):
+    """MemAvailable (free memory and droppable cache), at most the cgroup's headroom."""
+    import builtins
+
+    files = {"/proc/meminfo": "MemTotal: 100 kB\nMemFree: 10 kB\nMemAvailable: 50 kB\n",
+             "/sys/fs/cgroup/memory.max": "40960\n", "/sys/fs/cgroup/memory.current": "8192\n"}
+    real = builtins.open
+
+    def fake(path, *args, **kwargs):
+        if path in files:
+            out = tmp_path / path.replace("/", "_")
+            out.write_text(files[path])
+            return real(out, *args, **kwargs)
+        if str(path).startswith(("/proc", "/sys")):
+            raise OSError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    assert fs.available_memory() == 40960 - 8192
+    files["/sys/fs/cgroup/memory.max"] = "max\n"
+    assert fs.available_memory() == 50 * 1024
+
+
+def test_index_arrays_in_another_byte_order():
+    """Index arrays assigned in big-endian order (scipy keeps them): read as their values, not
+    their bytes (a segmentation fault before)."""
+    A = sp.csr_array(random_pattern(np.random.default_rng(9), 30, 20, 0.3) + sp.csr_array(np.eye(30, 20)))
+    B = A.copy()
+    B.indices, B.indptr = B.indices.astype(">i4"), B.indptr.astype(">i4")
+    for layout in fs.LAYOUTS:
+        K = fs.FusedSparseKernel(B, layout)
+        np.testing.assert_allclose(K.row_sums(np.arange(20.0)), A @ np.arange(20.0), rtol=1e-12)
+        np.testing.assert_allclose(K.col_sums(np.arange(30.0)), A.T @ np.arange(30.0), rtol=1e-12)
 
 
 def tiles_as_coo(t: fs.Tiles):

@@ -245,8 +245,8 @@ L1_MIN_LINES = 1 << 14
 
 def _block_bounds(indptr: np.ndarray, nblocks: int) -> np.ndarray:
     """Line block boundaries with about equal nonzeros in each block (unsigned 64-bit)."""
-    goals = np.linspace(0, indptr[-1], nblocks + 1)
-    bounds = np.searchsorted(indptr, goals, side="left").astype(np.int64)
+    goals = (np.arange(nblocks + 1, dtype=np.int64) * int(indptr[-1])) // nblocks  # integers: no float copy
+    bounds = np.searchsorted(indptr, goals.astype(indptr.dtype), side="left").astype(np.int64)
     bounds[0], bounds[-1] = 0, indptr.size - 1
     return np.maximum.accumulate(bounds).view(np.uint64)
 
@@ -255,6 +255,8 @@ def _unsigned(a: np.ndarray) -> np.ndarray:
     """A nonnegative index array viewed as unsigned: numba then skips the wraparound test of every
     gathered index (1.7x faster gathers)."""
     a = np.ascontiguousarray(a)
+    if not a.dtype.isnative:  # scipy keeps an index array assigned in another byte order as is
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.kind == "u":
         return a
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
@@ -265,11 +267,34 @@ def _index_dtype(bound: int) -> np.dtype:
 
 
 def available_memory() -> float:
-    """Bytes of memory available to this process (Linux, macOS; infinite where unknown)."""
+    """Bytes of memory available to this process: Linux's MemAvailable (free memory and the page
+    cache it can drop), at most what the process's cgroup (v2 or v1) still allows; elsewhere the
+    free pages (infinite where unknown)."""
     try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
+        with open("/proc/meminfo") as f:
+            meminfo = {line.split(":")[0]: line.split()[1] for line in f}
+        available = float(meminfo["MemAvailable"]) * 1024
+    except (OSError, KeyError, IndexError, ValueError):
+        try:
+            available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return float("inf")
+    return min(available, _cgroup_headroom())
+
+
+def _cgroup_headroom() -> float:
+    """Bytes the process's memory cgroup still allows (infinite without a limit)."""
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                cap = f.read().strip()
+                if cap != "max" and int(cap) < 1 << 60:
+                    return float(int(cap) - int(g.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return float("inf")
 
 
 def _nblocks(nnz: int) -> int:
@@ -431,6 +456,7 @@ class FusedSparseKernel(_Fused, SparseKernel):
         self.generation = 0
         self.passes = 0  # fused passes run
         self._bounds: dict[tuple[int, int], np.ndarray] = {}
+        self._refused = False  # the adaptive copy's build ran out of memory: scipy's products
 
     @cached_property
     def _lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -461,22 +487,36 @@ class FusedSparseKernel(_Fused, SparseKernel):
     def built(self) -> bool:
         """Whether the other margin's sums come from the kernel's copy of the table, the tiled copy
         or the transposed pattern (built now if the layout says it is time: for ``"adaptive"``,
-        after :data:`BUILD_AFTER` passes, when the copy takes at most half of the memory
-        available)."""
+        after :data:`BUILD_AFTER` passes, when the build takes at most half of the memory
+        available; scipy's products stay if it runs out of memory all the same)."""
         if self.layout in ("tiled", "transposed") or "_tiles" in self.__dict__ or "_other_lines" in self.__dict__:
             return True
-        return (self.layout == "adaptive" and self.passes >= BUILD_AFTER
-                and 2 * self.copy_bytes() <= available_memory())
+        if not (self.layout == "adaptive" and self.passes >= BUILD_AFTER and not self._refused
+                and 2 * self.build_bytes() <= available_memory()):
+            return False
+        try:
+            self._tiles if self.tile is not None else self._other_lines  # noqa: B018 -- built here
+        except MemoryError:  # scipy's products then, as when the memory looked short
+            self._refused = True
+            return False
+        return True
 
     def copy_bytes(self) -> int:
         """The memory the copy takes: about the table's own."""
         nnz, lines = self.table.nnz, self.shape[1 - self.lead]
         m = self.shape[self.lead]
-        if self.tile is not None:
-            tiles = -(-m // self.tile[0]) * -(-lines // self.tile[1])
-            return nnz * (self.dtype.itemsize + 4) + (tiles + 1) * 8
-        return (nnz * (self.dtype.itemsize + _index_dtype(m).itemsize)
-                + (lines + 1) * _index_dtype(nnz).itemsize)
+        return nnz * (self.dtype.itemsize + 4) + 8 * (self._pointers() + 1) if self.tile is not None else (
+            nnz * (self.dtype.itemsize + _index_dtype(m).itemsize) + (lines + 1) * _index_dtype(nnz).itemsize)
+
+    def build_bytes(self) -> int:
+        """The memory the copy's build takes at its peak: the copy and the counting sort's counters
+        (one per block of nonzeros and tile, or other line)."""
+        return self.copy_bytes() + 8 * _nblocks(self.table.nnz) * self._pointers()
+
+    def _pointers(self) -> int:
+        """Tiles of the tiled copy, or lines of the transposed pattern."""
+        lines, m = self.shape[1 - self.lead], self.shape[self.lead]
+        return -(-m // self.tile[0]) * -(-lines // self.tile[1]) if self.tile is not None else lines
 
     def _line_bounds(self, which: int, indptr: np.ndarray, nblocks: int) -> np.ndarray:
         key = (which, nblocks)
