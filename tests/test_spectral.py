@@ -157,7 +157,7 @@ def test_many_components_sparse_matches_dense(rank, solver):
     assert_valid_triplets(dense, S, atol=1e-8)
 
 
-# -- the Lanczos sweeps on the fused Gram product (numba) ---------------------------------------------
+# -- the Lanczos sweeps on the sparse kernel's threaded products (numba) -----------------------------
 
 
 def _random_csr(shape, density, seed, empty_lines=True):
@@ -169,47 +169,37 @@ def _random_csr(shape, density, seed, empty_lines=True):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_gram_product_equals_two_products(monkeypatch, seed):
+def test_line_products_equal_scipys(monkeypatch, seed):
+    """The sparse kernel's threaded gathers for chains of products (CSR and CSC, 1-D and 2-D),
+    blocks on every thread, the other margin's from the tiled copy."""
     pytest.importorskip("numba")
-    from databalance._kernels import fused
+    from databalance._kernels import fused_sparse
 
-    monkeypatch.setenv(fused.ENV, "numba")
-    monkeypatch.setattr(fused, "PER_THREAD", 50)  # blocks on every thread, however small the matrix
+    monkeypatch.setattr(fused_sparse, "PER_THREAD", 50)  # blocks on every thread, however small the matrix
     rng = np.random.default_rng(seed)
     shape = (int(rng.integers(1, 300)), int(rng.integers(1, 200)))
     M = _random_csr(shape, float(rng.uniform(0.001, 0.3)), seed)
-    x = rng.standard_normal(shape[1])
-    expected = M.T @ (M @ x)
-    got = fused.gram_product(M)(x)
-    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(expected).max()))
-
-
-def test_gram_product_is_chosen_as_the_kernels_are(monkeypatch):
-    pytest.importorskip("numba")
-    from databalance._kernels import fused
-
-    small = _random_csr((30, 20), 0.3, 0)
-    monkeypatch.setenv(fused.ENV, "numpy")
-    assert fused.gram_product(small) is None
-    monkeypatch.setenv(fused.ENV, "auto")
-    assert fused.gram_product(small) is None  # too few nonzeros to be worth it
-    monkeypatch.setenv(fused.ENV, "numba")
-    assert callable(fused.gram_product(small))
-    monkeypatch.setattr(fused, "numba_installed", lambda: False)
-    with pytest.raises(ImportError, match="DATABALANCE_KERNEL"):
-        fused.gram_product(small)
+    for T in (M, sp.csc_array(M)):
+        rows, cols = fused_sparse.line_products(T)
+        for x, y in ((rng.standard_normal(shape[1]), rng.standard_normal(shape[0])),
+                     (rng.standard_normal((shape[1], 3)), rng.standard_normal((shape[0], 3)))):
+            np.testing.assert_allclose(rows(x), M @ x, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(M @ x).max()))
+            np.testing.assert_allclose(cols(y), M.T @ y, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(M.T @ y).max()))
 
 
 @pytest.mark.parametrize("shape, blocks", [((240, 160), 1), ((160, 240), 1), ((240, 160), 6)])
-def test_sparse_spectrum_on_the_fused_product_equals_numpy_and_dense(monkeypatch, shape, blocks):
+def test_sparse_spectrum_on_the_threaded_products_equals_numpy_and_dense(monkeypatch, shape, blocks):
     pytest.importorskip("numba")
-    from databalance._kernels import fused
+    from databalance._kernels import fused, fused_sparse
 
     rng = np.random.default_rng(sum(shape) + blocks)
     parts = [_sparse_pattern_table((shape[0] // blocks, shape[1] // blocks), seed=b) for b in range(blocks)]
     P = sp.csr_array(sp.block_diag(parts, format="csr") * rng.uniform(0.5, 1.5))
-    monkeypatch.setattr(fused, "PER_THREAD", 50)
+    monkeypatch.setattr(fused_sparse, "PER_THREAD", 50)
     monkeypatch.setattr(spectral, "DENSE_LINES", 0)  # ARPACK on the Gram product, as large tables
+    calls = []
+    real = fused_sparse.line_products
+    monkeypatch.setattr(fused_sparse, "line_products", lambda T: calls.append(T.nnz) or real(T))
     runs = {}
     for name in ("numba", "numpy"):
         monkeypatch.setenv(fused.ENV, name)
@@ -218,6 +208,7 @@ def test_sparse_spectrum_on_the_fused_product_equals_numpy_and_dense(monkeypatch
     np.testing.assert_allclose(runs["numba"].singular_values, runs["numpy"].singular_values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(runs["numba"].singular_values, dense.singular_values, rtol=0, atol=1e-10)
     assert runs["numba"].n_components == blocks
+    assert len(calls) == blocks  # the threaded gathers ran, once per component (only under numba)
     assert_valid_triplets(runs["numba"], P, atol=1e-8)
 
 

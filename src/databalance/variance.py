@@ -394,15 +394,22 @@ def _chains(joint: Joint, K: int, count: _Counter) -> np.ndarray:
 class _Steps:
     """The chains' steps ``a = r - E[b | X]`` and ``b = c - E[a | Y]``.
 
-    Where the fused kernels run (:func:`databalance._kernels.fused.which_kernel`), a step over the
-    table's contiguous lines (X for C order and CSR, Y for Fortran order) is one numba pass that
-    also gives the sums the next step needs: one read of the table per two steps, instead of one
-    per step. Otherwise each step is a product with the table."""
+    Where the fused kernels run (:func:`databalance._kernels.fused.which_kernel`): on a dense table a
+    step over the table's contiguous lines (X for C order, Y for Fortran order) is one numba pass
+    that also gives the sums the next step needs (one read of the table per two steps instead of
+    one per step); on a CSR/CSC table each step is a threaded gather, the sparse kernel's
+    (:func:`databalance._kernels.fused_sparse.line_products`; a fused pass's scattered updates
+    measured slower than a second gather there). Otherwise each step is a product with the table."""
 
     def __init__(self, joint: Joint, r: np.ndarray, c: np.ndarray) -> None:
         self.joint, self.r, self.c = joint, r, c
-        self.lead = (None if fused.which_kernel(joint.T) != "numba" else 0 if joint.sparse
-                     else fused._lead(joint.T))
+        numba = fused.which_kernel(joint.T) == "numba"
+        self.lead = None if joint.sparse or not numba else fused._lead(joint.T)
+        self.products = None
+        if joint.sparse and numba:
+            from ._kernels.fused_sparse import line_products
+
+            self.products = line_products(joint.T)
         self.next: tuple | None = None  # (the step's result, the next step's conditional mean)
 
     def x(self, b: np.ndarray) -> np.ndarray:
@@ -414,6 +421,8 @@ class _Steps:
     def _step(self, side: int, v: np.ndarray) -> np.ndarray:
         j = self.joint
         base, sums = (self.r, j.tr) if side == 0 else (self.c, j.tc)
+        if self.products is not None:
+            return base - self.products[side](v) / sums[:, None]
         if self.lead is None:
             return base - (j.given_x(v) if side == 0 else j.given_y(v))
         if self.next is not None and self.next[0] is v:  # computed in the pass of the last step

@@ -349,22 +349,6 @@ def _chain_pass(W, xT, base, scale, nblocks, y, acc):
                 _axpy(W, y[k], i, e, A[k])
 
 
-def _sparse_chain_pass(indptr, indices, data, xT, base, scale, bounds, y, acc):
-    """:func:`_chain_pass` for a compressed sparse ``W``: ``y[k] = base[k] - scale * (W xT[k])``
-    and ``acc[q, k] = W' y[k]`` over the lines of block q, each line's updates while it is in
-    cache (one read of ``W``)."""
-    for q in prange(bounds.size - 1):
-        A = acc[q]
-        A[:] = 0.0
-        for i in range(bounds[q], bounds[q + 1]):
-            for k in range(xT.shape[0]):
-                yk = base[k, i] - scale[i] * _line_dot(indptr, indices, data, xT[k], i)
-                y[k, i] = yk
-                a = A[k]
-                for p in range(indptr[i], indptr[i + 1]):
-                    a[indices[p]] += data[p] * yk
-
-
 def _lead_products(T, x, nblocks, zero, r):
     """``r = T x`` for ``T`` (B, m, l) (the lead lines' sums), threaded over row blocks."""
     B, m, l = T.shape
@@ -491,46 +475,23 @@ def _using(n: int):
             _LAYER = numba.threading_layer()
 
 
-def chain_pass(W: Any, x: np.ndarray, base: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a C-ordered table ``W`` (m, l) or a CSR matrix, and ``x`` (l, d): ``y = base - scale[:,
-    None] * (W x)`` and ``W' y``, float64, from one read of ``W`` (numba, threaded over blocks of
-    rows; of about equal nonzeros when sparse). With ``x = 0`` and ``scale = 0`` it is the product
-    ``W' base``; with ``base = 0`` and ``scale = -1``, the Gram product ``W' W x``.
+def chain_pass(W: np.ndarray, x: np.ndarray, base: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a C-ordered table ``W`` (m, l) and ``x`` (l, d): ``y = base - scale[:, None] * (W x)``
+    and ``W' y``, float64, from one read of ``W`` (numba, threaded over row blocks). With ``x = 0``
+    and ``scale = 0`` it is the product ``W' base``.
 
     The alternating conditional means of :func:`databalance.variance_profile` are such steps: one
-    pass gives a step and the product the next step needs. ``spectrum``'s Lanczos method iterates
-    on the Gram product."""
+    pass gives a step and the product the next step needs."""
     m, l = W.shape
     d = x.shape[1]
-    sparse = sp.issparse(W)
-    size = W.nnz if sparse else W.size
-    nt = min(threads(), max(1, size // PER_THREAD))
-    xT, baseT = (np.ascontiguousarray(a.T, np.float64) for a in (x, base))
-    scale = np.ascontiguousarray(scale, np.float64)
+    nt = min(threads(), max(1, W.size // PER_THREAD))
+    nblocks = max(1, min(m, nt))
     y = np.empty((d, m))
-    if sparse:
-        from .fused_sparse import _block_bounds, _unsigned
-
-        bounds = _block_bounds(W.indptr, nt)
-        acc = np.empty((bounds.size - 1, d, l))
-        with _using(nt):
-            compiled(_sparse_chain_pass)(_unsigned(W.indptr), _unsigned(W.indices),
-                                         np.ascontiguousarray(W.data, np.float64), xT, baseT, scale, bounds, y, acc)
-    else:
-        nblocks = max(1, min(m, nt))
-        acc = np.empty((nblocks, d, l))
-        with _using(nt):
-            compiled(_chain_pass)(W, xT, baseT, scale, nblocks, y, acc)
+    acc = np.empty((nblocks, d, l))
+    with _using(nt):
+        compiled(_chain_pass)(W, np.ascontiguousarray(x.T, np.float64), np.ascontiguousarray(base.T, np.float64),
+                              np.ascontiguousarray(scale, np.float64), nblocks, y, acc)
     return y.T, acc.sum(axis=0).T
-
-
-def gram_product(M: Any):
-    """``x -> M' M x`` for a CSR matrix ``M``, each product one read of ``M`` (:func:`chain_pass`)
-    when :func:`which_kernel` chooses numba for ``M``; else ``None``."""
-    if which_kernel(M) != "numba":
-        return None
-    zero, minus_one = np.zeros((M.shape[0], 1)), -np.ones(M.shape[0])
-    return lambda x: chain_pass(M, np.reshape(x, (-1, 1)), zero, minus_one)[1][:, 0]
 
 
 # -- the kernels ------------------------------------------------------------------------------------------

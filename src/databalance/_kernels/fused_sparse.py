@@ -37,6 +37,7 @@ either product. :func:`auto_choice` says whether ``DATABALANCE_KERNEL=auto`` use
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cache, cached_property
 from typing import NamedTuple
 
@@ -437,6 +438,26 @@ def tiled_pattern(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_o
 # -- the kernel ---------------------------------------------------------------------------------------
 
 
+def line_products(table) -> tuple[Callable, Callable]:
+    """``(x -> T x, y -> T' y)`` for a CSR/CSC table and 1-D or 2-D (one column per product)
+    ``x``, ``y`` in float64: the kernel's threaded gathers, the other margin's from its copy of the
+    table, built on the first such product when the memory allows (else scipy's product). For
+    chains of products (:func:`databalance.variance_profile`, sparse
+    :func:`databalance.spectrum`) where :func:`~databalance._kernels.fused.which_kernel` chooses
+    numba."""
+    K = FusedSparseKernel(table, "adaptive", build_after=0)
+
+    def by_columns(j: int) -> Callable:
+        def product(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x, np.float64)
+            if x.ndim == 1:
+                return K._sums_of(j, x).astype(np.float64, copy=False)
+            return np.column_stack([K._sums_of(j, np.ascontiguousarray(c)) for c in x.T]).astype(np.float64, copy=False)
+        return product
+
+    return by_columns(0), by_columns(1)
+
+
 class FusedSparseKernel(_Fused, SparseKernel):
     """:class:`SparseKernel` on CSR or CSC with threaded sweeps (numba), in one of :data:`LAYOUTS`.
 
@@ -448,8 +469,9 @@ class FusedSparseKernel(_Fused, SparseKernel):
     for it). ``"accumulators"`` fuses each sweep into one pass with per-thread accumulators.
     """
 
-    def __init__(self, table, layout: str | None = None):
+    def __init__(self, table, layout: str | None = None, build_after: int | None = None):
         super().__init__(table)
+        self.build_after = build_after  # None: BUILD_AFTER
         self.layout = check.sparse_layout(DEFAULT_LAYOUT if layout is None else layout, LAYOUTS)
         self.lead = 0 if table.format == "csr" else 1
         self.reads = 0
@@ -491,7 +513,8 @@ class FusedSparseKernel(_Fused, SparseKernel):
         available; scipy's products stay if it runs out of memory all the same)."""
         if self.layout in ("tiled", "transposed") or "_tiles" in self.__dict__ or "_other_lines" in self.__dict__:
             return True
-        if not (self.layout == "adaptive" and self.passes >= BUILD_AFTER and not self._refused
+        after = BUILD_AFTER if self.build_after is None else self.build_after
+        if not (self.layout == "adaptive" and self.passes >= after and not self._refused
                 and 2 * self.build_bytes() <= available_memory()):
             return False
         try:
