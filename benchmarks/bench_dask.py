@@ -12,7 +12,8 @@ standard error. Reports samples per second per core of the in-memory path (same 
 process) and of the cluster (2 worker processes x 1 thread), their CPU seconds (all threads; the
 workers' and the client's for the cluster) and samples per CPU second, their ratios, the fit's and
 the mean's times, and the peak resident memory of every process (VmHWM). ``--cluster-only`` skips
-the in-memory run (for sizes one process cannot hold).
+the in-memory run (for sizes one process cannot hold); ``--compare-mean`` also times the ``mean``
+again with its passes compiled and with NumPy's, alternating, on the same fit and cluster.
 
 ``table``: a sparse table with ``--nnz`` stored entries, each row block built by a task on the
 workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array (one map over
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import time
@@ -104,7 +106,8 @@ def in_memory(n: int, chunk: int, seed: int, steps: int, local: str | None = Non
         return time.perf_counter() - start, (est.estimate, est.standard_error)
 
 
-def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool = False) -> tuple[float, tuple]:
+def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool = False,
+               compare: bool = False) -> tuple[float, tuple]:
     import dask.array as da
 
     from databalance import BalancedEstimator
@@ -132,7 +135,24 @@ def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool 
     CPU.append(sum(client.run(time.process_time).values()) + time.process_time() - before)  # workers and client
     print(f"  fit {middle - start:.2f} s, mean {end - middle:.2f} s ({type(fitted._dask_fit).__name__}); client "
           f"peak so far {peak_mb():.0f} MB", flush=True)
+    if compare:  # the mean again, its passes compiled and NumPy's, alternating (same fit, same cluster)
+        for order in (("numba", "numpy"), ("numpy", "numba")):
+            for kernel in order:
+                os.environ["DATABALANCE_KERNEL"] = kernel
+                try:
+                    t0 = time.perf_counter()
+                    again = fitted.mean(h)
+                    MEANS.setdefault(kernel, []).append(time.perf_counter() - t0)
+                finally:
+                    del os.environ["DATABALANCE_KERNEL"]
+                MEANS.setdefault("rel", []).append(max(abs(again.estimate / est.estimate - 1),
+                                                       abs(again.standard_error / est.standard_error - 1)))
     return end - start, (est.estimate, est.standard_error)
+
+
+#: With ``--compare-mean``: the seconds of each repeated ``mean`` per kernel, and the largest
+#: relative difference of its estimate and SE from the timed run's.
+MEANS: dict[str, list[float]] = {}
 
 
 #: CPU seconds of every timed run, in order: on a machine shared with other jobs the wall time of a
@@ -176,7 +196,7 @@ def samples(args) -> None:
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         times = []
         for _ in range(args.repeat):
-            t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps, args.persist)
+            t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps, args.persist, args.compare_mean)
             times.append(t)
         workers = client.run(peak_mb)
         results["cluster"] = statistics.median(times)
@@ -187,6 +207,11 @@ def samples(args) -> None:
           f"{per_core:.3g} samples/s/core; CPU (workers + client) {results['cluster_cpu']:.2f} s, "
           f"{args.n / results['cluster_cpu']:.3g} samples per CPU second; estimate {got[0]:.10g} SE {got[1]:.6g}")
     print(f"peak memory: client {peak_mb():.0f} MB, workers " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+    if MEANS:
+        compiled, plain = statistics.median(MEANS["numba"]), statistics.median(MEANS["numpy"])
+        print(f"mean alone on the cluster: compiled passes median {compiled:.2f} s of {MEANS['numba']}, NumPy passes "
+              f"median {plain:.2f} s of {MEANS['numpy']}; compiled / NumPy = {compiled / plain:.2f}; largest relative "
+              f"difference of estimate and SE from the timed run {max(MEANS['rel']):.2g}")
     if "memory" in results:
         print(f"samples per CPU second, cluster / in memory: {results['memory_cpu'] / results['cluster_cpu']:.2f}; "
               f"samples/s/core, cluster / in memory (one core): {per_core / (args.n / results['memory']):.2f}; "
@@ -301,6 +326,8 @@ def main() -> None:
                    "the in-memory samples with this scheduler (no cluster: the per-core cost of the path itself)")
     s.add_argument("--persist", action="store_true", help="generate the samples once and persist them on the "
                    "workers before timing (else they are generated lazily in every pass)")
+    s.add_argument("--compare-mean", action="store_true", help="after each timed run, time the mean again with "
+                   "its passes compiled and with NumPy (DATABALANCE_KERNEL=numpy), alternating")
     t = sub.add_parser("table")
     t.add_argument("--nnz", type=int, default=5 * 10**7)
     t.add_argument("--per-row", type=int, default=50)

@@ -1124,6 +1124,162 @@ def test_samples_path_equal_with_and_without_numba(samples_path, monkeypatch):
     close(da_.effective_sample_size, db_.effective_sample_size, rtol=1e-13)
 
 
+STEPS_TABLES = [(0, True), (1, True), (2, True), (3, True), (4, True), (5, True), (None, True), (2, False),
+                (5, False)]
+
+
+def mean_with_kernel(monkeypatch, fitted, values, kernel):
+    """``fitted.mean(values)`` with ``DATABALANCE_KERNEL=kernel``, and whether its passes ran compiled."""
+    from databalance import _dask_samples
+
+    flags = []
+    original = _dask_samples.run
+
+    def spy(samples, task, *args, **kwargs):
+        flags.append(task.compiled)
+        return original(samples, task, *args, **kwargs)
+
+    monkeypatch.setattr(_dask_samples, "run", spy)
+    monkeypatch.setenv("DATABALANCE_KERNEL", kernel)
+    try:
+        return fitted.mean(values), flags
+    finally:
+        monkeypatch.setattr(_dask_samples, "run", original)
+        monkeypatch.delenv("DATABALANCE_KERNEL")
+
+
+@pytest.mark.parametrize(("steps", "tables"), STEPS_TABLES)
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_mean_equals_numpy_path(samples_path, monkeypatch, steps, tables, linearization, weighted):
+    """A mean's compiled passes (first moments, the one-pass-per-step sums, the terms) give the
+    NumPy passes' estimate, SE, plain SE and design effect to 1e-12, and the in-memory ones."""
+    pytest.importorskip("numba")
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    data, h, d, margins = three_margins(seed=11)
+    X, H, D = lazy(data, h, d)
+    ref = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(data, d if weighted else None)
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(X, D if weighted else None)
+        compiled, flags = mean_with_kernel(monkeypatch, fitted, H, "numba")
+        plain, plain_flags = mean_with_kernel(monkeypatch, fitted, H, "numpy")
+    assert all(flags) and flags and not any(plain_flags) and len(flags) == len(plain_flags)
+    close(compiled.estimate, plain.estimate, rtol=1e-12)
+    close(compiled.standard_error, plain.standard_error, rtol=1e-12)
+    for s, t in zip(compiled.summary().statistics, plain.summary().statistics, strict=True):
+        close(s.plain_standard_error, t.plain_standard_error, rtol=1e-12)
+        close(s.design_effect, t.design_effect, rtol=1e-12)
+    assert_same_mean(compiled, ref.mean(h))
+
+
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+@pytest.mark.parametrize("tables", [True, False])
+def test_compiled_mean_with_a_zero_target(samples_path, monkeypatch, linearization, tables):
+    """A level with target 0: its samples' scaling becomes 0, so the compiled chain rebuilds the
+    iterate from its scalings at the steps after (as the NumPy pass does)."""
+    pytest.importorskip("numba")
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    data, h, d, margins = three_margins(seed=12)
+    margins["x"] = np.array([0.0, 0.3, 0.3, 0.4])
+    X, H, D = lazy(data, h, d)
+    ref = BalancedEstimator(margins, steps=5, linearization=linearization).fit(data, d)
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator(margins, steps=5, linearization=linearization).fit(X, D)
+        compiled, flags = mean_with_kernel(monkeypatch, fitted, H, "numba")
+        plain, _ = mean_with_kernel(monkeypatch, fitted, H, "numpy")
+    assert all(flags)
+    close(compiled.estimate, plain.estimate, rtol=1e-12)
+    close(compiled.standard_error, plain.standard_error, rtol=1e-12)
+    assert_same_mean(compiled, ref.mean(h))
+
+
+@pytest.mark.parametrize(("steps", "tables"), STEPS_TABLES)
+@pytest.mark.parametrize("linearization", ["balanced", "survey"])
+def test_compiled_mean_tasks_equal_numpy(samples_path, monkeypatch, steps, tables, linearization):
+    """Each task of a mean on one partition's codes, compact (as cached) or not: the per-level
+    sums and tables are the NumPy task's exactly (the same products added in the same order), the
+    estimate and the moments of the terms to 1e-13."""
+    pytest.importorskip("numba")
+    from databalance import _dask_samples
+    from databalance._dask_samples import FirstMoments, StepSums, Terms
+
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    data, h, d, margins = three_margins(700, seed=13)
+    X, _, D = lazy(data, h, d, chunks=(350, 350))
+    with dask.config.set(scheduler="sync"):
+        fit = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(X, D)._dask_fit.shipped
+    codes = [data["x"], data["y"], data["a"] * 2 + data["b"]]
+    k = int(fit.steps or 0)
+    mode = "limit" if fit.steps is None else "none" if k == 0 else "tables" if tables else "passes"
+    rng = np.random.default_rng(14)
+    mus = {} if mode in ("none", "limit") else {
+        l_step: rng.normal(size=(fit.samples.sizes[(l_step - 1) % 3], 2)) for l_step in range(k, 0, -1)}
+    coefficients = [rng.normal(size=(size, 2)) for size in fit.samples.sizes] if mode == "limit" else None
+    estimate, plain, scale = np.array([0.3, -0.1]), np.array([0.2, 0.5]), np.array([4.0, 1.0])
+    tasks = [FirstMoments(fit, mode), Terms(fit, mus, coefficients, estimate, plain, scale)]
+    tasks += [StepSums(fit, j, {l: mu for l, mu in mus.items() if l > j}, estimate, scale) for j in range(1, k)]
+    for task in tasks:
+        want = task(codes, d, h)
+        for dtype in (np.intp, np.uint16, np.uint8):
+            got = _dask_samples.replace(task, compiled=True)([c.astype(dtype) for c in codes], d, h)
+            assert got.keys() == want.keys()
+            for key in want:
+                if key.startswith("moments"):
+                    assert got[key][0] == want[key][0]
+                    close(got[key][1], want[key][1], rtol=1e-13)
+                    close(got[key][2], want[key][2], rtol=1e-13)
+                elif key in ("est", "plain"):
+                    close(got[key], want[key], rtol=1e-13)
+                elif isinstance(want[key], list):
+                    for a, b in zip(got[key], want[key], strict=True):
+                        np.testing.assert_array_equal(a, b)
+                else:
+                    np.testing.assert_array_equal(got[key], want[key])
+    empty = [np.zeros(0, np.uint16)] * 3
+    for task in tasks:  # an empty partition (group)
+        got = _dask_samples.replace(task, compiled=True)(empty, None, np.zeros((0, 2)))
+        want = task([c.astype(np.intp) for c in empty], None, np.zeros((0, 2)))
+        assert got.keys() == want.keys()
+
+
+@pytest.mark.parametrize("tables", [True, False])
+@pytest.mark.parametrize("values_fit", [True, False])
+def test_mean_reads_its_values_once_when_they_fit(samples_path, monkeypatch, tables, values_fit):
+    """With the codes cached, a mean's values are read once for all its passes (2, or k + 1 with
+    one pass per step) when codes and values fit the cache's budget; else once per pass. Same
+    results either way."""
+    from databalance import _dask_samples
+
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    data, h, d, margins = three_margins(seed=15)
+    X, H, _ = lazy(data, h, d)
+    reads = []
+
+    def read(block):
+        reads.append(len(block))
+        return block
+
+    values = H.map_blocks(read, dtype=np.float64, meta=np.empty((0, 2)))
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator(margins, steps=4).fit(X)
+        assert fitted._dask_fit.samples.encoded is not None  # the codes are cached
+        codes_bytes = len(h) * 3  # three margins of uint8 codes
+        budget = codes_bytes + (len(h) * 16 if values_fit else 1)
+        monkeypatch.setattr(_dask_samples, "cache_budget", lambda: budget)
+        calls = []
+        original = _dask_samples.run
+        monkeypatch.setattr(_dask_samples, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+        got = fitted.mean(values)
+    assert len(calls) == (2 if tables else 5)
+    assert len([r for r in reads if r]) == 4 * (1 if values_fit else len(calls))  # UNEQUAL: 4 not empty
+    assert sum(reads) == len(h) * (1 if values_fit else len(calls))
+    assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data).mean(h))
+
+
 def test_dask_paths_work_without_numba():
     """numba blocked: the table's one-map sweep with BLAS/scipy products, the samples path's NumPy
     passes (the cache of codes included), both equal to the in-memory results."""

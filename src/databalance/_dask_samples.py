@@ -7,7 +7,10 @@ vectors at every sample's categories, ``np.bincount`` per level) merged by Dask'
 (:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``. When the encoded codes fit a
 share of the workers' memory they are encoded once and persisted (:func:`cached`): later passes
 read them instead of the columns. With numba, a fit's pass is one compiled loop per partition
-(:func:`_weight_pass`).
+(:func:`_weight_pass`), and so is each pass of a ``mean`` (:func:`_first_pass`, :func:`_step_pass`,
+:func:`_terms_pass`: per sample the scalings gathered, the chain's steps and the sums, with the
+NumPy passes' operations in their order). With the codes cached, a ``mean``'s values are also read
+once and kept for its passes when they fit the same budget (:func:`cached_values`).
 
 - Fit: :class:`SamplesKernel` is the loop's cell kernel (:mod:`._ipf`, through
   :func:`.balance.balance_cells`) with one pass per half-step (every margin's sums of the current
@@ -334,6 +337,34 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     return replace(samples, encoded=objs.persist(), groups=groups)
+
+
+def cached_values(samples: Samples, values: da.Array) -> da.Array:
+    """A ``mean``'s values in the cached codes' groups, read (or generated) once and persisted for
+    its passes, when the codes are cached and codes and values together fit :func:`cache_budget`;
+    else the values as they are (every pass then reads them). Under ``distributed`` each group's
+    values are computed on a worker holding that group's codes (the passes' tasks then find both
+    there). Released when the ``mean`` returns."""
+    if samples.encoded is None or values.ndim not in (1, 2) or np.isnan(values.chunks[0]).any():
+        return values
+    sizes = tuple(sum(length for _, length in g) for g in samples.groups)
+    n, s = sum(sizes), 1 if values.ndim == 1 else int(values.shape[1])
+    if n != values.shape[0] or n * (len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s) > cache_budget():
+        return values
+    values = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
+    client = _active_client()
+    if client is None:
+        return values.persist()
+    from distributed import futures_of
+
+    who = client.who_has(futures_of(samples.encoded))
+    blocks = [values.blocks[g] for g in range(len(sizes))]
+    held = []
+    for key, block in zip(samples.encoded.__dask_keys__(), blocks, strict=True):
+        workers = list(who.get(key, ()))
+        held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
+                    client.persist(block))
+    return da.concatenate(held)
 
 
 # -- the fit -----------------------------------------------------------------------------------------
@@ -668,8 +699,15 @@ class FirstMoments:
 
     fit: SamplesFit
     mode: str
+    compiled: bool = False  # in one numba loop per partition (:func:`_first_pass`)
+
+    @property
+    def takes_compact(self) -> bool:
+        return self.compiled
 
     def __call__(self, codes, d, h) -> dict:
+        if self.compiled:
+            return self._compiled(codes, d, h)
         fit, n = self.fit, len(h)
         a = factor_product(d, fit.final, codes, n)
         a /= fit.total_u  # w_i
@@ -692,6 +730,37 @@ class FirstMoments:
                             for i in range(len(codes)) for j in range(i + 1, len(codes))]
         return out
 
+    def _compiled(self, codes, d, h) -> dict:
+        fit, sizes = self.fit, self.fit.samples.sizes
+        K, k = len(codes), int(fit.steps or 0)
+        codes, d, h = _compact(codes, d, h)
+        s = h.shape[1]
+        iterate = self.mode in ("tables", "passes") and fit.balanced
+        fv, fo = _factor_sets(fit, iterate)
+        # v: 0 none, 1 the weights a, 2 d (1 without), 3 iterate k's product times d, 4 1 / total times d
+        vkind = {"none": 0, "limit": 1 if fit.balanced else 2}.get(self.mode, 3 if fit.balanced else 4)
+        chosen = range(K) if self.mode != "passes" else [(k - 1) % K]
+        chosen_off = np.full(K, -1, np.int64)
+        offset = 0
+        for m in (chosen if self.mode != "none" else []):
+            chosen_off[m], offset = offset, offset + sizes[m]
+        level_1, level_h = np.zeros(offset), np.zeros(offset * s)
+        with_pairs = self.mode == "limit" or (self.mode == "tables" and not fit.balanced)
+        pairs = np.zeros(sum(sizes[i] * sizes[j] for i in range(K) for j in range(i + 1, K)) if with_pairs else 0)
+        est, plain, top = _compiled_mean()[0](codes, d, d.size > 0, h, fv, fo, fit.total_u, 1.0 / fit.total, vkind,
+                                              1 + k if iterate else 0, chosen_off, level_1, level_h, with_pairs,
+                                              pairs, np.asarray(sizes, np.int64))
+        out = {"est": est, "plain": plain, "max_top": top}
+        if self.mode == "none":
+            return out
+        out["level_h"] = [level_h[chosen_off[m] * s:(chosen_off[m] + sizes[m]) * s].reshape(sizes[m], s)
+                          for m in chosen]
+        out["level_1"] = [level_1[chosen_off[m]:chosen_off[m] + sizes[m]] for m in chosen]
+        if with_pairs:
+            bounds = np.cumsum([0] + [sizes[i] * sizes[j] for i in range(K) for j in range(i + 1, K)])
+            out["pairs"] = [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return out
+
 
 def _level_sums(index: np.ndarray, weight: np.ndarray, h: np.ndarray, size: int) -> np.ndarray:
     """(size, s): per level of ``index``, the sums of ``weight * h[:, j]``."""
@@ -709,8 +778,21 @@ class StepSums:
     mus: dict
     estimate: np.ndarray
     scale: np.ndarray
+    compiled: bool = False  # in one numba loop per partition (:func:`_step_pass`)
+
+    @property
+    def takes_compact(self) -> bool:
+        return self.compiled
 
     def __call__(self, codes, d, h) -> dict:
+        if self.compiled:
+            codes, d, h = _compact(codes, d, h)
+            m = (self.j - 1) % len(codes)
+            out = np.zeros((self.fit.samples.sizes[m], h.shape[1]))
+            _compiled_mean()[2](codes, d, d.size > 0, h, *_chain_data(self.fit, self.mus), self.j, m,
+                                np.ascontiguousarray(self.estimate, np.float64),
+                                np.ascontiguousarray(self.scale, np.float64), out)
+            return {"level": out}
         n, s = h.shape
         top, acc = _chain(codes, self.fit, self.mus, self.j, n, s)
         m = (self.j - 1) % len(codes)
@@ -739,10 +821,30 @@ class Terms:
     estimate: np.ndarray
     plain: np.ndarray
     scale: np.ndarray
+    compiled: bool = False  # z and the plain terms in one numba loop per partition (:func:`_terms_pass`)
+
+    @property
+    def takes_compact(self) -> bool:
+        return self.compiled
 
     def __call__(self, codes, d, h) -> dict:
         fit = self.fit
         n, s = h.shape
+        if self.compiled:
+            codes, d, h = _compact(codes, d, h)
+            sizes = fit.samples.sizes
+            coefficients = self.coefficients
+            use_coef = coefficients is not None
+            coef = np.concatenate([np.ascontiguousarray(c, np.float64).reshape(size, s).ravel() for c, size in
+                                   zip(coefficients, sizes, strict=True)]) if coefficients is not None else np.zeros(0)
+            coef_off = np.cumsum([0] + [size * s for size in sizes])[:-1].astype(np.int64)
+            z, plain = np.empty((s, n)), np.empty((s, n))
+            _compiled_mean()[1](codes, d, d.size > 0, h, *_chain_data(fit, self.mus), fit.total_u,
+                                not use_coef and bool(self.mus), coef, coef_off, use_coef,
+                                np.ascontiguousarray(self.estimate, np.float64),
+                                np.ascontiguousarray(self.plain, np.float64),
+                                np.ascontiguousarray(self.scale, np.float64), z, plain)
+            return {"moments_z": _moments(z), "moments_plain": _moments(plain)}
         a = factor_product(None, fit.final, codes, n)
         a /= fit.total_u
         beta = None
@@ -782,6 +884,229 @@ def _moments(z: np.ndarray) -> tuple:
     total = z.sum(axis=1)
     z -= (total / n)[:, None]
     return n, total, np.einsum("ij,ij->i", z, z)
+
+
+# -- a mean's passes, compiled ------------------------------------------------------------------------
+
+
+def _compact(codes, d, h) -> tuple:
+    """A compiled pass's arguments: the codes as a tuple of one dtype (numba's homogeneous tuple),
+    ``d`` (empty without design weights) and ``h`` (n, s) contiguous float64."""
+    dtype = np.result_type(*(c.dtype for c in codes))
+    return (tuple(np.ascontiguousarray(c, dtype) for c in codes),
+            np.empty(0) if d is None else np.ascontiguousarray(d, np.float64), np.ascontiguousarray(h, np.float64))
+
+
+def _factor_sets(fit: SamplesFit, iterates: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every scaling a compiled pass reads, in one flat vector ``fv``, and ``fo`` (sets, K): where
+    set r's margin m starts in it. Set 0 is the final scalings, set 1 + l iterate l's (with
+    ``iterates``); a scaling shared by several sets (each step changes one) is stored once."""
+    sets = [fit.final] + (list(fit.iterates) if iterates else [])
+    K = len(fit.samples.sizes)
+    fo = np.empty((len(sets), K), np.int64)
+    where: dict[int, int] = {}
+    parts: list[np.ndarray] = []
+    offset = 0
+    for r, factors in enumerate(sets):
+        for m, f in enumerate(factors):
+            if id(f) not in where:
+                where[id(f)] = offset
+                parts.append(np.ravel(f).astype(np.float64, copy=False))
+                offset += parts[-1].size
+            fo[r, m] = where[id(f)]
+    return np.concatenate(parts), fo
+
+
+def _chain_data(fit: SamplesFit, mus: dict) -> tuple:
+    """:func:`_chain_at`'s arguments but the sample's: the scalings (:func:`_factor_sets`), the
+    convention, total, k, per step l the change of its scaling ``before / after`` (``rv`` from
+    ``ro[l]``; ``ok[l]`` False where ``after`` has zeros: iterate l - 1 rebuilt from its scalings)
+    and the mu_l, (size, s) each, flat (``mv`` from ``mo[l]``, -1 for none)."""
+    k, K = int(fit.steps or 0), len(fit.samples.sizes)
+    balanced = fit.balanced and bool(fit.iterates)
+    fv, fo = _factor_sets(fit, balanced)
+    ro, mo = np.full(k + 1, -1, np.int64), np.full(k + 1, -1, np.int64)
+    ok = np.zeros(k + 1, np.bool_)
+    rv: list[np.ndarray] = []
+    offset = 0
+    if balanced:
+        for l_step in range(1, k + 1):
+            m = (l_step - 1) % K
+            before, after = np.ravel(fit.iterates[l_step - 1][m]), np.ravel(fit.iterates[l_step][m])
+            ok[l_step] = bool((after > 0).all())
+            if ok[l_step]:
+                ro[l_step] = offset
+                rv.append(before / after)
+                offset += after.size
+    mv: list[np.ndarray] = []
+    offset = 0
+    for l_step, mu in mus.items():
+        mo[l_step] = offset
+        mv.append(np.ascontiguousarray(mu, np.float64).ravel())
+        offset += mv[-1].size
+    return (fv, fo, fit.balanced, fit.total, k, np.concatenate(rv) if rv else np.zeros(0), ro, ok,
+            np.concatenate(mv) if mv else np.zeros(0), mo)
+
+
+def _product(fv, fo, r, codes, i, start, has_start):
+    """Sample i's ``start * prod_j`` (set r's scaling j at its code), in :func:`factor_product`'s
+    order (without ``has_start``, no start)."""
+    w = fv[fo[r, 0] + codes[0][i]]
+    if has_start:
+        w = start * w
+    for j in range(1, len(codes)):
+        w *= fv[fo[r, j] + codes[j][i]]
+    return w
+
+
+def _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, acc):
+    """Sample i's :func:`_chain`: adds ``sum_(l > lowest) G_l mu_l[its category in m(l)]`` to
+    ``acc`` (s,) (survey: then divided by total) and returns G_k; the same operations in the same
+    order as the NumPy function, one sample at a time."""
+    K = len(codes)
+    s = acc.size
+    if not balanced:
+        for l_step in range(k, lowest, -1):
+            if mo[l_step] >= 0:
+                base = mo[l_step] + np.int64(codes[(l_step - 1) % K][i]) * s
+                for j in range(s):
+                    acc[j] += mv[base + j]
+        for j in range(s):
+            acc[j] /= total
+        return 1.0 / total
+    g = _product(fv, fo, 1 + k, codes, i, 1.0, False)
+    top = g
+    for l_step in range(k, lowest, -1):
+        m = (l_step - 1) % K
+        c = np.int64(codes[m][i])
+        base = mo[l_step] + c * s
+        for j in range(s):
+            acc[j] += mv[base + j] * g
+        if l_step - 1 > lowest:
+            if ok[l_step]:
+                g *= rv[ro[l_step] + c]
+            else:
+                g = _product(fv, fo, l_step, codes, i, 1.0, False)
+    return top
+
+
+def _first_pass(codes, d, weighted, h, fv, fo, total_u, inverse_total, vkind, kset, chosen_off, level_1, level_h,
+                with_pairs, pairs, sizes):
+    """:class:`FirstMoments` in one loop over the samples: returns (sum w h, sum d h, max |h|) and
+    adds, per chosen margin (``chosen_off[m] >= 0``), the per-level sums of v and v h; with
+    ``with_pairs`` the pairwise tables of v (each in its own scatter loop, as the fit's pass). The
+    sums of w h and d h are added in blocks of 4096 samples (their rounding error near the
+    pairwise sums' of NumPy, not growing with the partition's length)."""
+    n, s = h.shape
+    K = len(codes)
+    est, plain, top = np.zeros(s), np.zeros(s), np.zeros(s)
+    est_block, plain_block = np.zeros(s), np.zeros(s)  # sums of 4096 samples at a time, then added
+    v_all = np.empty(n if with_pairs else 0)
+    for i in range(n):
+        a = _product(fv, fo, 0, codes, i, d[i] if weighted else 1.0, weighted) / total_u
+        for j in range(s):
+            x = h[i, j]
+            est_block[j] += a * x
+            plain_block[j] += d[i] * x if weighted else x
+            top[j] = max(top[j], abs(x))
+        if (i + 1) % 4096 == 0 or i == n - 1:
+            for j in range(s):
+                est[j] += est_block[j]
+                plain[j] += plain_block[j]
+                est_block[j] = 0.0
+                plain_block[j] = 0.0
+        if vkind == 0:
+            continue
+        if vkind == 1:
+            v = a
+        elif vkind == 2:
+            v = d[i] if weighted else 1.0
+        else:
+            v = _product(fv, fo, kset, codes, i, 1.0, False) if vkind == 3 else inverse_total
+            if weighted:
+                v *= d[i]
+        for m in range(K):
+            if chosen_off[m] >= 0:
+                c = chosen_off[m] + np.int64(codes[m][i])
+                level_1[c] += v
+                for j in range(s):
+                    level_h[c * s + j] += v * h[i, j]
+        if with_pairs:
+            v_all[i] = v
+    if with_pairs:
+        offset = 0
+        for a_ in range(K):
+            for b in range(a_ + 1, K):
+                size = sizes[a_] * sizes[b]
+                _scatter_table(codes[a_], codes[b], sizes[b], v_all, pairs[offset:offset + size])
+                offset += size
+    return est, plain, top
+
+
+def _terms_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, total_u, chain, coef,
+                coef_off, use_coef, estimate, plain_mean, scale, z, plain):
+    """:class:`Terms`' z (s, n) and plain terms (s, n), one sample at a time (the NumPy pass's
+    operations in its order)."""
+    n, s = h.shape
+    K = len(codes)
+    acc = np.zeros(s)
+    for i in range(n):
+        a = _product(fv, fo, 0, codes, i, 1.0, False) / total_u
+        if chain:
+            acc[:] = 0.0
+            _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, 0, acc)
+        for j in range(s):
+            g = h[i, j] / scale[j]
+            p = g - plain_mean[j]
+            if weighted:
+                p *= d[i]
+            plain[j, i] = p / total
+            g -= estimate[j]
+            if use_coef:
+                for m in range(K):
+                    g -= coef[coef_off[m] + np.int64(codes[m][i]) * s + j]
+                g *= a
+            elif chain and balanced:
+                g *= a
+                g += acc[j] * -total / total
+            else:
+                if chain:
+                    g += acc[j] * -total
+                g *= a
+            if weighted:
+                g *= d[i]
+            z[j, i] = g
+
+
+def _step_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, m, estimate, scale,
+               out):
+    """:class:`StepSums`: adds margin m's per-level sums of D_j (``lowest`` = j) to ``out`` (size, s)."""
+    n, s = h.shape
+    acc = np.zeros(s)
+    for i in range(n):
+        acc[:] = 0.0
+        top = _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, acc)
+        c = np.int64(codes[m][i])
+        for j in range(s):
+            x = h[i, j] / scale[j]
+            x -= estimate[j]
+            x *= top
+            x -= acc[j]
+            if weighted:
+                x *= d[i]
+            out[c, j] += x
+
+
+@cache
+def _compiled_mean() -> tuple:
+    """The compiled (first, terms, step) passes of a ``mean``."""
+    import numba
+
+    _compiled_pass()  # binds the compiled table scatter
+    # no fast-math: NumPy's operations, order and rounding
+    for name in ("_product", "_chain_at"):
+        globals()[name] = numba.njit(globals()[name], cache=True, nogil=True)
+    return tuple(numba.njit(f, cache=True, nogil=True) for f in (_first_pass, _terms_pass, _step_pass))
 
 
 def additive_coefficients(fit: SamplesFit, level_h: list, level_1: list, pairs: list) -> list[np.ndarray]:
@@ -876,7 +1201,9 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
         mode = "tables" if fit.iterate_tables else "passes"
     else:
         mode = "tables" if pairs_size(samples.sizes) // 2 <= TABLES_MAX else "passes"
-    first = run(samples, FirstMoments(fit.shipped, mode), h)
+    compiled = compiled_passes()
+    h = cached_values(samples, h)  # read once for the mean's passes, when it fits
+    first = run(samples, FirstMoments(fit.shipped, mode, compiled), h)
     top = first["max_top"]
     scale = power_of_two_scale(np.vstack([top, -top]))
     estimate = first["est"] / scale
@@ -895,9 +1222,9 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
         norms = fit.targets if fit.balanced else fit.start_margins
         mus[k] = _ratio(level[0], norms[(k - 1) % K])
         for j in range(k - 1, 0, -1):
-            sums = run(samples, StepSums(fit.shipped, j, dict(mus), estimate, scale), h)["level"]
+            sums = run(samples, StepSums(fit.shipped, j, dict(mus), estimate, scale, compiled), h)["level"]
             mus[j] = _ratio(sums, norms[(j - 1) % K])
-    last = run(samples, Terms(fit.shipped, mus, coefficients, estimate, plain, scale), h)
+    last = run(samples, Terms(fit.shipped, mus, coefficients, estimate, plain, scale, compiled), h)
     n = fit.n
     se = np.sqrt(np.maximum(n / (n - 1) * last["moments_z"][2], 0.0))
     plain_se = np.sqrt(np.maximum(n / (n - 1) * last["moments_plain"][2], 0.0))
