@@ -345,15 +345,18 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         return r, u, np.asarray(c).astype(self.dtype, copy=False)
 
     def _placement(self) -> list:
-        """Per block, the workers holding it under an active ``distributed`` client (else None)."""
-        if self._where is None:
-            self._where = [None] * len(self.blocks)
-            client = _active_client()
-            if client is not None:
-                from distributed import futures_of
+        """Per block, the workers holding it under an active ``distributed`` client (else None),
+        asked again when one of them has left the cluster (a replaced worker: its blocks were
+        recomputed elsewhere, and a task pinned to it would wait for it forever)."""
+        client = _active_client()
+        if client is None:
+            return [None] * len(self.blocks)
+        alive = set(client.scheduler_info().get("workers", {}))
+        if self._where is None or any(w not in alive for where in self._where if where for w in where):
+            from distributed import futures_of
 
-                who = client.who_has(futures_of(self.table))
-                self._where = [list(who.get(b.key, ())) or None for b in self.blocks]
+            who = client.who_has(futures_of(self.table))
+            self._where = [[w for w in who.get(b.key, ()) if w in alive] or None for b in self.blocks]
         return self._where
 
     def _target_slices(self, p) -> tuple[list, np.ndarray]:
