@@ -466,7 +466,9 @@ def _compiled_pass():
 
     # no fast-math: the products and the sums in NumPy's order and rounding; the pass calls the
     # compiled table scatter by its module name (bound here, once)
-    globals()["_scatter_table"] = numba.njit(_scatter_table, cache=True, nogil=True)
+    # (py_func: two threads of a pass may run this at once on the first call; ``cache`` is no lock)
+    globals()["_scatter_table"] = numba.njit(getattr(_scatter_table, "py_func", _scatter_table), cache=True,
+                                             nogil=True)
     return numba.njit(_weight_pass, cache=True, nogil=True)
 
 
@@ -959,35 +961,56 @@ def _product(fv, fo, r, codes, i, start, has_start):
     return w
 
 
-def _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, acc):
-    """Sample i's :func:`_chain`: adds ``sum_(l > lowest) G_l mu_l[its category in m(l)]`` to
-    ``acc`` (s,) (survey: then divided by total) and returns G_k; the same operations in the same
-    order as the NumPy function, one sample at a time."""
+def _chain_block(first, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, top, acc):
+    """:func:`_chain` for samples ``first, ..., first + len(top) - 1``: G_k in ``top`` and
+    ``sum_(l > lowest) G_l mu_l[its category in m(l)]`` in ``acc`` (s, len(top)) (survey: divided
+    by total); per sample the NumPy function's operations in its order. Step by step over the
+    block, as the NumPy function runs over all samples: a step's two small vectors stay in the
+    cache and the samples' updates are independent (a sample's steps one after the other wait on
+    each other and miss the cache). ``top`` holds G_l while it runs."""
     K = len(codes)
-    s = acc.size
+    s = acc.shape[0]
+    nb = top.size
+    acc[:, :nb] = 0.0
     if not balanced:
         for l_step in range(k, lowest, -1):
             if mo[l_step] >= 0:
-                base = mo[l_step] + np.int64(codes[(l_step - 1) % K][i]) * s
-                for j in range(s):
-                    acc[j] += mv[base + j]
-        for j in range(s):
-            acc[j] /= total
-        return 1.0 / total
-    g = _product(fv, fo, 1 + k, codes, i, 1.0, False)
-    top = g
+                cm = codes[(l_step - 1) % K]
+                for b in range(nb):
+                    base = mo[l_step] + np.int64(cm[first + b]) * s
+                    for j in range(s):
+                        acc[j, b] += mv[base + j]
+        for b in range(nb):
+            for j in range(s):
+                acc[j, b] /= total
+            top[b] = 1.0 / total
+        return
+    g = np.empty(nb)
+    for b in range(nb):
+        g[b] = _product(fv, fo, 1 + k, codes, first + b, 1.0, False)
+    top[:] = g
     for l_step in range(k, lowest, -1):
-        m = (l_step - 1) % K
-        c = np.int64(codes[m][i])
-        base = mo[l_step] + c * s
-        for j in range(s):
-            acc[j] += mv[base + j] * g
-        if l_step - 1 > lowest:
-            if ok[l_step]:
-                g *= rv[ro[l_step] + c]
-            else:
-                g = _product(fv, fo, l_step, codes, i, 1.0, False)
-    return top
+        cm = codes[(l_step - 1) % K]
+        mbase = mo[l_step]
+        if l_step - 1 > lowest and ok[l_step]:  # the common case in its own loop: no branches in it
+            rbase = ro[l_step]
+            for b in range(nb):
+                c = np.int64(cm[first + b])
+                gb = g[b]
+                for j in range(s):
+                    acc[j, b] += mv[mbase + c * s + j] * gb
+                g[b] = gb * rv[rbase + c]
+            continue
+        for b in range(nb):
+            c = np.int64(cm[first + b])
+            for j in range(s):
+                acc[j, b] += mv[mbase + c * s + j] * g[b]
+            if l_step - 1 > lowest:
+                g[b] = _product(fv, fo, l_step, codes, first + b, 1.0, False)
+
+
+#: Samples per call of :func:`_chain_block` in the compiled passes.
+CHAIN_BLOCK = 1024
 
 
 def _first_pass(codes, d, weighted, h, fv, fo, total_u, inverse_total, vkind, kset, chosen_off, level_1, level_h,
@@ -1049,52 +1072,56 @@ def _terms_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, m
     operations in its order)."""
     n, s = h.shape
     K = len(codes)
-    acc = np.zeros(s)
-    for i in range(n):
-        a = _product(fv, fo, 0, codes, i, 1.0, False) / total_u
+    top = np.empty(CHAIN_BLOCK)
+    acc = np.zeros((s, CHAIN_BLOCK))
+    for first in range(0, n, CHAIN_BLOCK):
+        last = min(n, first + CHAIN_BLOCK)
         if chain:
-            acc[:] = 0.0
-            _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, 0, acc)
-        for j in range(s):
-            g = h[i, j] / scale[j]
-            p = g - plain_mean[j]
-            if weighted:
-                p *= d[i]
-            plain[j, i] = p / total
-            g -= estimate[j]
-            if use_coef:
-                for m in range(K):
-                    g -= coef[coef_off[m] + np.int64(codes[m][i]) * s + j]
-                g *= a
-            elif chain and balanced:
-                g *= a
-                g += acc[j] * -total / total
-            else:
-                if chain:
-                    g += acc[j] * -total
-                g *= a
-            if weighted:
-                g *= d[i]
-            z[j, i] = g
+            _chain_block(first, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, 0, top[:last - first], acc)
+        for i in range(first, last):
+            a = _product(fv, fo, 0, codes, i, 1.0, False) / total_u
+            for j in range(s):
+                g = h[i, j] / scale[j]
+                p = g - plain_mean[j]
+                if weighted:
+                    p *= d[i]
+                plain[j, i] = p / total
+                g -= estimate[j]
+                if use_coef:
+                    for m in range(K):
+                        g -= coef[coef_off[m] + np.int64(codes[m][i]) * s + j]
+                    g *= a
+                elif chain and balanced:
+                    g *= a
+                    g += acc[j, i - first] * -total / total
+                else:
+                    if chain:
+                        g += acc[j, i - first] * -total
+                    g *= a
+                if weighted:
+                    g *= d[i]
+                z[j, i] = g
 
 
 def _step_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, m, estimate, scale,
                out):
     """:class:`StepSums`: adds margin m's per-level sums of D_j (``lowest`` = j) to ``out`` (size, s)."""
     n, s = h.shape
-    acc = np.zeros(s)
-    for i in range(n):
-        acc[:] = 0.0
-        top = _chain_at(i, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, acc)
-        c = np.int64(codes[m][i])
-        for j in range(s):
-            x = h[i, j] / scale[j]
-            x -= estimate[j]
-            x *= top
-            x -= acc[j]
-            if weighted:
-                x *= d[i]
-            out[c, j] += x
+    top = np.empty(CHAIN_BLOCK)
+    acc = np.zeros((s, CHAIN_BLOCK))
+    for first in range(0, n, CHAIN_BLOCK):
+        last = min(n, first + CHAIN_BLOCK)
+        _chain_block(first, codes, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, top[:last - first], acc)
+        for i in range(first, last):
+            c = np.int64(codes[m][i])
+            for j in range(s):
+                x = h[i, j] / scale[j]
+                x -= estimate[j]
+                x *= top[i - first]
+                x -= acc[j, i - first]
+                if weighted:
+                    x *= d[i]
+                out[c, j] += x
 
 
 @cache
@@ -1104,8 +1131,9 @@ def _compiled_mean() -> tuple:
 
     _compiled_pass()  # binds the compiled table scatter
     # no fast-math: NumPy's operations, order and rounding
-    for name in ("_product", "_chain_at"):
-        globals()[name] = numba.njit(globals()[name], cache=True, nogil=True)
+    for name in ("_product", "_chain_block"):  # (py_func: see _compiled_pass)
+        function = globals()[name]
+        globals()[name] = numba.njit(getattr(function, "py_func", function), cache=True, nogil=True)
     return tuple(numba.njit(f, cache=True, nogil=True) for f in (_first_pass, _terms_pass, _step_pass))
 
 
