@@ -1340,3 +1340,68 @@ def test_errors_in_a_group_name_their_partition(samples_path, monkeypatch):
         bad[510] = 7
         with pytest.raises(ValueError, match=r"`x`.*7.*Dask partition 5"):
             BalancedEstimator({"x": PX, "y": PY}, steps=3).fit({"x": da.from_array(bad, chunks=100), "y": cols["y"]})
+
+
+# -- review regressions (lead) ---------------------------------------------------------------------------
+
+
+def test_design_weights_of_unknown_lengths_with_cached_codes(samples_path, scheduler):
+    """Regression: columns of known lengths but design weights of unknown ones (a Series whose
+    divisions were cleared): the cached codes were regrouped and the weights could not follow."""
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    x, y, _, d = sample(800, seed=5)
+    data, margins = {"x": x, "y": y}, {"x": PX, "y": PY}
+    weights = dd.from_pandas(pd.Series(d), npartitions=8).clear_divisions()
+    lazy_data = {k: da.from_array(v, chunks=100) for k, v in data.items()}
+    got = BalancedEstimator(margins, steps=3).fit(lazy_data, sample_weight=weights)
+    ref = BalancedEstimator(margins, steps=3).fit(data, sample_weight=d)
+    close(got.diagnostics_.effective_sample_size, ref.diagnostics_.effective_sample_size)
+
+
+def test_a_refit_after_the_data_changed_sees_the_new_data(samples_path, scheduler, tmp_path):
+    """Regression: on the cluster, a second fit of the same graph (the same keys) after the data
+    changed found the first fit's cached codes still held on the workers, and used them."""
+    path = str(tmp_path / "x.npy")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 800)
+    x = da.from_delayed(dask.delayed(np.load, pure=True)(path), shape=(800,), dtype=np.int64).rechunk(100)
+    data = {"x": x, "y": da.from_array(y, chunks=100)}
+    margins = {"x": [0.3, 0.7], "y": [0.2, 0.3, 0.5]}
+    est = BalancedEstimator(margins, steps=4)
+    for values in (rng.integers(0, 2, 800), np.where(np.arange(800) < 400, 0, 1)):
+        np.save(path, values)
+        est.fit(data)
+        ref = BalancedEstimator(margins, steps=4).fit({"x": values, "y": y})
+        close(est.diagnostics_.effective_sample_size, ref.diagnostics_.effective_sample_size)
+
+
+def test_a_fused_table_sweep_after_a_worker_is_replaced():
+    """Regression: a sweep's block tasks were pinned to the workers that held the blocks at the first
+    sweep; after one of them was replaced, its tasks waited forever."""
+    import threading
+
+    distributed = pytest.importorskip("distributed")
+    from databalance._kernels.chunked import ChunkedKernel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+        client = distributed.Client(lc)
+        try:
+            T = np.random.default_rng(0).random((400, 20))
+            kernel = ChunkedKernel.from_input(da.from_array(T, chunks=(50, 20)))
+            p = np.full(400, 1 / 400)
+            victim = next(where[0] for where in kernel._placement() if where)
+            client.restart_workers([victim])
+            out: dict = {}
+            thread = threading.Thread(target=lambda: out.setdefault("sweep", kernel._pass(np.ones(20), np.ones(400), p,
+                                                                                          None)), daemon=True)
+            thread.start()
+            thread.join(60)
+            assert "sweep" in out, "the sweep waited for a worker that left"
+            np.testing.assert_allclose(out["sweep"][0], T.sum(axis=1), rtol=1e-12)
+        finally:
+            client.close()
+            lc.close()

@@ -36,6 +36,7 @@ once and kept for its passes when they fit the same budget (:func:`cached_values
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from typing import Any
@@ -324,16 +325,21 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     dtype = code_dtype(samples.sizes)
     if samples.encoded is not None or sum(lengths) * len(samples.sizes) * dtype.itemsize > cache_budget():
         return samples
-    known = all(c.chunks[0] == tuple(lengths) for c in samples.columns)
-    # partitions of unknown lengths (a DataFrame's) cannot be regrouped: one group each
+    # partitions of unknown lengths (a DataFrame's, or design weights') cannot be regrouped: one
+    # group each (the passes then rechunk nothing)
+    known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
+        samples.design is None or samples.design.chunks[0] == tuple(lengths))
     groups = grouped(lengths, threads_available()) if known else tuple(((p, int(n)),) for p, n in enumerate(lengths))
     sizes = {0: tuple(sum(length for _, length in g) for g in groups)}
     args: list = [da.arange(len(groups), chunks=1), "i"]
     for c in samples.columns:
         args += [c.rechunk(sizes) if known else c, "i"]
+    # keys of this fit's own (a fit again on the same graph, after the data changed, must not find
+    # an earlier fit's codes still held on the workers under the same keys)
     objs = da.blockwise(_encode, "i", *args, dtype=object, align_arrays=False, concatenate=True,
                         plan=samples.plan_literal, ncols=len(samples.columns), code_type=dtype, validate=validate,
-                        groups=dask.delayed(groups, pure=True), meta=np.empty(0, dtype=object))
+                        groups=dask.delayed(groups, pure=True), meta=np.empty(0, dtype=object),
+                        name=f"databalance-codes-{uuid.uuid4().hex}")
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     return replace(samples, encoded=objs.persist(), groups=groups)
