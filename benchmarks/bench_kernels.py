@@ -165,7 +165,13 @@ def bench_variance(n, repeats, steps=20):
     h = rng.normal(size=(n, n))
     print("| table | threads | variance_profile, BLAS products ms | fused passes ms | ratio |")
     print("|---|---|---|---|---|")
+    profiles(T, h, steps, repeats, lambda nt, t: f"| {n}^2 | {nt} | {1e3 * t['numpy']:.0f} | "
+                                                 f"{1e3 * t['numba']:.0f} | {t['numba'] / t['numpy']:.2f} |")
 
+
+def profiles(T, h, steps, repeats, row):
+    """variance_profile on the NumPy and the fused kernels, interleaved, on one and two threads:
+    prints ``row(threads, median seconds by kernel)``."""
     def profile(name):
         return under(name, lambda: db.variance_profile(T, h, max_steps=steps))
 
@@ -173,30 +179,22 @@ def bench_variance(n, repeats, steps=20):
         numba.set_num_threads(nt)
         with threadpool_limits(nt):
             t = interleaved({"numpy": profile("numpy"), "numba": profile("numba")}, repeats)
-        print(f"| {n}^2 | {nt} | {1e3 * t['numpy']:.0f} | {1e3 * t['numba']:.0f} | {t['numba'] / t['numpy']:.2f} |")
+        print(row(nt, t))
 
 
 def bench_variance_sparse(n, nnz, repeats, steps=10):
-    """variance_profile of a CSR table (``h`` per stored entry) on the sparse chain pass (one read
-    per two steps, threaded) against scipy's products (one read per step, one thread)."""
+    """variance_profile of a CSR table (``h`` per stored entry) on the sparse kernel's threaded
+    gathers (one per step) against scipy's products (one per step, one thread)."""
     rng = np.random.default_rng(4)
     rows, cols = rng.integers(0, n, nnz), rng.integers(0, n, nnz)
     keep = np.concatenate([rows, np.arange(n)]), np.concatenate([cols, rng.permutation(n)])
     T = sp.csr_array((rng.random(len(keep[0])) + 0.1, keep), shape=(n, n))
     T.sum_duplicates()
     h = rng.normal(size=T.nnz)
-    print("| table | nnz | threads | variance_profile, scipy products ms | fused passes ms | ratio |")
+    print("| table | nnz | threads | variance_profile, scipy products ms | threaded gathers ms | ratio |")
     print("|---|---|---|---|---|---|")
-
-    def profile(name):
-        return under(name, lambda: db.variance_profile(T, h, max_steps=steps))
-
-    for nt in (1, 2):
-        numba.set_num_threads(nt)
-        with threadpool_limits(nt):
-            t = interleaved({"numpy": profile("numpy"), "numba": profile("numba")}, repeats)
-        print(f"| {n} x {n} | {T.nnz} | {nt} | {1e3 * t['numpy']:.0f} | {1e3 * t['numba']:.0f} | "
-              f"{t['numba'] / t['numpy']:.2f} |")
+    profiles(T, h, steps, repeats, lambda nt, t: f"| {n} x {n} | {T.nnz} | {nt} | {1e3 * t['numpy']:.0f} | "
+                                                 f"{1e3 * t['numba']:.0f} | {t['numba'] / t['numpy']:.2f} |")
 
 
 def main():

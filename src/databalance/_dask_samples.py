@@ -50,6 +50,7 @@ from . import _validation as check
 from ._joint import _ratio
 from ._kernels import State
 from ._kernels.cells import CellKernel, factor_product
+from ._kernels.chunked import active_client
 from ._kernels.dense import ratio
 
 
@@ -254,7 +255,7 @@ def cache_budget() -> float:
     from ._kernels.fused_sparse import available_memory
 
     memory = available_memory()
-    client = _active_client()
+    client = active_client()
     if client is not None:
         limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
         if limits and all(limit > 0 for limit in limits):
@@ -271,25 +272,12 @@ GROUP_MAX = 1 << 23
 def threads_available() -> int:
     """Threads that run a pass's tasks: the workers' under an active ``distributed`` client, else
     this machine's cores."""
-    client = _active_client()
+    client = active_client()
     if client is not None:
         total = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values())
         if total > 0:
             return total
     return os.cpu_count() or 1
-
-
-def _active_client():
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):  # no distributed, or no client: the local schedulers
-        return None
-    scheduler = dask.config.get("scheduler", None)
-    if scheduler in (None, "dask.distributed", "distributed") or scheduler is client:
-        return client
-    return None
 
 
 def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
@@ -358,7 +346,7 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array:
     if n != values.shape[0] or n * (len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s) > cache_budget():
         return values
     values = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
-    client = _active_client()
+    client = active_client()
     if client is None:
         return values.persist()
     from distributed import futures_of
@@ -483,14 +471,7 @@ def compiled_passes() -> bool:
     ``DATABALANCE_KERNEL=numpy`` (``numba`` without numba installed raises, as everywhere)."""
     from ._kernels import fused
 
-    choice = fused.requested()
-    if choice == "numpy":
-        return False
-    if not fused.numba_installed():
-        if choice == "numba":
-            raise ImportError(check.numba_missing(fused.ENV))
-        return False
-    return True
+    return fused.numba_wanted()
 
 
 def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray) -> list[np.ndarray]:

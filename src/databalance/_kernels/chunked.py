@@ -51,7 +51,7 @@ def _vector(x: np.ndarray) -> Any:
     return _delayed(x, pure=True)
 
 
-def _active_client():
+def active_client():
     """The ``distributed`` client that runs this process's computations, or None."""
     try:
         from distributed import default_client
@@ -201,14 +201,7 @@ def compiled_passes(dtype: np.dtype, sparse: bool) -> bool:
     numba's dispatch."""
     from . import fused
 
-    choice = fused.requested()
-    if choice == "numpy" or sparse or dtype not in (np.float32, np.float64):
-        return False
-    if not fused.numba_installed():
-        if choice == "numba":
-            raise ImportError(check.numba_missing(fused.ENV))
-        return False
-    return True
+    return not sparse and dtype in (np.float32, np.float64) and fused.numba_wanted()
 
 
 class ChunkedKernel(DenseKernel):
@@ -348,7 +341,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         """Per block, the workers holding it under an active ``distributed`` client (else None),
         asked again when one of them has left the cluster (a replaced worker: its blocks were
         recomputed elsewhere, and a task pinned to it would wait for it forever)."""
-        client = _active_client()
+        client = active_client()
         if client is None:
             return [None] * len(self.blocks)
         alive = set(client.scheduler_info().get("workers", {}))

@@ -67,6 +67,19 @@ def numba_installed() -> bool:
         return False
 
 
+def numba_wanted() -> bool:
+    """Whether compiled passes may run where no table size decides: numba installed and not refused
+    by ``DATABALANCE_KERNEL=numpy`` (``numba`` without numba installed raises, as everywhere)."""
+    choice = requested()
+    if choice == "numpy":
+        return False
+    if not numba_installed():
+        if choice == "numba":
+            raise ImportError(check.numba_missing(ENV))
+        return False
+    return True
+
+
 def _supported(table) -> bool:
     """Whether a fused kernel handles this (validated) table: float32/float64, and a layout it
     reads in place (C or Fortran order in the last two axes; CSR or CSC)."""
@@ -278,6 +291,20 @@ def _line_dot(indptr, indices, data, x, i):
     return s
 
 
+def _starts(counts, ptr):
+    """A counting sort's positions: ``counts[t, j]`` (block t's entries in group j) becomes where
+    block t's entries of group j start, the groups in order and each group's blocks in order;
+    ``ptr[j]`` where group j starts (``ptr[-1]`` the total)."""
+    total = 0
+    for j in range(counts.shape[1]):
+        ptr[j] = total
+        for t in range(counts.shape[0]):
+            ct = counts[t, j]
+            counts[t, j] = total
+            total += ct
+    ptr[counts.shape[1]] = total
+
+
 def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
     """One fused pass over ``T`` (B, m, l): ``r = T v``, ``u = rule(p, r)``, ``acc[q] = T' u``
     over row block q of problem ``q // nblocks``: sixteen rows at a time, their sums, their new
@@ -427,7 +454,7 @@ def _jitted(func, exact: bool):
 #: The plain functions the passes call, by the names they call them, and whether each is compiled
 #: without fast-math (bound to their compiled forms in a pass's module before it compiles).
 _INNER = {"_rule": (_rule, False), "_dots": (_dots, False), "_axpy": (_axpy, False), "_scaled_row": (_scaled_row, True),
-          "_line_dot": (_line_dot, False)}
+          "_line_dot": (_line_dot, False), "_starts": (_starts, True)}
 
 
 #: Entries (nonzeros) per thread: a pass over fewer runs on one thread, since waking the others

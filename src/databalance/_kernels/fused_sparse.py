@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validation as check
-from .fused import PER_THREAD, _Fused, _line_dot, _rule, _using, compiled, prange, threads
+from .fused import PER_THREAD, _Fused, _line_dot, _rule, _starts, _using, compiled, prange, threads
 from .sparse import SparseKernel
 
 __all__ = ["AUTO_MIN_NNZ", "BUILD_AFTER", "DEFAULT_LAYOUT", "LAYOUTS", "TILE_LEAD", "TILE_OTHER", "FusedSparseKernel",
@@ -135,19 +135,11 @@ def _transpose(indptr, indices, data, bounds, counts, out_ptr, out_idx, out_data
     """The pattern in the other order (a counting sort): ``counts`` (blocks, other lines) zeros,
     ``out_ptr`` (other lines + 1). Within each other line the lead lines ascend."""
     nb = bounds.size - 1
-    n = counts.shape[1]
     for t in prange(nb):
         c = counts[t]
         for k in range(indptr[bounds[t]], indptr[bounds[t + 1]]):
             c[indices[k]] += 1
-    total = 0
-    for j in range(n):  # the blocks' starting positions in each other line, in block order
-        out_ptr[j] = total
-        for t in range(nb):
-            ct = counts[t, j]
-            counts[t, j] = total
-            total += ct
-    out_ptr[n] = total
+    _starts(counts, out_ptr)
     for t in prange(nb):
         c = counts[t]
         for i in range(bounds[t], bounds[t + 1]):
@@ -170,21 +162,13 @@ def _tile(indptr, indices, data, lead_tile, other_tile, n_lead_blocks, bounds, c
     of lead-line block ``a`` and other-line block ``b``, in lead-line order (each line's in its
     stored order). ``counts`` (blocks, tiles) zeros; ``ptr`` (tiles + 1)."""
     nb = bounds.size - 1
-    n = counts.shape[1]
     for t in prange(nb):
         c = counts[t]
         for i in range(bounds[t], bounds[t + 1]):
             a = i // lead_tile
             for k in range(indptr[i], indptr[i + 1]):
                 c[(indices[k] // other_tile) * n_lead_blocks + a] += 1
-    total = 0
-    for s in range(n):  # the blocks' starting positions in each tile, in block order
-        ptr[s] = total
-        for t in range(nb):
-            ct = counts[t, s]
-            counts[t, s] = total
-            total += ct
-    ptr[n] = total
+    _starts(counts, ptr)
     for t in prange(nb):
         c = counts[t]
         for i in range(bounds[t], bounds[t + 1]):
