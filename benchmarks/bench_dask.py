@@ -184,10 +184,6 @@ MEANS: dict[str, list[float]] = {}
 CPU: list[float] = []
 
 
-def _cpu_median(runs: int) -> float:
-    return statistics.median(CPU[-runs:])
-
-
 def samples(args) -> None:
     import distributed
     from threadpoolctl import threadpool_info
@@ -196,55 +192,58 @@ def samples(args) -> None:
     print(f"margins {args.config}: {SIZES}, steps={args.steps}")
 
     print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
-    results = {}
-    if not args.cluster_only:
-        for label, threads in (("memory", None), ("memory1", 1)):  # default threads, then one thread
-            times = []
-            for _ in range(args.repeat):
-                t, ref = in_memory(args.n, args.chunk, args.seed, args.steps, threads=threads)
-                times.append(t)
-            results[label] = statistics.median(times)
-            results[label + "_cpu"] = _cpu_median(args.repeat)
-            wall, cpu = results[label], results[label + "_cpu"]
-            print(f"in memory ({'numba and BLAS threads limited to 1' if threads else 'default threads'}): "
-                  f"n = {args.n:.3g}, median {wall:.2f} s of {times}, {args.n / wall:.3g} samples/s (one process), "
-                  f"CPU {cpu:.2f} s ({args.n / cpu:.3g} samples per CPU second), peak {peak_mb():.0f} MB; "
-                  f"estimate {ref[0]:.10g} SE {ref[1]:.6g}")
-        if args.local:
-            times = [in_memory(args.n, args.chunk, args.seed, args.steps, args.local)[0] for _ in range(args.repeat)]
-            local, local_cpu = statistics.median(times), _cpu_median(args.repeat)
-            print(f"Dask path, scheduler {args.local!r}, same samples as in-memory Dask arrays: median {local:.2f} s "
-                  f"of {times}; in memory / Dask = {results['memory'] / local:.2f}; CPU {local_cpu:.2f} s, "
-                  f"samples per CPU second, Dask / in memory = {results['memory_cpu'] / local_cpu:.2f}")
+    local: list[tuple[float, float]] = []
+    if args.local and not args.cluster_only:  # the Dask path in this process, before the cluster starts
+        for _ in range(args.repeat):
+            local.append((in_memory(args.n, args.chunk, args.seed, args.steps, args.local)[0], CPU[-1]))
+    # (wall, CPU) of every run; in rounds: in memory (default threads), in memory (one thread), the
+    # cluster, so that the machine's load changes alike for the three (its workers idle meanwhile)
+    runs: dict[str, list[tuple[float, float]]] = {"memory": [], "memory1": [], "cluster": []}
+    ref = None
     # The workers get SIZES with the generator: cloudpickle sends a script's functions by value.
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit="2GiB",
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        times = []
         for _ in range(args.repeat):
+            if not args.cluster_only:
+                for label, threads in (("memory", None), ("memory1", 1)):
+                    t, ref = in_memory(args.n, args.chunk, args.seed, args.steps, threads=threads)
+                    runs[label].append((t, CPU[-1]))
             t, got = on_cluster(client, args.n, args.chunk, args.seed, args.steps, args.persist, args.compare_mean)
-            times.append(t)
+            runs["cluster"].append((t, CPU[-1]))
         workers = client.run(peak_mb)
-        results["cluster"] = statistics.median(times)
-        results["cluster_cpu"] = _cpu_median(args.repeat)
-    per_core = args.n / results["cluster"] / 2
+    wall = {k: statistics.median(t for t, _ in v) for k, v in runs.items() if v}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items() if v}
+    for label in ("memory", "memory1") if ref is not None else ():
+        print(f"in memory ({'numba and BLAS threads limited to 1' if label == 'memory1' else 'default threads'}): "
+              f"n = {args.n:.3g}, median {wall[label]:.2f} s of {[round(t, 2) for t, _ in runs[label]]}, "
+              f"{args.n / wall[label]:.3g} samples/s (one process), CPU {cpu[label]:.2f} s "
+              f"({args.n / cpu[label]:.3g} samples per CPU second); estimate {ref[0]:.10g} SE {ref[1]:.6g}")
+    if local:
+        t, c = statistics.median(t for t, _ in local), statistics.median(c for _, c in local)
+        print(f"Dask path, scheduler {args.local!r}, same samples as in-memory Dask arrays: median {t:.2f} s "
+              f"of {[round(x, 2) for x, _ in local]}, CPU {c:.2f} s; in memory (one thread) / Dask = "
+              f"{wall['memory1'] / t:.2f} (wall), {cpu['memory1'] / c:.2f} (CPU)")
+    per_core = args.n / wall["cluster"] / 2
     how = "persisted" if args.persist else "generated lazily in every pass"
-    print(f"cluster (2 workers x 1 thread, samples {how}): median {results['cluster']:.2f} s of {times}, "
-          f"{per_core:.3g} samples/s/core; CPU (workers + client) {results['cluster_cpu']:.2f} s, "
-          f"{args.n / results['cluster_cpu']:.3g} samples per CPU second; estimate {got[0]:.10g} SE {got[1]:.6g}")
-    print(f"peak memory: client {peak_mb():.0f} MB, workers " + ", ".join(f"{v:.0f} MB" for v in workers.values()))
+    print(f"cluster (2 workers x 1 thread, samples {how}): median {wall['cluster']:.2f} s of "
+          f"{[round(t, 2) for t, _ in runs['cluster']]}, {per_core:.3g} samples/s/core; CPU (workers + client) "
+          f"{cpu['cluster']:.2f} s, {args.n / cpu['cluster']:.3g} samples per CPU second; estimate {got[0]:.10g} "
+          f"SE {got[1]:.6g}")
+    print(f"peak memory: client {peak_mb():.0f} MB (with the in-memory runs' data), workers "
+          + ", ".join(f"{v:.0f} MB" for v in workers.values()))
     if MEANS:
         compiled, plain = statistics.median(MEANS["numba"]), statistics.median(MEANS["numpy"])
         print(f"mean alone on the cluster: compiled passes median {compiled:.2f} s of {MEANS['numba']}, NumPy passes "
               f"median {plain:.2f} s of {MEANS['numpy']}; compiled / NumPy = {compiled / plain:.2f}; largest relative "
               f"difference of estimate and SE from the timed run {max(MEANS['rel']):.2g}")
-    if "memory" in results:
-        one = args.n / results["memory1"]  # the in-memory path's samples/s on one core (one thread)
+    if ref is not None:
+        one = args.n / wall["memory1"]  # the in-memory path's samples/s on one core (one thread)
         print(f"samples/s/core, cluster (n / (wall x 2 workers)) / in memory on one thread (n / wall): "
               f"{per_core / one:.2f}  <- the bar (>= 0.5)")
-        print(f"samples per CPU second, cluster / in memory: {results['memory1_cpu'] / results['cluster_cpu']:.2f} "
-              f"(one thread), {results['memory_cpu'] / results['cluster_cpu']:.2f} (default threads)")
+        print(f"samples per CPU second, cluster / in memory: {cpu['memory1'] / cpu['cluster']:.2f} (one thread), "
+              f"{cpu['memory'] / cpu['cluster']:.2f} (default threads)")
         print(f"(older figure: cluster per core / in memory's default-threads wall as one core: "
-              f"{per_core / (args.n / results['memory']):.2f}); relative differences: estimate "
+              f"{per_core / (args.n / wall['memory']):.2f}); relative differences: estimate "
               f"{abs(got[0] / ref[0] - 1):.2g}, SE {abs(got[1] / ref[1] - 1):.2g}")
 
 
