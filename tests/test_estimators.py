@@ -951,3 +951,62 @@ def test_weights_are_read_only():
     fitted = BalancedEstimator({"x": [0.5, 0.5], "y": [0.5, 0.5]}).fit({"x": [0, 1, 0, 1], "y": [0, 0, 1, 1]})
     with pytest.raises(ValueError, match="read-only"):
         fitted.weights_[0] = 1.0
+
+
+# -- max_steps: the budget of a converged fit ---------------------------------------------------
+
+
+def _associated_samples(n=2000, seed=4):
+    """Three associated categorical columns: raking them to independent targets takes many sweeps."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 3, n)
+    b = (a + (rng.random(n) < 0.2) * rng.integers(0, 3, n)) % 3
+    c = (b + (rng.random(n) < 0.3)) % 2
+    return {"a": a, "b": b, "c": c}, rng.normal(size=n) + a
+
+
+THREE = {"a": [0.2, 0.3, 0.5], "b": [0.5, 0.3, 0.2], "c": [0.6, 0.4]}
+
+
+def test_max_steps_stops_a_converged_fit_with_its_status_and_a_warning():
+    data, _ = _associated_samples()
+    converged = BalancedEstimator(THREE).fit(data)
+    assert converged.balance_.status == "converged" and converged.balance_.steps > 7
+    with pytest.warns(ConvergenceWarning, match="max_steps|half-steps"):
+        capped = BalancedEstimator(THREE, max_steps=7).fit(data)
+    assert capped.balance_.status == "max_steps" and capped.balance_.steps == 7
+    # the capped fit's weights are the 7-step iterate's (an independent run of exactly 7 half-steps)
+    np.testing.assert_allclose(capped.weights_, BalancedEstimator(THREE, steps=7).fit(data).weights_, rtol=1e-13)
+    assert not np.allclose(capped.weights_, converged.weights_, rtol=1e-6)
+
+
+def test_max_steps_is_ignored_by_a_finite_k_fit_and_passed_by_balanced_mean():
+    data, h = _associated_samples()
+    assert BalancedEstimator(THREE, steps=9, max_steps=2).fit(data).balance_.steps == 9
+    x, y = data["a"], data["b"]
+    with pytest.warns(ConvergenceWarning):
+        capped = balanced_mean(h, x, y, THREE["a"], THREE["b"], tol=1e-15, max_steps=3)
+    fixed = balanced_mean(h, x, y, THREE["a"], THREE["b"], steps=3)
+    assert capped.estimate == pytest.approx(fixed.estimate, rel=1e-13)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
+def test_bad_max_steps_is_named_before_any_work(bad):
+    with pytest.raises(ValueError, match=r"`max_steps` must be a positive integer"):
+        BalancedEstimator(THREE, max_steps=bad).fit({"a": [0, 1], "b": [0, 1]})  # the data would fail later
+
+
+def test_max_steps_caps_the_dask_samples_path(monkeypatch):
+    dask = pytest.importorskip("dask")
+    da = pytest.importorskip("dask.array")
+    from databalance import estimators
+
+    monkeypatch.setattr(estimators, "DASK_CELL_TABLE_MAX", 0)  # every sample its own cell: a pass per half-step
+    data, _ = _associated_samples()
+    lazy = {k: da.from_array(v, chunks=700) for k, v in data.items()}
+    with dask.config.set(scheduler="sync"), pytest.warns(ConvergenceWarning):
+        capped = BalancedEstimator(THREE, max_steps=5).fit(lazy)
+    assert capped.balance_.status == "max_steps" and capped.balance_.steps == 5
+    with dask.config.set(scheduler="sync"):
+        got = np.asarray(capped.weights_.compute())
+    np.testing.assert_allclose(got, BalancedEstimator(THREE, steps=5).fit(data).weights_, rtol=1e-12)

@@ -251,6 +251,12 @@ class BalancedEstimator:
     tol : float, optional
         Convergence tolerance for ``steps=None``: every margin's L1 error relative to the total
         (default 1e-10).
+    max_steps : int, optional
+        For ``steps=None``: at most this many half-steps (default 5000 per margin). A run that uses
+        them up without reaching ``tol`` has status ``"max_steps"`` in ``balance_`` and warns
+        (:class:`~databalance.ConvergenceWarning`); its weights are those of its last half-step,
+        and the standard error treats them as converged. On Dask samples that are their own cells
+        every half-step is a pass over the samples: this is the budget of passes.
     empty : {"error", "drop"}
         A target category with positive mass but no sample cannot be reached. ``"error"`` (default)
         raises, naming it; ``"drop"`` sets its target mass to 0 and rescales that margin's other
@@ -321,9 +327,9 @@ class BalancedEstimator:
 
     def __init__(self, margins: Mapping, *, steps: int | None = None, tol: float | None = None,
                  empty: str = "error", linearization: str = "balanced",
-                 bounds: tuple[float, float] | None = None) -> None:
+                 bounds: tuple[float, float] | None = None, max_steps: int | None = None) -> None:
         self.margins, self.steps, self.tol, self.empty = margins, steps, tol, empty
-        self.linearization, self.bounds = linearization, bounds
+        self.linearization, self.bounds, self.max_steps = linearization, bounds, max_steps
 
     def __repr__(self) -> str:
         keys = list(self.margins.keys()) if hasattr(self.margins, "keys") else self.margins
@@ -406,6 +412,8 @@ class BalancedEstimator:
         cells: one pass per half-step, and two for a ``mean``.
         """
         steps = check.steps_option(self.steps)
+        if self.max_steps is not None:
+            check.positive_int(self.max_steps, "max_steps")
         empty = check.empty_policy(self.empty)
         linearization = check.linearization_option(self.linearization)
         bounds = check.weight_bounds(self.bounds, steps)
@@ -584,7 +592,7 @@ class BalancedEstimator:
             keys = [m.key for m in enc.margins]
             shapes = [enc.shape(j) for j in range(len(enc.margins))]
             return balance_cells(None, shapes, None, targets, keys, steps=steps, tol=self.tol,
-                                 kernel=kernel), targets, None, None
+                                 max_steps=self.max_steps, kernel=kernel), targets, None, None
         result, d, met = self._balance(cells, cell_of, design, targets, enc, steps, bounds, counts_of)
         return result, targets, d, met
 
@@ -594,7 +602,7 @@ class BalancedEstimator:
         keys = [m.key for m in enc.margins]
         codes, shapes = cells.codes, cells.shapes
         result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol,
-                               margin_sums=counts)
+                               max_steps=self.max_steps, margin_sums=counts)
         if bounds is None:
             return result, d, None
         w = _at_samples(_cell_ratio(result, cells), cell_of) * (1.0 if d is None else d)
@@ -604,7 +612,8 @@ class BalancedEstimator:
         # The bounded weights become the design weights of a last raking: it leaves them in place
         # when they meet the margins, and the standard error treats them as fixed.
         cells.mass = _per_cell(w, cell_of, len(cells.mass))
-        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol)
+        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol,
+                               max_steps=self.max_steps)
         met = max(errors) <= tol
         if not met:
             raked = w * _at_samples(_cell_ratio(result, cells), cell_of)
@@ -1181,7 +1190,7 @@ def _summarise(d: Diagnostics, balance: CellsResult, statistics: tuple, level: f
 def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike | Mapping,
                   p_y: ArrayLike | Mapping, *, steps: int | None = None, start: str = "x",
                   tol: float | None = None, sample_weight: ArrayLike | None = None, empty: str = "error",
-                  linearization: str = "balanced") -> BalancedEstimate:
+                  linearization: str = "balanced", max_steps: int | None = None) -> BalancedEstimate:
     """Estimate E[h(X, Y)] from paired samples when the marginals of X and Y are known.
 
     The two-margin call of :class:`BalancedEstimator`: ``BalancedEstimator({"x": p_x, "y": p_y})``
@@ -1205,7 +1214,7 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
         (raking). ``0`` is the plain (design-weighted) sample mean with its usual standard error.
     start : {"x", "y"}
         Which marginal the first half-step fixes.
-    tol, empty
+    tol, empty, max_steps
         See :class:`BalancedEstimator`.
     sample_weight : array_like (n,), optional
         Design weights: the starting measure is the weighted empirical one.
@@ -1274,7 +1283,8 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     start = check.start_option(start)
     if _is_dask(values, x, y, sample_weight):  # one pass for the fit, one for the mean
         margins = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
-        estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization)
+        estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization,
+                                  max_steps=max_steps)
         estimator._target_names = ["p_x", "p_y"] if start == "x" else ["p_y", "p_x"]
         return estimator.fit({"x": x, "y": y}, sample_weight).mean(values)
     index = _common_index({"values": values, "x": x, "y": y, "sample_weight": sample_weight})
@@ -1282,7 +1292,8 @@ def balanced_mean(values: ArrayLike, x: ArrayLike, y: ArrayLike, p_x: ArrayLike 
     x = check.sample_array(x, "x", n)
     y = check.sample_array(y, "y", n)
     margins = {"x": p_x, "y": p_y} if start == "x" else {"y": p_y, "x": p_x}
-    estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization)
+    estimator = BalancedEstimator(margins, steps=steps, tol=tol, empty=empty, linearization=linearization,
+                                  max_steps=max_steps)
     estimator._target_names = ["p_x", "p_y"] if start == "x" else ["p_y", "p_x"]
     estimator._index_of_fit = index
     return estimator.fit({"x": x, "y": y}, sample_weight).mean(values)
