@@ -68,6 +68,9 @@ class Samples:
     encoded: Any = None
     #: The groups of ``encoded``: per group, its partitions' (index, length) in order.
     groups: tuple = ()
+    #: Whether each group of ``encoded`` also holds its samples' design weights (float64, checked),
+    #: after the codes: the passes then read neither the columns nor the design weights.
+    design_cached: bool = False
 
     @property
     def sizes(self) -> list[int]:
@@ -115,19 +118,24 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
 def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None):
     """One task of a pass: partition ``p``'s samples, or with ``groups`` (the cached codes) group
     ``p``'s (its partitions' design weights and values checked one partition at a time, so that
-    an error names the partition)."""
+    an error names the partition). ``weighted``: design weights in the blocks after the columns
+    (True), none (False), or held in the cached group after its codes (``"cached"``)."""
     p = int(np.asarray(p).ravel()[0])
+    cached_d = None
     if groups is not None:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
         parts = groups[p]
-        codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in blocks[0][0]]
+        group = blocks[0][0]
+        K = len(group) - 1 if weighted == "cached" else len(group)
+        codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in group[:K]]
+        cached_d = group[K] if weighted == "cached" else None
     else:
         codes = _margin_codes(plan, blocks[:ncols], p, validate)
         parts = ((p, len(codes[0])),)
     n = len(codes[0])
     p = parts[0][0]  # the partition an error names (a group's: its own partition, checked below)
     bounds = np.cumsum([0] + [length for _, length in parts])
-    d = None
-    if weighted:
+    d = cached_d
+    if weighted and cached_d is None:
         d = blocks[ncols] if len(parts) > 1 else _dask._design(blocks[ncols], n, p)
         if len(parts) > 1:
             d = np.concatenate([_dask._design(d[a:b], b - a, q) for (q, _), a, b in
@@ -195,14 +203,32 @@ def _combine(parts: list[dict]) -> dict:
     return {key: _merge(key, [q[key] for q in parts]) for key in parts[0]}
 
 
-def run(samples: Samples, task, values: da.Array | None = None, validate: bool = False) -> dict:
+@dataclass(frozen=True)
+class HeldValues:
+    """A ``mean``'s values held on the workers in the cached codes' groups (:func:`cached_values`):
+    the Dask array, and per group the future of its block (for passes submitted as futures)."""
+
+    array: da.Array
+    futures: list
+
+
+def run(samples: Samples, task, values: da.Array | HeldValues | None = None, validate: bool = False) -> dict:
     """One pass: ``task(codes per margin, d or None, h (n, s) or None)`` -> dict per partition,
     merged (sums; ``min*``/``max*`` keys by extremes, ``moments*`` by Chan's formula), plus ``n``
-    and ``lengths`` (each partition's samples)."""
-    design = samples.design
+    and ``lengths`` (each partition's samples). Under ``distributed`` with the codes (and the design
+    weights and values it reads) held on the workers, the pass is submitted as futures
+    (:func:`_submitted`); else one graph (a blockwise map and Dask's tree reduction)."""
+    client = active_client()
+    if (client is not None and samples.encoded is not None and (samples.design is None or samples.design_cached)
+            and (values is None or isinstance(values, HeldValues))):
+        return _submitted(client, samples, task, values)
+    if isinstance(values, HeldValues):
+        values = values.array
+    design = None if samples.design_cached else samples.design
     regroup = samples.encoded is not None and any(len(g) > 1 for g in samples.groups)
     if regroup and values is not None and np.isnan(values.chunks[0]).any():
-        samples, regroup = replace(samples, encoded=None, groups=()), False  # values not regrouped: the columns
+        samples, regroup = replace(samples, encoded=None, groups=(), design_cached=False), False  # the columns
+        design = samples.design
     if samples.encoded is None:
         args: list = [_dask._partition_ids(samples.columns[0]), "i"]
         columns = samples.columns
@@ -220,8 +246,9 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
         args += [design, "i"]
     if values is not None:
         args += [values, "ij" if values.ndim == 2 else "i"]
+    weighted = "cached" if samples.design_cached and groups is not None else design is not None
     objs = da.blockwise(_partition, "i", *args, dtype=object, align_arrays=False, concatenate=True,
-                        plan=samples.plan_literal, ncols=len(columns), weighted=design is not None,
+                        plan=samples.plan_literal, ncols=len(columns), weighted=weighted,
                         with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
                         groups=None if groups is None else dask.delayed(groups, pure=True),
                         meta=np.empty(0, dtype=object))
@@ -229,6 +256,50 @@ def run(samples: Samples, task, values: da.Array | None = None, validate: bool =
                            meta=np.empty(0, dtype=object))
     (out,) = dask.compute(_dask._tree(objs, _combine))
     return out
+
+
+def _group_pass(g, codes, *values, task, groups, weighted):
+    """A submitted pass's task: group ``g``'s partial sums (:func:`_partition` on its cached codes)."""
+    return _partition(g, codes, *values, plan=None, ncols=1, weighted=weighted, with_values=bool(values), task=task,
+                      validate=False, groups=groups)[0]
+
+
+def _worker_sum(*parts):
+    """The partial sums of a worker's groups added on that worker (one result per worker to send)."""
+    return _combine(list(parts))
+
+
+def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dict:
+    """One pass over codes held on the workers, as futures: a task per group on a worker holding the
+    group (no graph built, tokenized and sent per pass, no transfers; a loose restriction: a worker
+    that left does not hold the pass up), the groups' partial sums
+    added on their worker when it holds several, the workers' results added on the client (a tree
+    between the workers would move tables of millions of entries from one to another first)."""
+    from distributed import futures_of
+
+    keys = [k for k in samples.encoded.__dask_keys__()]
+    held = {f.key: f for f in futures_of(samples.encoded)}
+    if any(k not in held for k in keys):  # not persisted as futures (cannot happen): the graph
+        return run(replace(samples, encoded=None, groups=(), design_cached=False), task,
+                   None if values is None else values.array)
+    where = client.who_has([held[k] for k in keys])
+    weighted = "cached" if samples.design_cached else False
+    by_worker: dict = {}
+    for g, key in enumerate(keys):
+        workers = list(where.get(key, ()))[:1]  # a worker holding the group (none: the scheduler chooses)
+        args = [held[key]] + ([] if values is None else [values.futures[g]])
+        future = client.submit(_group_pass, g, *args, task=task, groups=samples.groups, weighted=weighted,
+                               pure=False, workers=workers or None, allow_other_workers=bool(workers),
+                               key=f"databalance-pass-{uuid.uuid4().hex}")
+        by_worker.setdefault(workers[0] if workers else None, []).append(future)
+    results = []
+    for worker, futures in by_worker.items():
+        if worker is None or len(futures) == 1:
+            results += futures
+        else:  # the worker's groups added where they are
+            results.append(client.submit(_worker_sum, *futures, pure=False, workers=[worker], allow_other_workers=True,
+                                         key=f"databalance-sum-{uuid.uuid4().hex}"))
+    return _combine(client.gather(results))
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------
@@ -296,54 +367,74 @@ def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
 
 
 def _encode(g, *blocks, plan, ncols, code_type, validate, groups):
-    """Group ``g``'s codes (each partition encoded, and checked, on its own: errors name it)."""
+    """Group ``g``'s codes (each partition encoded, and checked, on its own: errors name it), then
+    with a block after the columns its design weights (float64, checked per partition)."""
     parts = groups[int(np.asarray(g).ravel()[0])]
     bounds = np.cumsum([0] + [length for _, length in parts])
     pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate)
               for (p, _), lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True)]
-    return _dask._wrap([np.concatenate([piece[j] for piece in pieces]).astype(code_type)
-                        for j in range(len(pieces[0]))])
+    out = [np.concatenate([piece[j] for piece in pieces]).astype(code_type) for j in range(len(pieces[0]))]
+    if len(blocks) > ncols:
+        d = blocks[ncols]
+        out.append(np.concatenate([np.zeros(0)] + [_dask._design(d[lo:hi], hi - lo, p) for (p, _), lo, hi in
+                                                   zip(parts, bounds[:-1], bounds[1:], strict=True)]))
+    return _dask._wrap(out)
 
 
 def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Samples:
     """The samples with their encoded codes persisted (on the workers under ``distributed``), in
     groups of consecutive partitions (:func:`grouped`), when the codes fit :func:`cache_budget`;
     else the samples as they are (every pass then loads and encodes the columns). ``lengths``:
-    each partition's samples. ``validate``: the encoding checks every label (the fit's first pass)."""
+    each partition's samples. ``validate``: the encoding checks every label (the fit's first pass).
+    The design weights are kept with the codes (read once too) when both fit."""
     dtype = code_dtype(samples.sizes)
-    if samples.encoded is not None or sum(lengths) * len(samples.sizes) * dtype.itemsize > cache_budget():
+    codes_bytes = sum(lengths) * len(samples.sizes) * dtype.itemsize
+    if samples.encoded is not None or codes_bytes > cache_budget():
         return samples
+    with_design = samples.design is not None and codes_bytes + 8 * sum(lengths) <= cache_budget()
     # partitions of unknown lengths (a DataFrame's, or design weights') cannot be regrouped: one
     # group each (the passes then rechunk nothing)
     known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
         samples.design is None or samples.design.chunks[0] == tuple(lengths))
-    groups = grouped(lengths, threads_available()) if known else tuple(((p, int(n)),) for p, n in enumerate(lengths))
-    sizes = {0: tuple(sum(length for _, length in g) for g in groups)}
-    args: list = [da.arange(len(groups), chunks=1), "i"]
-    for c in samples.columns:
-        args += [c.rechunk(sizes) if known else c, "i"]
+    single = tuple(((p, int(n)),) for p, n in enumerate(lengths))
+    groups = grouped(lengths, threads_available()) if known else single
+    # each partition encoded where it is loaded (only the compact codes move), then a group's joined
+    args: list = [da.arange(len(single), chunks=1), "i"]
+    for c in samples.columns + ([samples.design] if with_design else []):
+        args += [c, "i"]
     # keys of this fit's own (a fit again on the same graph, after the data changed, must not find
     # an earlier fit's codes still held on the workers under the same keys)
     objs = da.blockwise(_encode, "i", *args, dtype=object, align_arrays=False, concatenate=True,
                         plan=samples.plan_literal, ncols=len(samples.columns), code_type=dtype, validate=validate,
-                        groups=dask.delayed(groups, pure=True), meta=np.empty(0, dtype=object),
+                        groups=dask.delayed(single, pure=True), meta=np.empty(0, dtype=object),
                         name=f"databalance-codes-{uuid.uuid4().hex}")
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
-    return replace(samples, encoded=objs.persist(), groups=groups)
+    if groups != single:
+        objs = objs.rechunk({0: tuple(len(g) for g in groups)}).map_blocks(
+            _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
+    return replace(samples, encoded=objs.persist(), groups=groups, design_cached=with_design)
 
 
-def cached_values(samples: Samples, values: da.Array) -> da.Array:
+def _joined(parts) -> np.ndarray:
+    """A group's cached arrays: its partitions' (codes per margin, then design weights) joined."""
+    parts = [part for part in np.ravel(parts)]
+    return _dask._wrap([np.concatenate([part[j] for part in parts]) for j in range(len(parts[0]))])
+
+
+def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
     """A ``mean``'s values in the cached codes' groups, read (or generated) once and persisted for
     its passes, when the codes are cached and codes and values together fit :func:`cache_budget`;
     else the values as they are (every pass then reads them). Under ``distributed`` each group's
     values are computed on a worker holding that group's codes (the passes' tasks then find both
-    there). Released when the ``mean`` returns."""
+    there, and the values come back as :class:`HeldValues`: the passes are submitted as futures).
+    Released when the ``mean`` returns."""
     if samples.encoded is None or values.ndim not in (1, 2) or np.isnan(values.chunks[0]).any():
         return values
     sizes = tuple(sum(length for _, length in g) for g in samples.groups)
     n, s = sum(sizes), 1 if values.ndim == 1 else int(values.shape[1])
-    if n != values.shape[0] or n * (len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s) > cache_budget():
+    per_sample = len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s + 8 * samples.design_cached
+    if n != values.shape[0] or n * per_sample > cache_budget():
         return values
     values = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
     client = active_client()
@@ -358,7 +449,9 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array:
         workers = list(who.get(key, ()))
         held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
                     client.persist(block))
-    return da.concatenate(held)
+    futures = [futures_of(block) for block in held]
+    array = da.concatenate(held)
+    return HeldValues(array, [f[0] for f in futures]) if all(len(f) == 1 for f in futures) else array
 
 
 # -- the fit -----------------------------------------------------------------------------------------
@@ -375,6 +468,10 @@ class WeightSums:
     sizes: list[int]
     pairs_of: int | None = None  # also the two-way tables of this margin with every other one
     compiled: bool = False
+    #: With ``pairs_of``, the other margins whose tables are wanted (None: all; the others' come
+    #: back empty): the finite-k recursion reads step l's tables only with the margins of steps
+    #: before l.
+    pairs_with: tuple[int, ...] | None = None
 
     @property
     def takes_compact(self) -> bool:
@@ -389,7 +486,7 @@ class WeightSums:
         out = {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
                "u2": float(u @ u), "min_u": u.min(initial=np.inf), "max_u": u.max(initial=-np.inf)}
         if self.pairs_of is not None:
-            out["tables"] = _tables_of(self.pairs_of, codes, self.sizes, u)
+            out["tables"] = _tables_of(self.pairs_of, codes, self.sizes, u, self.pairs_with)
         return out
 
     def _compiled(self, codes, d) -> dict:
@@ -400,7 +497,9 @@ class WeightSums:
             tuple(np.ascontiguousarray(f, np.float64) for f in self.factors)
         sums = tuple(np.zeros(s) for s in self.sizes)
         a = -1 if self.pairs_of is None else self.pairs_of
-        tables = tuple(np.zeros(0 if a < 0 or b == a else self.sizes[a] * self.sizes[b]) for b in range(K))
+        wanted = range(K) if self.pairs_with is None else self.pairs_with
+        tables = tuple(np.zeros(self.sizes[a] * self.sizes[b] if a >= 0 and b != a and b in wanted else 0)
+                       for b in range(K))
         weights = np.empty(0) if d is None else np.ascontiguousarray(d, np.float64)
         u2, low, high = _compiled_pass()(codes, weights, d is not None, factors, self.factors is not None, sums, a,
                                          tables, np.asarray(self.sizes, np.int64))
@@ -414,7 +513,7 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
     """Every margin's sums of ``u_i = d_i prod_j factors[j][codes[j][i]]`` (the product in
     :func:`factor_product`'s order; ``weighted`` False: no ``d``; ``scaled`` False: u = d), added
     in sample order as ``np.bincount`` adds them; with ``a >= 0`` margin a's two-way tables with
-    every other margin b (flat, a major) in ``tables[b]``, one table at a time (a loop that only
+    every other margin b whose ``tables[b]`` is not empty (flat, a major), one table at a time (a loop that only
     scatters into a table larger than the cache keeps more of its misses in flight). Returns
     (sum u^2, min u, max u)."""
     K = len(codes)
@@ -444,7 +543,7 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
     if a >= 0:
         ca = codes[a]
         for b in range(K):
-            if b != a:
+            if b != a and tables[b].size > 0:
                 _scatter_table(ca, codes[b], np.int64(sizes[b]), u, tables[b])
     return u2, low, high
 
@@ -474,12 +573,13 @@ def compiled_passes() -> bool:
     return fused.numba_wanted()
 
 
-def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray) -> list[np.ndarray]:
-    """Margin a's two-way tables (flat, a's level major) with every other margin, under v (an
-    empty placeholder for a itself)."""
+def _tables_of(a: int, codes: list[np.ndarray], sizes: list[int], v: np.ndarray,
+               wanted: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """Margin a's two-way tables (flat, a's level major) with every other margin (of ``wanted``,
+    None: all), under v (an empty placeholder for a itself and the margins not wanted)."""
     out: list[np.ndarray] = []
     for b, (c, size) in enumerate(zip(codes, sizes, strict=True)):
-        if b == a:
+        if b == a or (wanted is not None and b not in wanted):
             out.append(np.zeros(0))
             continue
         key = codes[a] * size
@@ -518,10 +618,16 @@ class SamplesKernel(CellKernel):
         self.compiled = compiled_passes()
         self.last: tuple[list[np.ndarray], dict] | None = None  # the latest pass: its factors and sums
 
-    def weight_sums(self, factors: list[np.ndarray] | None, pairs_of: int | None = None) -> dict:
+    def weight_sums(self, factors: list[np.ndarray] | None, pairs_of: int | None = None,
+                    pairs_with: tuple[int, ...] | None = None) -> dict:
         self.passes += 1
+        if pairs_with == ():  # no table wanted: the pass without them, and empty placeholders
+            out = run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors],
+                                               self.sizes, None, self.compiled))
+            out["tables"] = [np.zeros(0) for _ in self.sizes]
+            return out
         return run(self.samples, WeightSums(None if factors is None else [np.ravel(f) for f in factors], self.sizes,
-                                            pairs_of, self.compiled))
+                                            pairs_of, self.compiled, pairs_with))
 
     def two_margin_support(self):
         """With two margins, the occupied cells as a sparse pattern (margin 0's levels by margin
@@ -546,7 +652,9 @@ class SamplesKernel(CellKernel):
         if state.steps == 0:  # equal starting scalings: the input's sums, scaled (exactly: powers of two)
             scale = float(state.factors[0].flat[0]) ** len(self.sizes)
             return {j: self._without_own(j, self._given[j] * scale, state) for j in js}
-        out = self.weight_sums(state.factors, state.fixed if self.tables else None)
+        # step l's tables are read (by :func:`_mus_in_memory`) only with the margins of steps 1..l-1
+        wanted = tuple(sorted({(j - 1) % len(self.sizes) for j in range(1, state.steps)} - {state.fixed}))
+        out = self.weight_sums(state.factors, state.fixed if self.tables else None, wanted if self.tables else None)
         self.last = ([f.copy() for f in state.factors], out)
         if self.tables:  # iterate l's (total 1) sums of the margin step l fixed, and its tables
             self.iterate_tables[state.steps] = (out["sums"][state.fixed], out.pop("tables"))
