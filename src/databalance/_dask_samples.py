@@ -513,16 +513,31 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
     """Every margin's sums of ``u_i = d_i prod_j factors[j][codes[j][i]]`` (the product in
     :func:`factor_product`'s order; ``weighted`` False: no ``d``; ``scaled`` False: u = d), added
     in sample order as ``np.bincount`` adds them; with ``a >= 0`` margin a's two-way tables with
-    every other margin b whose ``tables[b]`` is not empty (flat, a major), one table at a time (a loop that only
+    every other margin b whose ``tables[b]`` is not empty (flat, a major), one table at a time
+    over a block of :data:`TABLE_BLOCK` samples (a loop that only
     scatters into a table larger than the cache keeps more of its misses in flight). Returns
     (sum u^2, min u, max u)."""
     K = len(codes)
     n = codes[0].size
-    u2 = 0.0
-    low = np.inf
-    high = -np.inf
-    u = np.empty(n if a >= 0 else 0)
-    for i in range(n):
+    if a < 0:
+        return _weights(codes, d, weighted, factors, scaled, sums, 0, n, np.empty(0), False, 0.0, np.inf, -np.inf)
+    u2, low, high = 0.0, np.inf, -np.inf
+    u = np.empty(TABLE_BLOCK)  # a block's weights (a buffer of n samples would cost its page faults)
+    for first in range(0, n, TABLE_BLOCK):
+        last = min(n, first + TABLE_BLOCK)
+        u2, low, high = _weights(codes, d, weighted, factors, scaled, sums, first, last, u, True, u2, low, high)
+        ca = codes[a][first:last]
+        for b in range(K):
+            if b != a and tables[b].size > 0:
+                _scatter_table(ca, codes[b][first:last], np.int64(sizes[b]), u, tables[b])
+    return u2, low, high
+
+
+def _weights(codes, d, weighted, factors, scaled, sums, first, last, u, keep, u2, low, high):
+    """:func:`_weight_pass` over samples ``first, ..., last - 1`` (their weights in ``u`` with
+    ``keep``), from the running sum of squares and extremes."""
+    K = len(codes)
+    for i in range(first, last):
         if scaled:
             w = factors[0][codes[0][i]]
             if weighted:
@@ -535,17 +550,16 @@ def _weight_pass(codes, d, weighted, factors, scaled, sums, a, tables, sizes):
             w = 1.0
         for j in range(K):
             sums[j][codes[j][i]] += w
-        if a >= 0:
-            u[i] = w
+        if keep:
+            u[i - first] = w
         u2 += w * w
         low = min(low, w)
         high = max(high, w)
-    if a >= 0:
-        ca = codes[a]
-        for b in range(K):
-            if b != a and tables[b].size > 0:
-                _scatter_table(ca, codes[b], np.int64(sizes[b]), u, tables[b])
     return u2, low, high
+
+
+#: Samples per block of :func:`_weight_pass`: their weights are kept for the tables' scatter loops.
+TABLE_BLOCK = 16384
 
 
 def _scatter_table(ca, cb, size, u, table):
@@ -560,8 +574,9 @@ def _compiled_pass():
     # no fast-math: the products and the sums in NumPy's order and rounding; the pass calls the
     # compiled table scatter by its module name (bound here, once)
     # (py_func: two threads of a pass may run this at once on the first call; ``cache`` is no lock)
-    globals()["_scatter_table"] = numba.njit(getattr(_scatter_table, "py_func", _scatter_table), cache=True,
-                                             nogil=True)
+    for name in ("_scatter_table", "_weights"):
+        function = globals()[name]
+        globals()[name] = numba.njit(getattr(function, "py_func", function), cache=True, nogil=True)
     return numba.njit(_weight_pass, cache=True, nogil=True)
 
 
