@@ -322,13 +322,58 @@ def test_float64_sums_match_numpy(problem, order):
         v = rng.random(table.shape[:-2] + table.shape[-1:]).astype(dtype)
         got = fused.FusedDenseKernel(table).float64_sums([u, v])
         want = kernels.DenseKernel(table).float64_sums([u, v])
-        returned = kernels.log.scale_buffer(table.copy(), [u, v]).astype(np.float64)
+        returned = table.copy()
+        kernels.log.scale_buffer(returned, [u, v])
+        returned = returned.astype(np.float64)
         if dtype == table.dtype:
             np.testing.assert_array_equal(returned, kernels.scaled_table(table, u, v))
         for g, w, axis in zip(got, want, (-1, -2), strict=True):
             assert g.dtype == np.float64 and g.shape == w.shape
             np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-300)
             np.testing.assert_allclose(g, returned.sum(axis=axis), rtol=1e-13, atol=1e-300)
+
+
+@SETTINGS
+@given(problems(batch=True), st.sampled_from("CF"), st.booleans())
+def test_scale_in_place_equals_numpy_products(problem, order, overflow):
+    """The log result's table scaled in place by one threaded numba pass equals NumPy's two
+    in-place products with float64 scalings to the bit (C and F order, batched, float32 and
+    float64), and says whether an entry overflowed."""
+    table, _, _ = problem
+    if order == "F" and table.ndim == 2:
+        table = np.asfortranarray(table)
+    rng = np.random.default_rng(2)
+    u = rng.random(table.shape[:-1]) * 3
+    v = rng.random(table.shape[:-2] + table.shape[-1:]) * 2
+    if overflow:
+        u.flat[0] = np.finfo(table.dtype).max
+        v[...] = np.maximum(v, 4.0)
+    want = table.copy(order="K")
+    with np.errstate(over="ignore"):
+        np.multiply(want, u[..., :, None], out=want, casting="same_kind")
+        np.multiply(want, v[..., None, :], out=want, casting="same_kind")
+    got = table.copy(order="K")
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 1  # the numba pass (on two threads from two entries) whatever the size
+    try:
+        finite = fused.scale_in_place(got, u, v)
+    finally:
+        fused.PER_THREAD = old
+    assert finite == bool(np.isfinite(want).all())
+    np.testing.assert_array_equal(got, want)
+
+
+def test_scale_in_place_declines_what_it_cannot_do_in_place():
+    table = np.random.default_rng(3).random((2, 40, 30))
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 8
+    try:
+        strided = table[:, ::2]
+        assert fused.scale_in_place(strided, np.ones((2, 20)), np.ones((2, 30))) is None  # lines not contiguous
+        assert fused.scale_in_place(np.asfortranarray(table), np.ones((2, 40)), np.ones((2, 30))) is None
+    finally:
+        fused.PER_THREAD = old
+    assert fused.scale_in_place(table, np.ones((2, 40)), np.ones((2, 30))) is None  # small: NumPy's products
 
 
 @SETTINGS

@@ -184,11 +184,10 @@ class LogBalanceResult(_Outcome):
         except IndexError:  # taken by another copy of this result, or none kept
             pass
         else:
-            out = kernels.log.scale_buffer(buffer, scalings)
-            if np.isfinite(out.max(initial=0.0)):
-                return out
+            if kernels.log.scale_buffer(buffer, scalings):
+                return buffer
             # a last re-exponentiation can overflow the buffer where exp(log_table) does not
-            return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential, out=out,
+            return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential, out=buffer,
                                               fn=np.exp)
         return kernels.log.add_potentials(self._input, self.row_potential, self.col_potential,
                                           out=np.empty_like(self._input), fn=np.exp)
