@@ -950,13 +950,14 @@ class Terms:
             coef = np.concatenate([np.ascontiguousarray(c, np.float64).reshape(size, s).ravel() for c, size in
                                    zip(coefficients, sizes, strict=True)]) if coefficients is not None else np.zeros(0)
             coef_off = np.cumsum([0] + [size * s for size in sizes])[:-1].astype(np.int64)
-            z, plain = np.empty((s, n)), np.empty((s, n))
+            z, plain = np.empty((s, min(n, CHAIN_BLOCK))), np.empty((s, min(n, CHAIN_BLOCK)))
+            moments = np.zeros((4, s))  # per statistic: z's total and M2, the plain terms' total and M2
             _compiled_mean()[1](codes, d, d.size > 0, h, *_chain_data(fit, self.mus), fit.total_u,
                                 not use_coef and bool(self.mus), coef, coef_off, use_coef,
                                 np.ascontiguousarray(self.estimate, np.float64),
                                 np.ascontiguousarray(self.plain, np.float64),
-                                np.ascontiguousarray(self.scale, np.float64), z, plain)
-            return {"moments_z": _moments(z), "moments_plain": _moments(plain)}
+                                np.ascontiguousarray(self.scale, np.float64), z, plain, moments)
+            return {"moments_z": (n, moments[0], moments[1]), "moments_plain": (n, moments[2], moments[3])}
         a = factor_product(None, fit.final, codes, n)
         a /= fit.total_u
         beta = None
@@ -1177,9 +1178,12 @@ def _first_pass(codes, d, weighted, h, fv, fo, total_u, inverse_total, vkind, ks
 
 
 def _terms_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, total_u, chain, coef,
-                coef_off, use_coef, estimate, plain_mean, scale, z, plain):
-    """:class:`Terms`' z (s, n) and plain terms (s, n), one sample at a time (the NumPy pass's
-    operations in its order)."""
+                coef_off, use_coef, estimate, plain_mean, scale, z, plain, moments):
+    """:class:`Terms`' z and plain terms, one sample at a time (the NumPy pass's operations in its
+    order), block by block of :data:`CHAIN_BLOCK` samples in ``z`` and ``plain`` (s, block); each
+    block's totals and sums of squares around its mean merged into ``moments`` (z's total, z's M2,
+    the plain terms' total, their M2; by Chan's formula, as :func:`_chan`): no arrays of the
+    group's length to fill and read again."""
     n, s = h.shape
     K = len(codes)
     top = np.empty(CHAIN_BLOCK)
@@ -1195,7 +1199,7 @@ def _terms_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, m
                 p = g - plain_mean[j]
                 if weighted:
                     p *= d[i]
-                plain[j, i] = p / total
+                plain[j, i - first] = p / total
                 g -= estimate[j]
                 if use_coef:
                     for m in range(K):
@@ -1210,7 +1214,30 @@ def _terms_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, m
                     g *= a
                 if weighted:
                     g *= d[i]
-                z[j, i] = g
+                z[j, i - first] = g
+        _block_moments(z, last - first, first, moments, 0)
+        _block_moments(plain, last - first, first, moments, 2)
+
+
+def _block_moments(buf, nb, count, moments, row):
+    """Merges the first ``nb`` columns of ``buf`` (s, block) into ``moments[row]`` (totals) and
+    ``moments[row + 1]`` (sums of squares around the mean) of the ``count`` terms before them."""
+    for j in range(buf.shape[0]):
+        total = 0.0
+        for b in range(nb):
+            total += buf[j, b]
+        mean = total / nb
+        m2 = 0.0
+        for b in range(nb):
+            x = buf[j, b] - mean
+            m2 += x * x
+        if count == 0:
+            moments[row, j] = total
+            moments[row + 1, j] = m2
+        else:
+            delta = mean - moments[row, j] / count
+            moments[row + 1, j] += m2 + delta**2 * (count * nb / (count + nb))
+            moments[row, j] += total
 
 
 def _step_pass(codes, d, weighted, h, fv, fo, balanced, total, k, rv, ro, ok, mv, mo, lowest, m, estimate, scale,
@@ -1241,7 +1268,7 @@ def _compiled_mean() -> tuple:
 
     _compiled_pass()  # binds the compiled table scatter
     # no fast-math: NumPy's operations, order and rounding
-    for name in ("_product", "_chain_block"):  # (py_func: see _compiled_pass)
+    for name in ("_product", "_chain_block", "_block_moments"):  # (py_func: see _compiled_pass)
         function = globals()[name]
         globals()[name] = numba.njit(getattr(function, "py_func", function), cache=True, nogil=True)
     return tuple(numba.njit(f, cache=True, nogil=True) for f in (_first_pass, _terms_pass, _step_pass))
