@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 import warnings
 from contextlib import contextmanager
 from functools import cached_property
@@ -25,10 +26,12 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask.sizeof import sizeof
 
 from .. import _validation as check
 from .dense import DenseKernel, support_pattern_dense
 from .fused import _Fused
+from .fused_sparse import BUILD_AFTER
 from .sparse import scaled_sparse, support_pattern_sparse
 
 #: Partials summed per node of the column sums' tree reduction.
@@ -183,6 +186,118 @@ def _fused_block(block, v, uold, p, w, compiled: bool):
     return (r if w == 1.0 else np.stack([r, u])), c
 
 
+class _Held:
+    """A sparse block as a sweep's task reads it on its worker, with the block's tiled copy
+    (:func:`.fused_sparse.tiled_pattern`; None where it was not built: numba cannot run in the
+    worker, the tiles would be too sparse, or the worker's memory could not take the build)."""
+
+    __slots__ = ("block", "tiles", "moved")
+
+    def __init__(self, block, tiles=None, moved: bool = False):
+        self.block = block
+        self.tiles = tiles
+        self.moved = moved  # the block was sent from another worker: this one holds a copy
+
+    def copy_bytes(self) -> int:
+        """The memory this object adds to its worker's: the tiled copy, and the block when it was
+        sent from another worker (else the block is counted under its own key)."""
+        t = self.tiles
+        tiles = 0 if t is None else int(t.ptr.nbytes + t.keys.nbytes + t.values.nbytes)
+        return tiles + (sizeof(self.block) if self.moved else 0)
+
+
+@sizeof.register(_Held)
+def _sizeof_held(held: _Held) -> int:
+    """What a held block adds to a worker's memory for Dask's accounting (:meth:`_Held.copy_bytes`)."""
+    return 64 + held.copy_bytes()
+
+
+def _headroom() -> float:
+    """Bytes this process may still take: the memory available to it (:func:`.fused_sparse.available_memory`),
+    and in a ``distributed`` worker with a memory limit at most the limit minus its resident memory."""
+    from .fused_sparse import available_memory
+
+    room = available_memory()
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        limit = worker.memory_manager.memory_limit
+        if limit:
+            room = min(room, float(limit - worker.monitor.get_process_memory()))
+    except (ImportError, ValueError, AttributeError):  # not in a worker, or no limit to read
+        pass
+    return room
+
+
+def _tile_build_bytes(block, tile: tuple[int, int]) -> int:
+    """The peak memory of a block's tiled copy's build on one thread: the copy (values, 32-bit keys,
+    tile pointers) and the counting sort's counters."""
+    m, n = block.shape
+    tiles = -(-m // tile[0]) * -(-n // tile[1])
+    return int(block.nnz * (block.dtype.itemsize + 4) + 8 * (2 * tiles + 1))
+
+
+def _hold(block, moved: bool) -> _Held:
+    """A block as the sweeps' tasks on this worker read it (``moved``: sent from another worker)."""
+    return _Held(block, None, moved)
+
+
+def _tiled(held: _Held) -> _Held:
+    """A held sparse block with its tiled copy, built on one thread when this process can run numba
+    (not forked from one that ran OpenMP threads), the tiles are dense enough (:func:`.fused_sparse.tiling`)
+    and the memory left (:func:`_headroom`) holds the build twice over; else the block alone (its
+    sweeps then keep scipy's products)."""
+    from . import fused
+    from . import fused_sparse as fs
+
+    block = held.block
+    tiles = None
+    tile = fs.tiling(block.shape[0], block.shape[1], block.nnz)
+    if not fused._FORK_UNSAFE and tile is not None and 2 * _tile_build_bytes(block, tile) <= _headroom():
+        try:
+            with _one_thread():
+                tiles = fs.tiled_pattern(fs._unsigned(block.indptr), fs._unsigned(block.indices), block.data,
+                                         block.shape[1], tile, nblocks=1)
+        except MemoryError:  # scipy's products then
+            tiles = None
+    return _Held(block, tiles, held.moved)
+
+
+def _held_block(held: _Held, v, uold, p, w, compiled: bool):
+    """:func:`_fused_block` on a held block: with its tiled copy, the rows' sums by numba's gather
+    (``fused_sparse._gather``) and the column sums from the copy (``fused_sparse._tiled_gather``),
+    each on one thread; without it, scipy's two products. Returns what :func:`_fused_block` does."""
+    from . import fused
+    from . import fused_sparse as fs
+
+    block, t = held.block, held.tiles
+    if t is None or fused._FORK_UNSAFE:
+        return _fused_block(block, v, uold, p, w, compiled)
+    m, n = block.shape
+    v = np.ascontiguousarray(v, block.dtype)
+    r = np.empty(m, block.dtype)
+    c = np.empty(n)
+    u64 = np.uint64
+    with _one_thread():
+        fused.compiled(fs._gather)(fs._unsigned(block.indptr), fs._unsigned(block.indices), block.data, v,
+                                   np.array([0, m], np.uint64), r)
+    u = _rule(uold, p, r, w)
+    with _one_thread():
+        fused.compiled(fs._tiled_gather)(t.ptr, t.keys, t.values, np.ascontiguousarray(u), u64(t.lead_tile),
+                                         u64(t.other_tile), u64(t.n_lead_blocks), u64(n),
+                                         np.array([0, t.n_other_blocks], np.uint64), c)
+    return (r if w == 1.0 else np.stack([r, u])), c
+
+
+def _identity(x):
+    return x
+
+
+def _item(pair, i: int):
+    return pair[i]
+
+
 def _added(*parts):
     return np.sum(parts, axis=0)
 
@@ -192,6 +307,41 @@ def _tree_sum(parts: list) -> Any:
     while len(parts) > 1:
         parts = [_delayed(_added, pure=True)(*parts[i:i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
     return parts[0]
+
+
+def _numba_wanted() -> bool:
+    from . import fused
+
+    return fused.numba_wanted()
+
+
+def _balanced(where: list, nnz: list, threads: dict) -> list:
+    """Per block, the one worker that holds it for the sweeps: one of those holding it already
+    (``where``), unless that would put more than half a block beyond the worker's share of the
+    nonzeros (in proportion to its threads); then the worker furthest below its share. Blocks are
+    placed largest first; None where no worker is known.
+
+    Examples
+    --------
+    >>> from databalance._kernels.chunked import _balanced
+    >>> _balanced([["a"]] * 3 + [["b"]], [5, 5, 5, 5], {"a": 1, "b": 1})
+    ['a', 'a', 'b', 'b']
+    """
+    if not threads or not nnz:
+        return [None] * len(where)
+    total = float(sum(nnz)) or 1.0
+    share = {w: total * t / sum(threads.values()) for w, t in threads.items() if t > 0}
+    load = dict.fromkeys(share, 0.0)
+    out: list = [None] * len(where)
+    for i in sorted(range(len(where)), key=lambda i: -nnz[i]):
+        n = nnz[i]
+        best = min(load, key=lambda w: (load[w] + n) / share[w])
+        holders = [w for w in (where[i] or ()) if w in load]
+        stay = min(holders, key=lambda w: (load[w] + n) / share[w], default=None)
+        keep = stay is not None and (load[stay] + n <= share[stay] + n / 2 or stay == best)
+        out[i] = stay if keep else best
+        load[out[i]] += n
+    return out
 
 
 def compiled_passes(dtype: np.dtype, sparse: bool) -> bool:
@@ -216,6 +366,7 @@ class ChunkedKernel(DenseKernel):
         self.batch = ()
         self.lowest = summary["lowest"]
         self.nnz = summary["nnz"]
+        self.block_nnz = summary.get("block_nnz", [])
         self._frame = [summary["rows"], summary["cols"]]
         self.sparse = summary["sparse"]
 
@@ -240,6 +391,7 @@ class ChunkedKernel(DenseKernel):
             "cols": np.sum([p["cols"] for p in parts], axis=0).astype(working, copy=False),
             "lowest": min((p["lowest"] for p in parts), default=np.inf),
             "nnz": int(sum(p["nnz"] for p in parts)),
+            "block_nnz": [int(p["nnz"]) for p in parts],
             "sparse": sparse,
         }
         if plain:
@@ -300,12 +452,24 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         self.lead = 0  # rows: a block holds whole rows
         self.reads = 0
         self.generation = 0
-        self._targets: tuple | None = None  # the rows' targets: as given, their slices on the workers, an array
+        self._targets: tuple | None = None  # the rows' targets as given and their slices on the workers
+        self._array: tuple | None = None  # the rows' targets as given and as one array
         self.compiled = compiled
         self._where: list | None = None  # the workers holding each block
+        self.passes = 0  # fused passes run
+        self._futures: list | None = None  # under distributed: the blocks' futures
+        self._held: tuple | None = None  # under distributed: (placement, workers, held blocks' futures, tiled)
+        self._threads: dict = {}  # under distributed: the workers' threads
+        self._held_after = BUILD_AFTER  # the pass after which the held blocks are built
+        self._sent: tuple | None = None  # under distributed: (targets, placement, their slices' futures)
 
     def _pass(self, x, old, p, omega):
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
+        client = active_client()
+        parts = self._submitted(client, x, old, p, w) if client is not None else None
+        self.passes += 1
+        if parts is not None:
+            return self._gathered(parts, self._target_array(p), w)
         v = _vector(np.ascontiguousarray(x, self.dtype))
         targets, q = self._target_slices(p)
         if w == 1.0:  # the plain rule does not read the old scaling: the targets stand in for it
@@ -328,6 +492,11 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
             c = _added(*[part[1] for part in parts])
         else:
             lines, c = dask.compute([t[0] for t in tasks], _tree_sum([t[1] for t in tasks]))
+        return self._gathered((lines, c), q, w)
+
+    def _gathered(self, parts: tuple, q: np.ndarray, w: float):
+        """A sweep's ``(r, u, c)`` from the blocks' lines (``r``, or ``[r, u]``) and the column sums."""
+        lines, c = parts
         if all(part.ndim == 1 for part in lines):  # the rows' sums only: the plain rule, here
             r = np.concatenate(lines)
             u = _rule(r, q, r, w)
@@ -337,6 +506,87 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                                                                 strict=True)], axis=1)
         return r, u, np.asarray(c).astype(self.dtype, copy=False)
 
+    def _submitted(self, client, x, old, p, w: float) -> tuple | None:
+        """A sweep on a ``distributed`` cluster by its futures API (no graph to build, tokenise or
+        optimise). Each block is held (:class:`_Held`) on one worker, chosen once so that the
+        workers hold about equal nonzeros per thread (:func:`_balanced`: the benchmark's ten
+        blocks had landed six and four on two workers, whose sweeps then waited for one worker's
+        sixth block); from the pass after :data:`.fused_sparse.BUILD_AFTER` on, a sparse block is
+        held with its tiled copy when numba is wanted. Each block's task runs on its worker with
+        that worker's copy of ``x`` (one small task per worker). Returns ``(lines, c)`` as the
+        graph's sweep does; None when the blocks have no futures of this client (the graph's
+        sweep then)."""
+        blocks = self._block_futures(client)
+        if blocks is None:
+            return None
+        where = self._placement()
+        if self._held is None or self._held[0] is not where:  # first, or a worker left: hold them again
+            at = _balanced(where, self.block_nnz, self._threads)
+            held = [client.submit(_hold, b, bool(a) and (not h or a not in h),
+                                  key=f"databalance-held-{uuid.uuid4().hex}", workers=[a] if a else None,
+                                  allow_other_workers=bool(a), pure=False)
+                    for b, a, h in zip(blocks, at, where, strict=True)]
+            self._held = (where, at, held, False)
+            self._held_after = self.passes + BUILD_AFTER
+        where, at, held, tiled = self._held
+        if (not tiled and self.sparse and self.passes >= self._held_after
+                and self.dtype in (np.float32, np.float64) and _numba_wanted()):
+            held = [client.submit(_tiled, h, key=f"databalance-tiled-{uuid.uuid4().hex}",
+                                  workers=[a] if a else None, allow_other_workers=bool(a), pure=False)
+                    for h, a in zip(held, at, strict=True)]
+            self._held = (where, at, held, True)
+        x = np.ascontiguousarray(x, self.dtype)
+        copies = {a: client.submit(_identity, x, workers=[a] if a else None, pure=False) for a in set(at)}
+        targets = self._sent_targets(client, p, at)
+        if w == 1.0:  # the plain rule does not read the old scaling: the targets stand in for it
+            olds = targets
+        else:
+            old = np.ascontiguousarray(old, self.dtype)
+            olds = [old[start:stop] for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        tasks = [client.submit(_held_block, h, copies[a], o, t, w, self.compiled, pure=False,
+                               workers=[a] if a else None, allow_other_workers=False)
+                 for h, o, t, a in zip(held, olds, targets, at, strict=True)]
+        if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every block's results to the client,
+            # each fetched as soon as its task ends (the transfers overlap the other tasks)
+            from distributed import as_completed
+
+            index = {t.key: i for i, t in enumerate(tasks)}
+            parts: list = [None] * len(tasks)
+            for future, part in as_completed(tasks, with_results=True):
+                parts[index[future.key]] = part
+            return [part[0] for part in parts], _added(*[part[1] for part in parts])  # in block order
+        partials = [client.submit(_item, t, 1, pure=False, workers=[a] if a else None, allow_other_workers=False)
+                    for t, a in zip(tasks, at, strict=True)]
+        while len(partials) > 1:
+            partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
+                        for i in range(0, len(partials), SPLIT_EVERY)]
+        lines = [client.submit(_item, t, 0, pure=False) for t in tasks]
+        return tuple(client.gather([lines, partials[0]]))
+
+    def _block_futures(self, client) -> list | None:
+        """The blocks' futures (the persisted table's), None when they are not this client's."""
+        if self._futures is None:
+            from distributed import futures_of
+
+            by_key = {f.key: f for f in futures_of(self.table) if f.client is client}
+            self._futures = [by_key.get(b.key) for b in self.blocks]
+        return None if any(f is None for f in self._futures) else self._futures
+
+    def _sent_targets(self, client, p, at: list) -> list:
+        """Each block's slice of the rows' targets, sent once to the worker holding the block (again
+        when the targets or the placement change)."""
+        if self._sent is None or self._sent[0] is not p or self._sent[1] is not at:
+            q = self._target_array(p)
+            self._sent = (p, at, [client.submit(_identity, q[start:stop], workers=[a] if a else None,
+                                                allow_other_workers=bool(a), pure=False)
+                                  for start, stop, a in zip(self.offsets[:-1], self.offsets[1:], at, strict=True)])
+        return self._sent[2]
+
+    def release(self) -> None:
+        """Drop the futures this kernel made on the cluster (the held blocks' tiled copies, the
+        targets' slices): the workers free them."""
+        self._held = self._sent = None
+
     def _placement(self) -> list:
         """Per block, the workers holding it under an active ``distributed`` client (else None),
         asked again when one of them has left the cluster (a replaced worker: its blocks were
@@ -344,23 +594,32 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         client = active_client()
         if client is None:
             return [None] * len(self.blocks)
-        alive = set(client.scheduler_info().get("workers", {}))
-        if self._where is None or any(w not in alive for where in self._where if where for w in where):
+        workers = client.scheduler_info().get("workers", {})
+        held = self._held[1] if self._held is not None else ()
+        if (self._where is None or any(w not in workers for where in self._where if where for w in where)
+                or any(a is not None and a not in workers for a in held)):
             from distributed import futures_of
 
             who = client.who_has(futures_of(self.table))
-            self._where = [[w for w in who.get(b.key, ()) if w in alive] or None for b in self.blocks]
+            self._where = [[w for w in who.get(b.key, ()) if w in workers] or None for b in self.blocks]
+            self._threads = {w: int(info.get("nthreads", 1)) for w, info in workers.items()}
         return self._where
 
+    def _target_array(self, p) -> np.ndarray:
+        """The rows' targets as one array (the loop passes the same target array in every sweep)."""
+        if self._array is None or self._array[0] is not p:
+            self._array = (p, np.ascontiguousarray(np.broadcast_to(p, self.shape[:1])))
+        return self._array[1]
+
     def _target_slices(self, p) -> tuple[list, np.ndarray]:
-        """Each block's slice of the rows' targets, sent to the workers once (the loop passes the
-        same target array in every sweep) and kept there; and the targets as one array."""
+        """Each block's slice of the rows' targets, sent to the workers once and kept there; and
+        the targets as one array."""
+        q = self._target_array(p)
         if self._targets is None or self._targets[0] is not p:
-            q = np.ascontiguousarray(np.broadcast_to(p, self.shape[:1]))
             slices = [_delayed(q[start:stop], pure=True) for start, stop in
                       zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-            self._targets = (p, list(dask.persist(*slices)), q)
-        return self._targets[1], self._targets[2]
+            self._targets = (p, list(dask.persist(*slices)))
+        return self._targets[1], q
 
 
 def support_pattern_chunked(table: da.Array) -> sp.csr_array:

@@ -1,0 +1,310 @@
+"""Dask tables on a ``distributed`` cluster (issue 12, DASK-TABLE): the sweeps by the futures API,
+each block held on one worker (balanced by nonzeros) and, after ``BUILD_AFTER`` passes, with its
+tiled copy; checked against the in-memory NumPy kernel (never numba) on small tables."""
+
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from databalance import balance_table  # noqa: E402
+from databalance._kernels import chunked  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+    c = distributed.Client(lc, set_as_default=False)
+    try:
+        yield c
+    finally:
+        c.close()
+        lc.close()
+
+
+@pytest.fixture
+def client(cluster):
+    """The module's cluster, its client active during the test (only: a client in dask's config
+    keeps the nanny of another test's cluster from starting a worker)."""
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        yield cluster
+
+
+def random_table(rng, m, n, zeros=0.6, dtype=np.float64):
+    T = rng.random((m, n))
+    T[T < zeros] = 0.0
+    T[np.arange(m), rng.integers(0, n, m)] = 1.0  # no empty row
+    T[rng.integers(0, m, n), np.arange(n)] = 1.0  # no empty column
+    return T.astype(dtype)
+
+
+def problem(seed, m=300, n=40, dtype=np.float64, zero_targets=True):
+    rng = np.random.default_rng(seed)
+    T = random_table(rng, m, n, dtype=dtype)
+    p, q = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(n))
+    if zero_targets:  # those lines are emptied, as in memory
+        p[[3, 77]] = 0.0
+        q[5] = 0.0
+    return T, p / p.sum(), q / q.sum()
+
+
+def blocks_of(T, kind, rows=40):
+    """A Dask table of row blocks, each built by its own task (sparse: CSR blocks)."""
+    if kind == "dense":
+        return da.from_array(T, chunks=(rows, T.shape[1]))
+    parts = []
+    for i in range(0, T.shape[0], rows):
+        block = dask.delayed(lambda a, b: sp.csr_matrix(T[a:b]))(i, min(i + rows, T.shape[0]))
+        parts.append(da.from_delayed(block, shape=(min(rows, T.shape[0] - i), T.shape[1]), dtype=T.dtype,
+                                     meta=sp.csr_matrix((0, 0), dtype=T.dtype)))
+    return da.concatenate(parts)
+
+
+def numpy_reference(monkeypatch, T, kind, p, q, **options):
+    """The in-memory NumPy kernel's result (never numba): the independent reference."""
+    with monkeypatch.context() as m:
+        m.setenv("DATABALANCE_KERNEL", "numpy")
+        return balance_table(sp.csr_array(T) if kind == "sparse" else T, p, q, **options)
+
+
+def assert_equal_scalings(got, ref, rtol):
+    """Equal scalings, exact zeros where the reference has them (the zero targets' lines)."""
+    for g, r in ((got.row_scaling, ref.row_scaling), (got.col_scaling, ref.col_scaling)):
+        g, r = np.asarray(g, float), np.asarray(r, float)
+        assert np.array_equal(g == 0, r == 0)
+        np.testing.assert_allclose(g[r != 0], r[r != 0], rtol=rtol, atol=0)
+
+
+def cluster_keys(client, prefix):
+    return client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks
+                                                           if str(k).startswith(prefix)])
+
+
+@pytest.fixture
+def spy_tiled(monkeypatch):
+    """Count the tiled copies' builds submitted (they run on the workers)."""
+    calls = []
+    submit = distributed.Client.submit
+
+    def counted(self, func, *args, **kwargs):
+        if func is chunked._tiled:
+            calls.append(kwargs.get("key"))
+        return submit(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "submit", counted)
+    return calls
+
+
+@pytest.mark.parametrize("build_after", [0, None])
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("start", ["x", "y"])
+def test_held_sweeps_equal_numpy_kernel(client, monkeypatch, spy_tiled, kind, start, build_after):
+    if build_after is not None:
+        monkeypatch.setattr(chunked, "BUILD_AFTER", build_after)
+    T, p, q = problem(21)
+    table = client.persist(blocks_of(T, kind))
+    for steps in [1, 2, 3, 4, 5, None]:
+        ref = numpy_reference(monkeypatch, T, kind, p, q, steps=steps, start=start)
+        got = balance_table(table, p, q, steps=steps, start=start)
+        assert (got.status, got.steps) == (ref.status, ref.steps)
+        assert_equal_scalings(got, ref, rtol=1e-12)
+        np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
+    assert ref.status == "converged"
+    # sparse blocks get their tiled copies once a run has made BUILD_AFTER passes (dense never)
+    assert bool(spy_tiled) == (kind == "sparse")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_float32_on_the_cluster(client, monkeypatch, spy_tiled, kind):
+    monkeypatch.setattr(chunked, "BUILD_AFTER", 1)
+    T, p, q = problem(22, dtype=np.float32)
+    got = balance_table(blocks_of(T, kind), p, q, steps=9)
+    ref = numpy_reference(monkeypatch, T, kind, p, q, steps=9)
+    assert got.row_scaling.dtype == np.float32 and got.col_scaling.dtype == np.float32
+    assert_equal_scalings(got, ref, rtol=2e-5)  # float32 sums added in another order
+    assert bool(spy_tiled) == (kind == "sparse")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_overrelaxed_sweeps_on_the_cluster(client, monkeypatch, spy_tiled, kind):
+    monkeypatch.setattr(chunked, "BUILD_AFTER", 2)
+    T, p, q = problem(23, m=240, n=50)
+    ref = numpy_reference(monkeypatch, T, kind, p, q, acceleration="overrelax", tol=1e-12)
+    got = balance_table(blocks_of(T, kind), p, q, acceleration="overrelax", tol=1e-12)
+    assert (got.status, got.steps) == (ref.status, ref.steps)
+    assert_equal_scalings(got, ref, rtol=1e-10)
+    assert bool(spy_tiled) == (kind == "sparse")
+
+
+def test_tiled_pass_equals_products_and_blocks_are_balanced(client, monkeypatch):
+    rng = np.random.default_rng(24)
+    T = random_table(rng, 330, 60)
+    p = rng.dirichlet(np.ones(330))
+    p[7] = 0.0
+    kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse", rows=30)))
+    v, old = rng.random(60) + 0.5, rng.random(330) + 0.5
+    for _ in range(chunked.BUILD_AFTER + 2):  # the last pass reads the tiled copies
+        r, u, c = kernel._pass(v, old, p, None)
+    where, at, held, tiled = kernel._held
+    assert tiled
+    objects = client.gather(held)
+    assert all(h.tiles is not None for h in objects)
+    np.testing.assert_allclose(r, T @ v, rtol=1e-13)
+    np.testing.assert_array_equal(u, np.divide(p, r, out=np.zeros_like(p), where=p > 0))
+    np.testing.assert_allclose(c, T.T @ u, rtol=1e-13)
+    r, u, c = kernel._pass(v, old, p, np.array([1.5]))  # over-relaxed: the rule of the in-memory kernels
+    from databalance._kernels.fused import relaxed_ratio
+
+    np.testing.assert_allclose(u, relaxed_ratio(old, p, T @ v, np.flatnonzero(p == 0), 1.5), rtol=1e-13)
+    np.testing.assert_allclose(c, T.T @ u, rtol=1e-13)
+    # eleven blocks on two one-thread workers: their nonzeros within one block of each other
+    assert set(at) == set(client.scheduler_info()["workers"])
+    per_worker = [sum(n for n, a in zip(kernel.block_nnz, at, strict=True) if a == w) for w in set(at)]
+    assert abs(per_worker[0] - per_worker[1]) <= max(kernel.block_nnz)
+    assert all(h.moved == (a not in w) for h, a, w in zip(objects, at, where, strict=True))
+    # Dask counts a held block's tiled copy, and the block itself where it was sent from another worker
+    for h in objects:
+        t = h.tiles
+        block = t.ptr.nbytes + t.keys.nbytes + t.values.nbytes
+        moved = h.block.data.nbytes + h.block.indices.nbytes + h.block.indptr.nbytes if h.moved else 0
+        assert abs(chunked.sizeof(h) - 64 - block - moved) <= 1024  # scipy's sizeof: the arrays and a little
+    weights = client.run(lambda dask_worker: {str(k): dask_worker.data.fast.weights[k] for k in dask_worker.data
+                                              if str(k).startswith("databalance-tiled")
+                                              and k in getattr(dask_worker.data, "fast", {})})
+    counted = {k: v for per in weights.values() for k, v in per.items()}
+    assert counted == {str(f.key): chunked.sizeof(h) for f, h in zip(held, objects, strict=True)}
+
+
+def test_copies_released_with_the_result(client, monkeypatch):
+    monkeypatch.setattr(chunked, "BUILD_AFTER", 1)
+    T, p, q = problem(25)
+    table = client.persist(blocks_of(T, "sparse"))
+    got = balance_table(table, p, q, steps=12)
+    assert got.steps == 12
+    for _ in range(50):  # the scheduler hears of released futures asynchronously
+        if not cluster_keys(client, "databalance-") and not cluster_keys(client, "_held_block"):
+            break
+        threading.Event().wait(0.1)
+    assert cluster_keys(client, "databalance-") == []
+    assert cluster_keys(client, "_held_block") == [] and cluster_keys(client, "_identity") == []
+    # the result's lazy table still computes (from the user's blocks)
+    np.testing.assert_allclose(got.table.compute().toarray(), T * np.outer(got.row_scaling, got.col_scaling),
+                               rtol=1e-12)
+
+
+def test_kernel_refused_numba_builds_no_copy(client, monkeypatch, spy_tiled):
+    monkeypatch.setattr(chunked, "BUILD_AFTER", 0)
+    monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
+    T, p, q = problem(26)
+    got = balance_table(blocks_of(T, "sparse"), p, q, steps=8)
+    assert spy_tiled == []
+    assert_equal_scalings(got, numpy_reference(monkeypatch, T, "sparse", p, q, steps=8), rtol=1e-12)
+
+
+def test_held_block_without_numba_or_copy_equals_tiled(monkeypatch):
+    """A held block's task where numba cannot run (a forked process) or without its copy (memory
+    short, tiles too sparse) gives the tiled pass's results to rounding."""
+    pytest.importorskip("numba")
+    from databalance._kernels import fused
+
+    rng = np.random.default_rng(27)
+    T = random_table(rng, 120, 30)
+    p = rng.dirichlet(np.ones(120))
+    p[4] = 0.0
+    block = chunked._prepared(sp.csr_matrix(T), np.float64)
+    held = chunked._tiled(chunked._hold(block, False))
+    assert held.tiles is not None and not held.moved
+    v, old = rng.random(30) + 0.5, rng.random(120) + 0.5
+    for w in (1.0, 1.4):
+        tiled = chunked._held_block(held, v, old, p, w, False)
+        plain = chunked._held_block(chunked._Held(block), v, old, p, w, False)
+        monkeypatch.setattr(fused, "_FORK_UNSAFE", True)
+        forked = chunked._held_block(held, v, old, p, w, False)
+        assert chunked._tiled(chunked._hold(block, False)).tiles is None  # no numba: no copy
+        monkeypatch.setattr(fused, "_FORK_UNSAFE", False)
+        for lines, c in (plain, forked):
+            np.testing.assert_allclose(lines, tiled[0], rtol=1e-13)
+            np.testing.assert_allclose(c, tiled[1], rtol=1e-13)
+    monkeypatch.setattr(chunked, "_headroom", lambda: 0.0)  # the memory guard
+    assert chunked._tiled(chunked._hold(block, True)).tiles is None
+
+
+def test_balanced_placement():
+    b = chunked._balanced
+    assert b([["a"]] * 6 + [["b"]] * 4, [10] * 10, {"a": 1, "b": 1}).count("a") == 5
+    assert b([["a"]] * 4, [10] * 4, {"a": 1, "b": 3}) == ["a", "b", "b", "b"]  # by threads
+    assert b([["a"], ["a"], ["b"]], [1, 1, 100], {"a": 1, "b": 1}) == ["a", "a", "b"]  # one block outweighs
+    assert b([None, None], [3, 3], {"a": 1, "b": 1}) == ["a", "b"]  # holders unknown
+    assert b([["a"], ["a", "b"]], [5, 5], {"a": 1, "b": 1}) == ["a", "b"]  # a replica where it helps
+    assert b([["a"]], [5], {}) == [None]
+
+
+def test_works_without_numba_on_a_cluster():
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import warnings; warnings.simplefilter('ignore')\n"
+            "import numpy as np, scipy.sparse as sp, dask, dask.array as da, distributed\n"
+            "from databalance import balance_table\n"
+            "from databalance._kernels import chunked\n"
+            "chunked.BUILD_AFTER = 0\n"
+            "r = np.random.default_rng(3); T = r.random((120, 15)); T[T < .5] = 0; T[:, 0] = 1; T[0] = 1\n"
+            "p, q = r.dirichlet(np.ones(120)), r.dirichlet(np.ones(15))\n"
+            "table = da.from_array(T, chunks=(30, 15)).map_blocks(sp.csr_matrix)\n"
+            "with distributed.LocalCluster(n_workers=2, processes=False, threads_per_worker=1,\n"
+            "                              dashboard_address=None) as lc, distributed.Client(lc):\n"
+            "    got = balance_table(table, p, q, steps=9)\n"
+            "ref = balance_table(sp.csr_array(T), p, q, steps=9)\n"
+            "assert np.allclose(got.row_scaling, ref.row_scaling, rtol=1e-12, atol=0)\n"
+            "assert np.allclose(got.col_scaling, ref.col_scaling, rtol=1e-12, atol=0)\n"
+            "assert 'numba' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sweeps_after_a_worker_is_restarted():
+    """A worker restarted after the tiled copies were built: its blocks and held copies are made
+    again elsewhere, the next sweep is not pinned to the worker that left, and the results hold."""
+    pytest.importorskip("numba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+        c = distributed.Client(lc)  # the default client (a client in dask's config cannot restart a worker)
+    try:
+        rng = np.random.default_rng(28)
+        T = random_table(rng, 240, 20)
+        kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
+        p = rng.dirichlet(np.ones(240))
+        v, old = np.ones(20), np.ones(240)
+        for _ in range(chunked.BUILD_AFTER + 2):
+            kernel._pass(v, old, p, None)
+        assert kernel._held[3]
+        victim = next(a for a in kernel._held[1] if a)
+        c.restart_workers([victim])
+        out: dict = {}
+
+        def sweep():
+            out["first"] = kernel._pass(v, old, p, None)
+            for _ in range(chunked.BUILD_AFTER + 1):
+                out["later"] = kernel._pass(v, old, p, None)
+
+        thread = threading.Thread(target=sweep, daemon=True)
+        thread.start()
+        thread.join(90)
+        assert "later" in out, "a sweep waited for a worker that left"
+        assert victim not in kernel._held[1] and kernel._held[3]  # held and tiled again
+        for r, u, cs in (out["first"], out["later"]):
+            np.testing.assert_allclose(r, T @ v, rtol=1e-12)
+            np.testing.assert_allclose(cs, T.T @ u, rtol=1e-12)
+    finally:
+        c.close()
+        lc.close()
