@@ -71,6 +71,9 @@ class Samples:
     #: Whether each group of ``encoded`` also holds its samples' design weights (float64, checked),
     #: after the codes: the passes then read neither the columns nor the design weights.
     design_cached: bool = False
+    #: Under ``distributed``: the worker holding each group of ``encoded`` (by key), asked once
+    #: (a pass's tasks are only loosely pinned: a worker that left is passed over).
+    homes: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sizes(self) -> list[int]:
@@ -282,7 +285,11 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
     if any(k not in held for k in keys):  # not persisted as futures (cannot happen): the graph
         return run(replace(samples, encoded=None, groups=(), design_cached=False), task,
                    None if values is None else values.array)
-    where = client.who_has([held[k] for k in keys])
+    where = samples.homes
+    if any(k not in where for k in keys):
+        where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
+        if all(where.get(k) for k in keys):  # all computed: kept for the later passes
+            samples.homes.update(where)
     weighted = "cached" if samples.design_cached else False
     by_worker: dict = {}
     for g, key in enumerate(keys):
