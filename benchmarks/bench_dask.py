@@ -20,8 +20,10 @@ again with its passes compiled and with NumPy's, alternating, on the same fit an
 
 ``table``: a sparse table with ``--nnz`` stored entries, each row block built by a task on the
 workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array (one map over
-the blocks per sweep; with ``--plain`` also the two-map kernel) and on the same table as one
-in-memory CSR matrix, and the largest relative difference of the scalings.
+the blocks per sweep by the futures API; with ``--plain`` also as one graph per sweep, and the
+two-map kernel) and on the same table as one in-memory CSR matrix, over ``--sweeps`` sweeps and in
+the steady state (sweeps ``--sweeps`` to ``2 * --sweeps``, after both kernels built their tiled
+copies), and the largest relative difference of the scalings.
 """
 
 from __future__ import annotations
@@ -259,21 +261,28 @@ def sparse_block(block: int, rows: int, cols: int, per_row: int, seed: int):
     return out
 
 
-def _per_sweep(run, sweeps: int, repeat: int) -> tuple[float, float, float, object]:
+def _per_sweep(run, sweeps: int, repeat: int, steady: bool = False) -> tuple:
     """(median seconds of a run with 0 steps, median seconds per sweep, the same counting the run's
-    fixed costs, the last result). A sweep's time is the difference between runs of ``sweeps`` and
-    of one sweep, over ``sweeps - 1``: both pay the setup (validation, the Dask blocks' checks and
-    frame sums) and the final float64 check of the marginal errors, which the older figure
-    (``steps=2 sweeps`` minus ``steps=0``, over ``sweeps``) spread over the sweeps."""
-    zero, one, full = [], [], []
+    fixed costs, the last result, and with ``steady`` the median seconds per sweep in the steady
+    state, else None). A sweep's time is the difference between runs of ``sweeps`` and of one
+    sweep, over ``sweeps - 1``: both pay the setup (validation, the Dask blocks' checks and frame
+    sums) and the final float64 check of the marginal errors, which the older figure (``steps=2
+    sweeps`` minus ``steps=0``, over ``sweeps``) spread over the sweeps. Both also pay the one-off
+    builds the kernels make after ``fused_sparse.BUILD_AFTER`` passes (the in-memory kernel's
+    tiled copy, the Dask blocks' tiled copies on the workers) when ``sweeps`` is beyond it; the
+    steady state is the difference between runs of ``2 * sweeps`` and of ``sweeps`` sweeps, over
+    ``sweeps``: both runs pay the builds, and the sweeps measured all read the copies."""
+    zero, one, full, double = [], [], [], []
     result = None
+    runs = ((0, zero), (2, one), (2 * sweeps, full)) + (((4 * sweeps, double),) if steady else ())
     for _ in range(repeat):
-        for k, times in ((0, zero), (2, one), (2 * sweeps, full)):
+        for k, times in runs:
             start = time.perf_counter()
             result = run(k)
             times.append(time.perf_counter() - start)
     zero_m, one_m, full_m = (statistics.median(t) for t in (zero, one, full))
-    return zero_m, (full_m - one_m) / (sweeps - 1), (full_m - zero_m) / sweeps, result
+    steady_m = (statistics.median(double) - full_m) / sweeps if steady else None
+    return zero_m, (full_m - one_m) / (sweeps - 1), (full_m - zero_m) / sweeps, result, steady_m
 
 
 @contextlib.contextmanager
@@ -287,6 +296,20 @@ def _plain_kernel():
         yield
     finally:
         chunked.ChunkedKernel.from_input = original
+
+
+@contextlib.contextmanager
+def _graph_sweep():
+    """Dask tables balanced by the one-map sweep as one graph per sweep (``dask.compute``; the
+    kernel before the futures API, held blocks and their tiled copies)."""
+    from databalance._kernels import chunked
+
+    original = chunked.FusedChunkedKernel._submitted
+    chunked.FusedChunkedKernel._submitted = lambda self, *args: None
+    try:
+        yield
+    finally:
+        chunked.FusedChunkedKernel._submitted = original
 
 
 def table(args) -> None:
@@ -315,29 +338,48 @@ def table(args) -> None:
         built = client.persist(lazy)  # the blocks built on the workers once, as a user would
         distributed.wait(built)
         build = time.perf_counter() - start
-        setup, sweep, with_fixed, got = _per_sweep(lambda k: balance_table(built, p, q, steps=k), args.sweeps,
-                                                   args.repeat)
+        start = time.perf_counter()
+        balance_table(built, p, q, steps=2 * args.sweeps)  # untimed: numba compiles (or loads) on the workers
+        warm = time.perf_counter() - start
+        setup, sweep, with_fixed, got, steady = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
+                                                           args.sweeps, args.repeat, steady=True)
         if args.plain:
+            with _graph_sweep():
+                _, sweep_graph, fixed_graph, _, steady_graph = _per_sweep(
+                    lambda k: balance_table(built, p, q, steps=k), args.sweeps, args.repeat, steady=True)
             with _plain_kernel():
-                _, sweep_plain, fixed_plain, _ = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
-                                                            args.sweeps, args.repeat)
+                _, sweep_plain, fixed_plain, _, _ = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
+                                                               args.sweeps, args.repeat)
         workers = client.run(peak_mb)
-    print(f"  dask (2 workers x 1 thread): blocks built in {build:.2f} s; setup (checks, frame sums) {setup:.2f} s, "
-          f"per sweep {sweep:.3f} s ({with_fixed:.3f} s with the fixed costs spread); workers' peak "
+    print(f"  dask (2 workers x 1 thread; futures, blocks held balanced, tiled copies after the build): blocks "
+          f"built in {build:.2f} s; a first untimed run {warm:.2f} s; setup (checks, frame sums) {setup:.2f} s, "
+          f"per sweep {sweep:.3f} s "
+          f"({with_fixed:.3f} s with the fixed costs spread), steady state {steady:.3f} s; workers' peak "
           + ", ".join(f"{v:.0f} MB" for v in workers.values()))
     if args.plain:
+        print(f"  dask, one graph per sweep (dask.compute; the kernel before the futures API): per sweep "
+              f"{sweep_graph:.3f} s ({fixed_graph:.3f} s), steady state {steady_graph:.3f} s; futures / graph "
+              f"{sweep / sweep_graph:.2f} per sweep, {steady / steady_graph:.2f} steady")
         print(f"  dask, two maps per sweep (the kernel before the one-map sweep): per sweep {sweep_plain:.3f} s "
-              f"({fixed_plain:.3f} s); one map / two maps = {sweep / sweep_plain:.2f}")
+              f"({fixed_plain:.3f} s); futures / two maps = {sweep / sweep_plain:.2f}")
     if args.cluster_only:
         return
     csr = sp.csr_array(sp.vstack([sparse_block(i, r, args.cols, args.per_row, args.seed) for i, r in
                                   enumerate(sizes)], format="csr"))
-    setup_m, sweep_m, fixed_m, ref = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps, args.repeat)
+    balance_table(csr, p, q, steps=2 * args.sweeps)  # untimed, as on the cluster
+    setup_m, sweep_m, fixed_m, ref, steady_m = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps,
+                                                          args.repeat, steady=True)
     print(f"  in memory (one process): setup {setup_m:.2f} s, per sweep {sweep_m:.3f} s ({fixed_m:.3f} s with the "
-          f"fixed costs spread); peak {peak_mb():.0f} MB")
+          f"fixed costs spread; both include the build of its tiled copy), steady state (copy built) "
+          f"{steady_m:.3f} s; peak {peak_mb():.0f} MB")
     rel = max(np.abs(got.row_scaling / ref.row_scaling - 1).max(), np.abs(got.col_scaling / ref.col_scaling - 1).max())
     print(f"  per sweep, dask / in memory: {sweep / sweep_m:.2f} ({with_fixed / fixed_m:.2f} with the fixed costs "
-          f"spread); largest relative difference of the scalings {rel:.2g}")
+          f"spread); steady states, dask / in memory: {steady / steady_m:.2f} (the bar: within 2x); dask per "
+          f"sweep / in-memory steady state: {sweep / steady_m:.2f}; largest relative difference of the scalings "
+          f"{rel:.2g}")
+    if args.plain:
+        print(f"  one graph per sweep (before) / in-memory steady state: {sweep_graph / steady_m:.2f} per sweep, "
+              f"{steady_graph / steady_m:.2f} steady")
 
 
 def main() -> None:
@@ -367,7 +409,8 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--memory", default="4GiB", help="memory limit per worker")
     t.add_argument("--cluster-only", action="store_true")
-    t.add_argument("--plain", action="store_true", help="also time the two-map kernel (two computes per sweep)")
+    t.add_argument("--plain", action="store_true", help="also time the one-map sweep as one graph per sweep "
+                   "(the kernel before the futures API) and the two-map kernel (two computes per sweep)")
     args = parser.parse_args()
     samples(args) if args.what == "samples" else table(args)
 
