@@ -158,8 +158,8 @@ def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool 
     est = fitted.mean(h)
     end = time.perf_counter()
     CPU.append(sum(client.run(time.process_time).values()) + time.process_time() - before)  # workers and client
-    print(f"  fit {middle - start:.2f} s, mean {end - middle:.2f} s ({type(fitted._dask_fit).__name__}); client "
-          f"peak so far {peak_mb():.0f} MB", flush=True)
+    print(f"  n = {n:.3g}: fit {middle - start:.2f} s, mean {end - middle:.2f} s ({type(fitted._dask_fit).__name__}); "
+          f"client peak so far {peak_mb():.0f} MB", flush=True)
     if compare:  # the mean again, its passes compiled and NumPy's, alternating (same fit, same cluster)
         for order in (("numba", "numpy"), ("numpy", "numba")):
             for kernel in order:
@@ -205,6 +205,12 @@ def samples(args) -> None:
     # The workers get SIZES with the generator: cloudpickle sends a script's functions by value.
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit="2GiB",
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        # untimed: numba's compilation (or its load from the disk cache) in this process and the workers
+        warm = min(args.n, 2 * 10**5)
+        on_cluster(client, warm, min(args.chunk, warm // 2), args.seed, args.steps)
+        if not args.cluster_only:
+            in_memory(warm, min(args.chunk, warm // 2), args.seed, args.steps)
+            in_memory(warm, min(args.chunk, warm // 2), args.seed, args.steps, threads=1)
         for _ in range(args.repeat):
             if not args.cluster_only:
                 for label, threads in (("memory", None), ("memory1", 1)):
