@@ -464,3 +464,63 @@ def test_copies_of_a_log_result_do_not_scale_the_buffer_twice():
     c, d = copy.copy(r), dataclasses.replace(r)
     for res in (r, c, d, r, c):
         np.testing.assert_allclose(res.table, want, rtol=1e-12, atol=0)
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(0, 2), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from("CF"), st.sampled_from([-1, -2]), st.sampled_from([None, np.nan, -np.nan, np.inf, -np.inf]))
+def test_line_extremes_equal_numpy(m, l, batch, dtype, order, axis, special):
+    """The maxima of the contiguous lines and the minimum from ordered integer keys equal NumPy's
+    max and min, a NaN of either sign shows in them (so validation sees it), and -inf and +inf
+    keep their places; other lines are declined."""
+    rng = np.random.default_rng(m * 1000 + l * 10 + batch)
+    shape = (batch + 1,) * min(batch, 1) + (m, l)
+    table = (rng.normal(size=shape) * 30).astype(dtype)
+    table.flat[rng.integers(table.size)] = -0.0
+    if special is not None:
+        table.flat[rng.integers(table.size)] = special
+    if order == "F" and table.ndim == 2:
+        table = np.asfortranarray(table)
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 1
+    try:
+        found = fused.line_extremes(table, axis)
+    finally:
+        fused.PER_THREAD = old
+    contiguous = (table.flags.c_contiguous and axis == -1) or (table.ndim == 2 and table.flags.f_contiguous
+                                                               and axis == -2)
+    if not contiguous:
+        assert found is None
+        return
+    assert found is not None
+    line, low = found
+    assert line.dtype == table.dtype and line.shape == np.max(table, axis=axis).shape
+    if special is not None and np.isnan(special):
+        assert np.isnan(line).any() or np.isnan(low)
+        return
+    np.testing.assert_array_equal(line, np.max(table, axis=axis))
+    assert low == table.min()
+
+
+def test_balance_logits_names_nan_and_inf_found_by_the_key_extremes():
+    rng = np.random.default_rng(5)
+    L = rng.normal(size=(300, 200))
+    p, q = np.full(300, 1 / 300), np.full(200, 1 / 200)
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 1
+    try:
+        for value, message in ((np.nan, "contains NaN, first at index"), (-np.nan, "contains NaN, first at index"),
+                               (np.inf, r"contains \+inf")):
+            bad = L.copy()
+            bad[123, 45] = value
+            with pytest.raises(ValueError, match=message):
+                db.balance_logits(bad, p, q, steps=2)
+        with_zero = L.copy()
+        with_zero[7, 8] = -np.inf
+        got = db.balance_logits(with_zero, p, q, steps=6)
+        assert got.table[7, 8] == 0.0
+    finally:
+        fused.PER_THREAD = old
+    with kernel_choice("numpy"):
+        want = db.balance_logits(with_zero, p, q, steps=6)
+    np.testing.assert_allclose(got.table, want.table, rtol=1e-12)

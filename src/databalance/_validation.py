@@ -95,16 +95,19 @@ def finite_sums(sums: np.ndarray, values, name: str) -> None:
     raise ValueError(f"The row sums of `{name}` overflow; divide `{name}` by a large constant.")
 
 
-def logits_entries(logits: np.ndarray, name: str, line_max: np.ndarray | None = None) -> tuple[bool, float]:
+def logits_entries(logits: np.ndarray, name: str, line_max: np.ndarray | None = None,
+                   lowest: Any = None) -> tuple[bool, float]:
     """NaN and +inf are errors; -inf is a structural zero. Returns whether any -inf is present and
     the largest magnitude of a finite entry.
 
-    Two reductions over the table (one when the maxima of its lines, ``line_max``, are given); the
-    offending index is searched only on the error path.
+    Two reductions over the table (none when the maxima of its lines, ``line_max``, and its
+    minimum, ``lowest``, are given: NaN must then show in one of them); the offending index is
+    searched only on the error path.
     """
     if logits.size == 0:
         return False, 0.0
-    lowest, highest = logits.min(), (logits.max() if line_max is None else line_max.max())
+    lowest = logits.min() if lowest is None else lowest
+    highest = logits.max() if line_max is None else line_max.max()
     if np.isnan(lowest) or np.isnan(highest):
         raise ValueError(f"`{name}` contains NaN, first at index {_first_index(np.isnan(logits))}.")
     if np.isposinf(highest):

@@ -571,8 +571,11 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     dtype = check.working_dtype(arr.dtype, "logits")
     arr = arr.astype(dtype, copy=False)
     # the maxima of the lines the first step rescales centre the kernel and serve the validation
-    line_max = arr.max(axis=-1 if _first(start) == 0 else -2, initial=-np.inf)
-    has_zeros, magnitude = check.logits_entries(arr, "logits", line_max)
+    from ._kernels.fused import line_extremes
+
+    axis = -1 if _first(start) == 0 else -2  # one read gives both where numba runs
+    line_max, lowest = line_extremes(arr, axis) or (arr.max(axis=axis, initial=-np.inf), None)
+    has_zeros, magnitude = check.logits_entries(arr, "logits", line_max, lowest)
     tol = check.tolerance(tol, dtype)
     kernel = kernels.log_kernel(arr, _first(start), has_zeros, line_max)
     targets = _two_targets(kernel, p_x, p_y)
