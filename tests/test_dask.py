@@ -1405,3 +1405,182 @@ def test_a_fused_table_sweep_after_a_worker_is_replaced():
         finally:
             client.close()
             lc.close()
+
+
+# -- the samples path's passes submitted as futures (issue 12, DASK-SAMPLES) ------------------------
+
+
+def spy_submitted(monkeypatch):
+    """Counts the passes submitted as futures (:func:`_dask_samples._submitted`)."""
+    from databalance import _dask_samples
+
+    calls = []
+    original = _dask_samples._submitted
+
+    def spy(client, samples, task, values):
+        calls.append((type(task).__name__, values is not None))
+        return original(client, samples, task, values)
+
+    monkeypatch.setattr(_dask_samples, "_submitted", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("steps", "linearization", "weighted", "tables"),
+                         [(3, "balanced", True, True), (6, "balanced", False, True), (None, "balanced", True, True),
+                          (5, "survey", True, True), (4, "balanced", True, False), (0, "balanced", False, True)])
+def test_submitted_passes_equal_in_memory(samples_path, monkeypatch, cluster, steps, linearization, weighted, tables):
+    """On the LocalCluster every pass over the cached codes (and design weights and values) is
+    submitted as futures; the fit and the mean equal the in-memory ones (a joint margin, design
+    weights, finite k with tables or one pass per step, the converged linearisation)."""
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    calls = spy_submitted(monkeypatch)
+    data, h, d, margins = three_margins(seed=31)
+    ref = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(data, d if weighted else None)
+    X, H, D = lazy(data, h, d)
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        fitted = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(X, D if weighted else None)
+        samples = fitted._dask_fit.samples
+        assert samples.encoded is not None and samples.design_cached == weighted
+        fit_passes = len(calls)
+        assert fit_passes == fitted.balance_.steps + 1  # every pass of the fit, the first one's included
+        assert_same_fit(fitted, ref)
+        close(fitted.diagnostics_.effective_sample_size, ref.diagnostics_.effective_sample_size)
+        assert_same_mean(fitted.mean(H), ref.mean(h))
+    mean_calls = calls[fit_passes:]
+    assert mean_calls and all(with_values for _, with_values in mean_calls)  # the values held too
+    assert len(mean_calls) == (2 if tables or not steps else steps + 1)
+
+
+def test_submitted_passes_add_a_workers_groups_there(samples_path, monkeypatch, cluster):
+    """More groups than workers: a worker's partial sums are added on it (one result per worker to
+    the client), and the result is the in-memory one."""
+    distributed = pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 200)
+    data, h, d, margins = three_margins(1200, seed=32)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        with distributed.get_task_stream(cluster) as stream:
+            fitted = BalancedEstimator(margins, steps=4).fit(X, D)
+            got = fitted.mean(H)
+        groups = fitted._dask_fit.samples.groups
+    assert len(groups) == 6  # 1200 / 200, a multiple of the two threads
+    names = [s["key"][0] if isinstance(s["key"], tuple) else s["key"] for s in stream.data]
+    passes = [k for k in names if k.startswith("databalance-pass-")]
+    sums = [k for k in names if k.startswith("databalance-sum-")]
+    assert len(passes) == 6 * (fitted.balance_.steps + 1 + 2)
+    assert 0 < len(sums) <= 2 * (fitted.balance_.steps + 1 + 2)  # at most one per worker and pass
+    assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data, d).mean(h))
+
+
+def test_graph_passes_on_the_local_schedulers(samples_path, monkeypatch):
+    """Without a distributed client the passes stay one graph each (no futures), and equal."""
+    calls = spy_submitted(monkeypatch)
+    data, h, d, margins = three_margins(seed=33)
+    X, H, D = lazy(data, h, d)
+    for scheduler in ("sync", "threads"):
+        with dask.config.set(scheduler=scheduler):
+            fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+            assert fitted._dask_fit.samples.design_cached
+            got = fitted.mean(H)
+        assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+    assert calls == []
+
+
+@pytest.mark.parametrize("design_fits", [True, False])
+def test_design_weights_cached_with_the_codes(samples_path, monkeypatch, design_fits):
+    """The design weights are read once (kept with the codes) when codes and weights fit the budget;
+    else read in every pass; the results are the same."""
+    from databalance import _dask_samples
+
+    data, h, d, margins = three_margins(1000, seed=34)
+    budget = 1000 * 3 * 1 + (1000 * 8 if design_fits else 7999)  # three uint8 codes (+ float64 weights)
+    monkeypatch.setattr(_dask_samples, "cache_budget", lambda: float(budget))
+    loads = []
+    design = da.from_array(d, chunks=250).map_blocks(lambda b: loads.append(len(b)) or b, dtype=np.float64)
+    with dask.config.set(scheduler="threads"):
+        fitted = BalancedEstimator(margins, steps=4).fit({k: da.from_array(v, chunks=250) for k, v in data.items()},
+                                                           sample_weight=design)
+        assert fitted._dask_fit.samples.encoded is not None
+        assert fitted._dask_fit.samples.design_cached == design_fits
+        got = fitted.mean(da.from_array(h, chunks=(250, -1)))
+    fit_loads = sum(loads)
+    if design_fits:
+        assert fit_loads <= 2 * len(d)  # the cache, and the lazy weights' check of the cell masses at most
+    else:
+        assert fit_loads >= (fitted.balance_.steps + 1) * len(d)  # every pass
+    assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data, d).mean(h))
+
+
+def test_step_tables_only_with_earlier_steps_margins(samples_path):
+    """Step l's two-way tables are gathered only with the margins of steps 1..l-1 (what the mean's
+    recursion reads): none at step 1, one at step 2, every other margin from step K + 1 on."""
+    data, h, d, margins = three_margins(600, seed=35)
+    X, H, D = lazy(data, h, d, chunks=(300, 300))
+    with dask.config.set(scheduler="sync"):
+        fitted = BalancedEstimator(margins, steps=5).fit(X, D)
+    fit = fitted._dask_fit
+    sizes = fit.samples.sizes
+    gathered = {l_step: [b for b, t in enumerate(tables) if t.size] for l_step, (_, tables) in
+                fit.iterate_tables.items()}
+    assert gathered == {1: [], 2: [0], 3: [0, 1], 4: [1, 2], 5: [0, 2]}
+    for l_step, (_, tables) in fit.iterate_tables.items():
+        for b in gathered[l_step]:
+            assert tables[b].size == sizes[(l_step - 1) % 3] * sizes[b]
+    assert_same_mean(fitted.mean(H), BalancedEstimator(margins, steps=5).fit(data, d).mean(h))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("wanted", [(), (1,), (0, 2)])
+def test_compiled_weight_pass_with_some_tables_equals_numpy(weighted, wanted):
+    pytest.importorskip("numba")
+    from databalance._dask_samples import TABLE_BLOCK, WeightSums
+
+    rng = np.random.default_rng(36)
+    sizes, n = [3, 7, 300], 2 * TABLE_BLOCK + 123  # blocks of the tables' weights: two full, one partial
+    codes = [rng.integers(0, s, n) for s in sizes]
+    d = rng.uniform(0.5, 2.0, n) if weighted else None
+    factors = [rng.uniform(0.1, 3.0, s) for s in sizes]
+    a = 1 if 1 not in wanted else 0
+    want = WeightSums(factors, sizes, a, False, wanted)(codes, d, None)
+    got = WeightSums(factors, sizes, a, True, wanted)([c.astype(np.uint16) for c in codes], d, None)
+    for b, (x, y) in enumerate(zip(got["tables"], want["tables"], strict=True)):
+        assert x.size == (sizes[a] * sizes[b] if b in wanted and b != a else 0)
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(got["sums"], want["sums"], strict=True):
+        np.testing.assert_array_equal(x, y)
+    close(got["u2"], want["u2"], rtol=1e-13)
+    full = WeightSums(factors, sizes, a, False)(codes, d, None)["tables"]  # every table: the same where wanted
+    for b in wanted:
+        np.testing.assert_array_equal(want["tables"][b], full[b])
+
+
+def test_submitted_mean_after_a_worker_is_replaced(samples_path):
+    """The workers holding the cached groups are asked once per fit; after one of them is replaced
+    (its groups recomputed elsewhere) a mean's loosely pinned tasks still run, and equal."""
+    import threading
+
+    distributed = pytest.importorskip("distributed")
+    data, h, d, margins = three_margins(800, seed=37)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+        client = distributed.Client(lc)
+        try:
+            fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+            homes = fitted._dask_fit.samples.homes
+            assert homes and all(homes.values())
+            client.restart_workers([next(iter(homes.values()))[0]])
+            out: dict = {}
+            thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
+            thread.start()
+            thread.join(90)
+            assert "mean" in out, "the mean waited for a worker that left"
+            assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+        finally:
+            client.close()
+            lc.close()
