@@ -308,3 +308,31 @@ def test_sweeps_after_a_worker_is_restarted():
     finally:
         c.close()
         lc.close()
+
+
+def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
+    """Beyond CLIENT_SUM_MAX entries of column partials, a tree of tasks adds them on the workers."""
+    monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)
+    monkeypatch.setattr(chunked, "BUILD_AFTER", 2)
+    T, p, q = problem(29)
+    for kind in ["sparse", "dense"]:
+        got = balance_table(blocks_of(T, kind), p, q, steps=8)
+        assert_equal_scalings(got, numpy_reference(monkeypatch, T, kind, p, q, steps=8), rtol=1e-12)
+
+
+def test_one_task_per_worker_and_sweep(client, monkeypatch):
+    T, p, q = problem(30)
+    kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse", rows=30)))
+    kernel._pass(np.ones(T.shape[1]), np.ones(T.shape[0]), p, None)  # holds the blocks
+    calls = []
+    submit = distributed.Client.submit
+
+    def counted(self, func, *args, **kwargs):
+        calls.append(func.__name__)
+        return submit(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "submit", counted)
+    r, u, c = kernel._pass(np.ones(T.shape[1]), np.ones(T.shape[0]), p, None)
+    assert sorted(calls) == ["_identity", "_identity", "_worker_blocks", "_worker_blocks"]
+    np.testing.assert_allclose(r, T.sum(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(c, T.T @ u, rtol=1e-13)

@@ -290,6 +290,19 @@ def _held_block(held: _Held, v, uold, p, w, compiled: bool):
     return (r if w == 1.0 else np.stack([r, u])), c
 
 
+def _worker_blocks(held: list, v, olds: list, targets: list, w, compiled: bool):
+    """:func:`_held_block` over the blocks a worker holds: their lines, and their column sums added
+    (in the blocks' order). One task per worker and sweep measured 0.72x the sweep of one task per
+    block (benchmarks/bench_dask.py): fewer tasks to schedule, and a fifth of the column partials
+    sent to the client."""
+    lines, c = [], None
+    for h, o, t in zip(held, olds, targets, strict=True):
+        line, part = _held_block(h, v, o, t, w, compiled)
+        lines.append(line)
+        c = part if c is None else c + part
+    return lines, c
+
+
 def _identity(x):
     return x
 
@@ -512,10 +525,10 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         workers hold about equal nonzeros per thread (:func:`_balanced`: the benchmark's ten
         blocks had landed six and four on two workers, whose sweeps then waited for one worker's
         sixth block); from the pass after :data:`.fused_sparse.BUILD_AFTER` on, a sparse block is
-        held with its tiled copy when numba is wanted. Each block's task runs on its worker with
-        that worker's copy of ``x`` (one small task per worker). Returns ``(lines, c)`` as the
-        graph's sweep does; None when the blocks have no futures of this client (the graph's
-        sweep then)."""
+        held with its tiled copy when numba is wanted. One task per worker runs its blocks'
+        parts of the sweep with that worker's copy of ``x`` (one small task per worker) and adds
+        their column sums. Returns ``(lines, c)`` as the graph's sweep does; None when the blocks
+        have no futures of this client (the graph's sweep then)."""
         blocks = self._block_futures(client)
         if blocks is None:
             return None
@@ -543,25 +556,30 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         else:
             old = np.ascontiguousarray(old, self.dtype)
             olds = [old[start:stop] for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
-        tasks = [client.submit(_held_block, h, copies[a], o, t, w, self.compiled, pure=False,
-                               workers=[a] if a else None, allow_other_workers=False)
-                 for h, o, t, a in zip(held, olds, targets, at, strict=True)]
-        if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every block's results to the client,
-            # each fetched as soon as its task ends (the transfers overlap the other tasks)
-            from distributed import as_completed
-
-            index = {t.key: i for i, t in enumerate(tasks)}
-            parts: list = [None] * len(tasks)
-            for future, part in as_completed(tasks, with_results=True):
-                parts[index[future.key]] = part
-            return [part[0] for part in parts], _added(*[part[1] for part in parts])  # in block order
-        partials = [client.submit(_item, t, 1, pure=False, workers=[a] if a else None, allow_other_workers=False)
-                    for t, a in zip(tasks, at, strict=True)]
-        while len(partials) > 1:
-            partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
-                        for i in range(0, len(partials), SPLIT_EVERY)]
-        lines = [client.submit(_item, t, 0, pure=False) for t in tasks]
-        return tuple(client.gather([lines, partials[0]]))
+        # one task per worker over the blocks it holds (their column sums added there); a block
+        # whose worker is unknown gets a task of its own
+        groups: dict = {}
+        for i, a in enumerate(at):
+            groups.setdefault(a if a else ("any", i), []).append(i)
+        tasks = [client.submit(_worker_blocks, [held[i] for i in g], copies[at[g[0]]], [olds[i] for i in g],
+                               [targets[i] for i in g], w, self.compiled, pure=False,
+                               workers=[at[g[0]]] if at[g[0]] else None, allow_other_workers=False)
+                 for g in groups.values()]
+        if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every worker's results to the client
+            parts = client.gather(tasks)
+            c = _added(*[part[1] for part in parts])
+        else:  # the column sums added by a tree on the workers
+            partials = [client.submit(_item, t, 1, pure=False) for t in tasks]
+            while len(partials) > 1:
+                partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
+                            for i in range(0, len(partials), SPLIT_EVERY)]
+            parts, c = client.gather([[client.submit(_item, t, 0, pure=False) for t in tasks], partials[0]])
+            parts = [(part,) for part in parts]
+        lines: list = [None] * len(at)
+        for g, part in zip(groups.values(), parts, strict=True):
+            for i, line in zip(g, part[0], strict=True):
+                lines[i] = line
+        return lines, c
 
     def _block_futures(self, client) -> list | None:
         """The blocks' futures (the persisted table's), None when they are not this client's."""
