@@ -1374,8 +1374,8 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
     else:
         mode = "tables" if pairs_size(samples.sizes) // 2 <= TABLES_MAX else "passes"
     compiled = compiled_passes()
-    h = cached_values(samples, h)  # read once for the mean's passes, when it fits
-    first = run(samples, FirstMoments(fit.shipped, mode, compiled), h)
+    values = cached_values(samples, h)  # read once for the mean's passes, when it fits
+    first = run(samples, FirstMoments(fit.shipped, mode, compiled), values)
     top = first["max_top"]
     scale = power_of_two_scale(np.vstack([top, -top]))
     estimate = first["est"] / scale
@@ -1394,9 +1394,9 @@ def mean(fit: SamplesFit, h: da.Array, power_of_two_scale) -> tuple[np.ndarray, 
         norms = fit.targets if fit.balanced else fit.start_margins
         mus[k] = _ratio(level[0], norms[(k - 1) % K])
         for j in range(k - 1, 0, -1):
-            sums = run(samples, StepSums(fit.shipped, j, dict(mus), estimate, scale, compiled), h)["level"]
+            sums = run(samples, StepSums(fit.shipped, j, dict(mus), estimate, scale, compiled), values)["level"]
             mus[j] = _ratio(sums, norms[(j - 1) % K])
-    last = run(samples, Terms(fit.shipped, mus, coefficients, estimate, plain, scale, compiled), h)
+    last = run(samples, Terms(fit.shipped, mus, coefficients, estimate, plain, scale, compiled), values)
     n = fit.n
     se = np.sqrt(np.maximum(n / (n - 1) * last["moments_z"][2], 0.0))
     plain_se = np.sqrt(np.maximum(n / (n - 1) * last["moments_plain"][2], 0.0))
