@@ -1010,3 +1010,31 @@ def test_max_steps_caps_the_dask_samples_path(monkeypatch):
     with dask.config.set(scheduler="sync"):
         got = np.asarray(capped.weights_.compute())
     np.testing.assert_allclose(got, BalancedEstimator(THREE, steps=5).fit(data).weights_, rtol=1e-12)
+
+
+def test_max_steps_with_bounds_reports_the_last_raking_only():
+    """The raking that seeds the trimming is capped silently (it needs more than 5 half-steps
+    here); the last raking converges within the cap, the bounds hold, and nothing warns."""
+    data, _ = _associated_samples()
+    with pytest.warns(ConvergenceWarning):
+        BalancedEstimator(THREE, max_steps=5).fit(data)  # the seeding raking alone would stop short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        capped = BalancedEstimator(THREE, bounds=(0.1, 10.0), max_steps=5).fit(data)
+    assert capped.balance_.status == "converged" and capped.diagnostics_.bounds_met
+    w = np.asarray(capped.weights_)
+    assert 0.1 * (1 - 1e-8) <= w.min() / w.mean() and w.max() / w.mean() <= 10.0 * (1 + 1e-8)
+    for margin in capped.diagnostics_.margins:
+        np.testing.assert_allclose(margin.achieved, margin.target, atol=1e-9)
+
+
+def test_max_steps_capped_fit_standard_error_is_the_converged_form():
+    """A capped fit is treated as converged: its standard error is the converged linearisation at
+    the capped weights, not the finite-k one of the same number of steps."""
+    data, h = _associated_samples()
+    with pytest.warns(ConvergenceWarning):
+        capped = BalancedEstimator(THREE, max_steps=7).fit(data).mean(h)
+    finite = BalancedEstimator(THREE, steps=7).fit(data).mean(h)
+    assert capped.estimate == pytest.approx(finite.estimate, rel=1e-12)
+    assert np.isfinite(capped.standard_error) and capped.standard_error > 0
+    assert capped.standard_error != pytest.approx(finite.standard_error, rel=1e-6)

@@ -282,10 +282,13 @@ def test_forcing_numba_without_numba_is_a_clear_error():
     assert "DATABALANCE_KERNEL=numba asks for the numba kernels, but numba is not installed" in out.stderr
 
 
-def _steps_in_child(seed: int) -> tuple[str, int]:
+def _steps_in_child(seed: int) -> tuple[str, int, float]:
+    """Balancing in a child process: the table's kernel and steps, and a log result's table (its
+    validation and in-place scaling are one-off numba passes, on any size with PER_THREAD = 1)."""
     T = np.random.default_rng(seed).random((300, 250))
     r = db.balance_table(T, np.full(300, 1 / 300), np.full(250, 1 / 250))
-    return db.which_kernel(T), r.steps
+    logits = db.balance_logits(np.log(T), np.full(300, 1 / 300), np.full(250, 1 / 250), steps=4)
+    return db.which_kernel(T), r.steps, float(logits.table.sum())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
@@ -296,15 +299,21 @@ def test_forked_workers_after_parallel_kernels():
     from concurrent.futures import ProcessPoolExecutor
 
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    with kernel_choice("numba"):
-        db.balance_table(np.random.default_rng(0).random((3, 67, 45)), np.full(67, 1 / 67), np.full(45, 1 / 45),
-                         steps=5)
-        expected = _steps_in_child(1)[1]
-        with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
-            results = list(pool.map(_steps_in_child, [1, 1]))
+    old = fused.PER_THREAD
+    fused.PER_THREAD = 1  # the one-off passes too, in the parent and (inherited) in the children
+    try:
+        with kernel_choice("numba"):
+            db.balance_table(np.random.default_rng(0).random((3, 67, 45)), np.full(67, 1 / 67),
+                             np.full(45, 1 / 45), steps=5)
+            _, expected, total = _steps_in_child(1)
+            with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+                results = list(pool.map(_steps_in_child, [1, 1]))
+    finally:
+        fused.PER_THREAD = old
     layer = numba.threading_layer()
-    for kernel, steps in results:
+    for kernel, steps, table_total in results:
         assert steps == expected
+        assert table_total == pytest.approx(total, rel=1e-12)
         assert kernel == ("numpy" if layer == "omp" else "numba")
 
 
@@ -356,7 +365,8 @@ def test_scale_in_place_equals_numpy_products(problem, order, overflow):
     old = fused.PER_THREAD
     fused.PER_THREAD = 1  # the numba pass (on two threads from two entries) whatever the size
     try:
-        finite = fused.scale_in_place(got, u, v)
+        with kernel_choice("numba"):
+            finite = fused.scale_in_place(got, u, v)
     finally:
         fused.PER_THREAD = old
     assert finite == bool(np.isfinite(want).all())
@@ -365,15 +375,25 @@ def test_scale_in_place_equals_numpy_products(problem, order, overflow):
 
 def test_scale_in_place_declines_what_it_cannot_do_in_place():
     table = np.random.default_rng(3).random((2, 40, 30))
+    ones = np.ones((2, 40)), np.ones((2, 30))
     old = fused.PER_THREAD
     fused.PER_THREAD = 8
     try:
-        strided = table[:, ::2]
-        assert fused.scale_in_place(strided, np.ones((2, 20)), np.ones((2, 30))) is None  # lines not contiguous
-        assert fused.scale_in_place(np.asfortranarray(table), np.ones((2, 40)), np.ones((2, 30))) is None
+        with kernel_choice("numba"):
+            assert fused.scale_in_place(table[:, ::2], ones[0][:, ::2], ones[1]) is None  # lines not contiguous
+            assert fused.scale_in_place(np.asfortranarray(table), *ones) is None
+            assert fused.scale_in_place(table.astype(">f8"), *ones) is None  # another byte order
+            assert fused.line_extremes(table.astype(">f8"), -1) is None
+            assert fused.scale_in_place(table.astype(np.float16), *ones) is None
+            huge = np.full((2, 40, 30), 1e306)  # finite entries whose sum overflows: still finite
+            assert fused.scale_in_place(huge, *ones) is True
+            assert fused.scale_in_place(huge, np.full((2, 40), 1e3), ones[1]) is False
+        with kernel_choice("numpy"):
+            assert fused.scale_in_place(table, *ones) is None
     finally:
         fused.PER_THREAD = old
-    assert fused.scale_in_place(table, np.ones((2, 40)), np.ones((2, 30))) is None  # small: NumPy's products
+    with kernel_choice("numba"):
+        assert fused.scale_in_place(table, *ones) is None  # small: NumPy's products
 
 
 @SETTINGS
@@ -484,7 +504,8 @@ def test_line_extremes_equal_numpy(m, l, batch, dtype, order, axis, special):
     old = fused.PER_THREAD
     fused.PER_THREAD = 1
     try:
-        found = fused.line_extremes(table, axis)
+        with kernel_choice("numba"):
+            found = fused.line_extremes(table, axis)
     finally:
         fused.PER_THREAD = old
     contiguous = (table.flags.c_contiguous and axis == -1) or (table.ndim == 2 and table.flags.f_contiguous
@@ -509,18 +530,43 @@ def test_balance_logits_names_nan_and_inf_found_by_the_key_extremes():
     old = fused.PER_THREAD
     fused.PER_THREAD = 1
     try:
-        for value, message in ((np.nan, "contains NaN, first at index"), (-np.nan, "contains NaN, first at index"),
-                               (np.inf, r"contains \+inf")):
-            bad = L.copy()
-            bad[123, 45] = value
-            with pytest.raises(ValueError, match=message):
-                db.balance_logits(bad, p, q, steps=2)
-        with_zero = L.copy()
-        with_zero[7, 8] = -np.inf
-        got = db.balance_logits(with_zero, p, q, steps=6)
-        assert got.table[7, 8] == 0.0
+        with kernel_choice("numba"):
+            for value, message in ((np.nan, "contains NaN"), (-np.nan, "contains NaN"), (np.inf, r"contains \+inf")):
+                for start, at in (("x", (123, 45)), ("y", (40, 7)), ("x", (299, 199))):
+                    bad = L.copy()
+                    bad[at] = value
+                    with pytest.raises(ValueError, match=rf"{message}, first at index \({at[0]}, {at[1]}\)"):
+                        db.balance_logits(bad, p, q, steps=2, start=start)
+            with_zero = L.copy()
+            with_zero[7, 8] = -np.inf
+            got = db.balance_logits(with_zero, p, q, steps=6)
+            assert got.table[7, 8] == 0.0
     finally:
         fused.PER_THREAD = old
     with kernel_choice("numpy"):
         want = db.balance_logits(with_zero, p, q, steps=6)
     np.testing.assert_allclose(got.table, want.table, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("l", [5, 1000, 4097])
+def test_row_sums_do_not_depend_on_the_row_blocks(dtype, l):
+    """A row's sum is the same bits whichever block (thread) and place in a group of rows sums it:
+    results do not change with the thread count."""
+    rng = np.random.default_rng(l)
+    T = rng.random((1, 37, l)).astype(dtype) * 1e3
+    x = (rng.random((1, l)) * 3).astype(dtype)
+    p, old, w = np.full((1, 37), 1 / 37, dtype), np.ones((1, 37), dtype), np.ones(1)
+    runs = []
+    with kernel_choice("numba"):
+        for nblocks in (1, 2, 3, 5, 16):
+            r = np.empty((1, 37), dtype)
+            fused.compiled(fused._lead_products)(T, x, nblocks, dtype(0), r)
+            r2, u, acc = np.empty((1, 37), dtype), np.empty((1, 37), dtype), np.empty((nblocks, l))
+            fused.compiled(fused._dense_pass)(T, x, old, p, w, nblocks, dtype(0), r2, u, acc)
+            runs.append((r, r2, u))
+    for r, r2, u in runs[1:]:
+        np.testing.assert_array_equal(r, runs[0][0])
+        np.testing.assert_array_equal(r2, runs[0][1])
+        np.testing.assert_array_equal(u, runs[0][2])
+    np.testing.assert_array_equal(runs[0][0], runs[0][1])

@@ -255,8 +255,11 @@ class BalancedEstimator:
         For ``steps=None``: at most this many half-steps (default 5000 per margin). A run that uses
         them up without reaching ``tol`` has status ``"max_steps"`` in ``balance_`` and warns
         (:class:`~databalance.ConvergenceWarning`); its weights are those of its last half-step,
-        and the standard error treats them as converged. On Dask samples that are their own cells
-        every half-step is a pass over the samples: this is the budget of passes.
+        and the standard error treats them as converged. With ``bounds`` it caps both rakings (the
+        one whose weights the trimming starts from, silently, and the last, which ``balance_``
+        describes); the trimming's own sweeps are capped apart. On Dask samples that are their own
+        cells every half-step is a pass over the samples (after one that encodes them): this is
+        the budget of passes.
     empty : {"error", "drop"}
         A target category with positive mass but no sample cannot be reached. ``"error"`` (default)
         raises, naming it; ``"drop"`` sets its target mass to 0 and rescales that margin's other
@@ -601,8 +604,11 @@ class BalancedEstimator:
         weights of the last round and whether the bounds hold (None without bounds)."""
         keys = [m.key for m in enc.margins]
         codes, shapes = cells.codes, cells.shapes
-        result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol,
-                               max_steps=self.max_steps, margin_sums=counts)
+        with warnings.catch_warnings():
+            if bounds is not None:  # this raking only seeds the trimming: the last one's status is reported
+                warnings.simplefilter("ignore", ConvergenceWarning)
+            result = balance_cells(codes, shapes, cells.mass, targets, keys, steps=steps, tol=self.tol,
+                                   max_steps=self.max_steps, margin_sums=counts)
         if bounds is None:
             return result, d, None
         w = _at_samples(_cell_ratio(result, cells), cell_of) * (1.0 if d is None else d)

@@ -230,25 +230,28 @@ def _rule(pi, s, uo, w):
 
 
 def _dots(Tb, x, lo, hi, zero, out):
-    """``out[i] = T_i . x`` for rows ``lo <= i < hi``, eight rows at a time (eight streams from
-    memory keep more loads in flight than one: 3-5% quicker than four on the benchmark machine),
-    accumulated in ``zero``'s dtype: the table's, as BLAS does (float64 for float64 sums)."""
+    """``out[i] = T_i . x`` for rows ``lo <= i < hi``, four rows at a time (four streams from memory
+    keep more loads in flight than one), accumulated in ``zero``'s dtype: the table's, as BLAS does
+    (float64 for float64 sums). As compiled, a row of a group of four and a row left over are
+    summed in the same order, so row blocks (thread counts) do not change the sums: a test checks
+    it (eight rows at a time summed a group's rows in another order)."""
     i = lo
-    while i + 8 <= hi:
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    while i + 4 <= hi:
+        s0 = zero
+        s1 = zero
+        s2 = zero
+        s3 = zero
         for j in range(x.size):
             xj = x[j]
             s0 += Tb[i, j] * xj
             s1 += Tb[i + 1, j] * xj
             s2 += Tb[i + 2, j] * xj
             s3 += Tb[i + 3, j] * xj
-            s4 += Tb[i + 4, j] * xj
-            s5 += Tb[i + 5, j] * xj
-            s6 += Tb[i + 6, j] * xj
-            s7 += Tb[i + 7, j] * xj
-        out[i], out[i + 1], out[i + 2], out[i + 3] = s0, s1, s2, s3
-        out[i + 4], out[i + 5], out[i + 6], out[i + 7] = s4, s5, s6, s7
-        i += 8
+        out[i] = s0
+        out[i + 1] = s1
+        out[i + 2] = s2
+        out[i + 3] = s3
+        i += 4
     while i < hi:
         s = zero
         for j in range(x.size):
@@ -306,9 +309,9 @@ def _starts(counts, ptr):
 
 def _dense_pass(T, v, uold, p, omega, nblocks, zero, r, u, acc):
     """One fused pass over ``T`` (B, m, l): ``r = T v``, ``u = rule(p, r)``, ``acc[q] = T' u``
-    over row block q of problem ``q // nblocks``: eight rows at a time (3-5% quicker than sixteen),
-    their sums, their new scalings, then their contributions to the column sums while the rows are
-    in cache."""
+    over row block q of problem ``q // nblocks``: eight rows at a time (3-5% quicker than sixteen
+    in A/B runs), their sums, their new scalings, then their contributions to the column sums while
+    the rows are in cache."""
     B, m, l = T.shape
     for q in prange(B * nblocks):  # numba.prange when compiled
         b = q // nblocks
@@ -357,20 +360,21 @@ def _rounded_sums(T, x, y, lead_first, nblocks, r, acc):
             r[b, i] = s
 
 
-def _scale_in_place(T, x, y, lead_first, nblocks, sums):
+def _scale_in_place(T, x, y, lead_first, nblocks, bad):
     """``T[b, i] = (T[b, i] * x[b, i]) * y[b]`` in place (the lead line's scaling first when
     ``lead_first``; each product rounded as :func:`_scaled_row` rounds it), over row block q of
-    problem ``q // nblocks``; ``sums[q]`` the block's float64 sum (infinite iff an entry is)."""
+    problem ``q // nblocks``; ``bad[q]`` the block's entries that are not below +inf (infinite or
+    NaN: a count of comparisons, which vectorises, and cannot overflow as a sum of entries can)."""
     B, m, l = T.shape
     for q in prange(B * nblocks):
         b = q // nblocks
-        s = 0.0
+        n = 0
         for i in range((q % nblocks) * m // nblocks, (q % nblocks + 1) * m // nblocks):
             row = T[b, i]
             _scaled_row(row, x[b, i], y[b], lead_first, row)
             for j in range(l):
-                s += row[j]
-        sums[q] = s
+                n += not row[j] < np.inf
+        bad[q] = n
 
 
 def _key_extremes(K, shift, mask, nblocks, line, low):
@@ -556,14 +560,22 @@ def chain_pass(W: np.ndarray, x: np.ndarray, base: np.ndarray, scale: np.ndarray
     return y.T, acc.sum(axis=0).T
 
 
+def _one_off_pass(table: np.ndarray) -> bool:
+    """Whether a one-off numba pass (outside a kernel) may run over this dense table: numba wanted,
+    not in a child forked after GNU OpenMP's threads ran, a table of native float32 or float64 of
+    at least :data:`PER_THREAD` entries."""
+    return (numba_wanted() and not _FORK_UNSAFE and table.ndim >= 2 and table.size >= PER_THREAD
+            and table.dtype in (np.dtype(np.float32), np.dtype(np.float64)))
+
+
 def line_extremes(table: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The maxima of the table's lines along ``axis`` (-1 or -2) and its minimum, from one threaded
-    read, exact: each float's bits as a signed integer ``b ^ ((b >> (w - 1)) & (2^(w - 1) - 1))``
-    order as the floats do (integer extremes vectorise; float ones, NaN-aware, do not: twice as
-    quick as NumPy's max and min), and a NaN of either sign lands above +inf or below -inf, so it
-    shows in the extremes. None (nothing done) when numba is not wanted, the table is small, or the
-    lines are not its contiguous ones."""
-    if not numba_wanted() or table.size < PER_THREAD or table.ndim < 2:
+    read: each float's bits as a signed integer ``b ^ ((b >> (w - 1)) & (2^(w - 1) - 1))`` order
+    as the floats do (integer extremes vectorise; float ones, NaN-aware, do not: twice as quick as
+    NumPy's max and min), so the values are NumPy's (a zero's sign aside: -0.0 ranks below +0.0),
+    and a NaN of either sign lands above +inf or below -inf, so it shows in the extremes. None
+    (nothing done) unless :func:`_one_off_pass` allows it and the lines are the contiguous ones."""
+    if not _one_off_pass(table):
         return None
     if table.flags.c_contiguous and axis == -1:
         W = table.reshape((-1,) + table.shape[-2:])
@@ -588,9 +600,9 @@ def line_extremes(table: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]
 def scale_in_place(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> bool | None:
     """``table *= u[..., :, None] * v[..., None, :]`` in place, each product rounded to the table's
     dtype in that order (as NumPy's two in-place products with float64 scalings round them), from
-    one threaded read; whether every entry stayed finite. None (nothing done) when numba is not
-    wanted, the table is small, or its lines are not contiguous."""
-    if not numba_wanted() or table.size < PER_THREAD or table.ndim < 2:
+    one threaded read; whether every entry stayed finite. None (nothing done) unless
+    :func:`_one_off_pass` allows it and the table's lines are contiguous."""
+    if not _one_off_pass(table):
         return None
     if table.flags.c_contiguous:
         W, x, y, lead_first = table.reshape((-1,) + table.shape[-2:]), u, v, True
@@ -601,13 +613,13 @@ def scale_in_place(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> bool | No
     B, m, l = np.shape(W)
     nt = min(threads(), max(1, W.size // PER_THREAD))
     nblocks = max(1, min(m, -(-nt // B)))
-    sums = np.empty(B * nblocks)
+    bad = np.empty(B * nblocks, np.int64)
     with _using(nt):
         compiled(_scale_in_place)(W, np.ascontiguousarray(np.broadcast_to(x, table.shape[:-2] + (m,)),
                                                           np.float64).reshape(B, m),
                                   np.ascontiguousarray(np.broadcast_to(y, table.shape[:-2] + (l,)),
-                                                       np.float64).reshape(B, l), lead_first, nblocks, sums)
-    return bool(np.isfinite(sums).all())
+                                                       np.float64).reshape(B, l), lead_first, nblocks, bad)
+    return not bad.any()
 
 
 # -- the kernels ------------------------------------------------------------------------------------------

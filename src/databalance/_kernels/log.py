@@ -91,8 +91,8 @@ def add_potentials(L, f, g, *, out, fn=None):
 def scale_buffer(table, scalings) -> bool:
     """``table *= u[..., :, None] * v[..., None, :]`` in place for ``scalings = (u, v)`` (float64;
     each product rounded to the table's dtype, as :func:`~databalance._kernels.scaled_table` rounds),
-    by one threaded numba pass when it can (:func:`.fused.scale_in_place`: 4x quicker than NumPy's
-    two passes on a 4000^2 float32 buffer); whether every entry stayed finite."""
+    by one threaded numba pass when it can (:func:`.fused.scale_in_place`: 2-3x quicker than NumPy's
+    two passes on a 4000^2 buffer); whether every entry stayed finite."""
     from . import fused
 
     u, v = scalings
