@@ -9,6 +9,12 @@ products are those of :class:`.dense.DenseKernel` on each block, so the iterates
 ones up to the order of the column sums' additions. Chunks along the columns are merged, with a
 warning: a block must hold whole rows (see the user guide, "Samples and tables on Dask").
 
+The fused sweep (:class:`FusedChunkedKernel`) is one map over the blocks per sweep. Under
+``distributed`` it goes through the futures API: each block is held (:class:`_Held`) on one
+worker chosen to balance the nonzeros (:func:`_balanced`), a sweep is one task per worker over its
+blocks, and after :data:`.fused_sparse.BUILD_AFTER` sweeps each sparse block is held with its tiled
+copy (:func:`.fused_sparse.tiled_pattern`), released with the kernel.
+
 Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
 """
 
