@@ -1,5 +1,5 @@
 """Dask tables on a ``distributed`` cluster (issue 12, DASK-TABLE): the sweeps by the futures API,
-each block held on one worker (balanced by nonzeros) and, after ``BUILD_AFTER`` passes, with its
+each block held on one worker (balanced by nonzeros) and, after ``HELD_BUILD_AFTER`` passes, with its
 tiled copy; checked against the in-memory NumPy kernel (never numba) on small tables."""
 
 import subprocess
@@ -106,12 +106,11 @@ def spy_tiled(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("build_after", [0, None])
+@pytest.mark.parametrize("build_after", [0, 3])
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("start", ["x", "y"])
 def test_held_sweeps_equal_numpy_kernel(client, monkeypatch, spy_tiled, kind, start, build_after):
-    if build_after is not None:
-        monkeypatch.setattr(chunked, "BUILD_AFTER", build_after)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", build_after)
     T, p, q = problem(21)
     table = client.persist(blocks_of(T, kind))
     for steps in [1, 2, 3, 4, 5, None]:
@@ -121,13 +120,13 @@ def test_held_sweeps_equal_numpy_kernel(client, monkeypatch, spy_tiled, kind, st
         assert_equal_scalings(got, ref, rtol=1e-12)
         np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
     assert ref.status == "converged"
-    # sparse blocks get their tiled copies once a run has made BUILD_AFTER passes (dense never)
+    # sparse blocks get their tiled copies once a run has made HELD_BUILD_AFTER passes (dense never)
     assert bool(spy_tiled) == (kind == "sparse")
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_float32_on_the_cluster(client, monkeypatch, spy_tiled, kind):
-    monkeypatch.setattr(chunked, "BUILD_AFTER", 1)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 1)
     T, p, q = problem(22, dtype=np.float32)
     got = balance_table(blocks_of(T, kind), p, q, steps=9)
     ref = numpy_reference(monkeypatch, T, kind, p, q, steps=9)
@@ -138,7 +137,7 @@ def test_float32_on_the_cluster(client, monkeypatch, spy_tiled, kind):
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_overrelaxed_sweeps_on_the_cluster(client, monkeypatch, spy_tiled, kind):
-    monkeypatch.setattr(chunked, "BUILD_AFTER", 2)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 2)
     T, p, q = problem(23, m=240, n=50)
     ref = numpy_reference(monkeypatch, T, kind, p, q, acceleration="overrelax", tol=1e-12)
     got = balance_table(blocks_of(T, kind), p, q, acceleration="overrelax", tol=1e-12)
@@ -148,13 +147,14 @@ def test_overrelaxed_sweeps_on_the_cluster(client, monkeypatch, spy_tiled, kind)
 
 
 def test_tiled_pass_equals_products_and_blocks_are_balanced(client, monkeypatch):
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 3)
     rng = np.random.default_rng(24)
     T = random_table(rng, 330, 60)
     p = rng.dirichlet(np.ones(330))
     p[7] = 0.0
     kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse", rows=30)))
     v, old = rng.random(60) + 0.5, rng.random(330) + 0.5
-    for _ in range(chunked.BUILD_AFTER + 2):  # the last pass reads the tiled copies
+    for _ in range(chunked.HELD_BUILD_AFTER + 2):  # the last pass reads the tiled copies
         r, u, c = kernel._pass(v, old, p, None)
     where, at, held, tiled = kernel._held
     assert tiled
@@ -187,7 +187,7 @@ def test_tiled_pass_equals_products_and_blocks_are_balanced(client, monkeypatch)
 
 
 def test_copies_released_with_the_result(client, monkeypatch):
-    monkeypatch.setattr(chunked, "BUILD_AFTER", 1)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 1)
     T, p, q = problem(25)
     table = client.persist(blocks_of(T, "sparse"))
     got = balance_table(table, p, q, steps=12)
@@ -204,7 +204,7 @@ def test_copies_released_with_the_result(client, monkeypatch):
 
 
 def test_kernel_refused_numba_builds_no_copy(client, monkeypatch, spy_tiled):
-    monkeypatch.setattr(chunked, "BUILD_AFTER", 0)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 0)
     monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
     T, p, q = problem(26)
     got = balance_table(blocks_of(T, "sparse"), p, q, steps=8)
@@ -256,7 +256,7 @@ def test_works_without_numba_on_a_cluster():
             "import numpy as np, scipy.sparse as sp, dask, dask.array as da, distributed\n"
             "from databalance import balance_table\n"
             "from databalance._kernels import chunked\n"
-            "chunked.BUILD_AFTER = 0\n"
+            "chunked.HELD_BUILD_AFTER = 0\n"
             "r = np.random.default_rng(3); T = r.random((120, 15)); T[T < .5] = 0; T[:, 0] = 1; T[0] = 1\n"
             "p, q = r.dirichlet(np.ones(120)), r.dirichlet(np.ones(15))\n"
             "table = da.from_array(T, chunks=(30, 15)).map_blocks(sp.csr_matrix)\n"
@@ -270,10 +270,11 @@ def test_works_without_numba_on_a_cluster():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_sweeps_after_a_worker_is_restarted():
+def test_sweeps_after_a_worker_is_restarted(monkeypatch):
     """A worker restarted after the tiled copies were built: its blocks and held copies are made
     again elsewhere, the next sweep is not pinned to the worker that left, and the results hold."""
     pytest.importorskip("numba")
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
@@ -285,7 +286,7 @@ def test_sweeps_after_a_worker_is_restarted():
         kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
         p = rng.dirichlet(np.ones(240))
         v, old = np.ones(20), np.ones(240)
-        for _ in range(chunked.BUILD_AFTER + 2):
+        for _ in range(chunked.HELD_BUILD_AFTER + 2):
             kernel._pass(v, old, p, None)
         assert kernel._held[3]
         victim = next(a for a in kernel._held[1] if a)
@@ -294,7 +295,7 @@ def test_sweeps_after_a_worker_is_restarted():
 
         def sweep():
             out["first"] = kernel._pass(v, old, p, None)
-            for _ in range(chunked.BUILD_AFTER + 1):
+            for _ in range(chunked.HELD_BUILD_AFTER + 1):
                 out["later"] = kernel._pass(v, old, p, None)
 
         thread = threading.Thread(target=sweep, daemon=True)
@@ -313,7 +314,7 @@ def test_sweeps_after_a_worker_is_restarted():
 def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
     """Beyond CLIENT_SUM_MAX entries of column partials, a tree of tasks adds them on the workers."""
     monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)
-    monkeypatch.setattr(chunked, "BUILD_AFTER", 2)
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 2)
     T, p, q = problem(29)
     for kind in ["sparse", "dense"]:
         got = balance_table(blocks_of(T, kind), p, q, steps=8)
@@ -336,3 +337,11 @@ def test_one_task_per_worker_and_sweep(client, monkeypatch):
     assert sorted(calls) == ["_identity", "_identity", "_worker_blocks", "_worker_blocks"]
     np.testing.assert_allclose(r, T.sum(axis=1), rtol=1e-13)
     np.testing.assert_allclose(c, T.T @ u, rtol=1e-13)
+
+
+def test_short_runs_build_no_copy(client, spy_tiled):
+    """Runs of fewer than HELD_BUILD_AFTER sweeps never build the tiled copies (their build costs
+    more than they save there)."""
+    T, p, q = problem(31)
+    got = balance_table(blocks_of(T, "sparse"), p, q, steps=2 * chunked.HELD_BUILD_AFTER)
+    assert got.passes < chunked.HELD_BUILD_AFTER + 2 and spy_tiled == []

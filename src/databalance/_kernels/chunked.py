@@ -12,7 +12,7 @@ warning: a block must hold whole rows (see the user guide, "Samples and tables o
 The fused sweep (:class:`FusedChunkedKernel`) is one map over the blocks per sweep. Under
 ``distributed`` it goes through the futures API: each block is held (:class:`_Held`) on one
 worker chosen to balance the nonzeros (:func:`_balanced`), a sweep is one task per worker over its
-blocks, and after :data:`.fused_sparse.BUILD_AFTER` sweeps each sparse block is held with its tiled
+blocks, and after :data:`HELD_BUILD_AFTER` sweeps each sparse block is held with its tiled
 copy (:func:`.fused_sparse.tiled_pattern`), released with the kernel.
 
 Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
@@ -37,7 +37,6 @@ from dask.sizeof import sizeof
 from .. import _validation as check
 from .dense import DenseKernel, support_pattern_dense
 from .fused import _Fused
-from .fused_sparse import BUILD_AFTER
 from .sparse import scaled_sparse, support_pattern_sparse
 
 #: Partials summed per node of the column sums' tree reduction.
@@ -46,6 +45,17 @@ SPLIT_EVERY = 8
 #: A fused sweep sends every block's column partials to the client, which adds them, while they
 #: hold at most this many entries in all (128 MB); beyond, a tree reduction on the workers adds them.
 CLIENT_SUM_MAX = 1 << 24
+
+#: Under ``distributed``, each sparse block is held with its tiled copy (:func:`_tiled`) from the
+#: sweep after this many on. Measured at 5*10^7 nonzeros in ten blocks on two one-thread workers
+#: of a two-core machine (benchmarks/bench_dask.py table): the copies cut the workers' arithmetic by
+#: about 10% (85-95 against 90-105 ms per worker and sweep) but no sweep got measurably shorter
+#: (0.155 s either way, interleaved: the client, the scheduler and the workers share the cores),
+#: while their build took 0.15-0.5 s per block, about 1 s per worker, once per run (a run of ten
+#: sweeps that built them at the in-memory kernel's BUILD_AFTER = 6 took 0.25 s per sweep against
+#: 0.13 s without). So only long runs build them, where a machine with cores to spare per worker
+#: may gain what the in-memory kernel does (0.071 against 0.093 s per sweep on two threads).
+HELD_BUILD_AFTER = 64
 
 _delayed: Any = dask.delayed  # typed loosely: dask's stubs expect collections, not functions
 
@@ -479,7 +489,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         self._futures: list | None = None  # under distributed: the blocks' futures
         self._held: tuple | None = None  # under distributed: (placement, workers, held blocks' futures, tiled)
         self._threads: dict = {}  # under distributed: the workers' threads
-        self._held_after = BUILD_AFTER  # the pass after which the held blocks are built
+        self._held_after = HELD_BUILD_AFTER  # the pass from which sparse blocks are held with tiled copies
         self._sent: tuple | None = None  # under distributed: (targets, placement, their slices' futures)
 
     def _pass(self, x, old, p, omega):
@@ -530,7 +540,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         optimise). Each block is held (:class:`_Held`) on one worker, chosen once so that the
         workers hold about equal nonzeros per thread (:func:`_balanced`: the benchmark's ten
         blocks had landed six and four on two workers, whose sweeps then waited for one worker's
-        sixth block); from the pass after :data:`.fused_sparse.BUILD_AFTER` on, a sparse block is
+        sixth block); from the pass after :data:`HELD_BUILD_AFTER` on, a sparse block is
         held with its tiled copy when numba is wanted. One task per worker runs its blocks'
         parts of the sweep with that worker's copy of ``x`` (one small task per worker) and adds
         their column sums. Returns ``(lines, c)`` as the graph's sweep does; None when the blocks
@@ -546,7 +556,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                                   allow_other_workers=bool(a), pure=False)
                     for b, a, h in zip(blocks, at, where, strict=True)]
             self._held = (where, at, held, False)
-            self._held_after = self.passes + BUILD_AFTER
+            self._held_after = self.passes + HELD_BUILD_AFTER
         where, at, held, tiled = self._held
         if (not tiled and self.sparse and self.passes >= self._held_after
                 and self.dtype in (np.float32, np.float64) and _numba_wanted()):
