@@ -23,7 +23,8 @@ workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask arr
 the blocks per sweep by the futures API; with ``--plain`` also as one graph per sweep, and the
 two-map kernel) and on the same table as one in-memory CSR matrix, over ``--sweeps`` sweeps and in
 the steady state (sweeps ``--sweeps`` to ``2 * --sweeps``, after both kernels built their tiled
-copies), and the largest relative difference of the scalings.
+copies; the Dask blocks build theirs only from sweep ``chunked.HELD_BUILD_AFTER``), and the largest
+relative difference of the scalings.
 """
 
 from __future__ import annotations
@@ -326,6 +327,7 @@ def table(args) -> None:
     from threadpoolctl import threadpool_info
 
     from databalance import balance_table
+    from databalance._kernels import chunked
 
     print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
     rows = args.nnz // args.per_row
@@ -357,7 +359,8 @@ def table(args) -> None:
                 _, sweep_plain, fixed_plain, _, _ = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
                                                                args.sweeps, args.repeat)
         workers = client.run(peak_mb)
-    print(f"  dask (2 workers x 1 thread; futures, blocks held balanced, tiled copies after the build): blocks "
+    print(f"  dask (2 workers x 1 thread; futures, blocks held balanced; tiled copies only from sweep "
+          f"{chunked.HELD_BUILD_AFTER}): blocks "
           f"built in {build:.2f} s; a first untimed run {warm:.2f} s; setup (checks, frame sums) {setup:.2f} s, "
           f"per sweep {sweep:.3f} s "
           f"({with_fixed:.3f} s with the fixed costs spread), steady state {steady:.3f} s; workers' peak "
