@@ -6,8 +6,10 @@ the workers, each pass one map over the partitions (encoding the labels, gatheri
 vectors at every sample's categories, ``np.bincount`` per level) merged by Dask's tree reduction
 (:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``. When the encoded codes fit a
 share of the workers' memory they are encoded once and persisted (:func:`cached`): later passes
-read them instead of the columns. With numba, a fit's pass is one compiled loop per partition
-(:func:`_weight_pass`), and so is each pass of a ``mean`` (:func:`_first_pass`, :func:`_step_pass`,
+read them instead of the columns; under ``distributed`` a pass over them is then submitted as
+futures, a task per group on the worker holding it (:func:`_submitted`), not built as a graph.
+With numba, a fit's pass is one compiled loop per partition (:func:`_weight_pass`), and so is
+each pass of a ``mean`` (:func:`_first_pass`, :func:`_step_pass`,
 :func:`_terms_pass`: per sample the scalings gathered, the chain's steps and the sums, with the
 NumPy passes' operations in their order). With the codes cached, a ``mean``'s values are also read
 once and kept for its passes when they fit the same budget (:func:`cached_values`).
@@ -275,9 +277,9 @@ def _worker_sum(*parts):
 def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dict:
     """One pass over codes held on the workers, as futures: a task per group on a worker holding the
     group (no graph built, tokenized and sent per pass, no transfers; a loose restriction: a worker
-    that left does not hold the pass up), the groups' partial sums
-    added on their worker when it holds several, the workers' results added on the client (a tree
-    between the workers would move tables of millions of entries from one to another first)."""
+    that left does not hold the pass up), the groups' partial sums added on their worker when it
+    holds several, the workers' results added on the client (a tree between the workers would move
+    tables of millions of entries from one to another first)."""
     from distributed import futures_of
 
     keys = [k for k in samples.encoded.__dask_keys__()]
