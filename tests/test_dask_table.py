@@ -179,7 +179,7 @@ def test_tiled_pass_equals_products_and_blocks_are_balanced(client, monkeypatch)
         t = h.tiles
         block = t.ptr.nbytes + t.keys.nbytes + t.values.nbytes
         moved = h.block.data.nbytes + h.block.indices.nbytes + h.block.indptr.nbytes if h.moved else 0
-        assert abs(chunked.sizeof(h) - 64 - block - moved) <= 1024  # scipy's sizeof: the arrays and a little
+        assert chunked.sizeof(h) == 64 + block + moved
     weights = client.run(lambda dask_worker: {str(k): dask_worker.data.fast.weights[k] for k in dask_worker.data
                                               if str(k).startswith("databalance-tiled")
                                               and k in getattr(dask_worker.data, "fast", {})})

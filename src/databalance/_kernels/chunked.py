@@ -219,7 +219,15 @@ class _Held:
         sent from another worker (else the block is counted under its own key)."""
         t = self.tiles
         tiles = 0 if t is None else int(t.ptr.nbytes + t.keys.nbytes + t.values.nbytes)
-        return tiles + (sizeof(self.block) if self.moved else 0)
+        return tiles + (_block_bytes(self.block) if self.moved else 0)
+
+
+def _block_bytes(block) -> int:
+    """A block's memory: its arrays (dask's ``sizeof`` does not know every scipy sparse class)."""
+    if sp.issparse(block):
+        return int(sum(getattr(block, name).nbytes for name in ("data", "indices", "indptr")
+                       if hasattr(block, name)))
+    return int(np.asarray(block).nbytes)
 
 
 @sizeof.register(_Held)
