@@ -314,6 +314,54 @@ def test_sweeps_after_a_worker_is_restarted(monkeypatch):
         lc.close()
 
 
+def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
+    """A worker restarted while a sweep's tasks run on it: the sweep notices (the tasks were pinned
+    to a worker that left), holds the blocks again and finishes, with the right sums."""
+    import time
+
+    monkeypatch.setattr(chunked, "SWEEP_CHECK", 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                      memory_limit="1GiB")
+        c = distributed.Client(lc)
+    try:
+        rng = np.random.default_rng(31)
+        T = random_table(rng, 240, 20)
+        kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
+        p = rng.dirichlet(np.ones(240))
+        v, old = np.ones(20), np.ones(240)
+        kernel._pass(v, old, p, None)  # the blocks held
+        victim = next(a for a in kernel._held[1] if a)
+
+        def slow_sweeps():  # on the workers: their sweep tasks sleep first (a fresh worker's do not)
+            from databalance._kernels import chunked as worker_chunked
+
+            original = worker_chunked._worker_blocks
+
+            def slow(*args):
+                time.sleep(3.0)
+                return original(*args)
+
+            worker_chunked._worker_blocks = slow
+
+        c.run(slow_sweeps)
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("r", kernel._pass(v, old, p, None)), daemon=True)
+        thread.start()
+        time.sleep(1.0)  # the sweep's tasks are running (sleeping) on both workers
+        c.restart_workers([victim])
+        thread.join(90)
+        assert "r" in out, "a sweep waited for a worker that left during it"
+        r, u, cs = out["r"]
+        np.testing.assert_allclose(r, T @ v, rtol=1e-12)
+        np.testing.assert_allclose(cs, T.T @ u, rtol=1e-12)
+        assert victim not in kernel._held[1]
+    finally:
+        c.close()
+        lc.close()
+
+
 def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
     """Beyond CLIENT_SUM_MAX entries of column partials, a tree of tasks adds them on the workers."""
     monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)

@@ -57,6 +57,10 @@ CLIENT_SUM_MAX = 1 << 24
 #: may gain what the in-memory kernel does (0.071 against 0.093 s per sweep on two threads).
 HELD_BUILD_AFTER = 64
 
+#: Seconds between checks, while a sweep's tasks run, that the workers they are pinned to are
+#: still in the cluster (a task pinned to a worker that left would wait for it forever).
+SWEEP_CHECK = 2.0
+
 _delayed: Any = dask.delayed  # typed loosely: dask's stubs expect collections, not functions
 
 
@@ -327,6 +331,22 @@ def _worker_blocks(held: list, v, olds: list, targets: list, w, compiled: bool):
     return lines, c
 
 
+def _finished(client, tasks: list, pinned: set) -> bool:
+    """Wait for a sweep's tasks; False (and the tasks cancelled) when a worker they are pinned to
+    left the cluster before they finished: they would wait for it forever. Checked every
+    :data:`SWEEP_CHECK` seconds."""
+    from distributed import wait
+
+    while True:
+        try:
+            wait(tasks, timeout=SWEEP_CHECK)
+            return True
+        except TimeoutError:
+            if not pinned <= set(client.scheduler_info().get("workers", {})):
+                client.cancel(tasks)
+                return False
+
+
 def _identity(x):
     return x
 
@@ -589,6 +609,9 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                                [targets[i] for i in g], w, self.compiled, pure=False,
                                workers=[at[g[0]]] if at[g[0]] else None, allow_other_workers=False)
                  for g in groups.values()]
+        if not _finished(client, tasks, {a for a in at if a}):  # a worker left during the sweep
+            self._held = self._where = None
+            return self._submitted(client, x, old, p, w)  # held again where the blocks are now
         if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every worker's results to the client
             parts = client.gather(tasks)
             c = _added(*[part[1] for part in parts])
