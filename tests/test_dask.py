@@ -1584,3 +1584,47 @@ def test_submitted_mean_after_a_worker_is_replaced(samples_path):
         finally:
             client.close()
             lc.close()
+
+
+def test_dataframe_columns_with_a_joint_margin_on_the_samples_path(samples_path):
+    """A Dask DataFrame's columns arrive read-only and a joint margin's codes are computed (writable):
+    the compiled passes take both (they once failed to type a tuple of the two)."""
+    rng = np.random.default_rng(41)
+    n = 6000
+    df = pd.DataFrame({"a": rng.integers(0, 20, n), "b": rng.integers(0, 15, n), "c": rng.integers(0, 4, n),
+                       "d": rng.integers(0, 5, n), "h": rng.normal(size=n)})
+    margins = {"a": np.full(20, 1 / 20), "b": np.full(15, 1 / 15), ("c", "d"): np.full((4, 5), 1 / 20)}
+    ref = BalancedEstimator(margins, steps=3).fit(df[["a", "b", "c", "d"]]).mean(df["h"])
+    ddf = dd.from_pandas(df, npartitions=4)
+    with dask.config.set(scheduler="sync"):
+        got = BalancedEstimator(margins, steps=3).fit(ddf[["a", "b", "c", "d"]]).mean(ddf["h"])
+    assert_same_mean(got, ref)
+
+
+def _worker_keys(client) -> set:
+    import gc
+    import time
+
+    gc.collect()
+    time.sleep(1.0)  # the releases reach the workers
+    gc.collect()
+    return {str(k) for keys in client.run(lambda dask_worker: list(dask_worker.data)).values() for k in keys}
+
+
+def test_a_failed_mean_leaves_no_results_on_the_cluster(cluster, samples_path):
+    """A pass whose task raises (NaN in values) releases its futures before the error goes on: the
+    client keeps the erred future's exception, whose traceback would hold them."""
+    data, h, d, margins = three_margins(800, seed=43)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
+    bad = h.copy()
+    bad[500] = np.nan
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        before = _worker_keys(cluster)
+        with pytest.raises(ValueError, match="NaN"):
+            fitted.mean(lazy(data, bad, d, chunks=(200,) * 4)[1])
+        for _ in range(10):  # the releases reach the workers in their own time
+            left = _worker_keys(cluster) - before
+            if not left:
+                break
+        assert not left, f"left on the cluster after the failed mean: {sorted(left)[:5]}"

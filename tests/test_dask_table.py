@@ -362,6 +362,47 @@ def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
         lc.close()
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_failed_sweep_leaves_nothing_on_the_cluster(client, monkeypatch, wide):
+    """A sweep whose task raises releases its futures (and the tree's) before the error goes on:
+    the client keeps the erred future's exception, whose traceback would hold them."""
+    import time
+
+    if wide:
+        monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)
+    T, p, q = problem(33)
+    table = client.persist(blocks_of(T, "sparse"))
+    distributed.wait(table)
+
+    def keys():
+        gc.collect()
+        time.sleep(1.0)
+        gc.collect()
+        return {str(k) for keys in client.run(lambda dask_worker: list(dask_worker.data)).values() for k in keys}
+
+    def install():
+        import databalance._kernels.chunked as module
+
+        def boom(*args):
+            raise MemoryError("a sweep task failed")
+
+        module._held_block_saved, module._held_block = module._held_block, boom
+
+    def restore():
+        module = sys.modules["databalance._kernels.chunked"]
+        module._held_block = module._held_block_saved
+
+    before = keys()
+    client.run(install)
+    try:
+        with pytest.raises(MemoryError, match="a sweep task failed"):
+            balance_table(table, p, q, steps=12)
+    finally:
+        client.run(restore)
+    left = keys() - before
+    assert not left, f"left on the cluster after the failed sweep: {sorted(left)[:5]}"
+
+
 def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
     """Beyond CLIENT_SUM_MAX entries of column partials, a tree of tasks adds them on the workers."""
     monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)

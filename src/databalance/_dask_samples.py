@@ -308,7 +308,12 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
         else:  # the worker's groups added where they are
             results.append(client.submit(_worker_sum, *futures, pure=False, workers=[worker], allow_other_workers=True,
                                          key=f"databalance-sum-{uuid.uuid4().hex}"))
-    return _combine(client.gather(results))
+    try:
+        return _combine(client.gather(results))
+    except BaseException:  # the client keeps an erred future's exception, whose traceback holds these frames:
+        for future in results + [f for futures in by_worker.values() for f in futures]:  # release the pass's
+            future.release()
+        raise
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------
@@ -501,7 +506,7 @@ class WeightSums:
     def _compiled(self, codes, d) -> dict:
         K = len(self.sizes)
         dtype = np.result_type(*(c.dtype for c in codes))
-        codes = tuple(np.ascontiguousarray(c, dtype) for c in codes)  # one type: numba's homogeneous tuple
+        codes = _one_type(codes, dtype)  # one type: numba's homogeneous tuple
         factors = tuple(np.ones(s) for s in self.sizes) if self.factors is None else \
             tuple(np.ascontiguousarray(f, np.float64) for f in self.factors)
         sums = tuple(np.zeros(s) for s in self.sizes)
@@ -1011,11 +1016,23 @@ def _moments(z: np.ndarray) -> tuple:
 # -- a mean's passes, compiled ------------------------------------------------------------------------
 
 
+def _one_type(codes, dtype) -> tuple:
+    """The codes as one numba type: contiguous arrays of ``dtype``, all read-only views (a column
+    of a pandas DataFrame is read-only, a joint margin's computed codes are not; numba types them
+    apart and a tuple of both is not homogeneous)."""
+    out = []
+    for c in codes:
+        view = np.ascontiguousarray(c, dtype).view()
+        view.flags.writeable = False
+        out.append(view)
+    return tuple(out)
+
+
 def _compact(codes, d, h) -> tuple:
     """A compiled pass's arguments: the codes as a tuple of one dtype (numba's homogeneous tuple),
     ``d`` (empty without design weights) and ``h`` (n, s) contiguous float64."""
     dtype = np.result_type(*(c.dtype for c in codes))
-    return (tuple(np.ascontiguousarray(c, dtype) for c in codes),
+    return (_one_type(codes, dtype),
             np.empty(0) if d is None else np.ascontiguousarray(d, np.float64), np.ascontiguousarray(h, np.float64))
 
 

@@ -331,20 +331,32 @@ def _worker_blocks(held: list, v, olds: list, targets: list, w, compiled: bool):
     return lines, c
 
 
-def _finished(client, tasks: list, pinned: set) -> bool:
-    """Wait for a sweep's tasks; False (and the tasks cancelled) when a worker they are pinned to
-    left the cluster before they finished: they would wait for it forever. Checked every
-    :data:`SWEEP_CHECK` seconds."""
-    from distributed import wait
-
-    while True:
-        try:
-            wait(tasks, timeout=SWEEP_CHECK)
-            return True
-        except TimeoutError:
-            if not pinned <= set(client.scheduler_info().get("workers", {})):
-                client.cancel(tasks)
-                return False
+def _results(client, futures: list, pinned: set, tasks: list) -> list | None:
+    """The results of a sweep's ``futures`` (computed from its ``tasks``, pinned to the workers
+    ``pinned``). None, every future cancelled, when one of those workers left the cluster before
+    the results arrived (checked every :data:`SWEEP_CHECK` seconds): a pinned task, or its lost
+    result, would wait for that worker forever. When a task raises, the futures are released
+    before the error goes on (the client keeps the erred future's exception, whose traceback
+    holds these frames: the results would stay on the workers)."""
+    every = list(futures) + [t for t in tasks if t not in futures]
+    try:
+        out = []
+        for future in futures:
+            while True:
+                try:
+                    out.append(future.result(timeout=SWEEP_CHECK))
+                    break
+                except TimeoutError:
+                    if future.status == "error":  # a task's own TimeoutError
+                        raise
+                    if not pinned <= set(client.scheduler_info().get("workers", {})):
+                        client.cancel(every)
+                        return None
+        return out
+    except BaseException:
+        for future in every:
+            future.release()
+        raise
 
 
 def _identity(x):
@@ -609,19 +621,22 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                                [targets[i] for i in g], w, self.compiled, pure=False,
                                workers=[at[g[0]]] if at[g[0]] else None, allow_other_workers=False)
                  for g in groups.values()]
-        if not _finished(client, tasks, {a for a in at if a}):  # a worker left during the sweep
-            self._held = self._where = None
-            return self._submitted(client, x, old, p, w)  # held again where the blocks are now
         if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every worker's results to the client
-            parts = client.gather(tasks)
-            c = _added(*[part[1] for part in parts])
+            wanted = tasks
         else:  # the column sums added by a tree on the workers
             partials = [client.submit(_item, t, 1, pure=False) for t in tasks]
             while len(partials) > 1:
                 partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
                             for i in range(0, len(partials), SPLIT_EVERY)]
-            parts, c = client.gather([[client.submit(_item, t, 0, pure=False) for t in tasks], partials[0]])
-            parts = [(part,) for part in parts]
+            wanted = [client.submit(_item, t, 0, pure=False) for t in tasks] + partials
+        got = _results(client, wanted, {a for a in at if a}, tasks)
+        if got is None:  # a worker left during the sweep: hold the blocks again where they are now
+            self._held = self._where = None
+            return self._submitted(client, x, old, p, w)
+        if wanted is tasks:
+            parts, c = got, _added(*[part[1] for part in got])
+        else:
+            parts, c = [(part,) for part in got[:-1]], got[-1]
         lines: list = [None] * len(at)
         for g, part in zip(groups.values(), parts, strict=True):
             for i, line in zip(g, part[0], strict=True):
