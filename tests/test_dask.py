@@ -22,22 +22,16 @@ from hypothesis import strategies as st  # noqa: E402
 from databalance import BalancedEstimator, ConvergenceWarning, InfeasibleError, balance_table, balanced_mean  # noqa: E402
 from databalance._kernels.chunked import ChunkedWarning  # noqa: E402
 
+from .clusters import local_cluster  # noqa: E402
+
 RTOL = 1e-10
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    distributed = pytest.importorskip("distributed")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-    client = distributed.Client(lc, set_as_default=False)
-    try:
+    pytest.importorskip("distributed")
+    with local_cluster(default_client=False) as client:
         yield client
-    finally:
-        client.close()
-        lc.close()
 
 
 @pytest.fixture(params=["threads", "cluster"])
@@ -1381,30 +1375,23 @@ def test_a_fused_table_sweep_after_a_worker_is_replaced():
     sweep; after one of them was replaced, its tasks waited forever."""
     import threading
 
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     from databalance._kernels.chunked import ChunkedKernel
 
-    with warnings.catch_warnings():
+    with local_cluster() as client, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-        client = distributed.Client(lc)
-        try:
-            T = np.random.default_rng(0).random((400, 20))
-            kernel = ChunkedKernel.from_input(da.from_array(T, chunks=(50, 20)))
-            p = np.full(400, 1 / 400)
-            victim = next(where[0] for where in kernel._placement() if where)
-            client.restart_workers([victim])
-            out: dict = {}
-            thread = threading.Thread(target=lambda: out.setdefault("sweep", kernel._pass(np.ones(20), np.ones(400), p,
-                                                                                          None)), daemon=True)
-            thread.start()
-            thread.join(60)
-            assert "sweep" in out, "the sweep waited for a worker that left"
-            np.testing.assert_allclose(out["sweep"][0], T.sum(axis=1), rtol=1e-12)
-        finally:
-            client.close()
-            lc.close()
+        T = np.random.default_rng(0).random((400, 20))
+        kernel = ChunkedKernel.from_input(da.from_array(T, chunks=(50, 20)))
+        p = np.full(400, 1 / 400)
+        victim = next(where[0] for where in kernel._placement() if where)
+        client.restart_workers([victim])
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("sweep", kernel._pass(np.ones(20), np.ones(400), p,
+                                                                                      None)), daemon=True)
+        thread.start()
+        thread.join(60)
+        assert "sweep" in out, "the sweep waited for a worker that left"
+        np.testing.assert_allclose(out["sweep"][0], T.sum(axis=1), rtol=1e-12)
 
 
 # -- the samples path's passes submitted as futures (issue 12, DASK-SAMPLES) ------------------------
@@ -1562,28 +1549,21 @@ def test_submitted_mean_after_a_worker_is_replaced(samples_path):
     (its groups recomputed elsewhere) a mean's loosely pinned tasks still run, and equal."""
     import threading
 
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")
     data, h, d, margins = three_margins(800, seed=37)
     X, H, D = lazy(data, h, d, chunks=(200,) * 4)
-    with warnings.catch_warnings():
+    with local_cluster() as client, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-        client = distributed.Client(lc)
-        try:
-            fitted = BalancedEstimator(margins, steps=3).fit(X, D)
-            homes = fitted._dask_fit.samples.homes
-            assert homes and all(homes.values())
-            client.restart_workers([next(iter(homes.values()))[0]])
-            out: dict = {}
-            thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
-            thread.start()
-            thread.join(90)
-            assert "mean" in out, "the mean waited for a worker that left"
-            assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
-        finally:
-            client.close()
-            lc.close()
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        homes = fitted._dask_fit.samples.homes
+        assert homes and all(homes.values())
+        client.restart_workers([next(iter(homes.values()))[0]])
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
+        thread.start()
+        thread.join(90)
+        assert "mean" in out, "the mean waited for a worker that left"
+        assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
 
 
 def test_dataframe_columns_with_a_joint_margin_on_the_samples_path(samples_path):

@@ -6,7 +6,6 @@ import gc
 import subprocess
 import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -19,19 +18,13 @@ distributed = pytest.importorskip("distributed")
 from databalance import balance_table  # noqa: E402
 from databalance._kernels import chunked  # noqa: E402
 
+from .clusters import local_cluster  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def cluster():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-    c = distributed.Client(lc, set_as_default=False)
-    try:
+    with local_cluster(default_client=False) as c:
         yield c
-    finally:
-        c.close()
-        lc.close()
 
 
 @pytest.fixture
@@ -278,12 +271,7 @@ def test_sweeps_after_a_worker_is_restarted(monkeypatch):
     again elsewhere, the next sweep is not pinned to the worker that left, and the results hold."""
     pytest.importorskip("numba")
     monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-        c = distributed.Client(lc)  # the default client (a client in dask's config cannot restart a worker)
-    try:
+    with local_cluster() as c:  # the default client (a client in dask's config cannot restart a worker)
         rng = np.random.default_rng(28)
         T = random_table(rng, 240, 20)
         kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
@@ -309,9 +297,6 @@ def test_sweeps_after_a_worker_is_restarted(monkeypatch):
         for r, u, cs in (out["first"], out["later"]):
             np.testing.assert_allclose(r, T @ v, rtol=1e-12)
             np.testing.assert_allclose(cs, T.T @ u, rtol=1e-12)
-    finally:
-        c.close()
-        lc.close()
 
 
 def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
@@ -320,12 +305,7 @@ def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
     import time
 
     monkeypatch.setattr(chunked, "SWEEP_CHECK", 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lc = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                      memory_limit="1GiB")
-        c = distributed.Client(lc)
-    try:
+    with local_cluster() as c:
         rng = np.random.default_rng(31)
         T = random_table(rng, 240, 20)
         kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
@@ -357,9 +337,6 @@ def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
         np.testing.assert_allclose(r, T @ v, rtol=1e-12)
         np.testing.assert_allclose(cs, T.T @ u, rtol=1e-12)
         assert victim not in kernel._held[1]
-    finally:
-        c.close()
-        lc.close()
 
 
 @pytest.mark.parametrize("wide", [False, True])
