@@ -22,7 +22,13 @@ from hypothesis import strategies as st  # noqa: E402
 from databalance import BalancedEstimator, ConvergenceWarning, InfeasibleError, balance_table, balanced_mean  # noqa: E402
 from databalance._kernels.chunked import ChunkedWarning  # noqa: E402
 
-from .clusters import local_cluster  # noqa: E402
+from .dask_support import (  # noqa: E402
+    assert_equal_scalings,
+    assert_steps_like_numpy,
+    local_cluster,
+    numpy_reference,
+    sparse_blocks,
+)
 
 RTOL = 1e-10
 
@@ -592,16 +598,6 @@ def random_table(rng, m, n, zeros=0.3):
     return T
 
 
-def sparse_blocks(T, rows):
-    """A Dask array of CSR blocks, each built by its own task."""
-    parts = []
-    for i in range(0, T.shape[0], rows):
-        block = dask.delayed(lambda a, b: sp.csr_matrix(T[a:b]))(i, min(i + rows, T.shape[0]))
-        parts.append(da.from_delayed(block, shape=(min(rows, T.shape[0] - i), T.shape[1]), dtype=T.dtype,
-                                     meta=sp.csr_matrix((0, 0), dtype=T.dtype)))
-    return da.concatenate(parts)
-
-
 @pytest.mark.parametrize("steps", [None, 5])
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_chunked_table_equals_in_memory(scheduler, steps, kind):
@@ -686,14 +682,6 @@ def test_chunked_equals_dense_property(m, n, rows, steps, seed):
 # -- the fused sweep: one map over the blocks per sweep (issue 12, DASK-SPEED) ----------------------
 
 
-def assert_equal_scalings(got, ref, rtol):
-    """Equal scalings, exact zeros where the reference has them (the zero targets' lines)."""
-    for g, r in ((got.row_scaling, ref.row_scaling), (got.col_scaling, ref.col_scaling)):
-        g, r = np.asarray(g, float), np.asarray(r, float)
-        assert np.array_equal(g == 0, r == 0)
-        np.testing.assert_allclose(g[r != 0], r[r != 0], rtol=rtol, atol=0)
-
-
 def zero_target_problem(rng, m=240, n=30, dtype=np.float64):
     T = random_table(rng, m, n).astype(dtype)
     p, q = rng.dirichlet(np.ones(m)), rng.dirichlet(np.ones(n))
@@ -704,15 +692,6 @@ def zero_target_problem(rng, m=240, n=30, dtype=np.float64):
 
 def dask_table(T, kind, rows=50):
     return sparse_blocks(T, rows) if kind == "sparse" else da.from_array(T, chunks=(rows, T.shape[1]))
-
-
-def in_memory_numpy(monkeypatch, T, kind, p, q, **options):
-    """The in-memory NumPy kernel's result (never numba): the independent reference."""
-    monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
-    try:
-        return balance_table(sp.csr_array(T) if kind == "sparse" else T, p, q, **options)
-    finally:
-        monkeypatch.delenv("DATABALANCE_KERNEL")
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
@@ -726,13 +705,7 @@ def test_fused_sweep_equals_numpy_kernel(monkeypatch, kind, start):
     with dask.config.set(scheduler="threads"):
         kernel = ChunkedKernel.from_input(table)
         assert type(kernel) is FusedChunkedKernel
-        for steps in [1, 2, 3, 4, 5, None]:
-            ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=steps, start=start)
-            got = balance_table(table, p, q, steps=steps, start=start)
-            assert (got.status, got.steps) == (ref.status, ref.steps)
-            assert_equal_scalings(got, ref, rtol=1e-12)
-            np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
-    assert ref.status == "converged"
+        assert_steps_like_numpy(monkeypatch, table, T, kind, p, q, start)
 
 
 def test_fused_sweep_float32(monkeypatch):
@@ -741,7 +714,7 @@ def test_fused_sweep_float32(monkeypatch):
     for kind in ["dense", "sparse"]:
         with dask.config.set(scheduler="threads"):
             got = balance_table(dask_table(T, kind), p, q, steps=6)
-        ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=6)
+        ref = numpy_reference(monkeypatch, T, kind, p, q, steps=6)
         assert got.row_scaling.dtype == np.float32 and got.col_scaling.dtype == np.float32
         assert_equal_scalings(got, ref, rtol=2e-5)  # float32 sums added in another order
 
@@ -749,7 +722,7 @@ def test_fused_sweep_float32(monkeypatch):
 def test_fused_sweep_on_the_cluster(monkeypatch, cluster):
     rng = np.random.default_rng(13)
     T, p, q = zero_target_problem(rng)
-    ref = in_memory_numpy(monkeypatch, T, "dense", p, q, steps=7, start="y")
+    ref = numpy_reference(monkeypatch, T, "dense", p, q, steps=7, start="y")
     with cluster.as_current(), dask.config.set(scheduler=cluster):
         for kind in ["dense", "sparse"]:
             got = balance_table(dask_table(T, kind), p, q, steps=7, start="y")
@@ -767,7 +740,7 @@ def test_overrelaxed_sweeps_equal_numpy_kernel(monkeypatch):
     rng = np.random.default_rng(14)
     T, p, q = zero_target_problem(rng, m=200, n=40)
     for kind in ["dense", "sparse"]:
-        ref = in_memory_numpy(monkeypatch, T, kind, p, q, acceleration="overrelax", tol=1e-12)
+        ref = numpy_reference(monkeypatch, T, kind, p, q, acceleration="overrelax", tol=1e-12)
         with dask.config.set(scheduler="threads"):
             got = balance_table(dask_table(T, kind), p, q, acceleration="overrelax", tol=1e-12)
         assert (got.status, got.steps) == (ref.status, ref.steps)
@@ -847,7 +820,7 @@ def test_block_task_without_numba_equals_compiled(monkeypatch, kind):
             np.testing.assert_allclose(plain_lines[1], lines[1], rtol=1e-13)
         np.testing.assert_allclose(plain_c, c, rtol=1e-13)
     monkeypatch.setattr(fused, "_LAYER", "workqueue")
-    ref = in_memory_numpy(monkeypatch, T, kind, p, q, steps=5)
+    ref = numpy_reference(monkeypatch, T, kind, p, q, steps=5)
     with dask.config.set(scheduler="threads"):
         got = balance_table(dask_table(T, kind, rows=20), p, q, steps=5)
     assert_equal_scalings(got, ref, rtol=1e-12)

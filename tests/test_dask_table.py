@@ -18,7 +18,13 @@ distributed = pytest.importorskip("distributed")
 from databalance import balance_table  # noqa: E402
 from databalance._kernels import chunked  # noqa: E402
 
-from .clusters import local_cluster  # noqa: E402
+from .dask_support import (  # noqa: E402
+    assert_equal_scalings,
+    assert_steps_like_numpy,
+    local_cluster,
+    numpy_reference,
+    sparse_blocks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +63,7 @@ def blocks_of(T, kind, rows=40):
     """A Dask table of row blocks, each built by its own task (sparse: CSR blocks)."""
     if kind == "dense":
         return da.from_array(T, chunks=(rows, T.shape[1]))
-    parts = []
-    for i in range(0, T.shape[0], rows):
-        block = dask.delayed(lambda a, b: sp.csr_matrix(T[a:b]))(i, min(i + rows, T.shape[0]))
-        parts.append(da.from_delayed(block, shape=(min(rows, T.shape[0] - i), T.shape[1]), dtype=T.dtype,
-                                     meta=sp.csr_matrix((0, 0), dtype=T.dtype)))
-    return da.concatenate(parts)
-
-
-def numpy_reference(monkeypatch, T, kind, p, q, **options):
-    """The in-memory NumPy kernel's result (never numba): the independent reference."""
-    with monkeypatch.context() as m:
-        m.setenv("DATABALANCE_KERNEL", "numpy")
-        return balance_table(sp.csr_array(T) if kind == "sparse" else T, p, q, **options)
-
-
-def assert_equal_scalings(got, ref, rtol):
-    """Equal scalings, exact zeros where the reference has them (the zero targets' lines)."""
-    for g, r in ((got.row_scaling, ref.row_scaling), (got.col_scaling, ref.col_scaling)):
-        g, r = np.asarray(g, float), np.asarray(r, float)
-        assert np.array_equal(g == 0, r == 0)
-        np.testing.assert_allclose(g[r != 0], r[r != 0], rtol=rtol, atol=0)
+    return sparse_blocks(T, rows)
 
 
 def cluster_keys(client, prefix):
@@ -107,13 +93,7 @@ def test_held_sweeps_equal_numpy_kernel(client, monkeypatch, spy_tiled, kind, st
     monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", build_after)
     T, p, q = problem(21)
     table = client.persist(blocks_of(T, kind))
-    for steps in [1, 2, 3, 4, 5, None]:
-        ref = numpy_reference(monkeypatch, T, kind, p, q, steps=steps, start=start)
-        got = balance_table(table, p, q, steps=steps, start=start)
-        assert (got.status, got.steps) == (ref.status, ref.steps)
-        assert_equal_scalings(got, ref, rtol=1e-12)
-        np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
-    assert ref.status == "converged"
+    assert_steps_like_numpy(monkeypatch, table, T, kind, p, q, start)
     # sparse blocks get their tiled copies once a run has made HELD_BUILD_AFTER passes (dense never)
     assert bool(spy_tiled) == (kind == "sparse")
 
