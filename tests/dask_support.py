@@ -1,5 +1,6 @@
 """What the Dask tests share: a real two-worker ``distributed.LocalCluster`` (started and closed by
-the tests) and the in-memory NumPy kernel's results their tables are checked against."""
+the tests) and the in-memory NumPy kernel's results their tables are checked against. Dask is
+imported only inside (this module is collected for doctests where Dask may be absent)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import dask
-import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
@@ -62,6 +61,9 @@ def assert_steps_like_numpy(monkeypatch, table, T, kind, p, q, start):
 
 def sparse_blocks(T, rows):
     """A Dask array of CSR row blocks of ``T``, each built by its own task."""
+    import dask
+    import dask.array as da
+
     parts = []
     for i in range(0, T.shape[0], rows):
         block = dask.delayed(lambda a, b: sp.csr_matrix(T[a:b]))(i, min(i + rows, T.shape[0]))
