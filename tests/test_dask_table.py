@@ -360,6 +360,26 @@ def test_a_failed_sweep_leaves_nothing_on_the_cluster(client, monkeypatch, wide)
     assert not left, f"left on the cluster after the failed sweep: {sorted(left)[:5]}"
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_workers_without_numba_take_the_products(monkeypatch, kind):
+    """Workers that cannot import numba (the client can): dense blocks' one-read pass and sparse
+    blocks' tiled copies give way to scipy's or BLAS's products, with the same results."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 1)
+    T, p, q = problem(35)
+    ref = numpy_reference(monkeypatch, T, kind, p, q, steps=9)
+
+    def block_numba():
+        sys.modules["numba"] = None  # import numba now fails in this worker
+
+    with local_cluster() as c:
+        c.run(block_numba)
+        with c.as_current(), dask.config.set(scheduler=c):
+            got = balance_table(c.persist(blocks_of(T, kind)), p, q, steps=9)
+        assert all(c.run(lambda: sys.modules["numba"] is None).values())
+    assert_equal_scalings(got, ref, rtol=1e-12)
+
+
 def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
     """Beyond CLIENT_SUM_MAX entries of column partials, a tree of tasks adds them on the workers."""
     monkeypatch.setattr(chunked, "CLIENT_SUM_MAX", 0)

@@ -178,6 +178,19 @@ def _rule(uold, p, r, w):
     return relaxed_ratio(uold, p, r, zero if zero.any() else None, None if w == 1.0 else w)
 
 
+def fused_here() -> bool:
+    """Whether this process (a worker's, where a block's task runs) can run numba's passes: numba
+    installed here (a worker may lack what the client has: its blocks then take scipy's or BLAS's
+    products, to the same numbers), not refused by ``DATABALANCE_KERNEL=numpy``, and not forked
+    from a process that ran GNU OpenMP's threads."""
+    from . import fused
+
+    try:
+        return fused.numba_wanted() and not fused._FORK_UNSAFE
+    except ImportError:  # DATABALANCE_KERNEL=numba where numba is missing
+        return False
+
+
 def _fused_block(block, v, uold, p, w, compiled: bool):
     """One block's part of a sweep: its rows' sums ``r = T_b v`` (in the block's dtype), their new
     scaling ``u = rule(p, r)`` (over-relaxed by ``w`` unless it is 1) and its part of the column
@@ -191,7 +204,7 @@ def _fused_block(block, v, uold, p, w, compiled: bool):
     else BLAS's two products."""
     from . import fused
 
-    if compiled and not sp.issparse(block) and not fused._FORK_UNSAFE:
+    if compiled and not sp.issparse(block) and fused_here():
         m, l = block.shape
         r = np.empty(m, block.dtype)
         u = np.empty(m, block.dtype)
@@ -276,13 +289,12 @@ def _tiled(held: _Held) -> _Held:
     (not forked from one that ran OpenMP threads), the tiles are dense enough (:func:`.fused_sparse.tiling`)
     and the memory left (:func:`_headroom`) holds the build twice over; else the block alone (its
     sweeps then keep scipy's products)."""
-    from . import fused
     from . import fused_sparse as fs
 
     block = held.block
     tiles = None
     tile = fs.tiling(block.shape[0], block.shape[1], block.nnz)
-    if not fused._FORK_UNSAFE and tile is not None and 2 * _tile_build_bytes(block, tile) <= _headroom():
+    if fused_here() and tile is not None and 2 * _tile_build_bytes(block, tile) <= _headroom():
         try:
             with _one_thread():
                 tiles = fs.tiled_pattern(fs._unsigned(block.indptr), fs._unsigned(block.indices), block.data,
