@@ -52,7 +52,7 @@ from . import _validation as check
 from ._joint import _ratio
 from ._kernels import State
 from ._kernels.cells import CellKernel, factor_product
-from ._kernels.chunked import active_client
+from ._kernels.chunked import active_client, released_on_error
 from ._kernels.dense import ratio
 
 
@@ -308,12 +308,8 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
         else:  # the worker's groups added where they are
             results.append(client.submit(_worker_sum, *futures, pure=False, workers=[worker], allow_other_workers=True,
                                          key=f"databalance-sum-{uuid.uuid4().hex}"))
-    try:
+    with released_on_error(results + [f for futures in by_worker.values() for f in futures]):
         return _combine(client.gather(results))
-    except BaseException:  # the client keeps an erred future's exception, whose traceback holds these frames:
-        for future in results + [f for futures in by_worker.values() for f in futures]:  # release the pass's
-            future.release()
-        raise
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------

@@ -348,11 +348,10 @@ def _results(client, futures: list, pinned: set, tasks: list) -> list | None:
     ``pinned``). None, every future cancelled, when one of those workers left the cluster before
     the results arrived (checked every :data:`SWEEP_CHECK` seconds): a pinned task, or its lost
     result, would wait for that worker forever. When a task raises, the futures are released
-    before the error goes on (the client keeps the erred future's exception, whose traceback
-    holds these frames: the results would stay on the workers)."""
+    (:func:`released_on_error`)."""
     every = list(futures) + [t for t in tasks if t not in futures]
-    try:
-        out = []
+    out = []
+    with released_on_error(every):
         for future in futures:
             while True:
                 try:
@@ -364,9 +363,18 @@ def _results(client, futures: list, pinned: set, tasks: list) -> list | None:
                     if not pinned <= set(client.scheduler_info().get("workers", {})):
                         client.cancel(every)
                         return None
-        return out
+    return out
+
+
+@contextmanager
+def released_on_error(futures: list):
+    """Release ``futures`` when the block raises, before the error goes on: the client keeps an
+    erred future's exception, whose traceback holds the frames that hold the futures, so their
+    results would otherwise stay on the workers."""
+    try:
+        yield
     except BaseException:
-        for future in every:
+        for future in futures:
             future.release()
         raise
 
