@@ -297,13 +297,14 @@ def test_a_worker_lost_during_a_sweep_does_not_hang_it(monkeypatch):
         def slow_sweeps():  # on the workers: their sweep tasks sleep first (a fresh worker's do not)
             from databalance._kernels import chunked as worker_chunked
 
-            original = worker_chunked._worker_blocks
+            for name in ("_worker_blocks", "_worker_rows"):  # the sweep's rows sent back, or kept there
+                original = getattr(worker_chunked, name)
 
-            def slow(*args):
-                time.sleep(3.0)
-                return original(*args)
+                def slow(*args, original=original):
+                    time.sleep(3.0)
+                    return original(*args)
 
-            worker_chunked._worker_blocks = slow
+                setattr(worker_chunked, name, slow)
 
         c.run(slow_sweeps)
         out: dict = {}
@@ -343,11 +344,11 @@ def test_a_failed_sweep_leaves_nothing_on_the_cluster(client, monkeypatch, wide)
         def boom(*args):
             raise MemoryError("a sweep task failed")
 
-        module._held_block_saved, module._held_block = module._held_block, boom
+        module._fused_lines_saved, module._fused_lines = module._fused_lines, boom
 
     def restore():
         module = sys.modules["databalance._kernels.chunked"]
-        module._held_block = module._held_block_saved
+        module._fused_lines = module._fused_lines_saved
 
     before = keys()
     client.run(install)
@@ -390,7 +391,12 @@ def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
         assert_equal_scalings(got, numpy_reference(monkeypatch, T, kind, p, q, steps=8), rtol=1e-12)
 
 
-def test_one_task_per_worker_and_sweep(client, monkeypatch):
+@pytest.mark.parametrize("on_workers", [True, False])
+def test_one_task_per_worker_and_sweep(client, monkeypatch, on_workers):
+    """A sweep is one task per worker over its blocks, and one small task per worker that sends the
+    client its column sums and rows' errors (the rows stay there); with ROWS_ON_WORKERS off, one
+    copy of ``v`` per worker and the rows' sums sent to the client."""
+    monkeypatch.setattr(chunked, "ROWS_ON_WORKERS", on_workers)
     T, p, q = problem(30)
     kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse", rows=30)))
     kernel._pass(np.ones(T.shape[1]), np.ones(T.shape[0]), p, None)  # holds the blocks
@@ -403,7 +409,11 @@ def test_one_task_per_worker_and_sweep(client, monkeypatch):
 
     monkeypatch.setattr(distributed.Client, "submit", counted)
     r, u, c = kernel._pass(np.ones(T.shape[1]), np.ones(T.shape[0]), p, None)
-    assert sorted(calls) == ["_identity", "_identity", "_worker_blocks", "_worker_blocks"]
+    if on_workers:
+        assert sorted(calls) == ["_item", "_item", "_worker_rows", "_worker_rows"]
+        assert isinstance(r, chunked._Rows) and isinstance(u, chunked._Rows)
+    else:
+        assert sorted(calls) == ["_identity", "_identity", "_worker_blocks", "_worker_blocks"]
     np.testing.assert_allclose(r, T.sum(axis=1), rtol=1e-13)
     np.testing.assert_allclose(c, T.T @ u, rtol=1e-13)
 
@@ -414,3 +424,107 @@ def test_short_runs_build_no_copy(client, spy_tiled):
     T, p, q = problem(31)
     got = balance_table(blocks_of(T, "sparse"), p, q, steps=2 * chunked.HELD_BUILD_AFTER)
     assert got.passes < chunked.HELD_BUILD_AFTER + 2 and spy_tiled == []
+
+
+def l1_numpy(scaling, sums, target):
+    return float(np.abs(scaling * sums - target).sum())
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_rows_stay_on_the_workers(client, monkeypatch, kind):
+    """Sweeps chained as the loop chains them (each reads the scaling the last one left on the
+    workers): the rows' sums and scalings equal ``T v`` and ``p / (T v)`` (0 on zero targets), the
+    column sums ``T' u``, and the rows' errors before and after each step NumPy's L1 distances."""
+    monkeypatch.setattr(chunked, "HELD_BUILD_AFTER", 2)
+    T, p, q = problem(36)
+    kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, kind)))
+    v, old = np.ones(T.shape[1]), np.full(T.shape[0], 1.0)
+    olds = []
+    for _ in range(5):  # the tiled copies from the third on
+        r, u, c = kernel._pass(v, old, p, None)
+        assert isinstance(r, chunked._Rows) and isinstance(u, chunked._Rows)
+        want_r = T @ v
+        want_u = np.where(p > 0, p / np.where(p > 0, want_r, 1.0), 0.0)
+        assert kernel.margin_l1(old, r, p, 0) == pytest.approx(l1_numpy(np.asarray(old), want_r, p), rel=1e-12)
+        assert kernel.margin_l1(u, r, p, 0) == pytest.approx(l1_numpy(want_u, want_r, p), rel=1e-9, abs=1e-15)
+        np.testing.assert_allclose(r, want_r, rtol=1e-13)
+        assert_equal_scalings_of(np.asarray(u), want_u)
+        np.testing.assert_allclose(c, T.T @ want_u, rtol=1e-12)
+        olds.append(old)
+        old, v = u, np.where(q > 0, q / np.where(q > 0, c, 1.0), 0.0)
+    assert kernel._held[3] == (kind == "sparse")
+    assert all(isinstance(o, chunked._Rows) for o in olds[1:])
+    assert np.asarray(u).flags.writeable is False and u.copy().flags.writeable
+
+
+def assert_equal_scalings_of(got, want):
+    assert np.array_equal(got == 0, want == 0)
+    np.testing.assert_allclose(got[want != 0], want[want != 0], rtol=1e-13)
+
+
+def test_a_run_fetches_the_rows_once(client, monkeypatch):
+    """A plain run of many sweeps fetches the rows' scaling from the workers once (for the result),
+    never the rows' sums; its scalings are bit-equal to the sweeps that send the rows to the
+    client, its errors equal to rounding."""
+    T, p, q = problem(37)
+    table = client.persist(blocks_of(T, "sparse"))
+    calls = []
+    submit = distributed.Client.submit
+
+    def counted(self, func, *args, **kwargs):
+        calls.append((func.__name__, args[1] if func is chunked._lines_of else None))
+        return submit(self, func, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(distributed.Client, "submit", counted)
+        got = balance_table(table, p, q, steps=16)
+    assert [c for c in calls if c[0] == "_lines_of"] == [("_lines_of", 1)] * 2  # u, from both workers
+    assert sum(c[0] == "_worker_rows" for c in calls) == 2 * (got.passes - 1)  # the first pass is plain products
+    monkeypatch.setattr(chunked, "ROWS_ON_WORKERS", False)
+    before = balance_table(table, p, q, steps=16)
+    np.testing.assert_array_equal(got.row_scaling, before.row_scaling)
+    np.testing.assert_array_equal(got.col_scaling, before.col_scaling)
+    np.testing.assert_allclose(got.marginal_error, before.marginal_error, rtol=1e-12, atol=1e-16)
+    ref = numpy_reference(monkeypatch, T, "sparse", p, q, steps=16)
+    np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
+
+
+@pytest.mark.parametrize("acceleration", ["anderson", "overrelax", "auto"])
+def test_accelerated_runs_read_the_rows_where_needed(client, monkeypatch, acceleration):
+    """Accelerations that read the rows' sums or scaling as arrays get them fetched (or, over-relaxed,
+    sent back every sweep): the in-memory NumPy kernel's results."""
+    T, p, q = problem(38, zero_targets=False)
+    ref = numpy_reference(monkeypatch, T, "sparse", p, q, acceleration=acceleration)
+    got = balance_table(blocks_of(T, "sparse"), p, q, acceleration=acceleration)
+    assert (got.status, got.steps) == (ref.status, ref.steps)
+    assert_equal_scalings(got, ref, rtol=1e-10)
+
+
+def test_rows_left_on_a_worker_that_left(monkeypatch):
+    """A worker restarted between sweeps, with the rows' scaling of the last sweep on it: the next
+    sweep and the scaling's fetch recompute it from that sweep's ``v`` (no wait for the worker)."""
+    with local_cluster() as c:
+        rng = np.random.default_rng(39)
+        T = random_table(rng, 240, 20)
+        kernel = chunked.ChunkedKernel.from_input(c.persist(blocks_of(T, "sparse")))
+        p = rng.dirichlet(np.ones(240))
+        v, w = np.ones(20), rng.random(20) + 0.5
+        r, u, _ = kernel._pass(v, np.ones(240), p, None)
+        victim = next(a for a in kernel._held[1] if a)
+        c.restart_workers([victim])
+        out: dict = {}
+
+        def sweep():
+            out["next"] = kernel._pass(w, u, p, None)
+            out["u"] = np.asarray(u)
+
+        thread = threading.Thread(target=sweep, daemon=True)
+        thread.start()
+        thread.join(90)
+        assert "u" in out, "a sweep waited for a worker that left"
+        np.testing.assert_allclose(out["u"], p / (T @ v), rtol=1e-13)
+        r2, u2, c2 = out["next"]
+        np.testing.assert_allclose(r2, T @ w, rtol=1e-13)
+        np.testing.assert_allclose(c2, T.T @ (p / (T @ w)), rtol=1e-12)
+        assert kernel.margin_l1(u, r2, p, 0) == pytest.approx(l1_numpy(p / (T @ v), T @ w, p), rel=1e-12)
+        assert victim not in kernel._held[1]

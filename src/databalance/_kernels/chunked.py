@@ -21,9 +21,11 @@ Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import uuid
 import warnings
+import weakref
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
@@ -56,6 +58,12 @@ CLIENT_SUM_MAX = 1 << 24
 #: 0.13 s without). So only long runs build them, where a machine with cores to spare per worker
 #: may gain what the in-memory kernel does (0.071 against 0.093 s per sweep on two threads).
 HELD_BUILD_AFTER = 64
+
+#: Under ``distributed``, a plain sweep (no over-relaxation) leaves the rows' sums and new scaling
+#: on the workers (:class:`_Rows`): only the column partials and the rows' marginal errors reach the
+#: client. False: every sweep's rows' sums go to the client, which computes their scaling and
+#: errors (the sweep before; a benchmark's reference).
+ROWS_ON_WORKERS = True
 
 #: Seconds between checks, while a sweep's tasks run, that the workers they are pinned to are
 #: still in the cluster (a task pinned to a worker that left would wait for it forever).
@@ -202,6 +210,12 @@ def _fused_block(block, v, uold, p, w, compiled: bool):
     compete for the cache; benchmarks/bench_dask.py). A dense block takes numba's one-read pass
     (``fused._dense_pass``) when ``compiled`` (numba asked for, and runnable in this process),
     else BLAS's two products."""
+    r, u, c, dense = _fused_lines(block, v, uold, p, w, compiled)
+    return (np.stack([r, u]) if dense or w != 1.0 else r), c
+
+
+def _fused_lines(block, v, uold, p, w, compiled: bool):
+    """:func:`_fused_block`'s ``(r, u, c)``, and whether numba's dense pass made them."""
     from . import fused
 
     if compiled and not sp.issparse(block) and fused_here():
@@ -212,11 +226,11 @@ def _fused_block(block, v, uold, p, w, compiled: bool):
         with _one_thread():
             fused.compiled(fused._dense_pass)(block[None], v[None], uold[None], p[None], np.array([w], np.float64),
                                               1, block.dtype.type(0), r[None], u[None], acc)
-        return np.stack([r, u]), acc[0]
+        return r, u, acc[0], True
     r = np.asarray(block @ v).astype(block.dtype, copy=False)
     u = _rule(uold, p, r, w)
     c = np.asarray(block.T @ u).astype(np.float64, copy=False)
-    return (r if w == 1.0 else np.stack([r, u])), c
+    return r, u, c, False
 
 
 class _Held:
@@ -308,12 +322,21 @@ def _held_block(held: _Held, v, uold, p, w, compiled: bool):
     """:func:`_fused_block` on a held block: with its tiled copy, the rows' sums by numba's gather
     (``fused_sparse._gather``) and the column sums from the copy (``fused_sparse._tiled_gather``),
     each on one thread; without it, scipy's two products. Returns what :func:`_fused_block` does."""
+    block, t = held.block, held.tiles
+    if t is None:
+        return _fused_block(block, v, uold, p, w, compiled)
+    r, u, c = _held_lines(held, v, uold, p, w, compiled)
+    return (r if w == 1.0 else np.stack([r, u])), c
+
+
+def _held_lines(held: _Held, v, uold, p, w, compiled: bool):
+    """:func:`_held_block`'s ``(r, u, c)``."""
     from . import fused
     from . import fused_sparse as fs
 
     block, t = held.block, held.tiles
     if t is None or fused._FORK_UNSAFE:
-        return _fused_block(block, v, uold, p, w, compiled)
+        return _fused_lines(block, v, uold, p, w, compiled)[:3]
     m, n = block.shape
     v = np.ascontiguousarray(v, block.dtype)
     r = np.empty(m, block.dtype)
@@ -327,7 +350,7 @@ def _held_block(held: _Held, v, uold, p, w, compiled: bool):
         fused.compiled(fs._tiled_gather)(t.ptr, t.keys, t.values, np.ascontiguousarray(u), u64(t.lead_tile),
                                          u64(t.other_tile), u64(t.n_lead_blocks), u64(n),
                                          np.array([0, t.n_other_blocks], np.uint64), c)
-    return (r if w == 1.0 else np.stack([r, u])), c
+    return r, u, c
 
 
 def _worker_blocks(held: list, v, olds: list, targets: list, w, compiled: bool):
@@ -341,6 +364,124 @@ def _worker_blocks(held: list, v, olds: list, targets: list, w, compiled: bool):
         lines.append(line)
         c = part if c is None else c + part
     return lines, c
+
+
+def _worker_rows(held: list, v, prev: list, olds: list, targets: list, compiled: bool):
+    """A plain sweep over the blocks a worker holds whose rows stay on the worker: per block the
+    rows' sums ``r``, their new scaling ``u = p / r`` and the column partials (added, in the
+    blocks' order), and the rows' marginal errors before and after the step, ``sum |u_old r - p|``
+    and ``sum |u r - p|`` (:func:`databalance._ipf.l1`'s terms, added over the blocks). ``olds``:
+    per block the old scaling, or its position among the lines of the previous sweep's results
+    ``prev`` (on this worker: nothing is sent). Returns ``((c, before, after), (rs, us))``: the
+    client fetches the first part; the second stays here for the next sweep (:class:`_Rows`)."""
+    previous = [u for result in prev for u in result[1][1]]
+    rs, us, c = [], [], None
+    before = after = 0.0
+    for h, o, t in zip(held, olds, targets, strict=True):
+        r, u, part = _held_lines(h, v, t, t, 1.0, compiled)
+        old = previous[o] if isinstance(o, int) else o
+        before += _line_l1(old, r, t)
+        after += _line_l1(u, r, t)
+        rs.append(r)
+        us.append(u)
+        c = part if c is None else c + part
+    return (c, before, after), (rs, us)
+
+
+def _line_l1(scaling, sums, target) -> float:
+    """``sum |scaling * sums - target|`` as :func:`databalance._ipf.l1` measures it (the product
+    rounded to its dtype), in one numba pass where numba runs."""
+    if fused_here():
+        from .fused_sparse import _jitted_l1
+
+        return float(_jitted_l1()(scaling, sums, target, np.result_type(scaling, sums).type))
+    from .._ipf import l1
+
+    return float(l1(scaling, sums, target, 0))
+
+
+def _lines_of(result, which: int) -> list:
+    """A :func:`_worker_rows` result's blocks' row sums (``which`` 0) or scalings (1)."""
+    return result[1][which]
+
+
+def _errors_of(result) -> tuple:
+    return result[1:]
+
+
+class _Sweep:
+    """A plain sweep of :class:`FusedChunkedKernel` on a ``distributed`` cluster whose rows' sums and
+    new scaling stayed on the workers (one :func:`_worker_rows` task per worker): the tasks (their
+    futures hold the lines), the blocks of each, the placement, the sweep's ``v`` and the rows'
+    targets (to recompute the lines when a worker holding them left), and the rows' marginal
+    errors before (with the scaling ``old``) and after the step."""
+
+    def __init__(self, kernel, tasks: list, groups: list, at: list, v: np.ndarray, p: np.ndarray,
+                 errors: tuple, old):
+        self.kernel, self.tasks, self.groups, self.at, self.v, self.p = kernel, tasks, groups, at, v, p
+        self.errors = errors
+        try:
+            self.old: Any = weakref.ref(old)
+        except TypeError:
+            self.old = None
+        self._lines: list = [None, None]
+
+    def lines(self, which: int) -> np.ndarray:
+        """The rows' sums (``which`` 0) or new scaling (1), fetched from the workers once (read-only)."""
+        if self._lines[which] is None:
+            out = self._fetched(which)
+            out.flags.writeable = False
+            self._lines[which] = out
+        return self._lines[which]
+
+    def _fetched(self, which: int) -> np.ndarray:
+        client = active_client()
+        pinned = {a for a in self.at if a}
+        if client is not None and pinned <= set(client.scheduler_info().get("workers", {})):
+            parts = [client.submit(_lines_of, t, which, workers=[self.at[g[0]]] if self.at[g[0]] else None,
+                                   allow_other_workers=False, pure=False)
+                     for t, g in zip(self.tasks, self.groups, strict=True)]
+            got = _results(client, parts, pinned, parts)
+            if got is not None:
+                lines: list = [None] * len(self.at)
+                for g, part in zip(self.groups, got, strict=True):
+                    for i, line in zip(g, part, strict=True):
+                        lines[i] = line
+                return np.concatenate(lines)
+        # a worker holding them left: the lines again from the sweep's v (the blocks recomputed)
+        r = self.kernel.row_sums(self.v)
+        return r if which == 0 else _rule(r, self.p, r, 1.0)
+
+
+class _Rows:
+    """The rows' sums (``which`` 0) or new scaling (1) of a :class:`_Sweep`, left on the workers: what
+    the loop holds in their place (its state's scaling, the fused kernel's cached sums). The loop's
+    marginal errors of the rows come from the sweep (:meth:`FusedChunkedKernel.margin_l1`) and the
+    next sweep's tasks read the scaling where it is; anything else that reads it as an array
+    (``np.asarray``, ``copy``: the result's export, a trace, an acceleration's extrapolation) gets it
+    fetched from the workers, once."""
+
+    __slots__ = ("__weakref__", "dtype", "shape", "sweep", "which")
+    ndim = 1
+
+    def __init__(self, sweep: _Sweep, which: int, dtype: np.dtype, n: int):
+        self.sweep, self.which, self.dtype, self.shape = sweep, which, np.dtype(dtype), (n,)
+
+    @property
+    def size(self) -> int:
+        return self.shape[0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.sweep.lines(self.which)
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            return out.astype(dtype)
+        return out.copy() if copy else out
+
+    def copy(self) -> np.ndarray:
+        return np.array(self.sweep.lines(self.which))
 
 
 def _results(client, futures: list, pinned: set, tasks: list) -> list | None:
@@ -555,6 +696,11 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
     def _pass(self, x, old, p, omega):
         w = 1.0 if omega is None else float(np.asarray(omega).reshape(-1)[0])
         client = active_client()
+        if client is not None and w == 1.0 and ROWS_ON_WORKERS:
+            rows = self._rows_sweep(client, x, old, p)
+            if rows is not None:
+                self.passes += 1
+                return rows
         parts = self._submitted(client, x, old, p, w) if client is not None else None
         self.passes += 1
         if parts is not None:
@@ -608,22 +754,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         blocks = self._block_futures(client)
         if blocks is None:
             return None
-        where = self._placement()
-        if self._held is None or self._held[0] is not where:  # first, or a worker left: hold them again
-            at = _balanced(where, self.block_nnz, self._threads)
-            held = [client.submit(_hold, b, bool(a) and (not h or a not in h),
-                                  key=f"databalance-held-{uuid.uuid4().hex}", workers=[a] if a else None,
-                                  allow_other_workers=bool(a), pure=False)
-                    for b, a, h in zip(blocks, at, where, strict=True)]
-            self._held = (where, at, held, False)
-            self._held_after = self.passes + HELD_BUILD_AFTER
-        where, at, held, tiled = self._held
-        if (not tiled and self.sparse and self.passes >= self._held_after
-                and self.dtype in (np.float32, np.float64) and _numba_wanted()):
-            held = [client.submit(_tiled, h, key=f"databalance-tiled-{uuid.uuid4().hex}",
-                                  workers=[a] if a else None, allow_other_workers=bool(a), pure=False)
-                    for h, a in zip(held, at, strict=True)]
-            self._held = (where, at, held, True)
+        at, held = self._holding(client, blocks)
         x = np.ascontiguousarray(x, self.dtype)
         copies = {a: client.submit(_identity, x, workers=[a] if a else None, pure=False) for a in set(at)}
         targets = self._sent_targets(client, p, at)
@@ -662,6 +793,115 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
             for i, line in zip(g, part[0], strict=True):
                 lines[i] = line
         return lines, c
+
+    def _holding(self, client, blocks: list) -> tuple[list, list]:
+        """The worker holding each block for the sweeps (:func:`_balanced`) and the held blocks'
+        futures (:class:`_Held`; with their tiled copies from pass :data:`HELD_BUILD_AFTER` on)."""
+        where = self._placement()
+        if self._held is None or self._held[0] is not where:  # first, or a worker left: hold them again
+            at = _balanced(where, self.block_nnz, self._threads)
+            held = [client.submit(_hold, b, bool(a) and (not h or a not in h),
+                                  key=f"databalance-held-{uuid.uuid4().hex}", workers=[a] if a else None,
+                                  allow_other_workers=bool(a), pure=False)
+                    for b, a, h in zip(blocks, at, where, strict=True)]
+            self._held = (where, at, held, False)
+            self._held_after = self.passes + HELD_BUILD_AFTER
+        where, at, held, tiled = self._held
+        if (not tiled and self.sparse and self.passes >= self._held_after
+                and self.dtype in (np.float32, np.float64) and _numba_wanted()):
+            held = [client.submit(_tiled, h, key=f"databalance-tiled-{uuid.uuid4().hex}",
+                                  workers=[a] if a else None, allow_other_workers=bool(a), pure=False)
+                    for h, a in zip(held, at, strict=True)]
+            self._held = (where, at, held, True)
+        return at, held
+
+    def _rows_sweep(self, client, x, old, p) -> tuple | None:
+        """A plain sweep whose rows stay on the workers: one :func:`_worker_rows` task per worker over
+        the blocks it holds (``x`` sent with it), reading the old scaling where the previous sweep
+        left it, and one small task per worker that sends the client its column sums and rows'
+        errors. Returns ``(r, u, c)``, ``r`` and ``u`` as :class:`_Rows`; None when the blocks have
+        no futures of this client."""
+        blocks = self._block_futures(client)
+        if blocks is None:
+            return None
+        at, held = self._holding(client, blocks)
+        x = np.ascontiguousarray(x, self.dtype)
+        targets = self._sent_targets(client, p, at)
+        groups: dict = {}
+        for i, a in enumerate(at):
+            groups.setdefault(a if a else ("any", i), []).append(i)
+        prev, olds = self._old_rows(old, at)
+        tasks, small = [], []
+        for g in groups.values():
+            pin = {"workers": [at[g[0]]] if at[g[0]] else None, "allow_other_workers": False, "pure": False}
+            reads = sorted({olds[i][0] for i in g if isinstance(olds[i], tuple)})
+            where = {k: n for n, k in enumerate(reads)}
+            firsts = np.cumsum([0] + [prev[1][k] for k in reads]).tolist()
+            mine = [firsts[where[olds[i][0]]] + olds[i][1] if isinstance(olds[i], tuple) else olds[i] for i in g]
+            task = client.submit(_worker_rows, [held[i] for i in g], x, [prev[0][k] for k in reads], mine,
+                                 [targets[i] for i in g], self.compiled, **pin)
+            tasks.append(task)
+            small.append(client.submit(_item, task, 0, **pin))
+        every = tasks + small
+        if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every worker's column sums to the client
+            wanted = small
+        else:  # the column sums added by a tree on the workers
+            partials = [client.submit(_item, t, 0, pure=False) for t in small]
+            every += partials
+            while len(partials) > 1:
+                partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
+                            for i in range(0, len(partials), SPLIT_EVERY)]
+                every += partials
+            wanted = [client.submit(_errors_of, t, pure=False) for t in small] + partials
+            every += wanted
+        got = _results(client, wanted, {a for a in at if a}, every)
+        if got is None:  # a worker left during the sweep: hold the blocks again where they are now
+            self._held = self._where = None
+            return self._rows_sweep(client, x, old, p)
+        if wanted is small:
+            c, errors = _added(*[part[0] for part in got]), [part[1:] for part in got]
+        else:
+            c, errors = got[-1], got[:-1]
+        before, after = (np.float64(sum(e[k] for e in errors)) for k in (0, 1))
+        sweep = _Sweep(self, tasks, list(groups.values()), at, x, self._target_array(p), (before, after), old)
+        m = self.shape[0]
+        c = np.asarray(c).astype(self.dtype, copy=False)
+        return _Rows(sweep, 0, self.dtype, m), _Rows(sweep, 1, self.dtype, m), c
+
+    def _old_rows(self, old, at: list) -> tuple[tuple[list, list], list]:
+        """The old scaling as a sweep's tasks read it: ``((futures, their blocks' counts), olds)`` with
+        ``olds[i]`` block i's old scaling, or ``(k, j)``: line j of ``futures[k]``'s result, where
+        the previous sweep (same placement) left it; else every block's slice of ``old``, sent."""
+        if isinstance(old, _Rows) and old.which == 1 and old.sweep.kernel is self and old.sweep.at is at:
+            sweep = old.sweep
+            olds: list = [None] * len(at)
+            for k, g in enumerate(sweep.groups):
+                for j, i in enumerate(g):
+                    olds[i] = (k, j)
+            return (sweep.tasks, [len(g) for g in sweep.groups]), olds
+        old = np.ascontiguousarray(old, self.dtype)  # fetched from the workers, or recomputed
+        return ([], []), [old[start:stop] for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+
+    def margin_l1(self, scaling, sums, target, batch_ndim: int, scratch=None, xp=None):
+        """The loop's marginal error (:func:`databalance._ipf.l1`); the rows' of a sweep whose rows
+        stayed on the workers measured there (:func:`_worker_rows`, to rounding: summed per block)."""
+        from .._ipf import l1
+
+        if isinstance(sums, _Rows) and sums.which == 0:
+            sweep = sums.sweep
+            if isinstance(scaling, _Rows) and scaling.sweep is sweep and scaling.which == 1:
+                return sweep.errors[1]
+            if sweep.old is not None and sweep.old() is scaling:
+                return sweep.errors[0]
+        if isinstance(sums, _Rows) or isinstance(scaling, _Rows):
+            scratch = None
+        return l1(scaling if not isinstance(scaling, _Rows) else np.asarray(scaling),
+                  sums if not isinstance(sums, _Rows) else np.asarray(sums), target, batch_ndim, scratch, xp)
+
+    def export(self, state, scales):
+        """The scalings of ``state`` exported (those left on the workers fetched first)."""
+        factors = [np.asarray(f) if isinstance(f, _Rows) else f for f in state.factors]
+        return super().export(dataclasses.replace(state, factors=factors), scales)
 
     def _block_futures(self, client) -> list | None:
         """The blocks' futures (the persisted table's), None when they are not this client's."""
