@@ -46,21 +46,29 @@ SIZES = dict(CONFIGS["bar"])
 COLUMNS = list(SIZES)
 
 
+#: The generated codes' dtype: uint16 (the codes are below 1000; a quarter of int64's bytes to
+#: write, hold and read in every pass over lazily generated samples); ``--wide-codes``: int64, as
+#: before 2026-12-06 15:40 UTC. The same codes either way, and the in-memory run gets the same
+#: columns as the cluster.
+CODE_DTYPE = [np.uint16]
+
+
 def generate(block: int, rows: int, seed: int) -> np.ndarray:
-    """Block ``block`` of the samples: codes of a, b, c, e, f (int64) as columns, biased so that the
-    sample's margins differ from the (uniform) targets: a and b the smaller of two draws (low codes
-    over-represented). Each code is a 16-bit field of two raw 64-bit draws per sample taken modulo
-    the column's size (a bias below 2% on top of the intended one): several times cheaper than
-    ``Generator.integers`` per column, since every pass over lazily generated samples pays it."""
+    """Block ``block`` of the samples: codes of a, b, c, e, f (:data:`CODE_DTYPE`) as columns, biased
+    so that the sample's margins differ from the (uniform) targets: a and b the smaller of two draws
+    (low codes over-represented). Each code is a 16-bit field of two raw 64-bit draws per sample
+    taken modulo the column's size (a bias below 2% on top of the intended one): several times
+    cheaper than ``Generator.integers`` per column, since every pass over lazily generated samples
+    pays it."""
     rng = np.random.default_rng([seed, block])
     fields = rng.bit_generator.random_raw(2 * rows).view(np.uint16).reshape(rows, 8)
-    out = np.empty((len(COLUMNS), rows), dtype=np.int64)
+    out = np.empty((len(COLUMNS), rows), dtype=CODE_DTYPE[0])
     k = 0
     for j, (name, size) in enumerate(SIZES.items()):
-        out[j] = fields[:, k] % np.uint16(size)
+        np.remainder(fields[:, k], np.uint16(size), out=out[j], casting="unsafe")
         k += 1
         if name in "ab":
-            np.minimum(out[j], fields[:, k] % np.uint16(size), out=out[j])
+            np.minimum(out[j], fields[:, k] % np.uint16(size), out=out[j], casting="unsafe")
             k += 1
     return out.T
 
@@ -141,7 +149,7 @@ def on_cluster(client, n: int, chunk: int, seed: int, steps: int, persist: bool 
     nblocks = (n + chunk - 1) // chunk
     rows = tuple(min(chunk, n - i * chunk) for i in range(nblocks))
     ids = da.arange(nblocks, chunks=1)
-    codes = da.map_blocks(lambda b: generate(int(b[0]), rows[int(b[0])], seed), ids, dtype=np.int64,
+    codes = da.map_blocks(lambda b: generate(int(b[0]), rows[int(b[0])], seed), ids, dtype=CODE_DTYPE[0],
                           chunks=(rows, (len(COLUMNS),)), new_axis=1)
     h = codes.map_blocks(lambda c, block_id=None: values_of(c, block_id[0], seed), dtype=np.float64,
                          drop_axis=1, chunks=(rows,))
@@ -192,7 +200,8 @@ def samples(args) -> None:
     from threadpoolctl import threadpool_info
 
     SIZES.update(CONFIGS[args.config])
-    print(f"margins {args.config}: {SIZES}, steps={args.steps}")
+    CODE_DTYPE[0] = np.int64 if args.wide_codes else np.uint16
+    print(f"margins {args.config}: {SIZES}, steps={args.steps}; codes generated as {np.dtype(CODE_DTYPE[0])}")
 
     print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
     local: list[tuple[float, float]] = []
@@ -406,6 +415,8 @@ def main() -> None:
                    "the in-memory samples with this scheduler (no cluster: the per-core cost of the path itself)")
     s.add_argument("--persist", action="store_true", help="generate the samples once and persist them on the "
                    "workers before timing (else they are generated lazily in every pass)")
+    s.add_argument("--wide-codes", action="store_true", help="generate the codes as int64 (the benchmark before "
+                   "2026-12-06 15:40 UTC; the same codes, four times the bytes)")
     s.add_argument("--compare-mean", action="store_true", help="after each timed run, time the mean again with "
                    "its passes compiled and with NumPy (DATABALANCE_KERNEL=numpy), alternating")
     t = sub.add_parser("table")
