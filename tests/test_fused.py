@@ -570,3 +570,93 @@ def test_row_sums_do_not_depend_on_the_row_blocks(dtype, l):
         np.testing.assert_array_equal(r2, runs[0][1])
         np.testing.assert_array_equal(u, runs[0][2])
     np.testing.assert_array_equal(runs[0][0], runs[0][1])
+
+
+def test_float32_exp_rows_against_the_exact_exponential():
+    """The float32 exponential of the fused log kernel: within 1.4 units of least precision of the
+    exact exponential (float64) over the whole range (NumPy's float32 exp: 2.5 here), 0, inf and NaN
+    exactly where NumPy's float32 exp gives them, subnormal results within one subnormal step; the
+    addends added in float32 first, in place or not."""
+    exp_rows = fused.compiled(fused._exp_rows, parallel=False, exact=True)
+    x = np.concatenate([np.linspace(-120.0, 95.0, 400_001), [-np.inf, np.inf, np.nan, -0.0, 0.0],
+                        np.nextafter(np.float32([88.72284, -103.97208, -87.33655]), np.float32(0))])
+    x = x.astype(np.float32)
+    rng = np.random.default_rng(1)
+    a, c = np.float32([0.0, 1.5]), rng.normal(size=x.size).astype(np.float32)
+    L = np.stack([x, x - c])  # row 1 plus its addends 1.5 and c: x + 1.5
+    out, bits = np.empty_like(L), np.empty(2 * x.size, np.int32)
+    exp_rows(L, a, np.zeros_like(c), 0, 1, out, bits)
+    exp_rows(L, a, c, 1, 2, out, bits)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for got, arg in ((out[0], x), (out[1], (x - c) + np.float32(1.5) + c)):
+            numpy32, exact = np.exp(arg), np.exp(arg.astype(np.float64))
+            for same in (np.isnan, np.isinf, lambda v: v == 0):
+                np.testing.assert_array_equal(same(got), same(numpy32))
+            normal = np.isfinite(numpy32) & (numpy32 >= np.finfo(np.float32).tiny)
+            ulp = np.abs(got[normal] - exact[normal]) / np.spacing(exact[normal].astype(np.float32))
+            assert ulp.max() <= 1.4
+            assert (np.abs(got[~normal & (numpy32 < 1)] - exact[~normal & (numpy32 < 1)]) <= 2.0 ** -149).all()
+    inplace = L[:1].copy()
+    exp_rows(inplace, a, np.zeros_like(c), 0, 1, inplace, bits)
+    np.testing.assert_array_equal(inplace, out[:1])
+
+
+@pytest.mark.parametrize("start", "xy")
+def test_float32_logits_with_resets_match_numpy(start):
+    """float32 logits with line offsets of +-40 (scalings beyond float32's tau of 1e8): the buffer is
+    re-exponentiated on moved potentials (the float64 sum, then the float32 exponential in place),
+    and the fused kernel agrees with NumPy's."""
+    rng = np.random.default_rng(5)
+    L = (rng.normal(size=(300, 200)) * 3 + rng.uniform(-40, 40, 300)[:, None]
+         + rng.uniform(-40, 40, 200)).astype(np.float32)  # scalings of e^+-40 on both sides
+    L[rng.random(L.shape) < 0.05] = -np.inf
+    p, q = rng.dirichlet(np.ones(300)), rng.dirichlet(np.ones(200))
+    resets = []
+    original = fused.FusedLogKernel._exponentiate
+
+    def counted(self, frame):
+        resets.append(1)
+        return original(self, frame)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused.FusedLogKernel, "_exponentiate", counted)
+        a, b = both(db.balance_logits, L, p, q, steps=30, start=start)
+    assert len(resets) > 1  # the first exponentiation and at least one reset in the fused run
+    assert_same(a, b, ["row_potential", "col_potential"], np.float32)
+    np.testing.assert_array_equal(np.isneginf(a.log_table), np.isneginf(b.log_table))
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+def test_float32_final_errors_are_measured_once_in_float64(kernel):
+    """A float32 run of k half-steps leaves its final errors to the float64 measurement of the
+    table it returns (no pass over the table for working sums no step uses): they are finite and
+    equal the float64 sums of the returned table, and the fused kernel makes one pass fewer than
+    for float64."""
+    rng = np.random.default_rng(3)
+    T = rng.random((300, 200)) + 0.01
+    p, q = rng.dirichlet(np.ones(300)), rng.dirichlet(np.ones(200))
+    calls = {
+        "table": lambda t, k: db.balance_table(t, p, q, steps=k),
+        "logits": lambda t, k: db.balance_logits(np.log(t), p, q, steps=k),
+        "margins": lambda t, k: db.balance_margins(t, {0: p, 1: q}, steps=k),
+        "sparse": lambda t, k: db.balance_table(sp.csr_array(t), p, q, steps=k),
+    }
+    with kernel_choice(kernel):
+        for name, call in calls.items():
+            for k in (1, 2, 5, 6):
+                res = call(T.astype(np.float32), k)
+                table = np.asarray(res.table.toarray() if sp.issparse(res.table) else res.table, np.float64)
+                want = [np.abs(table.sum(axis=1) - p).sum(), np.abs(table.sum(axis=0) - q).sum()]
+                np.testing.assert_allclose(res.marginal_error[-1], want, rtol=1e-6, atol=1e-12, err_msg=name)
+                assert np.isfinite(res.marginal_error).all()
+                if name in ("table", "logits") and kernel == "numba":
+                    # saved: the plain product after k = 1, the pass after an even k (after an odd
+                    # k > 1 the last pass has already given the other margin's sums)
+                    assert res.passes == call(T, k).passes - (k == 1 or k % 2 == 0)
+        cube = rng.random((12, 10, 8)).astype(np.float32) + 0.01
+        targets = {0: p[:12] / p[:12].sum(), 1: np.full(10, 0.1), 2: q[:8] / q[:8].sum()}
+        for k in (2, 3, 6):  # three margins: the tensor kernel
+            res = db.balance_margins(cube, targets, steps=k)
+            table = np.asarray(res.table, np.float64)
+            want = [np.abs(table.sum(axis=tuple(a for a in range(3) if a != j)) - targets[j]).sum() for j in range(3)]
+            np.testing.assert_allclose(res.marginal_error[-1], want, rtol=1e-6, atol=1e-12)

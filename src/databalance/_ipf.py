@@ -176,11 +176,13 @@ def new_history(kernel: Kernel, n_margins: int) -> History | DeviceHistory:
     return History(kernel.batch, n_margins) if xp is None else DeviceHistory(xp, kernel)
 
 
-def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, Any]]:
+def half_steps(kernel: Kernel, problem: Problem, last: int | None = None) -> Iterator[tuple[int, State, Any]]:
     """Yield (k, state, errors) for k = 0, 1, 2, ...; ``errors`` has one column per margin.
 
     The error of the margin a step fixes comes from its sums before the step (O(lines), one
-    rounding per entry: not exactly 0). The next margin's error comes from the sums its step needs.
+    rounding per entry: not exactly 0). The next margin's error comes from the sums its step needs,
+    except after half-step ``last`` (the final one, whose errors the caller measures itself: NaN
+    there, and no pass over the table for sums no step will use).
     """
     margins = problem.margins
     nb = len(kernel.batch)
@@ -201,6 +203,10 @@ def half_steps(kernel: Kernel, problem: Problem) -> Iterator[tuple[int, State, A
         errors = np.empty_like(errors) if xp is None else _DeviceRow(xp, len(margins))
         errors[..., j] = distance(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
         j = next(order)
+        if k == last:
+            errors[..., [i for i in range(len(margins)) if i != state.fixed]] = np.nan
+            yield k, state, errors
+            return
         if len(margins) == 2:  # the next margin's sums are all that is needed: the shortcut
             sums = kernel.sums(j, state)
             errors[..., j] = distance(state.factors[j], sums, margins[j].target, nb, scratch[j], xp)
@@ -244,30 +250,34 @@ class Outcome:
 
 def run(kernel: Kernel, problem: Problem, *, steps: int | None, tol: float, max_steps: int,
         check_feasible_at: int | None = None, feasible=None, progress=None,
-        trace: list | None = None) -> Outcome:
+        trace: list | None = None, remeasured: bool = False) -> Outcome:
     """Consume the half-steps until the requested count, convergence, a stall or the budget.
 
     ``feasible()`` raises if the problem has no solution; for ``steps=None`` it is called at
     half-step ``check_feasible_at`` unless the run has converged before. ``progress``, a
     (report, close) pair, hears of every step. ``trace``, a list, receives the (exported-frame-free)
     scaling each half-step sets, in order: what a linearisation at the iterates needs.
+    ``remeasured``: the caller replaces the final errors of a run of ``steps`` half-steps by its own
+    (:func:`remeasured`), so the final half-step's are left NaN where they would cost a pass over
+    the table (not when ``progress`` hears of them, nor for an array-API kernel).
     """
     report, close = progress if progress is not None else (None, None)
+    last = steps if remeasured and report is None and getattr(kernel, "xp", None) is None else None
     try:
-        return _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace)
+        return _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace, last)
     finally:
         if close is not None:
             close()
 
 
-def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace) -> Outcome:
+def _consume(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report, trace, last) -> Outcome:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported as status "failed"
         return _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report,
-                                trace)
+                                trace, last)
 
 
 def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, feasible, report,
-                     trace) -> Outcome:
+                     trace, last) -> Outcome:
     history = new_history(kernel, len(problem.margins))
     best, best_k = np.inf, 0
     eps = float(np.finfo(kernel.dtype).eps)
@@ -278,7 +288,7 @@ def _consume_quietly(kernel, problem, steps, tol, max_steps, check_feasible_at, 
     # the same as reading every iterate.
     paired = isinstance(history, DeviceHistory)
     pending = None
-    for k, state, errors in half_steps(kernel, problem):
+    for k, state, errors in half_steps(kernel, problem, last):
         history.append(errors)
         if trace is not None:  # the starting scalings, then the one each half-step sets
             trace.extend(f.copy() for f in (state.factors if k == 0 else state.factors[state.fixed:state.fixed + 1]))

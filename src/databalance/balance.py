@@ -350,20 +350,23 @@ def _first(start: str) -> int:
 
 
 def _solve(kernel, problem, *, steps, tol, max_steps, deficit, progress=None, desc="balancing", trace=None,
-           costly=False):
+           costly=False, remeasured=False):
     """Run the loop; for ``steps=None`` decide feasibility before (small supports) or during it.
 
     ``deficit()`` raises :class:`InfeasibleError` when no balanced table exists and returns False
     when it could not decide (a support too large for the linear program); a ``costly`` one runs
     only if the loop has not converged after FEASIBILITY_DEFERRED_TO half-steps. Returns the
-    outcome and whether the problem is then known to be feasible (``None``: not decided)."""
+    outcome and whether the problem is then known to be feasible (``None``: not decided).
+    ``remeasured``: the caller measures the final errors itself (a float32 run's, in float64: see
+    :func:`_float64_check`), so the last half-step computes none of its own."""
     eager = kernel.support_size() <= FEASIBILITY_EAGER_SIZE and not costly
     check_at = 0 if eager else FEASIBILITY_DEFERRED_TO
     report = _progress.reporter(progress, desc, total=steps if steps is not None else max_steps)
     checked: list[bool] = []
     outcome = _ipf.run(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                        check_feasible_at=None if kernel.full_support() else check_at,
-                       feasible=lambda: checked.append(deficit() is not False), progress=report, trace=trace)
+                       feasible=lambda: checked.append(deficit() is not False), progress=report, trace=trace,
+                       remeasured=remeasured)
     if kernel.full_support() or outcome.converged or any(checked):
         return outcome, True
     return outcome, None
@@ -495,7 +498,7 @@ def balance_table(table: TableLike, p_x: Marginal, p_y: Marginal, *, steps: int 
     runner = _accelerate.wrap(kernel, acceleration, steps, _first(start))
     outcome, known = _solve(runner, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "table"), progress=progress,
-                            desc="balance_table")
+                            desc="balance_table", remeasured=kernel.dtype == np.float32)
     u, v = kernel.export(outcome.state, problem.export_scales())
     outcome, reason = _float64_check(kernel, outcome, problem, tol, (u, v))
     _ipf.warn_if_unconverged(outcome, tol, reason or _slow_hint(outcome, acceleration))
@@ -584,7 +587,7 @@ def balance_logits(logits, p_x: Marginal, p_y: Marginal, *, steps: int | None = 
     runner = _accelerate.wrap(kernel, acceleration, steps, _first(start))
     outcome, known = _solve(runner, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, targets, "logits"), progress=progress,
-                            desc="balance_logits")
+                            desc="balance_logits", remeasured=kernel.dtype == np.float32)
     scales = problem.export_scales()
     f, g = kernel.export(outcome.state, scales)
     scalings = kernel.buffer_scalings(outcome.state, scales)
@@ -844,7 +847,8 @@ def balance_margins(table: TableLike, margins: Mapping, *, steps: int | None = N
         return lost is not None
 
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps, deficit=deficit,
-                            progress=progress, desc="balance_margins", costly=True)
+                            progress=progress, desc="balance_margins", costly=True,
+                            remeasured=kernel.dtype == np.float32)
     exported = kernel.export(outcome.state, problem.export_scales())
     outcome, reason = _float64_check(kernel, outcome, problem, tol, exported)
     _ipf.warn_if_unconverged(outcome, tol, reason)
@@ -870,7 +874,7 @@ def _two_margins(table, axes, keys, targets, names, *, steps, tol, max_steps, pr
                        steps=steps)
     outcome, known = _solve(kernel, problem, steps=steps, tol=tol, max_steps=max_steps,
                             deficit=_max_flow_check(kernel, ordered, "table"), progress=progress,
-                            desc="balance_margins")
+                            desc="balance_margins", remeasured=kernel.dtype == np.float32)
     factors = kernel.export(outcome.state, problem.export_scales())
     outcome, reason = _float64_check(kernel, outcome, problem, tol, factors)
     _ipf.warn_if_unconverged(outcome, tol, reason)

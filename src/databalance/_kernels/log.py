@@ -42,21 +42,28 @@ def _chunk_sum(L, f, g, b, rows) -> np.ndarray:
     return t
 
 
-def one_addend(L, f, g, dtype) -> np.ndarray | None:
+def one_addend(L, f, g, dtype) -> tuple[np.ndarray, int] | None:
     """When one potential is 0 and the other is exact in ``dtype`` (the first exponentiation, whose
-    other potential centres the lines by their maxima): that one in ``dtype``, broadcast to
-    ``L``'s shape; else None. ``L + f + g`` is then one addition in ``dtype``, rounded as the
-    float64 sum rounded to ``dtype`` is (two float32 numbers: float64 holds their sum's double
-    rounding harmlessly; only a zero's sign can differ, which no exponential sees), without the
-    float64 chunk (half the time of the NumPy kernel's exponentiation of 4000^2 float32 logits)."""
+    other potential centres the lines by their maxima): that one in ``dtype`` and the axis along
+    which it is constant (-1: a row's, -2: a column's); else None. ``L + f + g`` is then one
+    addition in ``dtype``, rounded as the float64 sum rounded to ``dtype`` is (two float32 numbers:
+    float64 holds their sum's double rounding harmlessly; only a zero's sign can differ, which no
+    exponential sees), without the float64 chunk (half the time of the NumPy kernel's
+    exponentiation of 4000^2 float32 logits)."""
     if L.dtype != dtype:
         return None
     for zero, other, axis in ((g, f, -1), (f, g, -2)):
         if not zero.any():
             exact = other.astype(dtype)
             if np.array_equal(exact, other):
-                return np.broadcast_to(np.expand_dims(exact, axis), L.shape)
+                return exact, axis
     return None
+
+
+def addend_rows(addend: tuple[np.ndarray, int], b, rows: slice) -> np.ndarray:
+    """Problem ``b``'s rows ``rows`` of the one addend, broadcastable against ``L[b][rows]``."""
+    a, axis = addend
+    return a[b][rows, None] if axis == -1 else a[b][None, :]
 
 
 def add_potentials(L, f, g, *, out, fn=None):
@@ -74,7 +81,7 @@ def add_potentials(L, f, g, *, out, fn=None):
     for b, rows in row_chunks(L):
         target = out[b][rows]
         if single is not None:
-            np.add(L[b][rows], single[b][rows], out=target, casting="same_kind")
+            np.add(L[b][rows], addend_rows(single, b, rows), out=target, casting="same_kind")
             if fn is not None:
                 fn(target, out=target)
             continue
