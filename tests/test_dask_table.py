@@ -393,9 +393,9 @@ def test_column_sums_added_on_the_workers_when_wide(client, monkeypatch):
 
 @pytest.mark.parametrize("on_workers", [True, False])
 def test_one_task_per_worker_and_sweep(client, monkeypatch, on_workers):
-    """A sweep is one task per worker over its blocks, and one small task per worker that sends the
-    client its column sums and rows' errors (the rows stay there); with ROWS_ON_WORKERS off, one
-    copy of ``v`` per worker and the rows' sums sent to the client."""
+    """A sweep is one task per worker over its blocks, whose result sends the client only its column
+    sums and rows' errors (the rows stay there); with ROWS_ON_WORKERS off, one copy of ``v`` per
+    worker and the rows' sums sent to the client."""
     monkeypatch.setattr(chunked, "ROWS_ON_WORKERS", on_workers)
     T, p, q = problem(30)
     kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse", rows=30)))
@@ -410,7 +410,7 @@ def test_one_task_per_worker_and_sweep(client, monkeypatch, on_workers):
     monkeypatch.setattr(distributed.Client, "submit", counted)
     r, u, c = kernel._pass(np.ones(T.shape[1]), np.ones(T.shape[0]), p, None)
     if on_workers:
-        assert sorted(calls) == ["_item", "_item", "_worker_rows", "_worker_rows"]
+        assert sorted(calls) == ["_worker_rows", "_worker_rows"]
         assert isinstance(r, chunked._Rows) and isinstance(u, chunked._Rows)
     else:
         assert sorted(calls) == ["_identity", "_identity", "_worker_blocks", "_worker_blocks"]
@@ -528,3 +528,42 @@ def test_rows_left_on_a_worker_that_left(monkeypatch):
         np.testing.assert_allclose(c2, T.T @ (p / (T @ w)), rtol=1e-12)
         assert kernel.margin_l1(u, r2, p, 0) == pytest.approx(l1_numpy(p / (T @ v), T @ w, p), rel=1e-12)
         assert victim not in kernel._held[1]
+
+
+def test_lines_are_never_serialised():
+    """A sweep's result sent (or spilled) keeps its column sums and errors and drops the rows' lines,
+    whose readers then raise, and a sweep whose old lines were lost takes them from the client."""
+    import pickle
+
+    swept = chunked._Swept(np.arange(3.0), 0.5, 0.25, ([np.ones(4)], [np.full(4, 2.0)]))
+    assert chunked._lines_of(swept, 1)[0].tolist() == [2.0] * 4
+    copy = pickle.loads(pickle.dumps(swept))
+    assert copy.c.tolist() == [0.0, 1.0, 2.0] and (copy.before, copy.after) == (0.5, 0.25) and copy.lines is None
+    with pytest.raises(chunked._LinesLost, match="left their worker"):
+        chunked._lines_of(copy, 0)
+    assert dask.sizeof.sizeof(swept) > dask.sizeof.sizeof(copy) + 60
+
+
+def test_spilled_lines_are_recomputed(client, monkeypatch):
+    """The rows' lines of the last sweep lost on the workers (as if spilled): the next sweep and the
+    scaling's fetch recompute them from that sweep's ``v``: the same results."""
+    T, p, q = problem(40)
+    kernel = chunked.ChunkedKernel.from_input(client.persist(blocks_of(T, "sparse")))
+    v, w = np.ones(T.shape[1]), np.random.default_rng(40).random(T.shape[1]) + 0.5
+    r, u, _ = kernel._pass(v, np.ones(T.shape[0]), p, None)
+
+    def drop(dask_worker):
+        for value in dask_worker.data.values():
+            if isinstance(value, chunked._Swept):
+                value.lines = None
+
+    client.run(drop)
+    recomputed = []
+    row_sums = kernel.row_sums
+    monkeypatch.setattr(kernel, "row_sums", lambda x: recomputed.append(x) or row_sums(x))
+    r2, u2, c2 = kernel._pass(w, u, p, None)
+    assert len(recomputed) == 1 and recomputed[0] is u.sweep.v
+    want_u = np.where(p > 0, p / np.where(p > 0, T @ v, 1.0), 0.0)
+    assert kernel.margin_l1(u, r2, p, 0) == pytest.approx(l1_numpy(want_u, T @ w, p), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(u), want_u, rtol=1e-13)
+    np.testing.assert_allclose(r2, T @ w, rtol=1e-13)

@@ -372,9 +372,9 @@ def _worker_rows(held: list, v, prev: list, olds: list, targets: list, compiled:
     blocks' order), and the rows' marginal errors before and after the step, ``sum |u_old r - p|``
     and ``sum |u r - p|`` (:func:`databalance._ipf.l1`'s terms, added over the blocks). ``olds``:
     per block the old scaling, or its position among the lines of the previous sweep's results
-    ``prev`` (on this worker: nothing is sent). Returns ``((c, before, after), (rs, us))``: the
-    client fetches the first part; the second stays here for the next sweep (:class:`_Rows`)."""
-    previous = [u for result in prev for u in result[1][1]]
+    ``prev`` (on this worker: nothing is sent). Returns a :class:`_Swept`: the client fetches the
+    column sums and errors; the lines stay here for the next sweep (:class:`_Rows`)."""
+    previous = [u for result in prev for u in _kept(result)[1]]
     rs, us, c = [], [], None
     before = after = 0.0
     for h, o, t in zip(held, olds, targets, strict=True):
@@ -385,7 +385,40 @@ def _worker_rows(held: list, v, prev: list, olds: list, targets: list, compiled:
         rs.append(r)
         us.append(u)
         c = part if c is None else c + part
-    return (c, before, after), (rs, us)
+    return _Swept(c, before, after, (rs, us))
+
+
+class _LinesLost(RuntimeError):
+    """A sweep's rows' lines were not on the worker that ran it (its result was spilled to disk or
+    sent elsewhere: the lines are never serialised)."""
+
+
+class _Swept:
+    """A :func:`_worker_rows` result: the worker's column sums and rows' errors, which the client
+    fetches, and the blocks' rows' sums and scalings ``lines = (rs, us)``, which stay in the
+    worker's memory: they are not serialised (the client gets the rest without them, and so one
+    task per worker and sweep, not two; a copy spilled to disk or sent to another worker has none,
+    which its readers notice: :class:`_LinesLost`)."""
+
+    __slots__ = ("after", "before", "c", "lines")
+
+    def __init__(self, c, before: float, after: float, lines: tuple | None = None):
+        self.c, self.before, self.after, self.lines = c, before, after, lines
+
+    def __reduce__(self):
+        return _Swept, (self.c, self.before, self.after)
+
+
+@sizeof.register(_Swept)
+def _sizeof_swept(swept: _Swept) -> int:
+    lines = 0 if swept.lines is None else sum(a.nbytes for part in swept.lines for a in part)
+    return 64 + int(np.asarray(swept.c).nbytes) + lines
+
+
+def _kept(result: _Swept) -> tuple:
+    if result.lines is None:
+        raise _LinesLost("a sweep's rows' lines left their worker")
+    return result.lines
 
 
 def _line_l1(scaling, sums, target) -> float:
@@ -400,13 +433,17 @@ def _line_l1(scaling, sums, target) -> float:
     return float(l1(scaling, sums, target, 0))
 
 
-def _lines_of(result, which: int) -> list:
+def _lines_of(result: _Swept, which: int) -> list:
     """A :func:`_worker_rows` result's blocks' row sums (``which`` 0) or scalings (1)."""
-    return result[1][which]
+    return _kept(result)[which]
 
 
-def _errors_of(result) -> tuple:
-    return result[1:]
+def _sums_of(result: _Swept):
+    return result.c
+
+
+def _errors_of(result: _Swept) -> tuple:
+    return result.before, result.after
 
 
 class _Sweep:
@@ -441,7 +478,10 @@ class _Sweep:
             parts = [client.submit(_lines_of, t, which, workers=[self.at[g[0]]] if self.at[g[0]] else None,
                                    allow_other_workers=False, pure=False)
                      for t, g in zip(self.tasks, self.groups, strict=True)]
-            got = _results(client, parts, pinned, parts)
+            try:
+                got = _results(client, parts, pinned, parts)
+            except _LinesLost:
+                got = None
             if got is not None:
                 lines: list = [None] * len(self.at)
                 for g, part in zip(self.groups, got, strict=True):
@@ -818,9 +858,9 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
     def _rows_sweep(self, client, x, old, p) -> tuple | None:
         """A plain sweep whose rows stay on the workers: one :func:`_worker_rows` task per worker over
         the blocks it holds (``x`` sent with it), reading the old scaling where the previous sweep
-        left it, and one small task per worker that sends the client its column sums and rows'
-        errors. Returns ``(r, u, c)``, ``r`` and ``u`` as :class:`_Rows`; None when the blocks have
-        no futures of this client."""
+        left it; its result sends the client only the column sums and the rows' errors
+        (:class:`_Swept`). Returns ``(r, u, c)``, ``r`` and ``u`` as :class:`_Rows`; None when the
+        blocks have no futures of this client."""
         blocks = self._block_futures(client)
         if blocks is None:
             return None
@@ -831,35 +871,36 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
         for i, a in enumerate(at):
             groups.setdefault(a if a else ("any", i), []).append(i)
         prev, olds = self._old_rows(old, at)
-        tasks, small = [], []
+        tasks = []
         for g in groups.values():
             pin = {"workers": [at[g[0]]] if at[g[0]] else None, "allow_other_workers": False, "pure": False}
             reads = sorted({olds[i][0] for i in g if isinstance(olds[i], tuple)})
             where = {k: n for n, k in enumerate(reads)}
             firsts = np.cumsum([0] + [prev[1][k] for k in reads]).tolist()
             mine = [firsts[where[olds[i][0]]] + olds[i][1] if isinstance(olds[i], tuple) else olds[i] for i in g]
-            task = client.submit(_worker_rows, [held[i] for i in g], x, [prev[0][k] for k in reads], mine,
-                                 [targets[i] for i in g], self.compiled, **pin)
-            tasks.append(task)
-            small.append(client.submit(_item, task, 0, **pin))
-        every = tasks + small
+            tasks.append(client.submit(_worker_rows, [held[i] for i in g], x, [prev[0][k] for k in reads], mine,
+                                       [targets[i] for i in g], self.compiled, **pin))
+        every = list(tasks)
         if len(tasks) * self.shape[1] <= CLIENT_SUM_MAX:  # every worker's column sums to the client
-            wanted = small
+            wanted = tasks
         else:  # the column sums added by a tree on the workers
-            partials = [client.submit(_item, t, 0, pure=False) for t in small]
+            partials = [client.submit(_sums_of, t, pure=False) for t in tasks]
             every += partials
             while len(partials) > 1:
                 partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
                             for i in range(0, len(partials), SPLIT_EVERY)]
                 every += partials
-            wanted = [client.submit(_errors_of, t, pure=False) for t in small] + partials
+            wanted = [client.submit(_errors_of, t, pure=False) for t in tasks] + partials
             every += wanted
-        got = _results(client, wanted, {a for a in at if a}, every)
+        try:
+            got = _results(client, wanted, {a for a in at if a}, every)
+        except _LinesLost:  # the old scaling's lines were spilled: sent from the client instead
+            return self._rows_sweep(client, x, np.asarray(old), p) if isinstance(old, _Rows) else None
         if got is None:  # a worker left during the sweep: hold the blocks again where they are now
             self._held = self._where = None
             return self._rows_sweep(client, x, old, p)
-        if wanted is small:
-            c, errors = _added(*[part[0] for part in got]), [part[1:] for part in got]
+        if wanted is tasks:
+            c, errors = _added(*[part.c for part in got]), [(part.before, part.after) for part in got]
         else:
             c, errors = got[-1], got[:-1]
         before, after = (np.float64(sum(e[k] for e in errors)) for k in (0, 1))
