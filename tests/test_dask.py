@@ -1,7 +1,6 @@
 """Dask collections: estimators from per-cell sufficient statistics and row-partitioned tables,
 checked against the in-memory paths on the threaded scheduler and on a two-process LocalCluster."""
 
-import contextlib
 import pathlib
 import re
 import runpy
@@ -1444,6 +1443,32 @@ def test_submitted_passes_add_a_workers_groups_there(samples_path, monkeypatch, 
     assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data, d).mean(h))
 
 
+@pytest.mark.parametrize("groups", [2, 6])
+def test_cached_groups_spread_over_the_workers(samples_path, monkeypatch, cluster, groups):
+    """Group g of the cached codes is computed and held on worker g modulo the workers (sorted by
+    address; every task of its graph restricted there, loosely: the scheduler may still let an idle
+    worker steal a partition's task, whose result then moves), so a pass's tasks run on both
+    workers in equal numbers; the results are the in-memory ones."""
+    distributed = pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 1200 // groups)
+    data, h, d, margins = three_margins(1200, seed=38)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    workers = sorted(cluster.scheduler_info()["workers"])
+    with cluster.as_current(), dask.config.set(scheduler=cluster):
+        with distributed.get_task_stream(cluster) as stream:
+            fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        samples = fitted._dask_fit.samples
+        assert len(samples.groups) == groups and len(samples.held) == groups
+        holders = cluster.who_has(list(samples.held))
+        assert [list(holders[f.key]) for f in samples.held] == [[workers[g % 2]] for g in range(groups)]
+        got = fitted.mean(H)
+    passes = [s["worker"] for s in stream.data if str(s["key"]).startswith("databalance-pass-")]
+    assert sorted(passes.count(w) for w in workers) == [len(passes) // 2] * 2
+    assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
 def test_graph_passes_on_the_local_schedulers(samples_path, monkeypatch):
     """Without a distributed client the passes stay one graph each (no futures), and equal."""
     calls = spy_submitted(monkeypatch)
@@ -1590,157 +1615,3 @@ def test_a_failed_mean_leaves_no_results_on_the_cluster(cluster, samples_path):
             if not left:
                 break
         assert not left, f"left on the cluster after the failed mean: {sorted(left)[:5]}"
-
-
-# -- cached codes sorted by the largest margin's code (issue 12, DASK-SAMPLES2) --------------------------
-
-
-def sort_small_margins(monkeypatch):
-    """Sorting by the largest margin even when it has only a few levels (the tests' margins)."""
-    from databalance import _dask_samples
-
-    monkeypatch.setattr(_dask_samples, "SORT_LEVELS", 2)
-
-
-@pytest.mark.parametrize("numba_order", [True, False])
-def test_sorted_order_is_numpys_stable_sort(monkeypatch, numba_order):
-    """The counting sort (numba) and its fallback (NumPy) give NumPy's stable order, ties in sample
-    order; an empty key, a key of one level."""
-    from databalance import _dask_samples
-
-    if numba_order:
-        pytest.importorskip("numba")
-    else:
-        def refused():
-            raise ImportError("numba blocked")
-
-        monkeypatch.setattr(_dask_samples, "_compiled_order", refused)
-    rng = np.random.default_rng(41)
-    for key, size in [(rng.integers(0, 7, 500).astype(np.uint8), 7), (rng.integers(0, 1000, 3000).astype(np.uint16),
-                                                                      1000),
-                      (np.zeros(0, np.uint16), 3), (np.full(9, 2, np.uint8), 3)]:
-        order = _dask_samples.sorted_order(key, size)
-        np.testing.assert_array_equal(order, np.argsort(key, kind="stable"))
-        assert (np.diff(key[order].astype(int)) >= 0).all()
-
-
-def assert_groups_sorted(samples):
-    """Each cached group's codes sorted by margin ``sorted_by`` within each of its partitions, and its
-    last array the order: the samples' positions in the group (a permutation of each partition's)."""
-    K = len(samples.sizes)
-    for group, parts in zip(samples.encoded.compute(), samples.groups, strict=True):
-        order = group[-1]
-        assert order.dtype == np.uint32 and len(group) == K + samples.design_cached + 1
-        start = 0
-        for _, length in parts:
-            piece = order[start:start + length].astype(np.int64)
-            np.testing.assert_array_equal(np.sort(piece), np.arange(start, start + length))
-            key = group[samples.sorted_by][start:start + length].astype(int)
-            assert (np.diff(key) >= 0).all()
-            start += length
-
-
-@pytest.mark.parametrize("where", ["sync", "threads", "cluster"])
-@pytest.mark.parametrize(("steps", "linearization", "weighted", "tables"),
-                         [(3, "balanced", True, True), (5, "survey", True, True), (None, "balanced", False, True),
-                          (4, "balanced", True, False)])
-def test_sorted_codes_equal_in_memory(samples_path, monkeypatch, request, where, steps, linearization, weighted,
-                                      tables):
-    """Codes sorted by the largest margin (the joint one): the group's design weights and values are
-    taken in the same order (held values on the cluster, read per pass on the local schedulers), so
-    the fit, its weights (in the input's order) and the mean equal the in-memory ones."""
-    sort_small_margins(monkeypatch)
-    if not tables:
-        one_pass_per_step(monkeypatch)
-    calls = spy_submitted(monkeypatch)
-    data, h, d, margins = three_margins(seed=42)
-    ref = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(data, d if weighted else None)
-    X, H, D = lazy(data, h, d)
-    with contextlib.ExitStack() as stack:
-        if where == "cluster":
-            client = request.getfixturevalue("cluster")
-            stack.enter_context(client.as_current())
-        stack.enter_context(dask.config.set(scheduler=client if where == "cluster" else where))
-        fitted = BalancedEstimator(margins, steps=steps, linearization=linearization).fit(X, D if weighted else None)
-        samples = fitted._dask_fit.samples
-        assert samples.sorted_by == 2 and samples.design_cached == weighted
-        assert_groups_sorted(samples)
-        assert_same_fit(fitted, ref)
-        assert_same_mean(fitted.mean(H), ref.mean(h))
-    assert (len(calls) > 0) == (where == "cluster")
-    if where == "cluster":
-        assert all(with_values for name, with_values in calls if name != "WeightSums")
-
-
-def test_sorted_groups_of_several_partitions(samples_path, monkeypatch, cluster):
-    """Groups joined from several sorted partitions (their orders shifted to the group's positions),
-    design weights read in every pass (not cached: the budget), values held: equal."""
-    from databalance import _dask_samples
-
-    sort_small_margins(monkeypatch)
-    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 300)
-    data, h, d, margins = three_margins(1200, seed=43)
-    budget = 1200 * (3 + 4)  # three uint8 codes and the order; not the design weights
-    monkeypatch.setattr(_dask_samples, "cache_budget", lambda: float(budget))
-    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
-    with cluster.as_current(), dask.config.set(scheduler=cluster):
-        fitted = BalancedEstimator(margins, steps=5).fit(X, D)
-        samples = fitted._dask_fit.samples
-        assert samples.sorted_by == 2 and not samples.design_cached
-        assert all(len(g) > 1 for g in samples.groups)
-        assert_groups_sorted(samples)
-        got = fitted.mean(H[:, 0])
-    ref = BalancedEstimator(margins, steps=5).fit(data, d)
-    close(fitted.weights_.compute(), ref.weights_, rtol=1e-12)
-    want = ref.mean(h[:, 0])
-    close(got.estimate, want.estimate)
-    close(got.standard_error, want.standard_error)
-
-
-@pytest.mark.parametrize("room", ["order", "no order", "few levels", "numpy"])
-def test_codes_sorted_only_when_it_pays_and_fits(samples_path, monkeypatch, room):
-    """Sorted only with a margin of at least SORT_LEVELS levels, compiled passes, and room in the
-    budget for the order (4 bytes a sample) after the codes and design weights."""
-    from databalance import _dask_samples
-
-    if room != "few levels":
-        sort_small_margins(monkeypatch)
-    if room == "numpy":
-        monkeypatch.setenv("DATABALANCE_KERNEL", "numpy")
-    else:
-        pytest.importorskip("numba")
-    data, h, d, margins = three_margins(1000, seed=44)
-    budget = 1000 * (3 + 8) + (4000 if room != "no order" else 3999)
-    monkeypatch.setattr(_dask_samples, "cache_budget", lambda: float(budget))
-    X, H, D = lazy(data, h, d, chunks=(250,) * 4)
-    with dask.config.set(scheduler="threads"):
-        fitted = BalancedEstimator(margins, steps=4).fit(X, D)
-        samples = fitted._dask_fit.samples
-        assert samples.design_cached
-        assert samples.sorted_by == (2 if room == "order" else None)
-        got = fitted.mean(H)
-    assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data, d).mean(h))
-
-
-@pytest.mark.parametrize("where", ["threads", "cluster"])
-def test_errors_in_a_sorted_group_name_their_partition(samples_path, monkeypatch, request, where):
-    """With sorted codes a group's values are checked one partition at a time, in the samples' order
-    (before they are taken in the codes' order: held on the cluster, per pass on the threads): the
-    error names the partition and the sample in it."""
-    from databalance import _dask_samples
-
-    sort_small_margins(monkeypatch)
-    monkeypatch.setattr(_dask_samples, "threads_available", lambda: 1)  # one group of six partitions
-    x, y, h, _ = sample(600)
-    h = h[:, 0].copy()
-    h[430] = np.nan
-    cols = {"x": da.from_array(x, chunks=100), "y": da.from_array(y, chunks=100)}
-    with contextlib.ExitStack() as stack:
-        if where == "cluster":
-            client = request.getfixturevalue("cluster")
-            stack.enter_context(client.as_current())
-        stack.enter_context(dask.config.set(scheduler=client if where == "cluster" else where))
-        fitted = BalancedEstimator({"x": PX, "y": PY}, steps=3).fit(cols)
-        assert fitted._dask_fit.samples.sorted_by is not None and len(fitted._dask_fit.samples.groups) == 1
-        with pytest.raises(ValueError, match=r"`values` contains NaN or inf, first at sample 30.*Dask partition 4"):
-            fitted.mean(da.from_array(h, chunks=100))

@@ -76,12 +76,9 @@ class Samples:
     #: Under ``distributed``: the worker holding each group of ``encoded`` (by key), asked once
     #: (a pass's tasks are only loosely pinned: a worker that left is passed over).
     homes: dict = field(default_factory=dict, compare=False, repr=False)
-    #: The margin by whose code each partition of ``encoded`` is sorted (stably), or None: unsorted.
-    #: Sorted, a group's last array is its samples' order (``uint32``, the positions in the group of
-    #: its samples as cached), and the passes read the design weights and values of the group in
-    #: that order (:func:`ordered`): the two-way tables' scatters of the largest margin stay within
-    #: a few of its rows (see :data:`SORT_LEVELS`).
-    sorted_by: int | None = None
+    #: Under ``distributed``: each group's future (in the groups' order), its codes computed and held
+    #: on a worker of its own (:func:`placed`).
+    held: tuple = ()
 
     @property
     def sizes(self) -> list[int]:
@@ -126,22 +123,17 @@ def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
     return out
 
 
-def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None, ordered=False,
-               values_ordered=False):
+def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None):
     """One task of a pass: partition ``p``'s samples, or with ``groups`` (the cached codes) group
     ``p``'s (its partitions' design weights and values checked one partition at a time, so that
     an error names the partition). ``weighted``: design weights in the blocks after the columns
-    (True), none (False), or held in the cached group after its codes (``"cached"``). ``ordered``:
-    the group's codes are sorted (:attr:`Samples.sorted_by`; its last array the order), so its
-    design weights and values read from the blocks are taken in that order (the values not when
-    ``values_ordered``: held in it already)."""
+    (True), none (False), or held in the cached group after its codes (``"cached"``)."""
     p = int(np.asarray(p).ravel()[0])
-    cached_d = order = None
+    cached_d = None
     if groups is not None:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
         parts = groups[p]
         group = blocks[0][0]
-        order = group[-1] if ordered else None
-        K = len(group) - (weighted == "cached") - bool(ordered)
+        K = len(group) - 1 if weighted == "cached" else len(group)
         codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in group[:K]]
         cached_d = group[K] if weighted == "cached" else None
     else:
@@ -156,32 +148,22 @@ def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, g
         if len(parts) > 1:
             d = np.concatenate([_dask._design(d[a:b], b - a, q) for (q, _), a, b in
                                 zip(parts, bounds[:-1], bounds[1:], strict=True)])
-        if order is not None:
-            d = d[order]
     h = None
     if with_values:
-        h = _checked_values(np.asarray(blocks[-1]), parts)
+        h = np.asarray(blocks[-1])
+        for (q, _), a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
+            part = h if len(parts) == 1 else h[a:b]
+            try:
+                check.sample_values(part)
+            except (ValueError, TypeError) as error:
+                raise type(error)(check.in_partition(str(error), q)) from None
+        h = check.sample_values(h)
         h = h[:, None] if h.ndim == 1 else h
         if len(h) != n:
             raise ValueError(check.in_partition(check.dask_values_length(len(h), n), p))
-        if order is not None and not values_ordered:
-            h = h[order]
     out = task(codes, d, h)
     out["n"], out["lengths"] = n, dict(parts)
     return _dask._wrap(out)
-
-
-def _checked_values(h: np.ndarray, parts) -> np.ndarray:
-    """The values of a group's partitions ``parts`` ((index, length) each) checked one partition at
-    a time (an error names it, and the sample within it)."""
-    bounds = np.cumsum([0] + [length for _, length in parts])
-    for (q, _), a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
-        part = h if len(parts) == 1 else h[a:b]
-        try:
-            check.sample_values(part)
-        except (ValueError, TypeError) as error:
-            raise type(error)(check.in_partition(str(error), q)) from None
-    return check.sample_values(h)
 
 
 def _merge(key: str, values: list) -> Any:
@@ -232,16 +214,10 @@ def _combine(parts: list[dict]) -> dict:
 @dataclass(frozen=True)
 class HeldValues:
     """A ``mean``'s values held on the workers in the cached codes' groups (:func:`cached_values`):
-    the Dask array, and per group the future of its block (for passes submitted as futures), both
-    in the order of the group's cached codes (sorted, see :attr:`Samples.sorted_by`) when
-    ``ordered``, else in the samples' order."""
+    the Dask array, and per group the future of its block (for passes submitted as futures)."""
 
     array: da.Array
     futures: list
-    ordered: bool = False
-    #: With ``ordered``: the values in the samples' order (lazily), for a pass that cannot read the
-    #: cached codes.
-    original: da.Array | None = None
 
 
 def run(samples: Samples, task, values: da.Array | HeldValues | None = None, validate: bool = False) -> dict:
@@ -254,13 +230,12 @@ def run(samples: Samples, task, values: da.Array | HeldValues | None = None, val
     if (client is not None and samples.encoded is not None and (samples.design is None or samples.design_cached)
             and (values is None or isinstance(values, HeldValues))):
         return _submitted(client, samples, task, values)
-    values_ordered = isinstance(values, HeldValues) and values.ordered
     if isinstance(values, HeldValues):
         values = values.array
     design = None if samples.design_cached else samples.design
     regroup = samples.encoded is not None and any(len(g) > 1 for g in samples.groups)
     if regroup and values is not None and np.isnan(values.chunks[0]).any():
-        samples, regroup = replace(samples, encoded=None, groups=(), design_cached=False, sorted_by=None), False
+        samples, regroup = replace(samples, encoded=None, groups=(), design_cached=False), False  # the columns
         design = samples.design
     if samples.encoded is None:
         args: list = [_dask._partition_ids(samples.columns[0]), "i"]
@@ -284,7 +259,6 @@ def run(samples: Samples, task, values: da.Array | HeldValues | None = None, val
                         plan=samples.plan_literal, ncols=len(columns), weighted=weighted,
                         with_values=values is not None, task=dask.delayed(task, pure=True), validate=validate,
                         groups=None if groups is None else dask.delayed(groups, pure=True),
-                        ordered=groups is not None and samples.sorted_by is not None, values_ordered=values_ordered,
                         meta=np.empty(0, dtype=object))
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
@@ -292,11 +266,10 @@ def run(samples: Samples, task, values: da.Array | HeldValues | None = None, val
     return out
 
 
-def _group_pass(g, codes, *values, task, groups, weighted, ordered=False, values_ordered=True):
-    """A submitted pass's task: group ``g``'s partial sums (:func:`_partition` on its cached codes;
-    held values in the order of the group's codes, see :class:`HeldValues`)."""
+def _group_pass(g, codes, *values, task, groups, weighted):
+    """A submitted pass's task: group ``g``'s partial sums (:func:`_partition` on its cached codes)."""
     return _partition(g, codes, *values, plan=None, ncols=1, weighted=weighted, with_values=bool(values), task=task,
-                      validate=False, groups=groups, ordered=ordered, values_ordered=values_ordered)[0]
+                      validate=False, groups=groups)[0]
 
 
 def _worker_sum(*parts):
@@ -310,13 +283,11 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
     that left does not hold the pass up), the groups' partial sums added on their worker when it
     holds several, the workers' results added on the client (a tree between the workers would move
     tables of millions of entries from one to another first)."""
-    from distributed import futures_of
-
-    keys = [k for k in samples.encoded.__dask_keys__()]
-    held = {f.key: f for f in futures_of(samples.encoded)}
-    if any(k not in held for k in keys):  # not persisted as futures (cannot happen): the graph
-        return run(replace(samples, encoded=None, groups=(), design_cached=False, sorted_by=None), task,
-                   None if values is None else values.original if values.ordered else values.array)
+    held = {f.key: f for f in samples.held}
+    keys = [f.key for f in samples.held]
+    if not keys:  # not persisted as futures (cannot happen): the graph
+        return run(replace(samples, encoded=None, groups=(), design_cached=False), task,
+                   None if values is None else values.array)
     where = samples.homes
     if any(k not in where for k in keys):
         where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
@@ -328,7 +299,6 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
         workers = list(where.get(key, ()))[:1]  # a worker holding the group (none: the scheduler chooses)
         args = [held[key]] + ([] if values is None else [values.futures[g]])
         future = client.submit(_group_pass, g, *args, task=task, groups=samples.groups, weighted=weighted,
-                               ordered=samples.sorted_by is not None, values_ordered=values is None or values.ordered,
                                pure=False, workers=workers or None, allow_other_workers=bool(workers),
                                key=f"databalance-pass-{uuid.uuid4().hex}")
         by_worker.setdefault(workers[0] if workers else None, []).append(future)
@@ -407,65 +377,19 @@ def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
     return tuple(tuple(g) for g in groups if g)
 
 
-def _encode(g, *blocks, plan, ncols, code_type, validate, groups, sort_by=None, sizes=()):
+def _encode(g, *blocks, plan, ncols, code_type, validate, groups):
     """Group ``g``'s codes (each partition encoded, and checked, on its own: errors name it), then
-    with a block after the columns its design weights (float64, checked per partition). With
-    ``sort_by`` (a margin), each partition's samples sorted stably by that margin's code (of
-    ``sizes[sort_by]`` levels), codes and design weights alike, and the order (the samples'
-    positions in the group) last."""
+    with a block after the columns its design weights (float64, checked per partition)."""
     parts = groups[int(np.asarray(g).ravel()[0])]
     bounds = np.cumsum([0] + [length for _, length in parts])
-    pieces = [[c.astype(code_type) for c in _margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p,
-                                                          validate)]
+    pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate)
               for (p, _), lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True)]
+    out = [np.concatenate([piece[j] for piece in pieces]).astype(code_type) for j in range(len(pieces[0]))]
     if len(blocks) > ncols:
         d = blocks[ncols]
-        for piece, (p, _), lo, hi in zip(pieces, parts, bounds[:-1], bounds[1:], strict=True):
-            piece.append(_dask._design(d[lo:hi], hi - lo, p))
-    if sort_by is not None:
-        for piece, lo in zip(pieces, bounds[:-1], strict=True):
-            order = sorted_order(piece[sort_by], sizes[sort_by])
-            piece[:] = [a[order] for a in piece] + [(order + lo).astype(np.uint32)]
-    return _dask._wrap([np.concatenate([piece[j] for piece in pieces]) for j in range(len(pieces[0]))])
-
-
-#: A fit's cached codes are sorted by the code of its largest margin (:attr:`Samples.sorted_by`)
-#: when that margin has at least this many levels, the fit's passes are compiled, and the order
-#: (4 bytes a sample) fits the cache too: the scatters into that margin's two-way tables (up to
-#: millions of entries, far larger than the cache) then stay within a few of its rows. One
-#: process, 5*10^6 samples of the benchmark's margins: tables of a 1000-level margin 62-64 ms ->
-#: 30-39 ms a pass, a pass without tables 12.8 -> 17 ms.
-SORT_LEVELS = 256
-
-
-def sorted_order(key: np.ndarray, size: int) -> np.ndarray:
-    """The stable order sorting ``key`` (codes below ``size``): a counting sort compiled by numba
-    where it is installed, else NumPy's stable sort (the same order)."""
-    try:
-        count = _compiled_order()
-    except ImportError:
-        return np.argsort(key, kind="stable")
-    order = np.empty(len(key), np.int64)
-    count(np.ascontiguousarray(key), np.zeros(size + 1, np.int64), order)
-    return order
-
-
-def _counting_order(key, counts, order):
-    for i in range(key.size):
-        counts[np.int64(key[i]) + 1] += 1
-    for c in range(1, counts.size):
-        counts[c] += counts[c - 1]
-    for i in range(key.size):
-        c = np.int64(key[i])
-        order[counts[c]] = i
-        counts[c] += 1
-
-
-@cache
-def _compiled_order():
-    import numba
-
-    return numba.njit(_counting_order, cache=True, nogil=True)
+        out.append(np.concatenate([np.zeros(0)] + [_dask._design(d[lo:hi], hi - lo, p) for (p, _), lo, hi in
+                                                   zip(parts, bounds[:-1], bounds[1:], strict=True)]))
+    return _dask._wrap(out)
 
 
 def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Samples:
@@ -479,10 +403,6 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     if samples.encoded is not None or codes_bytes > cache_budget():
         return samples
     with_design = samples.design is not None and codes_bytes + 8 * sum(lengths) <= cache_budget()
-    largest = int(np.argmax(samples.sizes))
-    sort_by = largest if (samples.sizes[largest] >= SORT_LEVELS and len(samples.sizes) > 1 and compiled_passes()
-                          and codes_bytes + (8 * with_design + 4) * sum(lengths) <= cache_budget()
-                          and max(lengths, default=0) < 2**32) else None
     # partitions of unknown lengths (a DataFrame's, or design weights') cannot be regrouped: one
     # group each (the passes then rechunk nothing)
     known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
@@ -497,26 +417,43 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     # an earlier fit's codes still held on the workers under the same keys)
     objs = da.blockwise(_encode, "i", *args, dtype=object, align_arrays=False, concatenate=True,
                         plan=samples.plan_literal, ncols=len(samples.columns), code_type=dtype, validate=validate,
-                        groups=dask.delayed(single, pure=True), sort_by=sort_by, sizes=tuple(samples.sizes),
-                        meta=np.empty(0, dtype=object), name=f"databalance-codes-{uuid.uuid4().hex}")
+                        groups=dask.delayed(single, pure=True), meta=np.empty(0, dtype=object),
+                        name=f"databalance-codes-{uuid.uuid4().hex}")
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     if groups != single:
         objs = objs.rechunk({0: tuple(len(g) for g in groups)}).map_blocks(
-            _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object),
-            ordered=sort_by is not None)
-    return replace(samples, encoded=objs.persist(), groups=groups, design_cached=with_design, sorted_by=sort_by)
+            _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
+    encoded, held = placed(objs)
+    return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held)
 
 
-def _joined(parts, ordered=False) -> np.ndarray:
-    """A group's cached arrays: its partitions' (codes per margin, then design weights, then with
-    ``ordered`` the order, each partition's shifted to its place in the group) joined."""
+def placed(objs: da.Array) -> tuple[da.Array, tuple]:
+    """The groups persisted: under ``distributed`` group g on worker g modulo the workers (in
+    proportion to their threads), every task of its graph (its partitions' loading, or generation,
+    and encoding) restricted there, loosely (a worker that left is passed over), and its future;
+    else in this process, and no futures. Left to the scheduler, the groups' joins could all land
+    on one worker (they did, in the benchmark: its passes then ran on one core)."""
+    client = active_client()
+    if client is None:
+        return objs.persist(), ()
+    from distributed import futures_of
+
+    info = client.scheduler_info().get("workers", {})
+    slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads", 1))))]
+    blocks = [objs.blocks[g] for g in range(objs.numblocks[0])]
+    held = [client.persist(block, workers=[slots[g % len(slots)]], allow_other_workers=True) if slots else
+            client.persist(block) for g, block in enumerate(blocks)]
+    futures = [futures_of(block) for block in held]
+    if not all(len(f) == 1 for f in futures):  # cannot happen: the groups as one collection
+        return objs.persist(), ()
+    return da.concatenate(held), tuple(f[0] for f in futures)
+
+
+def _joined(parts) -> np.ndarray:
+    """A group's cached arrays: its partitions' (codes per margin, then design weights) joined."""
     parts = [part for part in np.ravel(parts)]
-    out = [np.concatenate([part[j] for part in parts]) for j in range(len(parts[0]) - ordered)]
-    if ordered:
-        starts = np.cumsum([0] + [len(part[0]) for part in parts])
-        out.append(np.concatenate([part[-1] + np.uint32(start) for part, start in zip(parts, starts, strict=False)]))
-    return _dask._wrap(out)
+    return _dask._wrap([np.concatenate([part[j] for part in parts]) for j in range(len(parts[0]))])
 
 
 def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
@@ -530,8 +467,7 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
         return values
     sizes = tuple(sum(length for _, length in g) for g in samples.groups)
     n, s = sum(sizes), 1 if values.ndim == 1 else int(values.shape[1])
-    per_sample = (len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s + 8 * samples.design_cached
-                  + 4 * (samples.sorted_by is not None))
+    per_sample = len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s + 8 * samples.design_cached
     if n != values.shape[0] or n * per_sample > cache_budget():
         return values
     values = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
@@ -540,30 +476,18 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
         return values.persist()
     from distributed import futures_of
 
-    who = client.who_has(futures_of(samples.encoded))
-    ordered = samples.sorted_by is not None
+    if not samples.held:
+        return values.persist()
+    who = client.who_has(list(samples.held))
     blocks = [values.blocks[g] for g in range(len(sizes))]
-    if ordered:  # each group's values in the order of its cached codes, taken where they are
-        blocks = [da.from_delayed(dask.delayed(_in_order, pure=True)(block, samples.encoded.blocks[g],
-                                                                     samples.groups[g]),
-                                  shape=block.shape, dtype=block.dtype, meta=block._meta)
-                  for g, block in enumerate(blocks)]
     held = []
-    for key, block in zip(samples.encoded.__dask_keys__(), blocks, strict=True):
+    for key, block in zip([f.key for f in samples.held], blocks, strict=True):
         workers = list(who.get(key, ()))
         held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
                     client.persist(block))
     futures = [futures_of(block) for block in held]
     array = da.concatenate(held)
-    if not all(len(f) == 1 for f in futures):
-        return values
-    return HeldValues(array, [f[0] for f in futures], ordered, values if ordered else None)
-
-
-def _in_order(values: np.ndarray, group: np.ndarray, parts: tuple) -> np.ndarray:
-    """A group's values taken in the order of its cached (sorted) codes (the group's last array),
-    checked first in the samples' order (an error names the partition and the sample in it)."""
-    return _checked_values(np.asarray(values), parts)[np.ravel(group)[0][-1]]
+    return HeldValues(array, [f[0] for f in futures]) if all(len(f) == 1 for f in futures) else array
 
 
 # -- the fit -----------------------------------------------------------------------------------------
