@@ -478,10 +478,11 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
 
     if not samples.held:
         return values.persist()
-    who = client.who_has(list(samples.held))
+    keys = [f.key for f in samples.held]
+    who = samples.homes if all(samples.homes.get(k) for k in keys) else client.who_has(list(samples.held))  # fit's
     blocks = [values.blocks[g] for g in range(len(sizes))]
     held = []
-    for key, block in zip([f.key for f in samples.held], blocks, strict=True):
+    for key, block in zip(keys, blocks, strict=True):
         workers = list(who.get(key, ()))
         held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
                     client.persist(block))
