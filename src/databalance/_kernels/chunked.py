@@ -13,7 +13,11 @@ The fused sweep (:class:`FusedChunkedKernel`) is one map over the blocks per swe
 ``distributed`` it goes through the futures API: each block is held (:class:`_Held`) on one
 worker chosen to balance the nonzeros (:func:`_balanced`), a sweep is one task per worker over its
 blocks, and after :data:`HELD_BUILD_AFTER` sweeps each sparse block is held with its tiled
-copy (:func:`.fused_sparse.tiled_pattern`), released with the kernel.
+copy (:func:`.fused_sparse.tiled_pattern`), released with the kernel. A plain sweep (no
+over-relaxation) leaves the rows' sums and new scaling in its tasks' results on the workers
+(:class:`_Swept`, :class:`_Rows`): the next sweep reads the scaling there, the rows' marginal
+errors are measured there, and only the column sums (and two numbers per worker) reach the client;
+the rows' scaling is fetched once, for the result (:data:`ROWS_ON_WORKERS`).
 
 Imported only when a Dask array reaches :func:`databalance._kernels.kernel_for`.
 """
@@ -722,7 +726,9 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
     """:class:`ChunkedKernel` whose sweeps are one map over the blocks (one ``dask.compute``): each
     block's task computes its rows' sums, their new scaling and its part of the column sums (dense
     blocks in one read by numba when ``compiled``). The first steps, and any other request of the
-    loop, take the plain products of :class:`ChunkedKernel`."""
+    loop, take the plain products of :class:`ChunkedKernel`. Under ``distributed``, a plain sweep's
+    rows' sums and scaling stay on the workers (:meth:`_rows_sweep`); the loop holds them as
+    :class:`_Rows` and gets the rows' errors from :meth:`margin_l1`."""
 
     def __init__(self, table: da.Array, blocks: list, offsets: np.ndarray, summary: dict, compiled: bool = False):
         super().__init__(table, blocks, offsets, summary)
