@@ -400,9 +400,12 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     The design weights are kept with the codes (read once too) when both fit."""
     dtype = code_dtype(samples.sizes)
     codes_bytes = sum(lengths) * len(samples.sizes) * dtype.itemsize
-    if samples.encoded is not None or codes_bytes > cache_budget():
+    if samples.encoded is not None:
         return samples
-    with_design = samples.design is not None and codes_bytes + 8 * sum(lengths) <= cache_budget()
+    budget = cache_budget()  # (asked once: under ``distributed`` a round trip to the scheduler)
+    if codes_bytes > budget:
+        return samples
+    with_design = samples.design is not None and codes_bytes + 8 * sum(lengths) <= budget
     # partitions of unknown lengths (a DataFrame's, or design weights') cannot be regrouped: one
     # group each (the passes then rechunk nothing)
     known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
