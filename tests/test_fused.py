@@ -601,14 +601,16 @@ def test_float32_exp_rows_against_the_exact_exponential():
     np.testing.assert_array_equal(inplace, out[:1])
 
 
+@pytest.mark.parametrize("order", "CF")
 @pytest.mark.parametrize("start", "xy")
-def test_float32_logits_with_resets_match_numpy(start):
+def test_float32_logits_with_resets_match_numpy(start, order):
     """float32 logits with line offsets of +-40 (scalings beyond float32's tau of 1e8): the buffer is
     re-exponentiated on moved potentials (the float64 sum, then the float32 exponential in place),
     and the fused kernel agrees with NumPy's."""
     rng = np.random.default_rng(5)
     L = (rng.normal(size=(300, 200)) * 3 + rng.uniform(-40, 40, 300)[:, None]
          + rng.uniform(-40, 40, 200)).astype(np.float32)  # scalings of e^+-40 on both sides
+    L = np.asarray(L, order=order)  # F: the rows are strided, NumPy's exp takes them
     L[rng.random(L.shape) < 0.05] = -np.inf
     p, q = rng.dirichlet(np.ones(300)), rng.dirichlet(np.ones(200))
     resets = []
@@ -660,3 +662,49 @@ def test_float32_final_errors_are_measured_once_in_float64(kernel):
             table = np.asarray(res.table, np.float64)
             want = [np.abs(table.sum(axis=tuple(a for a in range(3) if a != j)) - targets[j]).sum() for j in range(3)]
             np.testing.assert_allclose(res.marginal_error[-1], want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_exponentiation_on_two_threads_equals_one_thread(dtype):
+    """The buffer (first exponentiation and a reset on moved potentials) and its first row sums
+    are bitwise the same on one thread and on two (each thread its own rows and scratch); the
+    column sums, added up per thread, to rounding."""
+    rng = np.random.default_rng(8)
+    L = (rng.normal(size=(1600, 1400)) * 4).astype(dtype)  # above two threads' worth of entries
+    L[rng.random(L.shape) < 0.01] = -np.inf
+    f, g = rng.normal(size=1600) * 3, rng.normal(size=1400) * 3
+    got = []
+    for nt in (1, 2):
+        with fused._using(nt):
+            assert fused.threads() == nt
+            kernel = fused.FusedLogKernel(L, 0)
+            first = kernel.table.copy()
+            kernel._exponentiate([f, g])
+            got.append((first, kernel.table.copy(), *kernel.frame_sums))
+    for one, two in zip(got[0][:3], got[1][:3], strict=True):
+        np.testing.assert_array_equal(one, two)
+    np.testing.assert_allclose(got[0][3], got[1][3], rtol=1e-13)
+
+
+def test_skipping_the_final_working_sums_changes_nothing_else():
+    """A float32 run of k half-steps with its final working sums skipped returns the same table,
+    scalings, steps, status and errors as the same run computing them (then replaced)."""
+    rng = np.random.default_rng(4)
+    T = (rng.random((400, 300)) + 0.01).astype(np.float32)
+    p, q = rng.dirichlet(np.ones(400)), rng.dirichlet(np.ones(300))
+    run = db._ipf.run
+
+    def unskipped(*args, **kwargs):
+        return run(*args, **{**kwargs, "remeasured": False})
+
+    for kernel in ("numpy", "numba"):
+        with kernel_choice(kernel):
+            for k in (1, 2, 3, 6):
+                for fn, arg in ((db.balance_table, T), (db.balance_logits, np.log(T))):
+                    a = fn(arg, p, q, steps=k)
+                    with pytest.MonkeyPatch.context() as mp:
+                        mp.setattr(db._ipf, "run", unskipped)
+                        b = fn(arg, p, q, steps=k)
+                    np.testing.assert_array_equal(a.table, b.table)
+                    np.testing.assert_array_equal(a.marginal_error, b.marginal_error)
+                    assert (a.steps, a.status) == (b.steps, b.status)

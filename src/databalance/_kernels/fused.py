@@ -457,11 +457,12 @@ EXP_LOW, EXP_HIGH, EXP_ZERO = np.float32(-110.0), np.float32(100.0), np.float32(
 
 def _exp_row(x, a, c, out, bits, scale):
     """``out = exp((x + a) + c)`` for one row (see :func:`_exp_rows`; ``scale`` is ``bits`` as
-    float32: a function of its own, so that LLVM vectorises its loops)."""
+    float32: a function of its own, so that LLVM vectorises its loops; ``x`` and ``out`` must be
+    distinct arrays, or the loops do not vectorise: numba's arrays may alias)."""
     l = x.size
     p0, p1, p2, p3, p4 = EXP_P
     for j in range(l):
-        v = (x[j] + a) + c[j]
+        v = np.float32((x[j] + a) + c[j])
         keep = v >= EXP_ZERO
         v = EXP_HIGH if v > EXP_HIGH else v
         v = EXP_LOW if v < EXP_LOW else v
@@ -478,7 +479,9 @@ def _exp_row(x, a, c, out, bits, scale):
 
 def _exp_rows(L, a, c, lo, hi, out, bits):
     """``out[i] = exp((L[i] + a[i]) + c)`` in float32 for rows ``lo <= i < hi`` of one problem
-    (``out`` may be ``L``; ``bits`` int32 scratch of twice a row): the addition and the exponential
+    (C-contiguous rows; ``out`` not ``L``; ``bits`` int32 scratch of twice a row): the sum (in
+    float32 for float32 addends, as :func:`~databalance._kernels.log.one_addend` allows; in float64
+    for float64 potentials, rounded once to float32, as :func:`_potential_sum`) and the exponential
     in one vectorised pass (NumPy's exp cannot take the addition: 0.8x of ``np.add`` then
     ``np.exp`` on 4000^2 float32, one thread). Within 1.4 units of least precision of the exact
     exponential (NumPy's float32 exp: 2.5); 0 and inf exactly where NumPy gives them: below -104
@@ -885,13 +888,14 @@ class FusedLogKernel(_DenseFused, LogKernel):
         add, sums = compiled(_potential_sum, parallel=False, exact=True), compiled(_line_sums, parallel=False)
         single = one_addend(L, f, g, self.dtype)  # the first exponentiation: one addition
         m, l = L.shape[-2:]
-        # float32: the addition and the exponential in one numba pass (a first exponentiation), or
-        # the exponential in place after the float64 sum
-        exp32 = compiled(_exp_rows, parallel=False, exact=True) if self.dtype == np.float32 else None
-        if exp32 is not None:
+        # float32 with contiguous rows: the sum (of float32 addends, or of float64 potentials) and
+        # the exponential in one numba pass; else NumPy's exp after the sum
+        rows_contiguous = L.strides[-1] == L.itemsize and out.strides[-1] == out.itemsize
+        exp32 = compiled(_exp_rows, parallel=False, exact=True) if self.dtype == np.float32 and rows_contiguous else None
+        a, c = f, g
+        if exp32 is not None and single is not None:
             zeros = np.zeros(L.shape[:-2] + (max(m, l),), np.float32)
-            a, c = (zeros[..., :m], zeros[..., :l]) if single is None else \
-                (single[0], zeros[..., :l]) if single[1] == -1 else (zeros[..., :m], single[0])
+            a, c = (single[0], zeros[..., :l]) if single[1] == -1 else (zeros[..., :m], single[0])
         # up to numba's thread count (the calling thread and the library's pool, which holds at
         # most four), the compiled parts and NumPy's exp releasing the GIL: the exponentiation is
         # not left to one core. Rows are written in place; each group adds up its own column sums.
@@ -905,12 +909,12 @@ class FusedLogKernel(_DenseFused, LogKernel):
             with np.errstate(over="ignore", under="ignore"):
                 for b, r in groups[t]:
                     stop = min(r.stop, m)
-                    if single is None:
-                        add(L[b], f[b], g[b], r.start, stop, out[b])
                     if exp32 is not None:
-                        exp32(out[b] if single is None else L[b], a[b], c[b], r.start, stop, out[b], bits)
+                        exp32(L[b], a[b], c[b], r.start, stop, out[b], bits)
                     else:
-                        if single is not None:
+                        if single is None:
+                            add(L[b], f[b], g[b], r.start, stop, out[b])
+                        else:
                             np.add(L[b][r], addend_rows(single, b, r), out=out[b][r])
                         np.exp(out[b][r], out=out[b][r])
                     if cols is not None:
