@@ -891,7 +891,9 @@ class FusedLogKernel(_DenseFused, LogKernel):
         # float32 with contiguous rows: the sum (of float32 addends, or of float64 potentials) and
         # the exponential in one numba pass; else NumPy's exp after the sum
         rows_contiguous = L.strides[-1] == L.itemsize and out.strides[-1] == out.itemsize
-        exp32 = compiled(_exp_rows, parallel=False, exact=True) if self.dtype == np.float32 and rows_contiguous else None
+        exp32 = None
+        if self.dtype == np.float32 and rows_contiguous:
+            exp32 = compiled(_exp_rows, parallel=False, exact=True)
         a, c = f, g
         if exp32 is not None and single is not None:
             zeros = np.zeros(L.shape[:-2] + (max(m, l),), np.float32)
