@@ -894,7 +894,7 @@ class FusedLogKernel(_DenseFused, LogKernel):
         exp32 = None
         if self.dtype == np.float32 and rows_contiguous:
             exp32 = compiled(_exp_rows, parallel=False, exact=True)
-        a, c = f, g
+        a, c = cast(np.ndarray, f), cast(np.ndarray, g)  # the addends: float64, or float32 below
         if exp32 is not None and single is not None:
             zeros = np.zeros(L.shape[:-2] + (max(m, l),), np.float32)
             a, c = (single[0], zeros[..., :l]) if single[1] == -1 else (zeros[..., :m], single[0])
