@@ -1615,23 +1615,3 @@ def test_a_failed_mean_leaves_no_results_on_the_cluster(cluster, samples_path):
             if not left:
                 break
         assert not left, f"left on the cluster after the failed mean: {sorted(left)[:5]}"
-
-
-def test_cached_groups_of_held_inputs_left_to_the_scheduler(samples_path, cluster):
-    """Columns already held on the workers (persisted): the groups are placed by the scheduler,
-    where their partitions are (no restriction that would move them), still held as futures; the
-    fit and the mean equal the in-memory ones."""
-    distributed = pytest.importorskip("distributed")
-    data, h, d, margins = three_margins(seed=39)
-    X, H, D = lazy(data, h, d)
-    with cluster.as_current(), dask.config.set(scheduler=cluster):
-        *columns, D = cluster.persist([*X.values(), D])
-        X = dict(zip(X, columns, strict=True))
-        distributed.wait([*columns, D])
-        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
-        samples = fitted._dask_fit.samples
-        keys = [k for k in samples.encoded.__dask_keys__()]
-        assert [f.key for f in samples.held] == keys  # the persisted groups themselves
-        ref = BalancedEstimator(margins, steps=3).fit(data, d)
-        assert_same_fit(fitted, ref)  # (its weights computed from the held columns)
-        assert_same_mean(fitted.mean(H), ref.mean(h))

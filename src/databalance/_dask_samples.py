@@ -427,28 +427,21 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     if groups != single:
         objs = objs.rechunk({0: tuple(len(g) for g in groups)}).map_blocks(
             _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
-    encoded, held = placed(objs, samples.columns + ([samples.design] if with_design else []))
+    encoded, held = placed(objs)
     return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held)
 
 
-def placed(objs: da.Array, inputs: list) -> tuple[da.Array, tuple]:
+def placed(objs: da.Array) -> tuple[da.Array, tuple]:
     """The groups persisted: under ``distributed`` group g on worker g modulo the workers (in
     proportion to their threads), every task of its graph (its partitions' loading, or generation,
     and encoding) restricted there, loosely (a worker that left is passed over), and its future;
     else in this process, and no futures. Left to the scheduler, the groups' joins could all land
-    on one worker (they did, in the benchmark: its passes then ran on one core). When the
-    ``inputs`` (the columns, ...) are held on the workers already, the scheduler places the groups
-    by where their partitions are (restricted, half of them would move)."""
+    on one worker (they did, in the benchmark: its passes then ran on one core)."""
     client = active_client()
     if client is None:
         return objs.persist(), ()
     from distributed import futures_of
 
-    if futures_of(inputs):
-        persisted = objs.persist()
-        by_key = {f.key: f for f in futures_of(persisted)}
-        keys = persisted.__dask_keys__()
-        return (persisted, tuple(by_key[k] for k in keys)) if all(k in by_key for k in keys) else (persisted, ())
     info = client.scheduler_info().get("workers", {})
     slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads", 1))))]
     blocks = [objs.blocks[g] for g in range(objs.numblocks[0])]
