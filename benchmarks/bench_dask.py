@@ -22,9 +22,10 @@ again with its passes compiled and with NumPy's, alternating, on the same fit an
 workers; seconds per sweep (two half-steps) of ``balance_table`` on the Dask array (one map over
 the blocks per sweep by the futures API; with ``--plain`` also as one graph per sweep, and the
 two-map kernel) and on the same table as one in-memory CSR matrix, over ``--sweeps`` sweeps and in
-the steady state (sweeps ``--sweeps`` to ``2 * --sweeps``, after both kernels built their tiled
-copies; the Dask blocks build theirs only from sweep ``chunked.HELD_BUILD_AFTER``), and the largest
-relative difference of the scalings.
+the steady state (sweeps ``--sweeps`` to ``2 * --sweeps`` timed inside each run from per-step
+timestamps, after both kernels built their tiled copies; the Dask blocks build theirs only from
+sweep ``chunked.HELD_BUILD_AFTER``; the difference of two runs' times, printed too, varies with the
+one-off build of the in-memory copy), and the largest relative difference of the scalings.
 """
 
 from __future__ import annotations
@@ -288,17 +289,28 @@ def _per_sweep(run, sweeps: int, repeat: int, steady: bool = False) -> tuple:
     tiled copy, the Dask blocks' tiled copies on the workers) when ``sweeps`` is beyond it; the
     steady state is the difference between runs of ``2 * sweeps`` and of ``sweeps`` sweeps, over
     ``sweeps``: both runs pay the builds, and the sweeps measured all read the copies."""
-    zero, one, full, double = [], [], [], []
+    zero, one, full, double, within = [], [], [], [], []
     result = None
     runs = ((0, zero), (2, one), (2 * sweeps, full)) + (((4 * sweeps, double),) if steady else ())
     for _ in range(repeat):
         for k, times in runs:
+            stamps: dict = {}
             start = time.perf_counter()
-            result = run(k)
+            result = run(k, lambda step, errors, stamps=stamps: stamps.__setitem__(step, time.perf_counter()))
             times.append(time.perf_counter() - start)
+            if k == 4 * sweeps:  # the steady state inside the run: half-steps 2 * sweeps to 4 * sweeps
+                within.append((stamps[4 * sweeps] - stamps[2 * sweeps]) / sweeps)
     zero_m, one_m, full_m = (statistics.median(t) for t in (zero, one, full))
-    steady_m = (statistics.median(double) - full_m) / sweeps if steady else None
+    # The steady state as the difference of two runs' medians ((t(4s) - t(2s)) / s) swung by +-50%
+    # between repetitions: both runs include a one-off build (the in-memory tiled copy) whose time
+    # varied 0.16-0.52 s from run to run. Timed inside each run (per-step timestamps), it does not.
+    steady_m = statistics.median(within) if steady else None
+    global _DIFFERENCE
+    _DIFFERENCE = (statistics.median(double) - full_m) / sweeps if steady else None
     return zero_m, (full_m - one_m) / (sweeps - 1), (full_m - zero_m) / sweeps, result, steady_m
+
+
+_DIFFERENCE = None
 
 
 @contextlib.contextmanager
@@ -315,6 +327,19 @@ def _plain_kernel():
 
 
 @contextlib.contextmanager
+def _rows_to_client():
+    """Dask tables balanced by the futures sweep that sends every sweep's rows' sums to the client
+    (before the rows stayed on the workers: ``chunked.ROWS_ON_WORKERS = False``)."""
+    from databalance._kernels import chunked
+
+    chunked.ROWS_ON_WORKERS = False
+    try:
+        yield
+    finally:
+        chunked.ROWS_ON_WORKERS = True
+
+
+@contextlib.contextmanager
 def _graph_sweep():
     """Dask tables balanced by the one-map sweep as one graph per sweep (``dask.compute``; the
     kernel before the futures API, held blocks and their tiled copies)."""
@@ -322,10 +347,12 @@ def _graph_sweep():
 
     original = chunked.FusedChunkedKernel._submitted
     chunked.FusedChunkedKernel._submitted = lambda self, *args: None
+    chunked.ROWS_ON_WORKERS = False  # else the sweep keeps the rows on the workers by the futures API
     try:
         yield
     finally:
         chunked.FusedChunkedKernel._submitted = original
+        chunked.ROWS_ON_WORKERS = True
 
 
 def table(args) -> None:
@@ -351,6 +378,9 @@ def table(args) -> None:
     print(f"sparse table {rows} x {args.cols}, {args.nnz:.3g} nnz in {nblocks} row blocks; {args.sweeps} sweeps")
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit=args.memory,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        def timed_run(k, progress=None):
+            return balance_table(built, p, q, steps=k, progress=progress)
+
         start = time.perf_counter()
         built = client.persist(lazy)  # the blocks built on the workers once, as a user would
         distributed.wait(built)
@@ -358,23 +388,40 @@ def table(args) -> None:
         start = time.perf_counter()
         balance_table(built, p, q, steps=2 * args.sweeps)  # untimed: numba compiles (or loads) on the workers
         warm = time.perf_counter() - start
-        setup, sweep, with_fixed, got, steady = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
+        setup, sweep, with_fixed, got, steady = _per_sweep(timed_run,
                                                            args.sweeps, args.repeat, steady=True)
+        diff = _DIFFERENCE
+        if args.plain:  # interleaved with the rows kept on the workers, run after run
+            old_runs, new_runs = [], []
+            for _ in range(args.repeat):
+                with _rows_to_client():
+                    old_runs.append(_per_sweep(timed_run,
+                                               args.sweeps, 1, steady=True))
+                new_runs.append(_per_sweep(timed_run,
+                                           args.sweeps, 1, steady=True))
+            sweep_rows = statistics.median(r[1] for r in old_runs)
+            steady_rows = statistics.median(r[4] for r in old_runs)
+            sweep_new = statistics.median(r[1] for r in new_runs)
+            steady_new = statistics.median(r[4] for r in new_runs)
         if args.plain:
             with _graph_sweep():
                 _, sweep_graph, fixed_graph, _, steady_graph = _per_sweep(
-                    lambda k: balance_table(built, p, q, steps=k), args.sweeps, args.repeat, steady=True)
+                    timed_run, args.sweeps, args.repeat, steady=True)
             with _plain_kernel():
-                _, sweep_plain, fixed_plain, _, _ = _per_sweep(lambda k: balance_table(built, p, q, steps=k),
+                _, sweep_plain, fixed_plain, _, _ = _per_sweep(timed_run,
                                                                args.sweeps, args.repeat)
         workers = client.run(peak_mb)
     print(f"  dask (2 workers x 1 thread; futures, blocks held balanced; tiled copies only from sweep "
           f"{chunked.HELD_BUILD_AFTER}): blocks "
           f"built in {build:.2f} s; a first untimed run {warm:.2f} s; setup (checks, frame sums) {setup:.2f} s, "
           f"per sweep {sweep:.3f} s "
-          f"({with_fixed:.3f} s with the fixed costs spread), steady state {steady:.3f} s; workers' peak "
+          f"({with_fixed:.3f} s with the fixed costs spread), steady state {steady:.3f} s (timed inside the runs; "
+          f"as the difference of two runs {diff:.3f} s); workers' peak "
           + ", ".join(f"{v:.0f} MB" for v in workers.values()))
     if args.plain:
+        print(f"  dask, rows sent to the client every sweep (before), interleaved with the rows kept on the workers: "
+              f"per sweep {sweep_rows:.3f} s against {sweep_new:.3f} s, steady state {steady_rows:.3f} s against "
+              f"{steady_new:.3f} s; kept / sent {steady_new / steady_rows:.2f} steady")
         print(f"  dask, one graph per sweep (dask.compute; the kernel before the futures API): per sweep "
               f"{sweep_graph:.3f} s ({fixed_graph:.3f} s), steady state {steady_graph:.3f} s; futures / graph "
               f"{sweep / sweep_graph:.2f} per sweep, {steady / steady_graph:.2f} steady")
@@ -384,18 +431,24 @@ def table(args) -> None:
         return
     csr = sp.csr_array(sp.vstack([sparse_block(i, r, args.cols, args.per_row, args.seed) for i, r in
                                   enumerate(sizes)], format="csr"))
+    def timed_memory(k, progress=None):
+        return balance_table(csr, p, q, steps=k, progress=progress)
+
     balance_table(csr, p, q, steps=2 * args.sweeps)  # untimed, as on the cluster
-    setup_m, sweep_m, fixed_m, ref, steady_m = _per_sweep(lambda k: balance_table(csr, p, q, steps=k), args.sweeps,
+    setup_m, sweep_m, fixed_m, ref, steady_m = _per_sweep(timed_memory, args.sweeps,
                                                           args.repeat, steady=True)
     print(f"  in memory (one process): setup {setup_m:.2f} s, per sweep {sweep_m:.3f} s ({fixed_m:.3f} s with the "
-          f"fixed costs spread; both include the build of its tiled copy), steady state (copy built) "
-          f"{steady_m:.3f} s; peak {peak_mb():.0f} MB")
+          f"fixed costs spread; both include the build of its tiled copy), steady state (copy built; timed inside "
+          f"the runs) {steady_m:.3f} s (as the difference of two runs {_DIFFERENCE:.3f} s); peak {peak_mb():.0f} MB")
     rel = max(np.abs(got.row_scaling / ref.row_scaling - 1).max(), np.abs(got.col_scaling / ref.col_scaling - 1).max())
     print(f"  per sweep, dask / in memory: {sweep / sweep_m:.2f} ({with_fixed / fixed_m:.2f} with the fixed costs "
           f"spread); steady states, dask / in memory: {steady / steady_m:.2f} (the bar: within 2x); dask per "
           f"sweep / in-memory steady state: {sweep / steady_m:.2f}; largest relative difference of the scalings "
           f"{rel:.2g}")
     if args.plain:
+        print(f"  rows sent to the client (before) / in-memory steady state: {sweep_rows / steady_m:.2f} per sweep, "
+              f"{steady_rows / steady_m:.2f} steady; rows kept on the workers (interleaved with it): "
+              f"{sweep_new / steady_m:.2f} per sweep, {steady_new / steady_m:.2f} steady")
         print(f"  one graph per sweep (before) / in-memory steady state: {sweep_graph / steady_m:.2f} per sweep, "
               f"{steady_graph / steady_m:.2f} steady")
 
