@@ -490,6 +490,29 @@ def test_a_run_fetches_the_rows_once(client, monkeypatch):
     np.testing.assert_allclose(got.marginal_error, ref.marginal_error, rtol=1e-8, atol=1e-15)
 
 
+def test_an_auto_run_measures_the_rows_on_the_workers(client, monkeypatch):
+    """``acceleration="auto"`` watches the errors through the kernel's own measure: the rows'
+    errors come from the workers, and the rows' scaling is fetched once, for the result (it was
+    fetched at every sweep when the controller measured them itself)."""
+    T, p, q = problem(39, zero_targets=False)
+    table = client.persist(blocks_of(T, "sparse"))
+    calls = []
+    submit = distributed.Client.submit
+
+    def counted(self, func, *args, **kwargs):
+        calls.append(func.__name__)
+        return submit(self, func, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(distributed.Client, "submit", counted)
+        got = balance_table(table, p, q, acceleration="auto", tol=1e-10)
+    assert got.converged and calls.count("_worker_rows") >= 10
+    assert calls.count("_lines_of") == 2  # u, from both workers, once
+    ref = numpy_reference(monkeypatch, T, "sparse", p, q, acceleration="auto", tol=1e-10)
+    assert (got.status, got.steps) == (ref.status, ref.steps)
+    assert_equal_scalings(got, ref, rtol=1e-10)
+
+
 @pytest.mark.parametrize("acceleration", ["anderson", "overrelax", "auto"])
 def test_accelerated_runs_read_the_rows_where_needed(client, monkeypatch, acceleration):
     """Accelerations that read the rows' sums or scaling as arrays get them fetched (or, over-relaxed,

@@ -364,13 +364,16 @@ class Accelerated:
 
     def rescale(self, j, margin, sums, state):
         ctl = self.controller
+        # the kernel's own measure where it has one (the Dask table kernel's rows' errors come from
+        # the workers, where those rows stay)
+        distance = getattr(self.kernel, "margin_l1", l1)
         if ctl.method == "anderson" and j != self.watch and not ctl.fell_back:
             # Anderson's progress shows in both margins (an extrapolation that stands still leaves
             # the watched one exact): the controller sees the larger error of the two
-            err = l1(state.factors[j], sums, margin.target, len(self.kernel.batch))
+            err = distance(state.factors[j], sums, margin.target, len(self.kernel.batch))
             self._other_error = float(np.max(err))
         if j == self.watch and ctl.mode != "none":
-            err = l1(state.factors[j], sums, margin.target, len(self.kernel.batch))
+            err = distance(state.factors[j], sums, margin.target, len(self.kernel.batch))
             ctl.observe(max(float(np.max(err)), self._other_error) if state.steps > 0 else math.inf)
         if ctl.anderson:
             if j != self.anderson_margin:  # the other margin: was the last extrapolation a descent?
