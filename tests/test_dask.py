@@ -1,11 +1,15 @@
 """Dask collections: estimators from per-cell sufficient statistics and row-partitioned tables,
 checked against the in-memory paths on the threaded scheduler and on a two-process LocalCluster."""
 
+import gc
+import os
 import pathlib
 import re
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -371,7 +375,7 @@ def lazy(data, h, d, chunks=UNEQUAL):
             da.from_array(d, chunks=(chunks,)))
 
 
-def assert_same_fit(fitted, ref):
+def assert_same_fit(fitted, ref, chunks=((400, 0, 700, 1, 399),)):
     """Weights, status, steps, every margin's error history, diagnostics: the in-memory fit's."""
     a, b = fitted.balance_, ref.balance_
     assert (a.status, a.steps) == (b.status, b.steps)
@@ -379,7 +383,7 @@ def assert_same_fit(fitted, ref):
     for f, g in zip(a.factors, b.factors, strict=True):
         close(f, g, rtol=1e-12)
     w = fitted.weights_
-    assert isinstance(w, da.Array) and w.chunks == ((400, 0, 700, 1, 399),)
+    assert isinstance(w, da.Array) and w.chunks == chunks
     close(w.compute(), ref.weights_, rtol=1e-12)
     p, q = fitted.diagnostics_, ref.diagnostics_
     assert p.n == q.n
@@ -1421,8 +1425,9 @@ def test_submitted_passes_equal_in_memory(samples_path, monkeypatch, cluster, st
 
 
 def test_submitted_passes_add_a_workers_groups_there(samples_path, monkeypatch, cluster):
-    """More groups than workers: a worker's partial sums are added on it (one result per worker to
-    the client), and the result is the in-memory one."""
+    """More groups than workers: one task per worker thread and pass over the groups that worker
+    holds, their partial sums added there as it goes (one result per worker to the client), and
+    the result is the in-memory one."""
     distributed = pytest.importorskip("distributed")
     from databalance import _dask_samples
 
@@ -1437,9 +1442,11 @@ def test_submitted_passes_add_a_workers_groups_there(samples_path, monkeypatch, 
     assert len(groups) == 6  # 1200 / 200, a multiple of the two threads
     names = [s["key"][0] if isinstance(s["key"], tuple) else s["key"] for s in stream.data]
     passes = [k for k in names if k.startswith("databalance-pass-")]
-    sums = [k for k in names if k.startswith("databalance-sum-")]
-    assert len(passes) == 6 * (fitted.balance_.steps + 1 + 2)
-    assert 0 < len(sums) <= 2 * (fitted.balance_.steps + 1 + 2)  # at most one per worker and pass
+    count = fitted.balance_.steps + 1 + 2
+    # one per worker (one thread each) and pass; the first pass's groups may not be computed yet when
+    # it is submitted (no holder known: a task per group, placed by the scheduler)
+    assert 2 * count <= len(passes) <= 6 + 2 * (count - 1)
+    assert not [k for k in names if k.startswith("databalance-sum-")]
     assert_same_mean(got, BalancedEstimator(margins, steps=4).fit(data, d).mean(h))
 
 
@@ -1564,6 +1571,149 @@ def test_submitted_mean_after_a_worker_is_replaced(samples_path):
         fitted = BalancedEstimator(margins, steps=3).fit(X, D)
         homes = fitted._dask_fit.samples.homes
         assert homes and all(homes.values())
+        client.restart_workers([next(iter(homes.values()))[0]])
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
+        thread.start()
+        thread.join(90)
+        assert "mean" in out, "the mean waited for a worker that left"
+        assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def spill_files(client) -> dict:
+    """Each worker's files of spilled groups (:class:`_dask_samples.Spilled`) in its local directory."""
+    import glob
+
+    return client.run(lambda dask_worker: sorted(glob.glob(os.path.join(dask_worker.local_directory,
+                                                                        "databalance-*.npy-group"))))
+
+
+@pytest.mark.parametrize("steps, tables", [(5, True), (5, False), (None, True)])
+def test_codes_and_values_spilled_to_the_workers_disks(samples_path, monkeypatch, steps, tables):
+    """Codes (with the design weights) and a mean's values that do not fit the workers' memory
+    budget are written to files in the workers' local directories, once, and every later pass reads
+    them there (submitted as futures); the results equal the in-memory ones; the values' files go
+    when the mean returns, the codes' when the fit is dropped."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)  # nothing fits the memory budget
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 300)
+    if not tables:
+        one_pass_per_step(monkeypatch)
+    calls = spy_submitted(monkeypatch)
+    data, h, d, margins = three_margins(1200, seed=43)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    with local_cluster() as client:
+        fitted = BalancedEstimator(margins, steps=steps).fit(X, D)
+        samples = fitted._dask_fit.samples
+        assert samples.spilled and samples.design_cached and len(samples.groups) == 4
+        files = spill_files(client)
+        assert sorted(len(f) for f in files.values()) == [2, 2]  # a file a group, two groups a worker
+        sizes = [os.path.getsize(f) for names in files.values() for f in names]
+        assert sum(sizes) == 1200 * (3 + 8)  # three margins' uint8 codes and the design weights
+        held = client.run(lambda dask_worker, keys=[f.key for f in samples.held]: [
+            type(dask_worker.data[k][0]).__name__ for k in keys if k in dask_worker.data])
+        assert sorted(sum(held.values(), [])) == ["Spilled"] * 4  # the workers hold files, not arrays
+        got = fitted.mean(H)
+        assert calls and all(with_values for name, with_values in calls if name != "WeightSums")  # values held
+        settled(lambda: [len(f) for f in spill_files(client).values()] == [2, 2])  # the values' files released
+        ref = BalancedEstimator(margins, steps=steps).fit(data, d)
+        assert_same_fit(fitted, ref, chunks=((100,) * 12,))
+        assert_same_mean(got, ref.mean(h))
+        del fitted, samples, got
+        gc.collect()
+        settled(lambda: not any(spill_files(client).values()))  # the codes' files with the fit
+
+
+def settled(condition, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (a released key reaches the workers a moment later)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+
+
+def test_disk_fraction_zero_keeps_nothing_on_disk(samples_path, monkeypatch):
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "DISK_FRACTION", 0.0)
+    data, h, d, margins = three_margins(600, seed=44)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 3)
+    with local_cluster() as client:
+        assert _dask_samples.disk_budget() == 0.0
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        assert fitted._dask_fit.samples.encoded is None  # every pass reads the columns
+        got = fitted.mean(H)
+        assert not any(spill_files(client).values())
+    assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def test_disk_budget_of_the_cluster(samples_path, monkeypatch):
+    """The smallest free space of the workers' local directories, times DISK_FRACTION; codes that
+    exceed it are not cached at all (without a client nothing goes to disk)."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    assert _dask_samples.disk_budget() == 0.0
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    data, h, d, margins = three_margins(600, seed=45)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 3)
+    with local_cluster() as client:
+        free = client.run(lambda dask_worker: shutil.disk_usage(dask_worker.local_directory).free)
+        assert _dask_samples.disk_budget() == pytest.approx(_dask_samples.DISK_FRACTION * min(free.values()),
+                                                            rel=1e-3)
+        monkeypatch.setattr(_dask_samples, "disk_budget", lambda: 600 * 3 - 1.0)  # codes one byte too many
+        fitted = BalancedEstimator(margins, steps=3).fit(X)
+        assert fitted._dask_fit.samples.encoded is None and not any(spill_files(client).values())
+        monkeypatch.setattr(_dask_samples, "disk_budget", lambda: 600 * 3 + 600 * 8 - 1.0)  # codes, not design
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        samples = fitted._dask_fit.samples
+        assert samples.spilled and not samples.design_cached
+        assert_same_mean(fitted.mean(H), BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def test_spilled_arrays(tmp_path):
+    """A spilled group reads back its arrays (dtypes, shapes, empty ones); pickled it is its arrays
+    (sent to another worker, it needs no file there); its file goes with it; a failed write says
+    what to do."""
+    import pickle
+
+    from databalance._dask_samples import Spilled, unspilled
+
+    arrays = [np.arange(5, dtype=np.uint16), np.zeros(0, np.uint8), np.arange(6.0).reshape(3, 2)]
+    group = Spilled(arrays, str(tmp_path))
+    (path,) = list(tmp_path.iterdir())
+    for got in (group.load(), unspilled(group), pickle.loads(pickle.dumps(group))):
+        assert [(a.dtype, a.shape) for a in got] == [(a.dtype, a.shape) for a in arrays]
+        for a, b in zip(got, arrays, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert unspilled(arrays) is arrays
+    del group
+    gc.collect()
+    assert not path.exists()
+    with pytest.raises(OSError, match="DISK_FRACTION = 0"):
+        Spilled(arrays, str(tmp_path / "missing"))
+
+
+def test_spilled_mean_after_a_worker_is_replaced(samples_path, monkeypatch):
+    """A worker holding spilled groups is replaced (its files go with its local directory): the
+    mean's passes recompute those groups elsewhere and equal the in-memory result."""
+    import threading
+
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    data, h, d, margins = three_margins(800, seed=46)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
+    with local_cluster() as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        assert fitted._dask_fit.samples.spilled
+        homes = fitted._dask_fit.samples.homes
         client.restart_workers([next(iter(homes.values()))[0]])
         out: dict = {}
         thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)

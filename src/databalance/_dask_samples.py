@@ -37,8 +37,11 @@ once and kept for its passes when they fit the same budget (:func:`cached_values
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import uuid
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 from typing import Any
@@ -79,6 +82,8 @@ class Samples:
     #: Under ``distributed``: each group's future (in the groups' order), its codes computed and held
     #: on a worker of its own (:func:`placed`).
     held: tuple = ()
+    #: Whether the groups of ``encoded`` are kept in files on the workers' disks (:class:`Spilled`).
+    spilled: bool = False
 
     @property
     def sizes(self) -> list[int]:
@@ -132,7 +137,7 @@ def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, g
     cached_d = None
     if groups is not None:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
         parts = groups[p]
-        group = blocks[0][0]
+        group = unspilled(blocks[0][0])
         K = len(group) - 1 if weighted == "cached" else len(group)
         codes = [c if getattr(task, "takes_compact", False) else c.astype(np.intp) for c in group[:K]]
         cached_d = group[K] if weighted == "cached" else None
@@ -150,7 +155,8 @@ def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, g
                                 zip(parts, bounds[:-1], bounds[1:], strict=True)])
     h = None
     if with_values:
-        h = np.asarray(blocks[-1])
+        h = blocks[-1]
+        h = unspilled(h[0])[0] if isinstance(h, np.ndarray) and h.dtype == object else np.asarray(h)
         for (q, _), a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
             part = h if len(parts) == 1 else h[a:b]
             try:
@@ -266,23 +272,25 @@ def run(samples: Samples, task, values: da.Array | HeldValues | None = None, val
     return out
 
 
-def _group_pass(g, codes, *values, task, groups, weighted):
-    """A submitted pass's task: group ``g``'s partial sums (:func:`_partition` on its cached codes)."""
-    return _partition(g, codes, *values, plan=None, ncols=1, weighted=weighted, with_values=bool(values), task=task,
-                      validate=False, groups=groups)[0]
-
-
-def _worker_sum(*parts):
-    """The partial sums of a worker's groups added on that worker (one result per worker to send)."""
-    return _combine(list(parts))
+def _groups_pass(gs, *held, task, groups, weighted, with_values):
+    """A submitted pass's task: the partial sums of groups ``gs`` (``held``: their codes, then with
+    values their values, in order; :func:`_partition` on each), added group after group (one
+    group's samples and one partial result in memory at a time)."""
+    total = None
+    for i, g in enumerate(gs):
+        values = (held[len(gs) + i],) if with_values else ()
+        part = _partition(g, held[i], *values, plan=None, ncols=1, weighted=weighted, with_values=with_values,
+                          task=task, validate=False, groups=groups)[0]
+        total = part if total is None else _combine([total, part])
+    return total
 
 
 def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dict:
-    """One pass over codes held on the workers, as futures: a task per group on a worker holding the
-    group (no graph built, tokenized and sent per pass, no transfers; a loose restriction: a worker
-    that left does not hold the pass up), the groups' partial sums added on their worker when it
-    holds several, the workers' results added on the client (a tree between the workers would move
-    tables of millions of entries from one to another first)."""
+    """One pass over codes held on the workers, as futures: per worker thread one task over groups
+    that worker holds (no graph built, tokenized and sent per pass, no transfers; a loose
+    restriction: a worker that left does not hold the pass up), its groups' partial sums added
+    there as it goes, the tasks' results added on the client (a tree between the workers would
+    move tables of millions of entries from one to another first)."""
     held = {f.key: f for f in samples.held}
     keys = [f.key for f in samples.held]
     if not keys:  # not persisted as futures (cannot happen): the graph
@@ -295,22 +303,21 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
             samples.homes.update(where)
     weighted = "cached" if samples.design_cached else False
     by_worker: dict = {}
-    for g, key in enumerate(keys):
-        workers = list(where.get(key, ()))[:1]  # a worker holding the group (none: the scheduler chooses)
-        args = [held[key]] + ([] if values is None else [values.futures[g]])
-        future = client.submit(_group_pass, g, *args, task=task, groups=samples.groups, weighted=weighted,
-                               pure=False, workers=workers or None, allow_other_workers=bool(workers),
-                               key=f"databalance-pass-{uuid.uuid4().hex}")
-        by_worker.setdefault(workers[0] if workers else None, []).append(future)
-    results = []
-    for worker, futures in by_worker.items():
-        if worker is None or len(futures) == 1:
-            results += futures
-        else:  # the worker's groups added where they are
-            results.append(client.submit(_worker_sum, *futures, pure=False, workers=[worker], allow_other_workers=True,
-                                         key=f"databalance-sum-{uuid.uuid4().hex}"))
-    with released_on_error(results + [f for futures in by_worker.values() for f in futures]):
-        return _combine(client.gather(results))
+    for g, key in enumerate(keys):  # a worker holding the group (none: the scheduler chooses)
+        by_worker.setdefault(next(iter(where.get(key, ())), None), []).append(g)
+    info = client.scheduler_info().get("workers", {})
+    futures = []
+    for worker, gs in by_worker.items():
+        threads = len(gs) if worker is None else max(1, int(info.get(worker, {}).get("nthreads", 1)))
+        for chain in (gs[t::threads] for t in range(min(threads, len(gs)))):
+            args = [held[keys[g]] for g in chain] + ([] if values is None else [values.futures[g] for g in chain])
+            futures.append(client.submit(_groups_pass, chain, *args, task=task, groups=samples.groups,
+                                         weighted=weighted, with_values=values is not None, pure=False,
+                                         workers=None if worker is None else [worker],
+                                         allow_other_workers=worker is not None,
+                                         key=f"databalance-pass-{uuid.uuid4().hex}"))
+    with released_on_error(futures):
+        return _combine(client.gather(futures))
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------
@@ -320,6 +327,81 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
 #: it they are encoded once and kept (persisted) for the fit's and its means' later passes, which
 #: then neither load (or generate) nor encode the columns again. 0 turns the cache off.
 CACHE_FRACTION = 0.25
+
+
+#: When the encoded codes do not fit :data:`CACHE_FRACTION` of the workers' memory (under
+#: ``distributed``): the share of the free space of the workers' local directories (the smallest,
+#: as if they shared one disk) that they may take there instead, written once by the workers that
+#: encode them and read back by every later pass (:class:`Spilled`); the same for a ``mean``'s
+#: values. 0 turns this off: every pass then loads (or generates) and encodes the columns again.
+DISK_FRACTION = 0.5
+
+
+class Spilled:
+    """Arrays kept in a file of the worker that made them (its local directory) instead of its
+    memory; every pass reads them back whole (:meth:`load`). The file goes with the object (its
+    key released, or the worker closed). Pickled (sent to another worker, or spilled by Dask), it
+    becomes its arrays."""
+
+    def __init__(self, arrays: list[np.ndarray], directory: str):
+        path = os.path.join(directory, f"databalance-{uuid.uuid4().hex}.npy-group")
+        self.layout = [(a.dtype.str, a.shape) for a in arrays]
+        try:
+            with open(path, "wb") as file:
+                for a in arrays:
+                    np.ascontiguousarray(a).tofile(file)
+        except OSError as error:
+            _remove(path)
+            raise OSError(check.spill_failed(path, error)) from error
+        self.path = path
+        weakref.finalize(self, _remove, path)
+
+    def load(self) -> list[np.ndarray]:
+        with open(self.path, "rb") as file:
+            return [np.fromfile(file, dtype=np.dtype(kind), count=int(np.prod(shape))).reshape(shape)
+                    for kind, shape in self.layout]
+
+    def __reduce__(self):
+        return list, (self.load(),)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def unspilled(group):
+    """A cached group's arrays (read back when :class:`Spilled`)."""
+    return group.load() if isinstance(group, Spilled) else group
+
+
+def _spill(block) -> np.ndarray:
+    """A cached group (or a block of values) written to this worker's local directory."""
+    from distributed import get_worker
+
+    arrays = block[0] if block.dtype == object else [np.asarray(block)]
+    return _dask._wrap(Spilled(list(arrays), get_worker().local_directory))
+
+
+def _free_bytes(dask_worker) -> int:
+    return shutil.disk_usage(dask_worker.local_directory).free
+
+
+def disk_budget() -> float:
+    """Bytes the encoded codes (or a ``mean``'s values) may take on the workers' disks:
+    :data:`DISK_FRACTION` of the smallest free space of their local directories; 0 without a
+    ``distributed`` client (the local schedulers keep nothing on disk)."""
+    client = active_client()
+    if client is None or DISK_FRACTION <= 0:
+        return 0.0
+    free = client.run(_free_bytes)
+    return DISK_FRACTION * float(min(free.values())) if free else 0.0
+
+
+def _on_disk(objs: da.Array, chunks: tuple) -> da.Array:
+    """Each block of ``objs`` (a cached group, or values) written to disk where it is computed."""
+    return da.map_blocks(_spill, objs, chunks=chunks, drop_axis=list(range(1, objs.ndim)), dtype=object,
+                         meta=np.empty(0, dtype=object))
 
 
 def code_dtype(sizes: list[int]) -> np.dtype:
@@ -403,8 +485,11 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     if samples.encoded is not None:
         return samples
     budget = cache_budget()  # (asked once: under ``distributed`` a round trip to the scheduler)
-    if codes_bytes > budget:
-        return samples
+    spill = codes_bytes > budget
+    if spill:  # the workers' disks instead of their memory
+        budget = disk_budget()
+        if codes_bytes > budget:
+            return samples
     with_design = samples.design is not None and codes_bytes + 8 * sum(lengths) <= budget
     # partitions of unknown lengths (a DataFrame's, or design weights') cannot be regrouped: one
     # group each (the passes then rechunk nothing)
@@ -427,8 +512,10 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     if groups != single:
         objs = objs.rechunk({0: tuple(len(g) for g in groups)}).map_blocks(
             _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
+    if spill:
+        objs = _on_disk(objs, ((1,) * len(groups),))
     encoded, held = placed(objs)
-    return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held)
+    return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held, spilled=spill)
 
 
 def placed(objs: da.Array) -> tuple[da.Array, tuple]:
@@ -461,8 +548,10 @@ def _joined(parts) -> np.ndarray:
 
 def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
     """A ``mean``'s values in the cached codes' groups, read (or generated) once and persisted for
-    its passes, when the codes are cached and codes and values together fit :func:`cache_budget`;
-    else the values as they are (every pass then reads them). Under ``distributed`` each group's
+    its passes, when the codes are cached and the values (with the codes, unless those are on
+    disk) fit :func:`cache_budget`; else under ``distributed`` written to the workers' disks when
+    they fit :func:`disk_budget` (:class:`Spilled`); else the values as they are (every pass then
+    reads them). Under ``distributed`` each group's
     values are computed on a worker holding that group's codes (the passes' tasks then find both
     there, and the values come back as :class:`HeldValues`: the passes are submitted as futures).
     Released when the ``mean`` returns."""
@@ -470,28 +559,35 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
         return values
     sizes = tuple(sum(length for _, length in g) for g in samples.groups)
     n, s = sum(sizes), 1 if values.ndim == 1 else int(values.shape[1])
-    per_sample = len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * s + 8 * samples.design_cached
-    if n != values.shape[0] or n * per_sample > cache_budget():
+    per_code = len(samples.sizes) * code_dtype(samples.sizes).itemsize + 8 * samples.design_cached
+    codes = 0 if samples.spilled else per_code  # bytes per sample in memory besides the values
+    if n != values.shape[0]:
         return values
-    values = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
     client = active_client()
+    spill = n * (codes + 8 * s) > cache_budget()
+    if spill and (client is None or not samples.held or n * 8 * s > disk_budget()):
+        return values
+    rechunked = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
     if client is None:
-        return values.persist()
+        return rechunked.persist()
     from distributed import futures_of
 
     if not samples.held:
-        return values.persist()
+        return rechunked.persist()
+    if spill:  # the futures hold files; the array stays the values' (for a pass as a graph)
+        rechunked = _on_disk(rechunked, ((1,) * len(sizes),))
     keys = [f.key for f in samples.held]
     who = samples.homes if all(samples.homes.get(k) for k in keys) else client.who_has(list(samples.held))  # fit's
-    blocks = [values.blocks[g] for g in range(len(sizes))]
+    blocks = [rechunked.blocks[g] for g in range(len(sizes))]
     held = []
     for key, block in zip(keys, blocks, strict=True):
         workers = list(who.get(key, ()))
         held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
                     client.persist(block))
     futures = [futures_of(block) for block in held]
-    array = da.concatenate(held)
-    return HeldValues(array, [f[0] for f in futures]) if all(len(f) == 1 for f in futures) else array
+    if not all(len(f) == 1 for f in futures):  # cannot happen: one future a group
+        return values if spill else da.concatenate(held)
+    return HeldValues(values if spill else da.concatenate(held), [f[0] for f in futures])
 
 
 # -- the fit -----------------------------------------------------------------------------------------

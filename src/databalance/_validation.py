@@ -1192,6 +1192,12 @@ def dask_block_lengths(lengths: list[int], columns: list) -> str:
             "partitioned like the others.")
 
 
+def spill_failed(path: str, error: OSError) -> str:
+    return (f"Could not write the encoded samples to the worker's local directory ({path}: {error}). Free space "
+            "there, point Dask's `temporary-directory` elsewhere, or keep them off disk with "
+            "`databalance._dask_samples.DISK_FRACTION = 0` (every pass then reads the columns again).")
+
+
 def dask_values_length(n_values: int, n_data: int) -> str:
     return (f"`values` has {n_values} rows in a partition where the fitted data has {n_data}; give `values` the "
             "fitted data's partitions (e.g. a column of the same Dask DataFrame).")
