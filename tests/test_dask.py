@@ -1598,7 +1598,7 @@ def test_codes_and_values_spilled_to_the_workers_disks(samples_path, monkeypatch
     from databalance import _dask_samples
 
     monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)  # nothing fits the memory budget
-    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 300)
+    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 300)
     if not tables:
         one_pass_per_step(monkeypatch)
     calls = spy_submitted(monkeypatch)
@@ -1673,6 +1673,39 @@ def test_disk_budget_of_the_cluster(samples_path, monkeypatch):
         samples = fitted._dask_fit.samples
         assert samples.spilled and not samples.design_cached
         assert_same_mean(fitted.mean(H), BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def test_spilled_groups_made_a_few_at_a_time(samples_path, monkeypatch):
+    """Groups kept on disk are made at most two per worker thread at once (the next submitted as one
+    is done, so the workers never hold every partition's codes), all of them end on disk, and an
+    error in a group (a label not listed, NaN values) names its partition."""
+    distributed = pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    waits: list = []
+    wait = distributed.wait
+    monkeypatch.setattr(distributed, "wait", lambda fs, **kw: waits.append(len(fs)) or wait(fs, **kw))
+    x, y, h, _ = sample(1200)
+    h = h[:, 0].copy()
+    cols = {"x": da.from_array(x, chunks=100), "y": da.from_array(y, chunks=100)}
+    with local_cluster() as client:
+        fitted = BalancedEstimator({"x": PX, "y": PY}, steps=3).fit(cols)
+        assert len(fitted._dask_fit.samples.groups) == 12 and sum(map(len, spill_files(client).values())) == 12
+        assert waits and max(waits) == 4  # two groups per worker thread in the making
+        got = fitted.mean(da.from_array(h, chunks=100))
+        nan = h.copy()
+        nan[430] = np.nan
+        with pytest.raises(ValueError, match=r"`values` contains NaN or inf, first at sample 30.*Dask partition 4"):
+            fitted.mean(da.from_array(nan, chunks=100))
+        bad = x.copy()
+        bad[1010] = 7
+        with pytest.raises(ValueError, match=r"`x`.*7.*Dask partition 10"):
+            BalancedEstimator({"x": PX, "y": PY}, steps=3).fit({"x": da.from_array(bad, chunks=100), "y": cols["y"]})
+    ref = BalancedEstimator({"x": PX, "y": PY}, steps=3).fit({"x": x, "y": y}).mean(h)
+    close(got.estimate, ref.estimate)
+    close(got.standard_error, ref.standard_error)
 
 
 def test_spilled_arrays(tmp_path):

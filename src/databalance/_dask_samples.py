@@ -432,6 +432,10 @@ def cache_budget() -> float:
 #: millions of entries, built, sent and added per task) is paid per group, not per partition.
 GROUP_MAX = 1 << 23
 
+#: The same for codes kept on disk (:data:`DISK_FRACTION`): a pass's task holds one group's codes
+#: and values in memory at a time, and the workers' memory did not hold them all.
+SPILLED_GROUP_MAX = 1 << 22
+
 
 def threads_available() -> int:
     """Threads that run a pass's tasks: the workers' under an active ``distributed`` client, else
@@ -444,12 +448,12 @@ def threads_available() -> int:
     return os.cpu_count() or 1
 
 
-def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
+def grouped(lengths: tuple[int, ...], threads: int, largest: int | None = None) -> tuple:
     """Consecutive partitions in groups of about equal samples: a multiple of ``threads`` groups
     (fewer only with fewer partitions), of at most :data:`GROUP_MAX` samples each where partitions
     allow."""
     n = sum(lengths)
-    count = max(threads, -(-n // GROUP_MAX))
+    count = max(threads, -(-n // (GROUP_MAX if largest is None else largest)))
     count = max(1, min(len(lengths), -(-count // threads) * threads))  # a multiple of the threads: balanced
     groups: list[list] = [[] for _ in range(count)]
     before = 0
@@ -496,7 +500,7 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
         samples.design is None or samples.design.chunks[0] == tuple(lengths))
     single = tuple(((p, int(n)),) for p, n in enumerate(lengths))
-    groups = grouped(lengths, threads_available()) if known else single
+    groups = grouped(lengths, threads_available(), SPILLED_GROUP_MAX if spill else None) if known else single
     # each partition encoded where it is loaded (only the compact codes move), then a group's joined
     args: list = [da.arange(len(single), chunks=1), "i"]
     for c in samples.columns + ([samples.design] if with_design else []):
@@ -514,26 +518,40 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
             _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
     if spill:
         objs = _on_disk(objs, ((1,) * len(groups),))
-    encoded, held = placed(objs)
+    encoded, held = placed(objs, spill)
     return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held, spilled=spill)
 
 
-def placed(objs: da.Array) -> tuple[da.Array, tuple]:
+def placed(objs: da.Array, streamed: bool = False) -> tuple[da.Array, tuple]:
     """The groups persisted: under ``distributed`` group g on worker g modulo the workers (in
     proportion to their threads), every task of its graph (its partitions' loading, or generation,
     and encoding) restricted there, loosely (a worker that left is passed over), and its future;
     else in this process, and no futures. Left to the scheduler, the groups' joins could all land
-    on one worker (they did, in the benchmark: its passes then ran on one core)."""
+    on one worker (they did, in the benchmark: its passes then ran on one core). ``streamed``
+    (groups written to disk, which together do not fit the workers' memory): at most two groups
+    per worker thread in the making at once, the next submitted as one is done (the scheduler
+    would load every partition at once, and their codes wait in memory for their groups' joins:
+    at 10^9 samples the workers ran out of memory); a group's error is raised then."""
     client = active_client()
     if client is None:
         return objs.persist(), ()
-    from distributed import futures_of
+    from distributed import futures_of, wait
 
     info = client.scheduler_info().get("workers", {})
     slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads", 1))))]
     blocks = [objs.blocks[g] for g in range(objs.numblocks[0])]
-    held = [client.persist(block, workers=[slots[g % len(slots)]], allow_other_workers=True) if slots else
-            client.persist(block) for g, block in enumerate(blocks)]
+    held: list = []
+    making: list = []
+    for g, block in enumerate(blocks):
+        if streamed and len(making) >= 2 * max(1, len(slots)):
+            done = wait(making, return_when="FIRST_COMPLETED").done
+            for future in done:
+                if future.status == "error":
+                    future.result()  # the group's error (a label not listed, naming its partition)
+            making = [f for f in making if f not in done]
+        held.append(client.persist(block, workers=[slots[g % len(slots)]], allow_other_workers=True) if slots else
+                    client.persist(block))
+        making += futures_of(held[-1])
     futures = [futures_of(block) for block in held]
     if not all(len(f) == 1 for f in futures):  # cannot happen: the groups as one collection
         return objs.persist(), ()
