@@ -535,27 +535,40 @@ def placed(objs: da.Array, streamed: bool = False) -> tuple[da.Array, tuple]:
     client = active_client()
     if client is None:
         return objs.persist(), ()
-    from distributed import futures_of, wait
+    from distributed import futures_of
 
     info = client.scheduler_info().get("workers", {})
     slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads", 1))))]
-    blocks = [objs.blocks[g] for g in range(objs.numblocks[0])]
-    held: list = []
-    making: list = []
-    for g, block in enumerate(blocks):
-        if streamed and len(making) >= 2 * max(1, len(slots)):
-            done = wait(making, return_when="FIRST_COMPLETED").done
-            for future in done:
-                if future.status == "error":
-                    future.result()  # the group's error (a label not listed, naming its partition)
-            making = [f for f in making if f not in done]
-        held.append(client.persist(block, workers=[slots[g % len(slots)]], allow_other_workers=True) if slots else
-                    client.persist(block))
-        making += futures_of(held[-1])
+    held = _persisted(client, objs, [[slots[g % len(slots)]] if slots else [] for g in range(objs.numblocks[0])],
+                      streamed)
     futures = [futures_of(block) for block in held]
     if not all(len(f) == 1 for f in futures):  # cannot happen: the groups as one collection
         return objs.persist(), ()
     return da.concatenate(held), tuple(f[0] for f in futures)
+
+
+def _persisted(client, objs: da.Array, workers: list[list], streamed: bool) -> list:
+    """Block g of ``objs`` persisted on ``workers[g]`` (loosely; none: where the scheduler
+    chooses), each block a collection of its own. ``streamed``: at most two blocks per worker
+    thread in the making at once, the next submitted as one is done, and a block's error raised
+    then (see :func:`placed`)."""
+    from distributed import futures_of, wait
+
+    window = 2 * max(1, threads_available())
+    held: list = []
+    making: list = []
+    for g in range(objs.numblocks[0]):
+        if streamed and len(making) >= window:
+            done = wait(making, return_when="FIRST_COMPLETED").done
+            for future in done:
+                if future.status == "error":
+                    future.result()  # the block's error (a label not listed, NaN values: naming its partition)
+            making = [f for f in making if f not in done]
+        block = objs.blocks[g]
+        held.append(client.persist(block, workers=workers[g], allow_other_workers=True) if workers[g] else
+                    client.persist(block))
+        making += futures_of(held[-1])
+    return held
 
 
 def _joined(parts) -> np.ndarray:
@@ -596,12 +609,7 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
         rechunked = _on_disk(rechunked, ((1,) * len(sizes),))
     keys = [f.key for f in samples.held]
     who = samples.homes if all(samples.homes.get(k) for k in keys) else client.who_has(list(samples.held))  # fit's
-    blocks = [rechunked.blocks[g] for g in range(len(sizes))]
-    held = []
-    for key, block in zip(keys, blocks, strict=True):
-        workers = list(who.get(key, ()))
-        held.append(client.persist(block, workers=workers, allow_other_workers=True) if workers else
-                    client.persist(block))
+    held = _persisted(client, rechunked, [list(who.get(key, ())) for key in keys], spill)
     futures = [futures_of(block) for block in held]
     if not all(len(f) == 1 for f in futures):  # cannot happen: one future a group
         return values if spill else da.concatenate(held)
