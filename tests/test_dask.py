@@ -1723,6 +1723,10 @@ def test_spilled_arrays(tmp_path):
         assert [(a.dtype, a.shape) for a in got] == [(a.dtype, a.shape) for a in arrays]
         for a, b in zip(got, arrays, strict=True):
             np.testing.assert_array_equal(a, b)
+            assert type(a) is np.ndarray and a.flags.aligned and a.ctypes.data % 8 == 0
+    loaded = group.load()
+    assert not loaded[0].flags.writeable  # mapped read-only: a pass cannot change the cache
+    assert all(offset % 64 == 0 for _, _, offset in group.layout)
     assert unspilled(arrays) is arrays
     del group
     gc.collect()

@@ -345,10 +345,12 @@ class Spilled:
 
     def __init__(self, arrays: list[np.ndarray], directory: str):
         path = os.path.join(directory, f"databalance-{uuid.uuid4().hex}.npy-group")
-        self.layout = [(a.dtype.str, a.shape) for a in arrays]
+        self.layout: list[tuple[str, tuple, int]] = []  # per array: dtype, shape, offset (aligned to 64 bytes)
         try:
             with open(path, "wb") as file:
                 for a in arrays:
+                    file.write(b"\0" * (-file.tell() % 64))
+                    self.layout.append((a.dtype.str, a.shape, file.tell()))
                     np.ascontiguousarray(a).tofile(file)
         except OSError as error:
             _remove(path)
@@ -357,9 +359,10 @@ class Spilled:
         weakref.finalize(self, _remove, path)
 
     def load(self) -> list[np.ndarray]:
-        with open(self.path, "rb") as file:
-            return [np.fromfile(file, dtype=np.dtype(kind), count=int(np.prod(shape))).reshape(shape)
-                    for kind, shape in self.layout]
+        """The arrays, read-only, mapped from the file (its pages, in the system's file cache, are
+        read in place: no copy into the worker's memory)."""
+        return [np.memmap(self.path, dtype=np.dtype(kind), mode="r", offset=offset, shape=shape).view(np.ndarray)
+                if int(np.prod(shape)) else np.empty(shape, np.dtype(kind)) for kind, shape, offset in self.layout]
 
     def __reduce__(self):
         return list, (self.load(),)
