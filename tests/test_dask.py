@@ -1709,6 +1709,32 @@ def test_spilled_groups_made_a_few_at_a_time(samples_path, monkeypatch):
     close(got.standard_error, ref.standard_error)
 
 
+def test_codes_encoded_in_the_compact_dtype():
+    """The cache's encoding computes integer codes (and a joint margin's keys) in its compact dtype,
+    equal to the int64 ones; a label out of range, even one a cast would wrap, is the first pass's
+    error, checked before any cast, in later passes too; looked-up labels stay int64."""
+    from databalance import _dask_samples
+    from databalance.estimators import _plan
+
+    rng = np.random.default_rng(47)
+    plan = _plan({"x": np.full(4, 0.25), ("a", "b"): np.full((30, 20), 1 / 600)}, None)
+    blocks = [rng.integers(0, 4, 500), rng.integers(0, 30, 500), rng.integers(0, 20, 500)]
+    for validate in (True, False):
+        wide = _dask_samples._margin_codes(plan, blocks, 3, validate)
+        compact = _dask_samples._margin_codes(plan, blocks, 3, validate, np.uint16)
+        assert [c.dtype for c in compact] == [np.uint16] * 2
+        for w, c in zip(wide, compact, strict=True):
+            np.testing.assert_array_equal(w, c)
+        for bad in (-1, 65536 + 2, 30):
+            labels = blocks[1].astype(np.int64)
+            labels[7] = bad
+            with pytest.raises(ValueError, match=rf"`a` has code {bad} at sample 7.*Dask partition 3"):
+                _dask_samples._margin_codes(plan, [blocks[0], labels, blocks[2]], 3, validate, np.uint16)
+    mapped = _plan({"x": {"p": 0.5, "q": 0.5}}, None)
+    (codes,) = _dask_samples._margin_codes(mapped, [np.array(["q", "p", "q"])], 0, True, np.uint8)
+    assert codes.dtype == np.int64 and codes.tolist() == [1, 0, 1]
+
+
 def test_spilled_arrays(tmp_path):
     """A spilled group reads back its arrays (dtypes, shapes, empty ones); pickled it is its arrays
     (sent to another worker, it needs no file there); its file goes with it; a failed write says

@@ -95,12 +95,13 @@ def _partition_ids(arr: da.Array) -> da.Array:
     return da.arange(arr.numblocks[0], chunks=1)
 
 
-def _codes_of(plan, blocks, p: int) -> list[np.ndarray]:
-    """Every encoded column's codes in partition ``p``; errors name the partition."""
+def _codes_of(plan, blocks, p: int, dtype=np.int64) -> list[np.ndarray]:
+    """Every encoded column's codes in partition ``p`` (integer codes in ``dtype``, which must hold
+    them; looked-up labels as int64); errors name the partition."""
     out = []
     for i, labels in enumerate(blocks):
         try:
-            out.append(plan.column_codes(i, np.asarray(labels)))
+            out.append(plan.column_codes(i, np.asarray(labels), dtype))
         except (ValueError, TypeError) as error:
             raise type(error)(check.in_partition(str(error), p)) from None
     lengths = {len(c) for c in out}

@@ -99,20 +99,24 @@ class Samples:
 # -- one pass ------------------------------------------------------------------------------------
 
 
-def _margin_codes(plan, blocks, p: int, validate: bool) -> list[np.ndarray]:
-    """Every margin's flat category of the partition's samples (a joint margin's in C order).
+def _margin_codes(plan, blocks, p: int, validate: bool, dtype=np.intp) -> list[np.ndarray]:
+    """Every margin's flat category of the partition's samples (a joint margin's in C order), in
+    ``dtype`` where the margin's columns are integer codes (the cache's compact dtype, which holds
+    every margin's categories: no int64 temporaries), else as ``np.int64``.
 
     The first pass of a fit (``validate``) checks every label and combination; later passes look
     labels up again and check only that integer codes are in range (an out-of-range one gets the
     first pass's error): the data must not change between the passes of a fit and its means."""
     if validate or all(plan.mapped):
-        codes = _dask._codes_of(plan, blocks, p)
+        codes = _dask._codes_of(plan, blocks, p, dtype)
     else:
-        codes = [plan.column_codes(i, np.asarray(b)) if plan.mapped[i] else np.asarray(b).astype(np.intp, copy=False)
-                 for i, b in enumerate(blocks)]
-        if any(not plan.mapped[i] and c.size and (c.min() < 0 or c.max() >= len(plan.levels[i]))
-               for i, c in enumerate(codes)):  # the data changed since the first pass: its error
-            codes = _dask._codes_of(plan, blocks, p)
+        raw = [np.asarray(b) for b in blocks]
+        if any(not plan.mapped[i] and r.size and (r.dtype.kind not in "iu" or r.min() < 0 or
+                                                  r.max() >= len(plan.levels[i])) for i, r in enumerate(raw)):
+            codes = _dask._codes_of(plan, blocks, p, dtype)  # the data changed since the first pass: its error
+        else:
+            codes = [plan.column_codes(i, r) if plan.mapped[i] else r.astype(dtype, copy=False)
+                     for i, r in enumerate(raw)]
     if validate:
         try:
             plan.check_listed(codes)
@@ -471,7 +475,7 @@ def _encode(g, *blocks, plan, ncols, code_type, validate, groups):
     with a block after the columns its design weights (float64, checked per partition)."""
     parts = groups[int(np.asarray(g).ravel()[0])]
     bounds = np.cumsum([0] + [length for _, length in parts])
-    pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate)
+    pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate, code_type)
               for (p, _), lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True)]
     out = [np.concatenate([piece[j] for piece in pieces]).astype(code_type) for j in range(len(pieces[0]))]
     if len(blocks) > ncols:

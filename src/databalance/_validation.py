@@ -824,8 +824,8 @@ def lookup_labels(labels: np.ndarray, index: dict, name: str, target_name: str) 
     return lookup[inverse.ravel()]
 
 
-def integer_codes(labels: np.ndarray, size: int, name: str, target_name: str) -> np.ndarray:
-    """Integer codes 0..size-1 of a column whose margins are arrays."""
+def integer_codes(labels: np.ndarray, size: int, name: str, target_name: str, dtype=np.int64) -> np.ndarray:
+    """Integer codes 0..size-1 of a column whose margins are arrays, in ``dtype`` (checked first)."""
     missing_labels(labels, name, target_name)
     if labels.dtype.kind not in "iu":
         raise TypeError(
@@ -838,7 +838,7 @@ def integer_codes(labels: np.ndarray, size: int, name: str, target_name: str) ->
             f"`{name}` has code {int(labels[i])} at sample {i}, outside 0..{size - 1} "
             f"(the length of `{target_name}` along it)."
         )
-    return labels.astype(np.int64, copy=False)
+    return labels.astype(dtype, copy=False)
 
 
 def unlisted_label(name: str, label, target_name: str) -> ValueError:

@@ -893,12 +893,13 @@ class _Plan:
     first: list[str]  # per column: the first target naming it, for messages
     listed: list[np.ndarray | None]  # per margin: its listed flat categories (None: all of them)
 
-    def column_codes(self, i: int, labels: np.ndarray) -> np.ndarray:
-        """Column i's labels as codes 0..len(levels[i]) - 1 (an unlisted label is an error)."""
+    def column_codes(self, i: int, labels: np.ndarray, dtype=np.int64) -> np.ndarray:
+        """Column i's labels as codes 0..len(levels[i]) - 1 (an unlisted label is an error); integer
+        codes in ``dtype`` (which must hold them), looked-up labels as int64."""
         name, lev = str(self.columns[i]), self.levels[i]
         if self.mapped[i]:
             return check.lookup_labels(labels, {v: k for k, v in enumerate(lev)}, name, self.first[i])
-        return check.integer_codes(labels, len(lev), name, self.first[i])
+        return check.integer_codes(labels, len(lev), name, self.first[i], dtype)
 
     def check_listed(self, codes: list[np.ndarray], *, samples: bool = True) -> None:
         """Every code combination of a mapping margin is one it lists (``codes``: per column, of the
