@@ -1558,6 +1558,32 @@ def test_compiled_weight_pass_with_some_tables_equals_numpy(weighted, wanted):
         np.testing.assert_array_equal(want["tables"][b], full[b])
 
 
+@pytest.mark.parametrize("pairs_of", [None, 2])
+def test_compiled_weight_pass_adds_into_an_earlier_result(pairs_of):
+    """A worker's groups share one result: a compiled pass over the second group adds its sums and
+    tables into the first group's arrays in place, and equals one pass over both groups (the
+    samples' order); u^2 and the extremes combine."""
+    pytest.importorskip("numba")
+    from databalance._dask_samples import WeightSums
+
+    rng = np.random.default_rng(48)
+    sizes, n = [4, 9, 300], 5000
+    codes = [rng.integers(0, s, n).astype(np.uint16) for s in sizes]
+    d = rng.uniform(0.5, 2.0, n)
+    factors = [rng.uniform(0.1, 3.0, s) for s in sizes]
+    task = WeightSums(factors, sizes, pairs_of, True)
+    assert task.accumulates and not WeightSums(factors, sizes, pairs_of, False).accumulates
+    whole = task(codes, d, None)
+    first = task([c[:1800] for c in codes], d[:1800], None)
+    arrays = [id(x) for x in first["sums"] + first.get("tables", [])]
+    both = task([c[1800:] for c in codes], d[1800:], None, first)
+    assert [id(x) for x in both["sums"] + both.get("tables", [])] == arrays  # in place
+    for x, y in zip(both["sums"] + both.get("tables", []), whole["sums"] + whole.get("tables", []), strict=True):
+        np.testing.assert_array_equal(x, y)  # the samples added in the same order
+    close(both["u2"], whole["u2"], rtol=1e-14)
+    assert (both["min_u"], both["max_u"]) == (whole["min_u"], whole["max_u"])
+
+
 def test_submitted_mean_after_a_worker_is_replaced(samples_path):
     """The workers holding the cached groups are asked once per fit; after one of them is replaced
     (its groups recomputed elsewhere) a mean's loosely pinned tasks still run, and equal."""

@@ -132,11 +132,12 @@ def _margin_codes(plan, blocks, p: int, validate: bool, dtype=np.intp) -> list[n
     return out
 
 
-def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None):
+def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, groups=None, into=None):
     """One task of a pass: partition ``p``'s samples, or with ``groups`` (the cached codes) group
     ``p``'s (its partitions' design weights and values checked one partition at a time, so that
     an error names the partition). ``weighted``: design weights in the blocks after the columns
-    (True), none (False), or held in the cached group after its codes (``"cached"``)."""
+    (True), none (False), or held in the cached group after its codes (``"cached"``). ``into``: an
+    earlier result the task adds this one's sums to, in place (tasks that ``accumulate``)."""
     p = int(np.asarray(p).ravel()[0])
     cached_d = None
     if groups is not None:  # the cached codes (checked by the fit's first pass), as NumPy indexes unless compact
@@ -171,7 +172,7 @@ def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, g
         h = h[:, None] if h.ndim == 1 else h
         if len(h) != n:
             raise ValueError(check.in_partition(check.dask_values_length(len(h), n), p))
-    out = task(codes, d, h)
+    out = task(codes, d, h) if into is None else task(codes, d, h, into)
     out["n"], out["lengths"] = n, dict(parts)
     return _dask._wrap(out)
 
@@ -283,9 +284,14 @@ def _groups_pass(gs, *held, task, groups, weighted, with_values):
     total = None
     for i, g in enumerate(gs):
         values = (held[len(gs) + i],) if with_values else ()
+        into = total if getattr(task, "accumulates", False) else None  # its sums and tables added to in place
         part = _partition(g, held[i], *values, plan=None, ncols=1, weighted=weighted, with_values=with_values,
-                          task=task, validate=False, groups=groups)[0]
-        total = part if total is None else _combine([total, part])
+                          task=task, validate=False, groups=groups, into=into)[0]
+        if into is not None:
+            part["n"], part["lengths"] = into["n"] + part["n"], {**into["lengths"], **part["lengths"]}
+            total = part
+        else:
+            total = part if total is None else _combine([total, part])
     return total
 
 
@@ -647,9 +653,16 @@ class WeightSums:
         """Whether the codes may come in their compact cached dtype (else as ``np.intp``)."""
         return self.compiled
 
-    def __call__(self, codes, d, h) -> dict:
+    @property
+    def accumulates(self) -> bool:
+        """Whether a call may add to an earlier result's sums and tables in place (``into``): a
+        worker's groups then share one set of tables (one table of 10^6 entries per task, not one
+        allocated and added per group)."""
+        return self.compiled
+
+    def __call__(self, codes, d, h, into: dict | None = None) -> dict:
         if self.compiled:
-            return self._compiled(codes, d)
+            return self._compiled(codes, d, into)
         n = len(codes[0])
         u = factor_product(d, self.factors, codes, n) if self.factors is not None else (np.ones(n) if d is None else d)
         out = {"sums": [np.bincount(c, u, minlength=s) for c, s in zip(codes, self.sizes, strict=True)],
@@ -658,20 +671,26 @@ class WeightSums:
             out["tables"] = _tables_of(self.pairs_of, codes, self.sizes, u, self.pairs_with)
         return out
 
-    def _compiled(self, codes, d) -> dict:
+    def _compiled(self, codes, d, into: dict | None = None) -> dict:
         K = len(self.sizes)
         dtype = np.result_type(*(c.dtype for c in codes))
         codes = _one_type(codes, dtype)  # one type: numba's homogeneous tuple
         factors = tuple(np.ones(s) for s in self.sizes) if self.factors is None else \
             tuple(np.ascontiguousarray(f, np.float64) for f in self.factors)
-        sums = tuple(np.zeros(s) for s in self.sizes)
         a = -1 if self.pairs_of is None else self.pairs_of
         wanted = range(K) if self.pairs_with is None else self.pairs_with
-        tables = tuple(np.zeros(self.sizes[a] * self.sizes[b] if a >= 0 and b != a and b in wanted else 0)
-                       for b in range(K))
+        if into is None:
+            sums = tuple(np.zeros(s) for s in self.sizes)
+            tables = tuple(np.zeros(self.sizes[a] * self.sizes[b] if a >= 0 and b != a and b in wanted else 0)
+                           for b in range(K))
+        else:  # added to the earlier result's arrays (the samples' order: as one partition)
+            sums = tuple(into["sums"])
+            tables = tuple(into["tables"]) if a >= 0 else tuple(np.zeros(0) for _ in range(K))
         weights = np.empty(0) if d is None else np.ascontiguousarray(d, np.float64)
         u2, low, high = _compiled_pass()(codes, weights, d is not None, factors, self.factors is not None, sums, a,
                                          tables, np.asarray(self.sizes, np.int64))
+        if into is not None:
+            u2, low, high = into["u2"] + u2, min(into["min_u"], low), max(into["max_u"], high)
         out = {"sums": list(sums), "u2": u2, "min_u": low, "max_u": high}
         if a >= 0:
             out["tables"] = list(tables)
