@@ -1784,6 +1784,11 @@ def test_spilled_arrays(tmp_path):
     del group
     gc.collect()
     assert not path.exists()
+    pieces = Spilled([[np.arange(3, dtype=np.uint8), np.arange(3, 10, dtype=np.uint8)], [np.ones((2, 2))]],
+                     str(tmp_path))  # a group's partitions, written one after the other
+    joined, ones = pieces.load()
+    assert joined.dtype == np.uint8 and joined.tolist() == list(range(10))
+    np.testing.assert_array_equal(ones, np.ones((2, 2)))
     with pytest.raises(OSError, match="DISK_FRACTION = 0"):
         Spilled(arrays, str(tmp_path / "missing"))
 

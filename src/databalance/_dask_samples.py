@@ -353,15 +353,20 @@ class Spilled:
     key released, or the worker closed). Pickled (sent to another worker, or spilled by Dask), it
     becomes its arrays."""
 
-    def __init__(self, arrays: list[np.ndarray], directory: str):
+    def __init__(self, arrays: list, directory: str):
+        """``arrays``: each an array, or a list of pieces (of one dtype) written one after the other
+        as one array (a group's partitions: never joined in memory)."""
         path = os.path.join(directory, f"databalance-{uuid.uuid4().hex}.npy-group")
         self.layout: list[tuple[str, tuple, int]] = []  # per array: dtype, shape, offset (aligned to 64 bytes)
         try:
             with open(path, "wb") as file:
                 for a in arrays:
+                    pieces = [np.asarray(piece) for piece in a] if isinstance(a, list) else [np.asarray(a)]
                     file.write(b"\0" * (-file.tell() % 64))
-                    self.layout.append((a.dtype.str, a.shape, file.tell()))
-                    np.ascontiguousarray(a).tofile(file)
+                    shape = (sum(len(piece) for piece in pieces),) + pieces[0].shape[1:]
+                    self.layout.append((pieces[0].dtype.str, shape, file.tell()))
+                    for piece in pieces:
+                        np.ascontiguousarray(piece, pieces[0].dtype).tofile(file)
         except OSError as error:
             _remove(path)
             raise OSError(check.spill_failed(path, error)) from error
@@ -389,11 +394,17 @@ def unspilled(group):
 
 
 def _spill(block) -> np.ndarray:
-    """A cached group (or a block of values) written to this worker's local directory."""
+    """A cached group (its partitions' codes and design weights, as :func:`_joined` would join
+    them, written piece by piece) or a block of values, written to this worker's local directory."""
     from distributed import get_worker
 
-    arrays = block[0] if block.dtype == object else [np.asarray(block)]
-    return _dask._wrap(Spilled(list(arrays), get_worker().local_directory))
+    arrays: list
+    if block.dtype == object:
+        parts = list(np.ravel(block))
+        arrays = [[part[j] for part in parts] for j in range(len(parts[0]))]
+    else:
+        arrays = [np.asarray(block)]
+    return _dask._wrap(Spilled(arrays, get_worker().local_directory))
 
 
 def _free_bytes(dask_worker) -> int:
@@ -483,7 +494,8 @@ def _encode(g, *blocks, plan, ncols, code_type, validate, groups):
     bounds = np.cumsum([0] + [length for _, length in parts])
     pieces = [_margin_codes(plan, [np.asarray(b)[lo:hi] for b in blocks[:ncols]], p, validate, code_type)
               for (p, _), lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True)]
-    out = [np.concatenate([piece[j] for piece in pieces]).astype(code_type) for j in range(len(pieces[0]))]
+    out = [np.concatenate([piece[j] for piece in pieces]).astype(code_type, copy=False)
+           for j in range(len(pieces[0]))]
     if len(blocks) > ncols:
         d = blocks[ncols]
         out.append(np.concatenate([np.zeros(0)] + [_dask._design(d[lo:hi], hi - lo, p) for (p, _), lo, hi in
@@ -527,10 +539,11 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     objs = objs.map_blocks(lambda b: b, chunks=((1,) * objs.numblocks[0],), dtype=object,
                            meta=np.empty(0, dtype=object))
     if groups != single:
-        objs = objs.rechunk({0: tuple(len(g) for g in groups)}).map_blocks(
-            _joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
-    if spill:
+        objs = objs.rechunk({0: tuple(len(g) for g in groups)})
+    if spill:  # each group's partitions written one after the other
         objs = _on_disk(objs, ((1,) * len(groups),))
+    elif groups != single:
+        objs = objs.map_blocks(_joined, chunks=((1,) * len(groups),), dtype=object, meta=np.empty(0, dtype=object))
     encoded, held = placed(objs, spill)
     return replace(samples, encoded=encoded, groups=groups, design_cached=with_design, held=held, spilled=spill)
 
