@@ -5,9 +5,11 @@ Everything is then a small vector per margin level on the client plus passes ove
 the workers, each pass one map over the partitions (encoding the labels, gathering the small
 vectors at every sample's categories, ``np.bincount`` per level) merged by Dask's tree reduction
 (:func:`._dask._tree`). Sample i's weight is ``d_i prod_j F_j[x_ij]``. When the encoded codes fit a
-share of the workers' memory they are encoded once and persisted (:func:`cached`): later passes
+share of the workers' memory they are encoded once and persisted (:func:`cached`; under
+``distributed``, when they do not, in files on the workers' disks: :class:`Spilled`): later passes
 read them instead of the columns; under ``distributed`` a pass over them is then submitted as
-futures, a task per group on the worker holding it (:func:`_submitted`), not built as a graph.
+futures, a task per worker thread over the groups that worker holds (:func:`_submitted`), not
+built as a graph.
 With numba, a fit's pass is one compiled loop per partition (:func:`_weight_pass`), and so is
 each pass of a ``mean`` (:func:`_first_pass`, :func:`_step_pass`,
 :func:`_terms_pass`: per sample the scalings gathered, the chain's steps and the sums, with the
@@ -349,8 +351,8 @@ DISK_FRACTION = 0.5
 
 class Spilled:
     """Arrays kept in a file of the worker that made them (its local directory) instead of its
-    memory; every pass reads them back whole (:meth:`load`). The file goes with the object (its
-    key released, or the worker closed). Pickled (sent to another worker, or spilled by Dask), it
+    memory; every pass maps them back (:meth:`load`). The file goes with the object (its key
+    released, or the worker closed). Pickled (sent to another worker, or spilled by Dask), it
     becomes its arrays."""
 
     def __init__(self, arrays: list, directory: str):
