@@ -15,15 +15,16 @@ from databalance import balance_table
 
 
 @contextmanager
-def local_cluster(default_client: bool = True) -> Iterator:
-    """A client of a LocalCluster of two one-thread worker processes (1 GiB each), both closed after.
-    ``default_client``: the client becomes dask's default (a worker can then be restarted by it)."""
+def local_cluster(default_client: bool = True, n_workers: int = 2) -> Iterator:
+    """A client of a LocalCluster of ``n_workers`` one-thread worker processes (1 GiB each), both
+    closed after. ``default_client``: the client becomes dask's default (a worker can then be
+    restarted by it)."""
     import distributed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                           memory_limit="1GiB")
+        cluster = distributed.LocalCluster(n_workers=n_workers, processes=True, threads_per_worker=1,
+                                           dashboard_address=None, memory_limit="1GiB")
         client = distributed.Client(cluster, set_as_default=default_client)
     try:
         yield client

@@ -1735,6 +1735,84 @@ def test_spilled_groups_made_a_few_at_a_time(samples_path, monkeypatch):
     close(got.standard_error, ref.standard_error)
 
 
+def test_an_error_while_groups_are_made_releases_them(samples_path, monkeypatch):
+    """Review: a label not listed in one group while the groups are streamed to disk raises, and
+    every group persisted so far is released (files and futures), not held by the error."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    x, y, _, _ = sample(1200)
+    x = x.copy()
+    x[150] = 7
+    with local_cluster() as client:
+        with pytest.raises(ValueError, match=r"`x`.*7.*Dask partition 1"):
+            BalancedEstimator({"x": PX, "y": PY}, steps=3).fit({"x": da.from_array(x, chunks=100),
+                                                                "y": da.from_array(y, chunks=100)})
+        gc.collect()
+        settled(lambda: not any(spill_files(client).values()) and not client.futures)
+
+
+def test_passes_after_a_worker_left_keep_groups_on_disk(samples_path, monkeypatch):
+    """Review: after a worker holding spilled groups is replaced, a pass asks where the groups are
+    again (they were made anew on the workers present) instead of sending one task, over all the
+    lost worker's groups, wherever: those groups would have moved, into memory."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    data, h, d, margins = three_margins(1200, seed=48)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    with local_cluster(n_workers=3) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        samples = fitted._dask_fit.samples
+        victim = next(iter(samples.homes.values()))[0]
+        client.restart_workers([victim])
+        settled(lambda: victim not in client.nthreads() and len(client.nthreads()) == 3, 60)
+        got = fitted.mean(H)
+        kinds = client.run(lambda dask_worker, keys=[f.key for f in samples.held]: [
+            type(dask_worker.data[k][0]).__name__ for k in keys if k in dask_worker.data])
+        assert sorted(sum(kinds.values(), [])) == ["Spilled"] * 12  # none moved into memory
+        assert not {w for ws in samples.homes.values() for w in ws} - set(client.nthreads())
+    assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def test_spill_edge_cases_from_review(samples_path, monkeypatch, tmp_path):
+    """Review: CACHE_FRACTION = 0 turns the cache off (not onto disk); a mean's values are not
+    written to disk when its passes would not read them (design weights not cached: the passes
+    are graphs); object-dtype values get the values' error; a short write is an error that says
+    what to do."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    data, h, d, margins = three_margins(600, seed=49)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 3)
+    ref = BalancedEstimator(margins, steps=3).fit(data, d)
+    with local_cluster() as client:
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 0.0)
+        assert BalancedEstimator(margins, steps=3).fit(X, D)._dask_fit.samples.encoded is None
+        assert not any(spill_files(client).values())
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+        monkeypatch.setattr(_dask_samples, "disk_budget", lambda: 600 * 3 + 600 * 8 - 1.0)  # codes, not design
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        assert fitted._dask_fit.samples.spilled and not fitted._dask_fit.samples.design_cached
+        made: list = []
+        on_disk = _dask_samples._on_disk
+        monkeypatch.setattr(_dask_samples, "_on_disk", lambda *a: made.append(1) or on_disk(*a))
+        assert_same_mean(fitted.mean(H[:, 0]), ref.mean(h[:, 0]))
+        assert not made
+        with pytest.raises(TypeError, match="real numbers"):
+            fitted.mean(da.from_array(h[:, 0].astype(object), chunks=200))
+    monkeypatch.setattr(os.path, "getsize", lambda path: 0)  # the system lost the end of the write
+    with pytest.raises(OSError, match=r"0 of 10 bytes written.*DISK_FRACTION = 0"):
+        _dask_samples.Spilled([np.arange(10, dtype=np.uint8)], str(tmp_path))
+    monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+
+
 def test_codes_encoded_in_the_compact_dtype():
     """The cache's encoding computes integer codes (and a joint margin's keys) in its compact dtype,
     equal to the int64 ones; a label out of range, even one a cast would wrap, is the first pass's

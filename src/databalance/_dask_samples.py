@@ -163,7 +163,8 @@ def _partition(p, *blocks, plan, ncols, weighted, with_values, task, validate, g
     h = None
     if with_values:
         h = blocks[-1]
-        h = unspilled(h[0])[0] if isinstance(h, np.ndarray) and h.dtype == object else np.asarray(h)
+        spilled = isinstance(h, np.ndarray) and h.shape == (1,) and isinstance(h[0], (Spilled, SpilledArrays))
+        h = unspilled(h[0])[0] if spilled else np.asarray(h)
         for (q, _), a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
             part = h if len(parts) == 1 else h[a:b]
             try:
@@ -309,15 +310,16 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
         return run(replace(samples, encoded=None, groups=(), design_cached=False), task,
                    None if values is None else values.array)
     where = samples.homes
-    if any(k not in where for k in keys):
+    info = client.scheduler_info().get("workers", {})
+    if any(k not in where or not set(where[k]) <= set(info) for k in keys):  # not asked yet, or a worker left
         where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
         if all(where.get(k) for k in keys):  # all computed: kept for the later passes
+            samples.homes.clear()
             samples.homes.update(where)
     weighted = "cached" if samples.design_cached else False
     by_worker: dict = {}
     for g, key in enumerate(keys):  # a worker holding the group (none: the scheduler chooses)
-        by_worker.setdefault(next(iter(where.get(key, ())), None), []).append(g)
-    info = client.scheduler_info().get("workers", {})
+        by_worker.setdefault(next((w for w in where.get(key, ()) if w in info), None), []).append(g)
     futures = []
     for worker, gs in by_worker.items():
         threads = len(gs) if worker is None else max(1, int(info.get(worker, {}).get("nthreads", 1)))
@@ -337,7 +339,8 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
 #: The share of the memory of the workers (the sum of their memory limits; without ``distributed``,
 #: or without limits, this machine's available memory) that a fit's encoded codes may take: within
 #: it they are encoded once and kept (persisted) for the fit's and its means' later passes, which
-#: then neither load (or generate) nor encode the columns again. 0 turns the cache off.
+#: then neither load (or generate) nor encode the columns again. 0 turns the cache off (on the
+#: workers' disks too, :data:`DISK_FRACTION`).
 CACHE_FRACTION = 0.25
 
 
@@ -367,8 +370,11 @@ class Spilled:
                     file.write(b"\0" * (-file.tell() % 64))
                     shape = (sum(len(piece) for piece in pieces),) + pieces[0].shape[1:]
                     self.layout.append((pieces[0].dtype.str, shape, file.tell()))
-                    for piece in pieces:
-                        np.ascontiguousarray(piece, pieces[0].dtype).tofile(file)
+                    for piece in pieces:  # (not ``tofile``: it can lose a failed flush's error)
+                        file.write(np.ascontiguousarray(piece, pieces[0].dtype).data)
+                expected = file.tell()
+            if os.path.getsize(path) != expected:  # a write the system did not report as failed
+                raise OSError(f"{os.path.getsize(path)} of {expected} bytes written")
         except OSError as error:
             _remove(path)
             raise OSError(check.spill_failed(path, error)) from error
@@ -382,7 +388,11 @@ class Spilled:
                 if int(np.prod(shape)) else np.empty(shape, np.dtype(kind)) for kind, shape, offset in self.layout]
 
     def __reduce__(self):
-        return list, (self.load(),)
+        return SpilledArrays, (self.load(),)
+
+
+class SpilledArrays(list):
+    """A :class:`Spilled` group's arrays, as it arrives pickled (in memory: moved, or spilled by Dask)."""
 
 
 def _remove(path: str) -> None:
@@ -515,6 +525,8 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     codes_bytes = sum(lengths) * len(samples.sizes) * dtype.itemsize
     if samples.encoded is not None:
         return samples
+    if CACHE_FRACTION <= 0:  # the cache off, on disk too
+        return samples
     budget = cache_budget()  # (asked once: under ``distributed`` a round trip to the scheduler)
     spill = codes_bytes > budget
     if spill:  # the workers' disks instead of their memory
@@ -577,25 +589,35 @@ def placed(objs: da.Array, streamed: bool = False) -> tuple[da.Array, tuple]:
 
 def _persisted(client, objs: da.Array, workers: list[list], streamed: bool) -> list:
     """Block g of ``objs`` persisted on ``workers[g]`` (loosely; none: where the scheduler
-    chooses), each block a collection of its own. ``streamed``: at most two blocks per worker
-    thread in the making at once, the next submitted as one is done, and a block's error raised
-    then (see :func:`placed`)."""
+    chooses), each block a collection of its own. ``streamed``: at most two blocks per thread of
+    the target worker (of the cluster, for blocks without one) in the making at once, the next
+    submitted as one is done, and a block's error raised then, every block persisted so far
+    released first (the error's traceback, kept with the erred future, would hold them all: their
+    files and futures would stay until the client closed)."""
     from distributed import futures_of, wait
 
-    window = 2 * max(1, threads_available())
+    threads = {w: max(1, int(i.get("nthreads", 1))) for w, i in client.scheduler_info().get("workers", {}).items()}
     held: list = []
-    making: list = []
-    for g in range(objs.numblocks[0]):
-        if streamed and len(making) >= window:
-            done = wait(making, return_when="FIRST_COMPLETED").done
-            for future in done:
-                if future.status == "error":
-                    future.result()  # the block's error (a label not listed, NaN values: naming its partition)
-            making = [f for f in making if f not in done]
-        block = objs.blocks[g]
-        held.append(client.persist(block, workers=workers[g], allow_other_workers=True) if workers[g] else
-                    client.persist(block))
-        making += futures_of(held[-1])
+    making: dict = {}  # target worker (None: any) -> its blocks' futures not done yet
+    try:
+        for g in range(objs.numblocks[0]):
+            target = workers[g][0] if workers[g] else None
+            room = 2 * (threads.get(target, 1) if target is not None else max(1, sum(threads.values())))
+            while streamed and len(making.get(target, ())) >= room:
+                done = wait(sum(making.values(), []), return_when="FIRST_COMPLETED").done
+                for future in done:
+                    if future.status == "error":
+                        future.result()  # the block's error (a label not listed: naming its partition)
+                making = {w: [f for f in fs if f not in done] for w, fs in making.items()}
+            block = objs.blocks[g]
+            held.append(client.persist(block, workers=workers[g], allow_other_workers=True) if workers[g] else
+                        client.persist(block))
+            making.setdefault(target, []).extend(futures_of(held[-1]))
+    except BaseException:
+        for block in held:
+            for future in futures_of(block):
+                future.release()
+        raise
     return held
 
 
@@ -624,7 +646,8 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
         return values
     client = active_client()
     spill = n * (codes + 8 * s) > cache_budget()
-    if spill and (client is None or not samples.held or n * 8 * s > disk_budget()):
+    submitted = client is not None and bool(samples.held) and (samples.design is None or samples.design_cached)
+    if spill and (not submitted or n * 8 * s > disk_budget()):  # (on disk only for the submitted passes)
         return values
     rechunked = values.rechunk({0: sizes} if values.ndim == 1 else {0: sizes, 1: -1})
     if client is None:
