@@ -1641,7 +1641,7 @@ def test_codes_and_values_spilled_to_the_workers_disks(samples_path, monkeypatch
         assert sizes == [3 * 320 + 300 * 8] * 4
         held = client.run(lambda dask_worker, keys=[f.key for f in samples.held]: [
             type(dask_worker.data[k][0]).__name__ for k in keys if k in dask_worker.data])
-        assert sorted(sum(held.values(), [])) == ["Spilled"] * 4  # the workers hold files, not arrays
+        assert sorted(sum(held.values(), [])) == ["Spilled"] * 4, held  # the workers hold files, not arrays
         got = fitted.mean(H)
         assert calls and all(with_values for name, with_values in calls if name != "WeightSums")  # values held
         settled(lambda: [len(f) for f in spill_files(client).values()] == [2, 2])  # the values' files released
@@ -1778,6 +1778,45 @@ def test_passes_after_a_worker_left_keep_groups_on_disk(samples_path, monkeypatc
         assert sorted(sum(kinds.values(), [])) == ["Spilled"] * 12  # none moved into memory
         assert not {w for ws in samples.homes.values() for w in ws} - set(client.nthreads())
     assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def _slow_passes(dask_worker=None):
+    """On a worker: its pass tasks wait 3 s first (a worker can be lost while one runs)."""
+    import time as clock
+
+    from databalance import _dask_samples
+
+    original = _dask_samples._groups_pass
+    _dask_samples._groups_pass = lambda *a, **k: clock.sleep(3) or original(*a, **k)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_worker_lost_during_a_pass(samples_path, monkeypatch, on_disk):
+    """A pass's tasks are pinned to the workers holding their groups (never stolen: a group on disk
+    would move into memory); a worker lost while they run cancels the pass, which runs again where
+    the groups now are: no hang, and the in-memory result."""
+    import threading
+
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    if on_disk:
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    data, h, d, margins = three_margins(800, seed=50)
+    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
+    with local_cluster() as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        assert fitted._dask_fit.samples.spilled == on_disk and fitted._dask_fit.samples.homes
+        client.run(_slow_passes)
+        out: dict = {}
+        thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
+        thread.start()
+        time.sleep(1.0)  # the first pass's tasks are running (3 s each)
+        client.restart_workers([next(iter(fitted._dask_fit.samples.homes.values()))[0]])
+        thread.join(120)
+        assert "mean" in out, "the pass waited for a worker that left"
+        assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
 
 
 def test_spill_edge_cases_from_review(samples_path, monkeypatch, tmp_path):

@@ -57,7 +57,7 @@ from . import _validation as check
 from ._joint import _ratio
 from ._kernels import State
 from ._kernels.cells import CellKernel, factor_product
-from ._kernels.chunked import active_client, released_on_error
+from ._kernels.chunked import active_client, pinned_results
 from ._kernels.dense import ratio
 
 
@@ -300,38 +300,42 @@ def _groups_pass(gs, *held, task, groups, weighted, with_values):
 
 def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dict:
     """One pass over codes held on the workers, as futures: per worker thread one task over groups
-    that worker holds (no graph built, tokenized and sent per pass, no transfers; a loose
-    restriction: a worker that left does not hold the pass up), its groups' partial sums added
+    that worker holds (no graph built, tokenized and sent per pass), its groups' partial sums added
     there as it goes, the tasks' results added on the client (a tree between the workers would
-    move tables of millions of entries from one to another first)."""
+    move tables of millions of entries from one to another first). A task is pinned to its worker
+    (Dask counts a group on disk as a few bytes: free to move, its work could be stolen and the
+    group sent, as its arrays, to a worker's memory); a worker that leaves before the results
+    arrive cancels the pass, which runs again where the groups now are (:func:`._kernels.chunked.pinned_results`)."""
     held = {f.key: f for f in samples.held}
     keys = [f.key for f in samples.held]
     if not keys:  # not persisted as futures (cannot happen): the graph
         return run(replace(samples, encoded=None, groups=(), design_cached=False), task,
                    None if values is None else values.array)
-    where = samples.homes
-    info = client.scheduler_info().get("workers", {})
-    if any(k not in where or not set(where[k]) <= set(info) for k in keys):  # not asked yet, or a worker left
-        where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
-        if all(where.get(k) for k in keys):  # all computed: kept for the later passes
-            samples.homes.clear()
-            samples.homes.update(where)
     weighted = "cached" if samples.design_cached else False
-    by_worker: dict = {}
-    for g, key in enumerate(keys):  # a worker holding the group (none: the scheduler chooses)
-        by_worker.setdefault(next((w for w in where.get(key, ()) if w in info), None), []).append(g)
-    futures = []
-    for worker, gs in by_worker.items():
-        threads = len(gs) if worker is None else max(1, int(info.get(worker, {}).get("nthreads", 1)))
-        for chain in (gs[t::threads] for t in range(min(threads, len(gs)))):
-            args = [held[keys[g]] for g in chain] + ([] if values is None else [values.futures[g] for g in chain])
-            futures.append(client.submit(_groups_pass, chain, *args, task=task, groups=samples.groups,
-                                         weighted=weighted, with_values=values is not None, pure=False,
-                                         workers=None if worker is None else [worker],
-                                         allow_other_workers=worker is not None,
-                                         key=f"databalance-pass-{uuid.uuid4().hex}"))
-    with released_on_error(futures):
-        return _combine(client.gather(futures))
+    while True:
+        where = samples.homes
+        info = client.scheduler_info().get("workers", {})
+        if any(k not in where or not set(where[k]) <= set(info) for k in keys):  # not asked yet, or a worker left
+            where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
+            samples.homes.clear()
+            if all(where.get(k) for k in keys):  # all computed: kept for the later passes
+                samples.homes.update(where)
+        by_worker: dict = {}
+        for g, key in enumerate(keys):  # a worker holding the group (none: the scheduler chooses)
+            by_worker.setdefault(next((w for w in where.get(key, ()) if w in info), None), []).append(g)
+        futures = []
+        for worker, gs in by_worker.items():
+            threads = len(gs) if worker is None else max(1, int(info.get(worker, {}).get("nthreads", 1)))
+            for chain in (gs[t::threads] for t in range(min(threads, len(gs)))):
+                args = [held[keys[g]] for g in chain] + ([] if values is None else [values.futures[g] for g in chain])
+                futures.append(client.submit(_groups_pass, chain, *args, task=task, groups=samples.groups,
+                                             weighted=weighted, with_values=values is not None, pure=False,
+                                             workers=None if worker is None else [worker], allow_other_workers=False,
+                                             key=f"databalance-pass-{uuid.uuid4().hex}"))
+        got = pinned_results(client, futures, {w for w in by_worker if w is not None}, futures)
+        if got is not None:
+            return _combine(got)
+        samples.homes.clear()  # a worker left during the pass: ask where the groups are now
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------
@@ -613,6 +617,10 @@ def _persisted(client, objs: da.Array, workers: list[list], streamed: bool) -> l
             held.append(client.persist(block, workers=workers[g], allow_other_workers=True) if workers[g] else
                         client.persist(block))
             making.setdefault(target, []).extend(futures_of(held[-1]))
+        if streamed:  # all made (the first pass then knows where each is, and pins its tasks there)
+            for future in wait(sum(making.values(), [])).done:
+                if future.status == "error":
+                    future.result()
     except BaseException:
         for block in held:
             for future in futures_of(block):

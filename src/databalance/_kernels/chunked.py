@@ -485,7 +485,7 @@ class _Sweep:
                                    allow_other_workers=False, pure=False)
                      for t, g in zip(self.tasks, self.groups, strict=True)]
             try:
-                got = _results(client, parts, pinned, parts)
+                got = pinned_results(client, parts, pinned, parts)
             except _LinesLost:
                 got = None
             if got is not None:
@@ -530,7 +530,7 @@ class _Rows:
         return np.array(self.sweep.lines(self.which))
 
 
-def _results(client, futures: list, pinned: set, tasks: list) -> list | None:
+def pinned_results(client, futures: list, pinned: set, tasks: list) -> list | None:
     """The results of a sweep's ``futures`` (computed from its ``tasks``, pinned to the workers
     ``pinned``). None, every future cancelled, when one of those workers left the cluster before
     the results arrived (checked every :data:`SWEEP_CHECK` seconds): a pinned task, or its lost
@@ -834,7 +834,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
                 partials = [client.submit(_added, *partials[i:i + SPLIT_EVERY], pure=False)
                             for i in range(0, len(partials), SPLIT_EVERY)]
             wanted = [client.submit(_item, t, 0, pure=False) for t in tasks] + partials
-        got = _results(client, wanted, {a for a in at if a}, tasks)
+        got = pinned_results(client, wanted, {a for a in at if a}, tasks)
         if got is None:  # a worker left during the sweep: hold the blocks again where they are now
             self._held = self._where = None
             return self._submitted(client, x, old, p, w)
@@ -911,7 +911,7 @@ class FusedChunkedKernel(_Fused, ChunkedKernel):
             wanted = [client.submit(_errors_of, t, pure=False) for t in tasks] + partials
             every += wanted
         try:
-            got = _results(client, wanted, {a for a in at if a}, every)
+            got = pinned_results(client, wanted, {a for a in at if a}, every)
         except _LinesLost:  # the old scaling's lines were spilled: sent from the client instead
             return self._rows_sweep(client, x, np.asarray(old), p) if isinstance(old, _Rows) else None
         if got is None:  # a worker left during the sweep: hold the blocks again where they are now
