@@ -1584,24 +1584,50 @@ def test_compiled_weight_pass_adds_into_an_earlier_result(pairs_of):
     assert (both["min_u"], both["max_u"]) == (whole["min_u"], whole["max_u"])
 
 
-def test_submitted_mean_after_a_worker_is_replaced(samples_path):
-    """The workers holding the cached groups are asked once per fit; after one of them is replaced
-    (its groups recomputed elsewhere) a mean's loosely pinned tasks still run, and equal."""
+def _slow_passes(dask_worker=None):
+    """On a worker: its pass tasks wait 3 s first (a worker can be lost while one runs)."""
+    import time as clock
+
+    from databalance import _dask_samples
+
+    original = _dask_samples._groups_pass
+    _dask_samples._groups_pass = lambda *a, **k: clock.sleep(3) or original(*a, **k)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("during", [False, True])
+def test_submitted_mean_after_a_worker_is_replaced(samples_path, monkeypatch, on_disk, during):
+    """A worker holding cached groups (in memory or on its disk) is replaced, between the fit and
+    the mean or while a pass of the mean runs (its tasks are pinned to the groups' workers, never
+    stolen: a group on disk would move into memory; a pinned worker that leaves cancels the pass):
+    the groups are made again elsewhere from the columns, the pass runs again where they now are,
+    no hang, and the in-memory result."""
     import threading
 
     pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    if on_disk:
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
     data, h, d, margins = three_margins(800, seed=37)
     X, H, D = lazy(data, h, d, chunks=(200,) * 4)
     with local_cluster() as client, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        assert fitted._dask_fit.samples.spilled == on_disk
         homes = fitted._dask_fit.samples.homes
         assert homes and all(homes.values())
-        client.restart_workers([next(iter(homes.values()))[0]])
+        victim = next(iter(homes.values()))[0]
         out: dict = {}
         thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
-        thread.start()
-        thread.join(90)
+        if during:
+            client.run(_slow_passes)
+            thread.start()
+            time.sleep(1.0)  # the first pass's tasks are running (3 s each)
+        client.restart_workers([victim])
+        if not during:
+            thread.start()
+        thread.join(120)
         assert "mean" in out, "the mean waited for a worker that left"
         assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
 
@@ -1780,45 +1806,6 @@ def test_passes_after_a_worker_left_keep_groups_on_disk(samples_path, monkeypatc
     assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
 
 
-def _slow_passes(dask_worker=None):
-    """On a worker: its pass tasks wait 3 s first (a worker can be lost while one runs)."""
-    import time as clock
-
-    from databalance import _dask_samples
-
-    original = _dask_samples._groups_pass
-    _dask_samples._groups_pass = lambda *a, **k: clock.sleep(3) or original(*a, **k)
-
-
-@pytest.mark.parametrize("on_disk", [False, True])
-def test_a_worker_lost_during_a_pass(samples_path, monkeypatch, on_disk):
-    """A pass's tasks are pinned to the workers holding their groups (never stolen: a group on disk
-    would move into memory); a worker lost while they run cancels the pass, which runs again where
-    the groups now are: no hang, and the in-memory result."""
-    import threading
-
-    pytest.importorskip("distributed")
-    from databalance import _dask_samples
-
-    if on_disk:
-        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
-    data, h, d, margins = three_margins(800, seed=50)
-    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
-    with local_cluster() as client, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
-        assert fitted._dask_fit.samples.spilled == on_disk and fitted._dask_fit.samples.homes
-        client.run(_slow_passes)
-        out: dict = {}
-        thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
-        thread.start()
-        time.sleep(1.0)  # the first pass's tasks are running (3 s each)
-        client.restart_workers([next(iter(fitted._dask_fit.samples.homes.values()))[0]])
-        thread.join(120)
-        assert "mean" in out, "the pass waited for a worker that left"
-        assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
-
-
 def test_spill_edge_cases_from_review(samples_path, monkeypatch, tmp_path):
     """Review: CACHE_FRACTION = 0 turns the cache off (not onto disk); a mean's values are not
     written to disk when its passes would not read them (design weights not cached: the passes
@@ -1908,31 +1895,6 @@ def test_spilled_arrays(tmp_path):
     np.testing.assert_array_equal(ones, np.ones((2, 2)))
     with pytest.raises(OSError, match="DISK_FRACTION = 0"):
         Spilled(arrays, str(tmp_path / "missing"))
-
-
-def test_spilled_mean_after_a_worker_is_replaced(samples_path, monkeypatch):
-    """A worker holding spilled groups is replaced (its files go with its local directory): the
-    mean's passes recompute those groups elsewhere and equal the in-memory result."""
-    import threading
-
-    pytest.importorskip("distributed")
-    from databalance import _dask_samples
-
-    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
-    data, h, d, margins = three_margins(800, seed=46)
-    X, H, D = lazy(data, h, d, chunks=(200,) * 4)
-    with local_cluster() as client, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
-        assert fitted._dask_fit.samples.spilled
-        homes = fitted._dask_fit.samples.homes
-        client.restart_workers([next(iter(homes.values()))[0]])
-        out: dict = {}
-        thread = threading.Thread(target=lambda: out.setdefault("mean", fitted.mean(H)), daemon=True)
-        thread.start()
-        thread.join(90)
-        assert "mean" in out, "the mean waited for a worker that left"
-        assert_same_mean(out["mean"], BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
 
 
 def test_dataframe_columns_with_a_joint_margin_on_the_samples_path(samples_path):
