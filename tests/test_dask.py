@@ -1650,7 +1650,7 @@ def test_codes_and_values_spilled_to_the_workers_disks(samples_path, monkeypatch
     from databalance import _dask_samples
 
     monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)  # nothing fits the memory budget
-    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 300)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 300)
     if not tables:
         one_pass_per_step(monkeypatch)
     calls = spy_submitted(monkeypatch)
@@ -1736,7 +1736,7 @@ def test_spilled_groups_made_a_few_at_a_time(samples_path, monkeypatch):
     from databalance import _dask_samples
 
     monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
-    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
     waits: list = []
     wait = distributed.wait
     monkeypatch.setattr(distributed, "wait", lambda fs, **kw: waits.append(len(fs)) or wait(fs, **kw))
@@ -1768,7 +1768,7 @@ def test_an_error_while_groups_are_made_releases_them(samples_path, monkeypatch)
     from databalance import _dask_samples
 
     monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
-    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
     x, y, _, _ = sample(1200)
     x = x.copy()
     x[150] = 7
@@ -1788,7 +1788,7 @@ def test_passes_after_a_worker_left_keep_groups_on_disk(samples_path, monkeypatc
     from databalance import _dask_samples
 
     monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
-    monkeypatch.setattr(_dask_samples, "SPILLED_GROUP_MAX", 100)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
     data, h, d, margins = three_margins(1200, seed=48)
     X, H, D = lazy(data, h, d, chunks=(100,) * 12)
     with local_cluster(n_workers=3) as client, warnings.catch_warnings():

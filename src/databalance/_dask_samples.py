@@ -472,10 +472,6 @@ def cache_budget() -> float:
 #: millions of entries, built, sent and added per task) is paid per group, not per partition.
 GROUP_MAX = 1 << 23
 
-#: The same for codes kept on disk (:data:`DISK_FRACTION`): a pass's task holds one group's codes
-#: and values in memory at a time, and the workers' memory did not hold them all.
-SPILLED_GROUP_MAX = 1 << 22
-
 
 def threads_available() -> int:
     """Threads that run a pass's tasks: the workers' under an active ``distributed`` client, else
@@ -488,12 +484,12 @@ def threads_available() -> int:
     return os.cpu_count() or 1
 
 
-def grouped(lengths: tuple[int, ...], threads: int, largest: int | None = None) -> tuple:
+def grouped(lengths: tuple[int, ...], threads: int) -> tuple:
     """Consecutive partitions in groups of about equal samples: a multiple of ``threads`` groups
     (fewer only with fewer partitions), of at most :data:`GROUP_MAX` samples each where partitions
     allow."""
     n = sum(lengths)
-    count = max(threads, -(-n // (GROUP_MAX if largest is None else largest)))
+    count = max(threads, -(-n // GROUP_MAX))
     count = max(1, min(len(lengths), -(-count // threads) * threads))  # a multiple of the threads: balanced
     groups: list[list] = [[] for _ in range(count)]
     before = 0
@@ -543,7 +539,7 @@ def cached(samples: Samples, lengths: tuple[int, ...], validate: bool) -> Sample
     known = all(c.chunks[0] == tuple(lengths) for c in samples.columns) and (
         samples.design is None or samples.design.chunks[0] == tuple(lengths))
     single = tuple(((p, int(n)),) for p, n in enumerate(lengths))
-    groups = grouped(lengths, threads_available(), SPILLED_GROUP_MAX if spill else None) if known else single
+    groups = grouped(lengths, threads_available()) if known else single
     # each partition encoded where it is loaded (only the compact codes move), then a group's joined
     args: list = [da.arange(len(single), chunks=1), "i"]
     for c in samples.columns + ([samples.design] if with_design else []):
