@@ -1739,7 +1739,8 @@ def test_spilled_groups_made_a_few_at_a_time(samples_path, monkeypatch):
     monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
     waits: list = []
     wait = distributed.wait
-    monkeypatch.setattr(distributed, "wait", lambda fs, **kw: waits.append(len(fs)) or wait(fs, **kw))
+    monkeypatch.setattr(distributed, "wait", lambda fs, **kw: (kw.get("return_when") == "FIRST_COMPLETED" and
+                                                              waits.append(len(fs))) or wait(fs, **kw))
     x, y, h, _ = sample(1200)
     h = h[:, 0].copy()
     cols = {"x": da.from_array(x, chunks=100), "y": da.from_array(y, chunks=100)}
@@ -1804,6 +1805,110 @@ def test_passes_after_a_worker_left_keep_groups_on_disk(samples_path, monkeypatc
         assert sorted(sum(kinds.values(), [])) == ["Spilled"] * 12  # none moved into memory
         assert not {w for ws in samples.homes.values() for w in ws} - set(client.nthreads())
     assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+
+
+def test_values_placed_where_the_codes_are_after_a_worker_left(samples_path, monkeypatch):
+    """After a worker holding spilled groups is replaced, a mean's values (spilled too) are placed at
+    samples.homes (stale: the dead worker) by cached_values; the pass then pins to the codes' new
+    home and the values' Spilled arrives there pickled, as SpilledArrays in memory."""
+    pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
+    data, h, d, margins = three_margins(1200, seed=48)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    seen = []
+    original = _dask_samples._submitted
+
+    def spy(client, samples, task, values):
+        out = original(client, samples, task, values)
+        if values is not None and not seen:
+            seen.append(client.run(lambda dask_worker, keys=[f.key for f in values.futures]: [
+                type(dask_worker.data[k][0]).__name__ for k in keys if k in dask_worker.data]))
+        return out
+
+    monkeypatch.setattr(_dask_samples, "_submitted", spy)
+    with local_cluster(n_workers=3) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        samples = fitted._dask_fit.samples
+        victim = next(iter(samples.homes.values()))[0]
+        client.restart_workers([victim])
+        settled(lambda: victim not in client.nthreads() and len(client.nthreads()) == 3, 60)
+        got = fitted.mean(H)
+    assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+    kinds = sorted(sum(seen[0].values(), []))
+    assert kinds.count("Spilled") == 12, kinds  # every values block still a file, once
+
+
+def test_a_worker_restarted_at_its_address_holds_no_stale_groups(samples_path, monkeypatch):
+    """Workers with fixed ports (``dask worker --worker-port``): a worker restarted by its nanny comes
+    back at the same address, so ``_submitted``'s check (homes' workers still in the cluster) passes
+    and the stale homes are used: groups recomputed elsewhere are fetched into the pinned worker."""
+    distributed = pytest.importorskip("distributed")
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from databalance import _dask_samples
+
+    monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
+    data, h, d, margins = three_margins(1200, seed=48)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 12)
+    opts = {"nthreads": 1, "memory_limit": "1GiB", "host": "127.0.0.1"}
+    workers = {i: {"cls": Nanny, "options": {**opts, "worker_port": 47311 + i}} for i in range(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler,
+                                                          "options": {"dashboard_address": None, "host": "127.0.0.1"}})
+        client = distributed.Client(cluster)
+    try:
+        fitted = BalancedEstimator(margins, steps=3).fit(X, D)
+        samples = fitted._dask_fit.samples
+        victim = next(iter(samples.homes.values()))[0]
+        before = {k: list(w) for k, w in samples.homes.items()}
+        client.restart_workers([victim])
+        settled(lambda: victim in client.nthreads() and len(client.nthreads()) == 3, 60)
+        time.sleep(3)
+        now = {k: list(w) for k, w in client.who_has(list(samples.held)).items()}
+        assert any(before[k] != now[k] for k in now)  # the restarted worker's groups were made elsewhere
+        got = fitted.mean(H)
+        kinds = client.run(lambda dask_worker, keys=[f.key for f in samples.held]: [
+            type(dask_worker.data[k][0]).__name__ for k in keys if k in dask_worker.data])
+    finally:
+        client.close()
+        cluster.close()
+    assert_same_mean(got, BalancedEstimator(margins, steps=3).fit(data, d).mean(h))
+    assert sorted(sum(kinds.values(), [])) == ["Spilled"] * 12
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_two_thread_workers_add_their_groups_in_place(samples_path, monkeypatch, on_disk):
+    """Two-thread workers (two chains per worker, each accumulating its groups in place), design
+    weights, a mean (tables): equal to the in-memory result."""
+    distributed = pytest.importorskip("distributed")
+    from databalance import _dask_samples
+
+    if on_disk:
+        monkeypatch.setattr(_dask_samples, "CACHE_FRACTION", 1e-12)
+    monkeypatch.setattr(_dask_samples, "GROUP_MAX", 100)
+    data, h, d, margins = three_margins(1600, seed=51)
+    X, H, D = lazy(data, h, d, chunks=(100,) * 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=2,
+                                           dashboard_address=None, memory_limit="1GiB")
+        client = distributed.Client(cluster)
+    try:
+        fitted = BalancedEstimator(margins, steps=4).fit(X, D)
+        assert fitted._dask_fit.samples.spilled == on_disk
+        assert len(fitted._dask_fit.samples.groups) == 16
+        got = fitted.mean(H)
+    finally:
+        client.close()
+        cluster.close()
+    ref = BalancedEstimator(margins, steps=4).fit(data, d)
+    assert_same_mean(got, ref.mean(h))
 
 
 def test_spill_edge_cases_from_review(samples_path, monkeypatch, tmp_path):

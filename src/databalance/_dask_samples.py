@@ -313,13 +313,8 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
                    None if values is None else values.array)
     weighted = "cached" if samples.design_cached else False
     while True:
-        where = samples.homes
         info = client.scheduler_info().get("workers", {})
-        if any(k not in where or not set(where[k]) <= set(info) for k in keys):  # not asked yet, or a worker left
-            where = {k: list(w) for k, w in client.who_has([held[k] for k in keys]).items()}
-            samples.homes.clear()
-            if all(where.get(k) for k in keys):  # all computed: kept for the later passes
-                samples.homes.update(where)
+        where = _homes(client, samples, info)
         by_worker: dict = {}
         for g, key in enumerate(keys):  # a worker holding the group (none: the scheduler chooses)
             by_worker.setdefault(next((w for w in where.get(key, ()) if w in info), None), []).append(g)
@@ -336,6 +331,26 @@ def _submitted(client, samples: Samples, task, values: HeldValues | None) -> dic
         if got is not None:
             return _combine(got)
         samples.homes.clear()  # a worker left during the pass: ask where the groups are now
+
+
+def _homes(client, samples: Samples, info: dict) -> dict:
+    """Where each held group is (by key), asked again when not asked yet or a worker holding one
+    left, and for groups on disk before every pass (a worker restarted at its old address, with a
+    fixed port, no longer holds its groups: a task pinned there would fetch them, remade elsewhere,
+    into its memory), waiting for groups on disk being made again. Kept in ``samples.homes`` when
+    every group is made (else asked again at the next pass)."""
+    keys = [f.key for f in samples.held]
+    where = samples.homes
+    if samples.spilled or any(k not in where or not set(where[k]) <= set(info) for k in keys):
+        if samples.spilled:
+            from distributed import wait
+
+            wait(list(samples.held))
+        where = {k: list(w) for k, w in client.who_has(list(samples.held)).items()}
+        samples.homes.clear()
+        if all(where.get(k) for k in keys):
+            samples.homes.update(where)
+    return where
 
 
 # -- the cache of encoded codes -----------------------------------------------------------------------
@@ -663,7 +678,7 @@ def cached_values(samples: Samples, values: da.Array) -> da.Array | HeldValues:
     if spill:  # the futures hold files; the array stays the values' (for a pass as a graph)
         rechunked = _on_disk(rechunked, ((1,) * len(sizes),))
     keys = [f.key for f in samples.held]
-    who = samples.homes if all(samples.homes.get(k) for k in keys) else client.who_has(list(samples.held))  # fit's
+    who = _homes(client, samples, client.scheduler_info().get("workers", {}))  # the codes' (asked again if stale)
     held = _persisted(client, rechunked, [list(who.get(key, ())) for key in keys], spill)
     futures = [futures_of(block) for block in held]
     if not all(len(f) == 1 for f in futures):  # cannot happen: one future a group
