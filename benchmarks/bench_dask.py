@@ -287,7 +287,7 @@ def samples(args) -> None:
               f"of {[round(x, 2) for x, _ in local]}, CPU {c:.2f} s; in memory (one thread) / Dask = "
               f"{wall['memory1'] / t:.2f} (wall), {cpu['memory1'] / c:.2f} (CPU)")
     per_core = args.n / wall["cluster"] / 2
-    how = "persisted" if args.persist else "generated lazily in every pass"
+    how = "persisted" if args.persist else "generated lazily by the passes that read them"
     print(f"cluster (2 workers x 1 thread, samples {how}): median {wall['cluster']:.2f} s of "
           f"{[round(t, 2) for t, _ in runs['cluster']]}, {per_core:.3g} samples/s/core; CPU (workers + client) "
           f"{cpu['cluster']:.2f} s, {args.n / cpu['cluster']:.3g} samples per CPU second; estimate {got[0]:.10g} "
@@ -511,7 +511,7 @@ def main() -> None:
     s.add_argument("--local", choices=["sync", "threads"], help="also time the Dask path in this process on "
                    "the in-memory samples with this scheduler (no cluster: the per-core cost of the path itself)")
     s.add_argument("--persist", action="store_true", help="generate the samples once and persist them on the "
-                   "workers before timing (else they are generated lazily in every pass)")
+                   "workers before timing (else they are generated lazily by the passes that read them)")
     s.add_argument("--wide-codes", action="store_true", help="generate the codes as int64 (the benchmark before "
                    "2026-12-06 15:40 UTC; the same codes, four times the bytes)")
     s.add_argument("--compare-mean", action="store_true", help="after each timed run, time the mean again with "
